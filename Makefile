@@ -1,0 +1,36 @@
+# One entry point per job; `make test` and `make demo` set up first, so each works on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-done
+DEMO := build/demo
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(STAMP)
+
+# Torch first, the CPU build that lies on disk: anything else would pull a multi-GB CUDA build.
+# open-clip-torch only for its CLIP BPE file, without deps (its torchvision replaces torch).
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps open-clip-torch==3.3.0
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/voltacache init-tiny $(DEMO)/model --seed 0
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	@echo "benchmarks arrive with the benchmarks issue" >&2; exit 2
+
+lint: setup
+	$(BIN)/ruff check voltacache tests scripts
+	$(BIN)/ruff format --check voltacache tests scripts
+
+clean:
+	rm -rf build engines/* triton_models/generated

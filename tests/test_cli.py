@@ -1,0 +1,39 @@
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from voltacache.cli import app
+
+SUBCOMMANDS = ["init-tiny", "export", "build", "deploy", "serve", "generate", "bench", "cache"]
+runner = CliRunner()
+
+
+def test_help_lists_every_subcommand():
+    out = subprocess.run([sys.executable, "-m", "voltacache", "--help"], capture_output=True, text=True, check=True)
+    for name in SUBCOMMANDS:
+        assert name in out.stdout
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_every_subcommand_has_help(name):
+    result = runner.invoke(app, [name, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_init_tiny_writes_loadable_pipeline(tmp_path):
+    from voltacache.checkpoint import load_pipeline
+
+    single = tmp_path / "tiny.safetensors"
+    result = runner.invoke(app, ["init-tiny", str(tmp_path / "m"), "--seed", "3", "--single-file", str(single)])
+    assert result.exit_code == 0, result.output
+    assert load_pipeline(tmp_path / "m").unet is not None
+    assert load_pipeline(single, config=tmp_path / "m").vae is not None
+
+
+def test_bad_option_is_one_line_error_exit_1(tmp_path):
+    result = runner.invoke(app, ["init-tiny", str(tmp_path / "m"), "--preset", "sdxl"])
+    assert result.exit_code == 1
+    assert "--preset 'sdxl'" in result.output

@@ -1,0 +1,133 @@
+"""The `voltacache` command line: one subcommand per stage of checkpoint -> engines -> Triton."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .errors import NotBuiltYet, VoltacacheError
+
+app = typer.Typer(
+    help="Compile Stable Diffusion to ONNX / TensorRT engines and serve it from Triton with caching.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+cache_app = typer.Typer(help="Inspect and manage the cross-request cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+err = Console(stderr=True)
+
+
+def user_errors(fn):
+    """Print a VoltacacheError as one line (no traceback); exit 2 for what is not built yet."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except NotBuiltYet as e:
+            err.print(f"[yellow]not built yet:[/] {e}")
+            raise typer.Exit(2)
+        except VoltacacheError as e:
+            err.print(f"[red]error:[/] {e}")
+            raise typer.Exit(1)
+
+    return wrapper
+
+
+def not_built(what: str, issue: str):
+    raise NotBuiltYet(f"`voltacache {what}` arrives with the {issue} issue")
+
+
+@app.command("init-tiny")
+@user_errors
+def init_tiny(
+    out: Path = typer.Argument(..., help="Folder to write the diffusers-format pipeline into."),
+    seed: int = typer.Option(0, help="Seed of the random weights."),
+    preset: str = typer.Option("tiny", help="tiny (seconds per image on a CPU) or sd15 (full SD 1.5, ~4 GB)."),
+    single_file: Optional[Path] = typer.Option(
+        None, help="Also write the pipeline as one SD 1.x (LDM layout) .safetensors checkpoint here."
+    ),
+):
+    """Write a Stable Diffusion pipeline with SD 1.5's topology and random weights."""
+    from .presets import PRESETS, write_random_pipeline
+
+    if preset not in PRESETS:
+        raise VoltacacheError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    write_random_pipeline(out, preset, seed)
+    if single_file:
+        from .checkpoint import load_pipeline
+        from .single_file import save_single_file
+
+        save_single_file(load_pipeline(out), single_file)
+        err.print(f"single file: {single_file}")
+    print(out)
+
+
+@app.command()
+@user_errors
+def export(
+    model: Path = typer.Option(..., help="diffusers folder or single .safetensors checkpoint."),
+    out: Path = typer.Option(..., help="Folder for the ONNX files and manifest.json."),
+):
+    """Export CLIP, the U-Net split at the DeepCache point, and the VAE to ONNX."""
+    not_built("export", "exporter")
+
+
+@app.command()
+@user_errors
+def build(onnx: Path = typer.Option(..., help="Folder written by `voltacache export`.")):
+    """Build TensorRT engines (GPU) or optimized ONNX Runtime models (CPU)."""
+    not_built("build", "engines")
+
+
+@app.command()
+@user_errors
+def deploy(engines: Path = typer.Option(..., help="Folder written by `voltacache build`.")):
+    """Write a Triton model repository with the cache-aware ensemble."""
+    not_built("deploy", "Triton serving")
+
+
+@app.command()
+@user_errors
+def serve(repo: Path = typer.Option(..., help="Triton model repository written by `voltacache deploy`.")):
+    """Start tritonserver on a model repository."""
+    not_built("serve", "Triton serving")
+
+
+@app.command()
+@user_errors
+def generate(prompt: str = typer.Argument(..., help="Text prompt.")):
+    """Generate images in process (--engines) or through Triton (--url)."""
+    not_built("generate", "engines")
+
+
+@app.command()
+@user_errors
+def bench():
+    """Benchmark against diffusers and DeepCache, side by side."""
+    not_built("bench", "benchmarks")
+
+
+def _cache_stub(name: str):
+    def command():
+        not_built(f"cache {name}", "cross-request caching")
+
+    return command
+
+
+for _name, _doc in [
+    ("stats", "Entries, bytes and hit rates of the cache."),
+    ("clear", "Remove every entry."),
+    ("purge-expired", "Remove entries past their TTL."),
+    ("warm", "Generate and store the prompts of a file."),
+]:
+    cache_app.command(_name, help=_doc)(user_errors(_cache_stub(_name)))
+
+
+def main():
+    sys.exit(app())

@@ -1,0 +1,87 @@
+"""Stable Diffusion pipelines with SD 1.5's topology and random weights, built from configs offline.
+
+`sd15` is the real SD 1.5 architecture (the configs shipped in voltacache/configs/sd15);
+`tiny` keeps every block type, cross-attention and the CLIP text model, at small widths, so the
+whole pipeline makes a 64x64 image in a few seconds on a CPU (DESIGN.md Part B).
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from .tokenizer import clip_tokenizer
+
+SD15_CONFIG_DIR = Path(str(resources.files("voltacache") / "configs" / "sd15"))
+
+# Overrides of the SD 1.5 configs: same block types, tiny widths.
+TINY = {
+    "unet": {
+        "block_out_channels": [32, 64, 64, 64],
+        "layers_per_block": 1,
+        "attention_head_dim": 4,  # diffusers' historical name: the number of heads
+        "norm_num_groups": 8,
+        "cross_attention_dim": 64,
+        "sample_size": 8,
+    },
+    "vae": {
+        "block_out_channels": [16, 32, 64, 64],
+        "layers_per_block": 1,
+        "norm_num_groups": 4,
+        "sample_size": 64,
+    },
+    "text_encoder": {
+        "hidden_size": 64,
+        "intermediate_size": 256,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "projection_dim": 64,
+    },
+}
+PRESETS = {"tiny": TINY, "sd15": {}}
+
+
+def component_config(component: str, preset: str = "sd15") -> dict:
+    """The config of one component of a preset: SD 1.5's, with the preset's overrides."""
+    config = json.loads((SD15_CONFIG_DIR / component / "config.json").read_text())
+    config.update(PRESETS[preset].get(component, {}))
+    return config
+
+
+def image_size(preset: str) -> int:
+    """The native image side of a preset: VAE sample size."""
+    return component_config("vae", preset)["sample_size"]
+
+
+def random_pipeline(preset: str = "tiny", seed: int = 0) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline with the preset's topology and seeded random weights."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(component_config("unet", preset))
+    vae = AutoencoderKL.from_config(component_config("vae", preset))
+    text_config = {k: v for k, v in component_config("text_encoder", preset).items() if k != "architectures"}
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    scheduler = PNDMScheduler.from_pretrained(SD15_CONFIG_DIR, subfolder="scheduler")
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def write_random_pipeline(out_dir: Path, preset: str = "tiny", seed: int = 0) -> Path:
+    """Write a diffusers-format folder (safetensors weights) that from_pretrained loads offline."""
+    pipe = random_pipeline(preset, seed)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir

@@ -1,0 +1,117 @@
+"""The original single-file (LDM / A1111) layout of SD 1.x checkpoints: family detection and writing.
+
+diffusers reads this layout (`from_single_file`); we add the two things it lacks: telling the
+family from the header alone, before any weight is read, and writing a diffusers pipeline back
+to the layout (tests and users who need a single file make one from a folder).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+# A key that only that family has, checked in order (the SD 1.x / 2.x keys are shared, so last).
+FAMILY_KEYS = [
+    ("SD3", "model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight"),
+    ("Flux", "double_blocks.0.img_attn.qkv.weight"),
+    ("SDXL", "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"),
+    ("SDXL", "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"),
+    ("SD 2.x", "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"),
+    ("SD 1.x", "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"),
+]
+UNET, VAE, CLIP = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a .safetensors file: tensor names, dtypes, shapes; no tensor is read."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError("file is shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000:
+            raise ValueError("header length is implausible: not a safetensors file")
+        return json.loads(f.read(n))
+
+
+def checkpoint_family(keys) -> str | None:
+    keys = set(keys)
+    return next((family for family, key in FAMILY_KEYS if key in keys), None)
+
+
+UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
+VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _unet_modules(config: dict) -> dict[str, tuple[str, dict]]:
+    """diffusers module prefix -> (LDM prefix, renames inside the module)."""
+    layers = config["layers_per_block"]
+    modules = {
+        "time_embedding.linear_1": ("time_embed.0", {}), "time_embedding.linear_2": ("time_embed.2", {}),
+        "conv_in": ("input_blocks.0.0", {}), "conv_norm_out": ("out.0", {}), "conv_out": ("out.2", {}),
+        "mid_block.resnets.0": ("middle_block.0", UNET_RESNET), "mid_block.attentions.0": ("middle_block.1", {}),
+        "mid_block.resnets.1": ("middle_block.2", UNET_RESNET),
+    }
+    for i, up_type in enumerate(config["up_block_types"]):
+        for j in range(layers):
+            ldm = f"input_blocks.{1 + i * (layers + 1) + j}"
+            modules[f"down_blocks.{i}.resnets.{j}"] = (f"{ldm}.0", UNET_RESNET)
+            modules[f"down_blocks.{i}.attentions.{j}"] = (f"{ldm}.1", {})
+        modules[f"down_blocks.{i}.downsamplers.0.conv"] = (f"input_blocks.{(i + 1) * (layers + 1)}.0.op", {})
+        for j in range(layers + 1):
+            ldm = f"output_blocks.{i * (layers + 1) + j}"
+            modules[f"up_blocks.{i}.resnets.{j}"] = (f"{ldm}.0", UNET_RESNET)
+            modules[f"up_blocks.{i}.attentions.{j}"] = (f"{ldm}.1", {})
+        upsampler_index = 2 if up_type.startswith("CrossAttn") else 1
+        modules[f"up_blocks.{i}.upsamplers.0"] = (f"output_blocks.{i * (layers + 1) + layers}.{upsampler_index}", {})
+    return modules
+
+
+def _vae_modules(config: dict) -> dict[str, tuple[str, dict]]:
+    n = len(config["block_out_channels"])
+    modules = {}
+    for part in ("encoder", "decoder"):
+        modules[f"{part}.mid_block.resnets.0"] = (f"{part}.mid.block_1", VAE_RESNET)
+        modules[f"{part}.mid_block.resnets.1"] = (f"{part}.mid.block_2", VAE_RESNET)
+        modules[f"{part}.mid_block.attentions.0"] = (f"{part}.mid.attn_1", VAE_ATTENTION)
+        modules[f"{part}.conv_norm_out"] = (f"{part}.norm_out", {})
+    for i in range(n):
+        for j in range(config["layers_per_block"] + 1):
+            modules[f"encoder.down_blocks.{i}.resnets.{j}"] = (f"encoder.down.{i}.block.{j}", VAE_RESNET)
+            modules[f"decoder.up_blocks.{i}.resnets.{j}"] = (f"decoder.up.{n - 1 - i}.block.{j}", VAE_RESNET)
+        modules[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = (f"encoder.down.{i}.downsample.conv", {})
+        modules[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = (f"decoder.up.{n - 1 - i}.upsample.conv", {})
+    return modules
+
+
+def _rename(state_dict: dict, modules: dict[str, tuple[str, dict]], prefix: str) -> dict:
+    out = {}
+    for key, value in state_dict.items():
+        module = max((m for m in modules if key.startswith(m + ".")), key=len, default=None)
+        ldm, inner = modules[module] if module else ("", {})
+        tail = key[len(module) + 1 :] if module else key
+        for old, new in inner.items():
+            if tail.startswith(old + "."):
+                tail = new + tail[len(old) :]
+                break
+        if inner is VAE_ATTENTION and value.ndim == 2:
+            value = value[:, :, None, None]  # LDM's VAE attention uses 1x1 convs
+        out[prefix + (f"{ldm}.{tail}" if ldm else tail)] = value
+    return out
+
+
+def save_single_file(pipe, path: Path) -> Path:
+    """Write an SD 1.x diffusers pipeline as one LDM-layout .safetensors checkpoint."""
+    state = {}
+    state.update(_rename(pipe.unet.state_dict(), _unet_modules(pipe.unet.config), UNET))
+    state.update(_rename(pipe.vae.state_dict(), _vae_modules(pipe.vae.config), VAE))
+    # Real SD 1.x files name CLIP's weights text_model.*; transformers 5 drops that prefix in state_dict.
+    state.update({CLIP + "text_model." + k.removeprefix("text_model."): v
+                  for k, v in pipe.text_encoder.state_dict().items()})
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
