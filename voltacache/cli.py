@@ -71,11 +71,53 @@ def init_tiny(
 @app.command()
 @user_errors
 def export(
-    model: Path = typer.Option(..., help="diffusers folder or single .safetensors checkpoint."),
+    model: Path = typer.Option(..., help="diffusers folder or single SD 1.x .safetensors checkpoint."),
     out: Path = typer.Option(..., help="Folder for the ONNX files and manifest.json."),
+    precision: str = typer.Option("fp16", help="fp16 (weights and compute) or fp32 (what a CPU serves)."),
+    batch: int = typer.Option(1, help="Images per call (the U-Net sees 2x: classifier-free guidance)."),
+    height: Optional[int] = typer.Option(None, help="Image height in pixels (default: the model's native size)."),
+    width: Optional[int] = typer.Option(None, help="Image width in pixels (default: the model's native size)."),
+    opset: int = typer.Option(23, help="23: fused ONNX Attention (TensorRT >= 10.14); 18: unfused, TensorRT fuses it."),
+    deepcache_branch: str = typer.Option("block", help="block (deep feature = input of up_blocks[-1]) or 0 (shallowest)."),
+    config: Optional[Path] = typer.Option(None, help="diffusers config folder for a single-file checkpoint (default SD 1.5)."),
+    allow_pickle: bool = typer.Option(False, help="Load .ckpt/.bin/.pt checkpoints (pickle can run arbitrary code)."),
 ):
-    """Export CLIP, the U-Net split at the DeepCache point, and the VAE to ONNX."""
-    not_built("export", "exporter")
+    """Export CLIP, the U-Net split at the DeepCache point, and the VAE to ONNX, validated and linted."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .export import STAGES, ExportOptions, export_model
+    from .specs import COMPONENTS
+
+    options = ExportOptions(precision, batch, height, width, opset, deepcache_branch)
+    columns = (TextColumn("{task.description:<13}"), BarColumn(), TextColumn("{task.fields[stage]:<9}"), TimeElapsedColumn())
+    with Progress(*columns, console=err) as bars:
+        tasks = {c: bars.add_task(c, total=len(STAGES), stage="waiting", start=False) for c in COMPONENTS}
+
+        def progress(component, stage):
+            task = tasks[component]
+            bars.start_task(task)
+            for other in COMPONENTS[: COMPONENTS.index(component)]:
+                bars.update(tasks[other], completed=len(STAGES), stage="done")
+            bars.update(task, completed=STAGES.index(stage), stage=stage)
+
+        manifest = export_model(model, out, options, allow_pickle=allow_pickle, config=config, progress=progress)
+        for task in tasks.values():
+            bars.update(task, completed=len(STAGES), stage="done")
+    print_export_report(manifest)
+    print(out)
+
+
+def print_export_report(manifest: dict):
+    from rich.table import Table
+
+    table = Table(title=f"{manifest['precision']} opset {manifest['opset']}, branch {manifest['deepcache_branch']}")
+    for column in ("component", "max error", "tolerance", "Attention nodes", f"TensorRT lint"):
+        table.add_column(column)
+    for name, entry in manifest["components"].items():
+        lint = entry["tensorrt_lint"]
+        verdict = f"ok ({lint['target']})" if lint["ok"] else "; ".join(lint["problems"])
+        table.add_row(name, f"{entry['max_error']:.2e}", f"{entry['tolerance']:.0e}", str(entry["attention_nodes"]), verdict)
+    err.print(table)
 
 
 @app.command()

@@ -1,0 +1,331 @@
+"""Export every component to ONNX, validate it against PyTorch, lint it for TensorRT, write manifest.json.
+
+Recipe measured on these machines (DESIGN.md Part B): `torch.onnx.export(dynamo=True)`; opset 23
+turns each scaled_dot_product_attention into one ONNX `Attention` node, opset 18 leaves
+MatMul/Softmax/MatMul for TensorRT < 10.14 to fuse; FP16 through onnxruntime's
+`OnnxModel.convert_float_to_float16(keep_io_types=True)` (graph inputs and outputs stay fp32, so
+every runtime binds the same float32 buffers whatever the precision).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from .components import torch_modules
+from .errors import ExportError
+from .specs import (
+    COMPONENTS,
+    CONTEXT,
+    DEEP_FEATURE,
+    INPUT_IDS,
+    NOISE_PRED,
+    SAMPLE,
+    TIMESTEP,
+    UNET_DEEP,
+    UNET_SHALLOW,
+    ComponentSpec,
+    Geometry,
+    component_specs,
+)
+from .trt_lint import lint
+from .unet_split import shallow_layer_count
+
+MANIFEST = "manifest.json"
+# Max abs error against PyTorch fp32, relative to max(1, max |reference|). Measured: fp32 ~1e-6;
+# fp16 ~3e-3 on random weights, whose activations are wider than a trained model's.
+TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with room for the graph itself
+
+
+@dataclass
+class ExportOptions:
+    precision: str = "fp16"
+    batch: int = 1
+    height: int | None = None  # default: the model's native size
+    width: int | None = None
+    opset: int = 23
+    deepcache_branch: str = "block"
+    seed: int = 0
+
+    def check(self):
+        if self.precision not in TOLERANCE:
+            raise ExportError(f"--precision {self.precision!r}: use fp16 or fp32")
+        if self.opset not in (18, 23):
+            raise ExportError(f"--opset {self.opset}: use 23 (fused Attention) or 18 (unfused, TensorRT < 10.14)")
+
+
+def model_fingerprint(path: Path) -> str:
+    """sha256 over the checkpoint's weight files (names and bytes), so a new model never matches an old one."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.suffix in {".safetensors", ".bin", ".ckpt", ".pt"}) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def random_inputs(spec: ComponentSpec, geometry: Geometry, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Validation inputs: token ids framed by CLIP's start/end tokens, a timestep in [0, 1000), N(0, 1) elsewhere."""
+    feeds = {}
+    for t in spec.inputs:
+        if t.name == INPUT_IDS:
+            ids = rng.integers(0, geometry.vocab_size - 2, t.shape)
+            ids[:, 0], ids[:, -1] = geometry.vocab_size - 2, geometry.vocab_size - 1
+            feeds[t.name] = ids.astype(t.dtype)
+        elif t.name == TIMESTEP:
+            feeds[t.name] = rng.integers(0, 1000, t.shape).astype(t.dtype)
+        else:
+            feeds[t.name] = rng.standard_normal(t.shape).astype(t.dtype)
+    return feeds
+
+
+def run_torch(module, spec: ComponentSpec, feeds: dict) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        out = module(*(torch.from_numpy(feeds[n]) for n in spec.input_names))
+    out = out if isinstance(out, tuple) else (out,)
+    return {n: o.numpy() for n, o in zip(spec.output_names, out)}
+
+
+def ort_session(path: Path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path_or_session, feeds: dict) -> dict[str, np.ndarray]:
+    session = ort_session(path_or_session) if isinstance(path_or_session, Path) else path_or_session
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+def max_error(got: dict, ref: dict) -> float:
+    """Max abs difference over all outputs, relative to max(1, max |reference|)."""
+    return max(float(np.abs(got[k] - ref[k]).max() / max(1.0, np.abs(ref[k]).max())) for k in ref)
+
+
+def count_ops(model: onnx.ModelProto, op_type: str) -> int:
+    nodes = [*model.graph.node, *(n for f in model.functions for n in f.node)]
+    return sum(n.op_type == op_type for n in nodes)
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    wrapped = OnnxModel(model)
+    wrapped.disable_shape_inference()  # its symbolic pass fails on dynamo graphs and says so on stdout
+    # The dynamo exporter writes complete value_info; the converter reads its types from there.
+    wrapped.convert_float_to_float16(use_symbolic_shape_infer=False, keep_io_types=True, disable_shape_infer=True)
+    converted = wrapped.model
+    del converted.graph.value_info[:]  # now stale (fp32 types on fp16 tensors)
+    # An fp16 initializer shared by several fp32-only nodes (Resize scales) gets one identical
+    # Cast per user, all with the same name and output: keep one. The converter also appends the
+    # input casts at the end of the graph; TensorRT's parser wants nodes in topological order.
+    unique = {(n.name, tuple(n.output)): n for n in reversed(converted.graph.node)}
+    nodes = toposort(list(reversed(unique.values())), converted.graph)
+    del converted.graph.node[:]
+    converted.graph.node.extend(nodes)
+    return converted
+
+
+def toposort(nodes: list, graph) -> list:
+    """Nodes in an order where every input is produced before it is used (stable for sorted graphs)."""
+    ready = {"", *(i.name for i in graph.input), *(i.name for i in graph.initializer)}
+    ordered, pending = [], nodes
+    while pending:
+        waiting = []
+        for node in pending:
+            if all(name in ready for name in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                waiting.append(node)
+        if len(waiting) == len(pending):
+            raise ExportError(f"graph has a cycle or a missing input at {waiting[0].name}")
+        pending = waiting
+    return ordered
+
+
+def fp16_overflows(model: onnx.ModelProto, feeds: dict) -> list[str]:
+    """Intermediate fp16 tensors that are not finite on `feeds` (every fp16 value is made a graph output)."""
+    import onnxruntime as ort
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    probes = [v for v in inferred.graph.value_info if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16]
+    outputs = {o.name for o in inferred.graph.output}
+    inferred.graph.output.extend(p for p in probes if p.name not in outputs)
+    session = ort.InferenceSession(inferred.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return [n for n, v in zip(names, session.run(names, feeds)) if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    external = model.ByteSize() > EXTERNAL_DATA_BYTES
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)
+    onnx.save_model(model, str(path), save_as_external_data=external, location=data.name if external else None)
+
+
+STAGES = ("export", "precision", "validate", "lint")
+
+
+def export_component(module, spec, feeds: dict, path: Path, options: ExportOptions, step=lambda stage: None) -> dict:
+    """Export one module, convert precision, check it against PyTorch, lint it; the manifest entry."""
+    step("export")
+    args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module, args, dynamo=True, opset_version=options.opset,
+            input_names=spec.input_names, output_names=spec.output_names, verbose=False,
+        )
+    model = program.model_proto
+    overflows = []
+    step("precision")
+    if options.precision == "fp16":
+        model = to_fp16(model)
+        overflows = fp16_overflows(model, feeds)
+    save_model(model, path)
+    step("validate")
+    reference = run_torch(module, spec, feeds)
+    error = max_error(run_onnx(path, feeds), reference)
+    entry = {
+        "file": path.name,
+        **spec.to_json(),
+        "max_error": error,
+        "tolerance": TOLERANCE[options.precision],
+        "attention_nodes": count_ops(model, "Attention"),
+        "fp16_overflows": overflows,
+    }
+    if overflows:
+        raise ExportError(f"{path.name}: fp16 overflow in {len(overflows)} tensor(s), first {overflows[:3]}; export fp32")
+    if not error <= TOLERANCE[options.precision]:
+        raise ExportError(
+            f"{path.name}: ONNX Runtime differs from PyTorch by {error:.3g} (tolerance {TOLERANCE[options.precision]})"
+        )
+    step("lint")
+    report = lint(path)
+    entry["tensorrt_lint"] = {"target": report.tensorrt, "ok": report.ok, "problems": report.problems}
+    return entry
+
+
+def export_model(
+    model_path: Path, out_dir: Path, options: ExportOptions, allow_pickle=False, config=None, progress=None
+) -> dict:
+    """Export all components of the checkpoint at `model_path` into `out_dir`; returns the manifest.
+
+    `progress(component, stage)` is called as each component enters each of STAGES.
+    """
+    from .checkpoint import load_pipeline
+
+    options.check()
+    started = time.time()
+    pipe = load_pipeline(model_path, allow_pickle=allow_pickle, config=config)
+    try:
+        shallow = shallow_layer_count(pipe.unet, options.deepcache_branch)
+    except ValueError as e:
+        raise ExportError(f"--deepcache-branch: {e}") from e
+    geometry = Geometry.from_pipeline(pipe, shallow)
+    native = pipe.unet.config.sample_size * geometry.vae_scale
+    height, width = options.height or native, options.width or native
+    try:
+        specs = component_specs(geometry, options.batch, height, width)
+    except ValueError as e:
+        raise ExportError(str(e)) from e
+    modules = torch_modules(pipe, shallow)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(options.seed)
+    feeds = {name: random_inputs(spec, geometry, rng) for name, spec in specs.items()}
+    # The shallow step is checked on the deep feature of the same step, as it runs in the pipeline.
+    feeds[UNET_SHALLOW] = {**feeds[UNET_DEEP], DEEP_FEATURE: run_torch(modules[UNET_DEEP], specs[UNET_DEEP], feeds[UNET_DEEP])[DEEP_FEATURE]}
+
+    entries = {}
+    for name in COMPONENTS:
+        step = functools.partial(progress, name) if progress else (lambda stage: None)
+        entries[name] = export_component(modules[name], specs[name], feeds[name], out_dir / f"{name}.onnx", options, step)
+    for name, errors in split_errors(modules, pipe.unet, out_dir, feeds[UNET_DEEP]).items():
+        entries[name]["unsplit_error"] = errors
+        if errors["torch"] != 0.0 or not errors["onnx"] <= TOLERANCE[options.precision]:
+            raise ExportError(f"{name} does not reproduce the unsplit U-Net: {errors}")
+
+    manifest = {
+        "format": 1,
+        "source": str(model_path),
+        "fingerprint": model_fingerprint(model_path),
+        "precision": options.precision,
+        "opset": options.opset,
+        "batch": options.batch,
+        "height": height,
+        "width": width,
+        "deepcache_branch": options.deepcache_branch,
+        "geometry": geometry.__dict__,
+        "scaling_factor": pipe.vae.config.scaling_factor,
+        "scheduler_config": dict(pipe.scheduler.config),
+        "components": entries,
+        "versions": _versions(),
+        "seconds": round(time.time() - started, 1),
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    _copy_tokenizer(pipe, out_dir)
+    return manifest
+
+
+def split_errors(modules: dict, unet, out_dir: Path, feeds: dict) -> dict[str, dict[str, float]]:
+    """unet_deep, and unet_shallow fed the deep feature of the same step, against the unsplit diffusers U-Net,
+    in PyTorch (the split itself: exact) and in ONNX Runtime."""
+    inputs = [torch.from_numpy(feeds[n]) for n in (SAMPLE, TIMESTEP, CONTEXT)]
+    with torch.no_grad():
+        reference = {NOISE_PRED: unet(*inputs).sample.numpy()}
+        noise, deep = modules[UNET_DEEP](*inputs)
+        shallow = modules[UNET_SHALLOW](*inputs, deep)
+    onnx_deep = run_onnx(out_dir / f"{UNET_DEEP}.onnx", feeds)
+    onnx_shallow = run_onnx(out_dir / f"{UNET_SHALLOW}.onnx", {**feeds, DEEP_FEATURE: onnx_deep[DEEP_FEATURE]})
+    return {
+        UNET_DEEP: {"torch": max_error({NOISE_PRED: noise.numpy()}, reference),
+                    "onnx": max_error({NOISE_PRED: onnx_deep[NOISE_PRED]}, reference)},
+        UNET_SHALLOW: {"torch": max_error({NOISE_PRED: shallow.numpy()}, reference),
+                       "onnx": max_error(onnx_shallow, reference)},
+    }
+
+
+def _copy_tokenizer(pipe, out_dir: Path) -> None:
+    # The engines folder must be self-contained: the runtime tokenizes without the checkpoint.
+    pipe.tokenizer.save_pretrained(out_dir / "tokenizer")
+
+
+def _versions() -> dict:
+    import diffusers
+    import onnxruntime
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def read_manifest(onnx_dir: Path) -> dict:
+    path = Path(onnx_dir) / MANIFEST
+    if not path.is_file():
+        raise ExportError(f"{path}: no manifest; run `voltacache export` first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{path}: corrupt manifest ({e})") from e
+
+
+def specs_from_manifest(manifest: dict) -> dict[str, ComponentSpec]:
+    return {name: ComponentSpec.from_json(name, entry) for name, entry in manifest["components"].items()}

@@ -1,0 +1,107 @@
+"""The U-Net split at the DeepCache skip point, as two real modules that export to two graphs.
+
+DeepCache (Ma et al., CVPR 2024) patches `forward` at run time; here the split is explicit:
+
+- `UNetDeep`: the whole U-Net forward, returning the noise prediction and the deep feature, the
+  hidden state that enters layer `n - shallow_layers` of `up_blocks[-1]` (n = its layer count).
+- `UNetShallow`: the time embedding, conv_in, the first `shallow_layers - 1` layers of
+  `down_blocks[0]` (their outputs are the skips the shallow up-layers consume; the downsampler only
+  feeds the deep part), the last `shallow_layers` layers of `up_blocks[-1]` fed with the cached deep
+  feature, and the output head.
+
+`shallow_layers = n` is the block-level split (deep feature = input of `up_blocks[-1]`);
+`shallow_layers = 1` is DeepCache's branch 0 (conv_in, the last resnet/attention, conv_out).
+Written for SD 1.x/2.x U-Nets: no class, addition or ControlNet embeddings.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def shallow_layer_count(unet, branch: str) -> int:
+    """Layers of up_blocks[-1] that the shallow model runs: all for 'block', branch + 1 for a DeepCache branch."""
+    n = len(unet.up_blocks[-1].resnets)
+    if branch == "block":
+        return n
+    if branch.isdigit() and int(branch) < n:
+        return int(branch) + 1
+    raise ValueError(f"DeepCache branch {branch!r}: use 'block' or a layer number 0..{n - 1} of block 0")
+
+
+def _time_embedding(unet, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    t_emb = unet.get_time_embed(sample=sample, timestep=timestep)
+    return unet.time_embedding(t_emb)
+
+
+def _layer(block, i: int, hidden, temb, context) -> torch.Tensor:
+    """Layer i of a block: resnet i, then attention i where the block has attentions."""
+    hidden = block.resnets[i](hidden, temb)
+    if getattr(block, "attentions", None) is not None:
+        hidden = block.attentions[i](hidden, encoder_hidden_states=context, return_dict=False)[0]
+    return hidden
+
+
+def _up_layers(block, hidden, skips: list, temb, context, layers: range) -> torch.Tensor:
+    """Layers of an up block: each concatenates the last skip before its resnet."""
+    for i in layers:
+        hidden = _layer(block, i, torch.cat([hidden, skips.pop()], dim=1), temb, context)
+    return hidden
+
+
+def _head(unet, hidden: torch.Tensor) -> torch.Tensor:
+    return unet.conv_out(unet.conv_act(unet.conv_norm_out(hidden)))
+
+
+class UNetDeep(nn.Module):
+    """Full U-Net step that also returns the deep feature; equals the unsplit U-Net."""
+
+    def __init__(self, unet, shallow_layers: int):
+        super().__init__()
+        self.unet = unet
+        self.start = len(unet.up_blocks[-1].resnets) - shallow_layers
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        unet, context = self.unet, encoder_hidden_states
+        temb = _time_embedding(unet, sample, timestep)
+        hidden = unet.conv_in(sample)
+        skips = [hidden]
+        for block in unet.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                hidden, res = block(hidden_states=hidden, temb=temb, encoder_hidden_states=context)
+            else:
+                hidden, res = block(hidden_states=hidden, temb=temb)
+            skips.extend(res)
+        hidden = unet.mid_block(hidden, temb, encoder_hidden_states=context)
+        for block in unet.up_blocks[:-1]:
+            res, skips = tuple(skips[-len(block.resnets) :]), skips[: -len(block.resnets)]
+            if getattr(block, "has_cross_attention", False):
+                hidden = block(hidden_states=hidden, temb=temb, res_hidden_states_tuple=res, encoder_hidden_states=context)
+            else:
+                hidden = block(hidden_states=hidden, temb=temb, res_hidden_states_tuple=res)
+        last = unet.up_blocks[-1]
+        deep = _up_layers(last, hidden, skips, temb, context, range(self.start))
+        hidden = _up_layers(last, deep, skips, temb, context, range(self.start, len(last.resnets)))
+        return _head(unet, hidden), deep
+
+
+class UNetShallow(nn.Module):
+    """Cheap U-Net step that reuses the cached deep feature."""
+
+    def __init__(self, unet, shallow_layers: int):
+        super().__init__()
+        self.unet = unet
+        self.shallow_layers = shallow_layers
+
+    def forward(self, sample, timestep, encoder_hidden_states, deep_feature):
+        unet, context = self.unet, encoder_hidden_states
+        temb = _time_embedding(unet, sample, timestep)
+        hidden = unet.conv_in(sample)
+        skips = [hidden]
+        first, last = unet.down_blocks[0], unet.up_blocks[-1]
+        for i in range(self.shallow_layers - 1):
+            hidden = _layer(first, i, hidden, temb, context)
+            skips.append(hidden)
+        layers = range(len(last.resnets) - self.shallow_layers, len(last.resnets))
+        return _head(unet, _up_layers(last, deep_feature, skips, temb, context, layers))
