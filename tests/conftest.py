@@ -21,3 +21,13 @@ def tiny_pipe(tiny_dir):
     from voltacache.checkpoint import load_pipeline
 
     return load_pipeline(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def onnx_fp32(tiny_dir, tmp_path_factory):
+    """The tiny model exported once per session in fp32 (what a CPU serves), block split, opset 23."""
+    from voltacache.export import ExportOptions, export_model
+
+    out = tmp_path_factory.mktemp("onnx") / "fp32"
+    export_model(tiny_dir, out, ExportOptions(precision="fp32"))
+    return out

@@ -1,0 +1,47 @@
+import onnx
+from onnx import TensorProto, helper
+
+from voltacache import trt_lint
+
+
+def write(tmp_path, nodes, inputs, outputs, name="m.onnx"):
+    graph = helper.make_graph(nodes, "g", inputs, outputs)
+    path = tmp_path / name
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return path
+
+
+def test_reports_unsupported_op_and_dynamic_dims(tmp_path):
+    path = write(
+        tmp_path,
+        [helper.make_node("Unique", ["x"], ["y"]), helper.make_node("Relu", ["y"], ["z"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [None])],
+    )
+    report = trt_lint.lint(path)
+    assert not report.ok
+    assert report.unsupported_ops == {"Unique": 1}
+    assert "x[0]=batch" in report.dynamic_dims
+    assert "Unique x1" in report.summary()
+
+
+def test_attention_needs_tensorrt_10_14(tmp_path):
+    path = write(
+        tmp_path,
+        [helper.make_node("Attention", ["q", "k", "v"], ["o"])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, 3, 4]) for n in "qkv"],
+        [helper.make_tensor_value_info("o", TensorProto.FLOAT, [1, 2, 3, 4])],
+    )
+    assert trt_lint.lint(path, "10.14").ok
+    assert trt_lint.lint(path, "10.1").unsupported_ops == {"Attention": 1}
+
+
+def test_big_file_without_external_data(tmp_path, monkeypatch):
+    path = write(
+        tmp_path,
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    monkeypatch.setattr(trt_lint, "PROTOBUF_LIMIT", 10)
+    assert any("external data" in p for p in trt_lint.lint(path).problems)
