@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import NotBuiltYet, VoltacacheError
 
@@ -30,10 +31,10 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except NotBuiltYet as e:
-            err.print(f"[yellow]not built yet:[/] {e}")
+            err.print(f"[yellow]not built yet:[/] {escape(str(e))}")
             raise typer.Exit(2)
         except VoltacacheError as e:
-            err.print(f"[red]error:[/] {e}")
+            err.print(f"[red]error:[/] {escape(str(e))}")
             raise typer.Exit(1)
 
     return wrapper
@@ -122,9 +123,31 @@ def print_export_report(manifest: dict):
 
 @app.command()
 @user_errors
-def build(onnx: Path = typer.Option(..., help="Folder written by `voltacache export`.")):
-    """Build TensorRT engines (GPU) or optimized ONNX Runtime models (CPU)."""
-    not_built("build", "engines")
+def build(
+    onnx: Path = typer.Option(..., help="Folder written by `voltacache export`."),
+    out: Path = typer.Option(..., help="Folder for the engines and engines.json."),
+    backend: str = typer.Option("auto", help="auto (TensorRT where it can run), tensorrt or onnxruntime."),
+    optimization_level: int = typer.Option(3, help="TensorRT builder optimization level (0-5)."),
+):
+    """Build static TensorRT engines (GPU) or optimized ONNX Runtime models (CPU)."""
+    from rich.progress import Progress
+
+    from .build import build_engines, choose_backend
+    from .specs import COMPONENTS
+
+    chosen, reason = choose_backend(backend)
+    err.print(f"backend: {chosen} ({escape(reason)})")
+    with Progress(console=err) as bars:
+        task = bars.add_task("build", total=len(COMPONENTS))
+
+        def progress(component):
+            bars.update(task, description=component, completed=COMPONENTS.index(component))
+
+        manifest = build_engines(onnx, out, chosen, optimization_level, progress=progress)
+        bars.update(task, description="done", completed=len(COMPONENTS))
+    if manifest["export"]["precision"] == "fp16" and chosen == "onnxruntime":
+        err.print("[yellow]note:[/] fp16 runs slower than fp32 on ONNX Runtime's CPU provider; export fp32 to serve on CPU")
+    print(out)
 
 
 @app.command()
@@ -143,9 +166,53 @@ def serve(repo: Path = typer.Option(..., help="Triton model repository written b
 
 @app.command()
 @user_errors
-def generate(prompt: str = typer.Argument(..., help="Text prompt.")):
+def generate(
+    prompt: Optional[str] = typer.Argument(None, help="Text prompt."),
+    output: Path = typer.Option(Path("out.png"), "-o", "--output", help="Image file (a batch adds _1, _2...)."),
+    engines: Optional[Path] = typer.Option(None, help="Engines folder: generate in process."),
+    negative_prompt: str = typer.Option("", help="What the image should not show."),
+    steps: int = typer.Option(50, help="Denoising steps."),
+    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the initial latents (default: random, reported)."),
+    scheduler: str = typer.Option("pndm", help="ddim, pndm, euler, euler-a, dpm++2m or lms."),
+    cache_interval: int = typer.Option(1, help="DeepCache: the full U-Net every N steps (1: off)."),
+    cache_schedule: str = typer.Option("uniform", help="DeepCache schedule: uniform or nonuniform."),
+    height: Optional[int] = typer.Option(None, help="Must equal the engines' static height."),
+    width: Optional[int] = typer.Option(None, help="Must equal the engines' static width."),
+    init_image: Optional[Path] = typer.Option(None, help="img2img: start from this image."),
+    strength: float = typer.Option(0.8, help="img2img: how much of the schedule to run (0-1]."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object per image."),
+):
     """Generate images in process (--engines) or through Triton (--url)."""
-    not_built("generate", "engines")
+    import json
+
+    from .pipeline import InvalidRequest, StableDiffusion
+
+    if engines is None:
+        raise VoltacacheError("give --engines DIR (in process); serving through Triton arrives with its issue")
+    if prompt is None:
+        raise VoltacacheError("give a prompt")
+    pipe = StableDiffusion.from_engines(engines)
+    try:
+        result = pipe(
+            prompt, negative_prompt, steps=steps, guidance=guidance, seed=seed, scheduler=scheduler,
+            cache_interval=cache_interval, cache_schedule=cache_schedule, height=height, width=width,
+            init_image=init_image, strength=strength,
+        )
+    except InvalidRequest as e:
+        raise VoltacacheError(str(e)) from e
+    for i, image in enumerate(result.images):
+        path = output if len(result.images) == 1 else output.with_name(f"{output.stem}_{i + 1}{output.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        record = {
+            "path": str(path), "prompt": prompt, "seed": result.seed, "steps": steps, "scheduler": scheduler,
+            "guidance": guidance, "cache_interval": cache_interval, "cache_schedule": cache_schedule,
+            "unet_deep_calls": result.stats.unet_deep_calls, "unet_shallow_calls": result.stats.unet_shallow_calls,
+            "seconds": round(result.seconds, 4),
+            "component_seconds": {k: round(v, 4) for k, v in result.stats.seconds.items()},
+        }
+        print(json.dumps(record) if json_output else path)
 
 
 @app.command()

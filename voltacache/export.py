@@ -10,6 +10,7 @@ every runtime binds the same float32 buffers whatever the precision).
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import json
 import time
@@ -99,9 +100,13 @@ def run_torch(module, spec: ComponentSpec, feeds: dict) -> dict[str, np.ndarray]
 
 
 def ort_session(path: Path):
+    """A lean session for validation: the graph as exported (no fusions that copy weights), no arena."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.enable_cpu_mem_arena = False
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def run_onnx(path_or_session, feeds: dict) -> dict[str, np.ndarray]:
@@ -121,13 +126,11 @@ def count_ops(model: onnx.ModelProto, op_type: str) -> int:
 
 
 def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
-    from onnxruntime.transformers.onnx_model import OnnxModel
+    from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    wrapped = OnnxModel(model)
-    wrapped.disable_shape_inference()  # its symbolic pass fails on dynamo graphs and says so on stdout
-    # The dynamo exporter writes complete value_info; the converter reads its types from there.
-    wrapped.convert_float_to_float16(use_symbolic_shape_infer=False, keep_io_types=True, disable_shape_infer=True)
-    converted = wrapped.model
+    # The dynamo exporter writes complete value_info, which the converter reads its types from;
+    # its own shape inference would fail on graphs over 2 GB.
+    converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
     del converted.graph.value_info[:]  # now stale (fp32 types on fp16 tensors)
     # An fp16 initializer shared by several fp32-only nodes (Resize scales) gets one identical
     # Cast per user, all with the same name and output: keep one. The converter also appends the
@@ -173,15 +176,18 @@ def fp16_overflows(model: onnx.ModelProto, feeds: dict) -> list[str]:
 def save_model(model: onnx.ModelProto, path: Path) -> None:
     external = model.ByteSize() > EXTERNAL_DATA_BYTES
     data = path.with_name(path.name + ".data")
-    data.unlink(missing_ok=True)
     onnx.save_model(model, str(path), save_as_external_data=external, location=data.name if external else None)
 
 
 STAGES = ("export", "precision", "validate", "lint")
 
 
-def export_component(module, spec, feeds: dict, path: Path, options: ExportOptions, step=lambda stage: None) -> dict:
-    """Export one module, convert precision, check it against PyTorch, lint it; the manifest entry."""
+def export_component(module, spec, feeds: dict, path: Path, options: ExportOptions, step=lambda stage: None):
+    """Export one module, convert precision, check it against PyTorch, lint it.
+
+    Returns the manifest entry and ONNX Runtime's outputs on `feeds`. Big models are never held
+    twice: the fp32 graph streams to disk, and each copy is dropped before the next is made.
+    """
     step("export")
     args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
     with torch.no_grad():
@@ -189,22 +195,30 @@ def export_component(module, spec, feeds: dict, path: Path, options: ExportOptio
             module, args, dynamo=True, opset_version=options.opset,
             input_names=spec.input_names, output_names=spec.output_names, verbose=False,
         )
-    model = program.model_proto
-    overflows = []
     step("precision")
+    overflows = []
+    path.with_name(path.name + ".data").unlink(missing_ok=True)
     if options.precision == "fp16":
-        model = to_fp16(model)
+        model = to_fp16(program.model_proto)
+        del program
         overflows = fp16_overflows(model, feeds)
-    save_model(model, path)
+        save_model(model, path)
+        del model
+    else:
+        program.save(str(path), external_data=_parameter_bytes(module) > EXTERNAL_DATA_BYTES)
+        del program
+    gc.collect()
     step("validate")
     reference = run_torch(module, spec, feeds)
-    error = max_error(run_onnx(path, feeds), reference)
+    outputs = run_onnx(path, feeds)
+    error = max_error(outputs, reference)
+    graph = onnx.load(str(path), load_external_data=False)
     entry = {
         "file": path.name,
         **spec.to_json(),
         "max_error": error,
         "tolerance": TOLERANCE[options.precision],
-        "attention_nodes": count_ops(model, "Attention"),
+        "attention_nodes": count_ops(graph, "Attention"),
         "fp16_overflows": overflows,
     }
     if overflows:
@@ -216,7 +230,11 @@ def export_component(module, spec, feeds: dict, path: Path, options: ExportOptio
     step("lint")
     report = lint(path)
     entry["tensorrt_lint"] = {"target": report.tensorrt, "ok": report.ok, "problems": report.problems}
-    return entry
+    return entry, outputs
+
+
+def _parameter_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def export_model(
@@ -249,11 +267,12 @@ def export_model(
     # The shallow step is checked on the deep feature of the same step, as it runs in the pipeline.
     feeds[UNET_SHALLOW] = {**feeds[UNET_DEEP], DEEP_FEATURE: run_torch(modules[UNET_DEEP], specs[UNET_DEEP], feeds[UNET_DEEP])[DEEP_FEATURE]}
 
-    entries = {}
+    entries, outputs = {}, {}
     for name in COMPONENTS:
         step = functools.partial(progress, name) if progress else (lambda stage: None)
-        entries[name] = export_component(modules[name], specs[name], feeds[name], out_dir / f"{name}.onnx", options, step)
-    for name, errors in split_errors(modules, pipe.unet, out_dir, feeds[UNET_DEEP]).items():
+        path = out_dir / f"{name}.onnx"
+        entries[name], outputs[name] = export_component(modules[name], specs[name], feeds[name], path, options, step)
+    for name, errors in split_errors(modules, pipe.unet, out_dir, feeds[UNET_DEEP], outputs[UNET_DEEP]).items():
         entries[name]["unsplit_error"] = errors
         if errors["torch"] != 0.0 or not errors["onnx"] <= TOLERANCE[options.precision]:
             raise ExportError(f"{name} does not reproduce the unsplit U-Net: {errors}")
@@ -280,7 +299,7 @@ def export_model(
     return manifest
 
 
-def split_errors(modules: dict, unet, out_dir: Path, feeds: dict) -> dict[str, dict[str, float]]:
+def split_errors(modules: dict, unet, out_dir: Path, feeds: dict, onnx_deep: dict) -> dict[str, dict[str, float]]:
     """unet_deep, and unet_shallow fed the deep feature of the same step, against the unsplit diffusers U-Net,
     in PyTorch (the split itself: exact) and in ONNX Runtime."""
     inputs = [torch.from_numpy(feeds[n]) for n in (SAMPLE, TIMESTEP, CONTEXT)]
@@ -288,7 +307,6 @@ def split_errors(modules: dict, unet, out_dir: Path, feeds: dict) -> dict[str, d
         reference = {NOISE_PRED: unet(*inputs).sample.numpy()}
         noise, deep = modules[UNET_DEEP](*inputs)
         shallow = modules[UNET_SHALLOW](*inputs, deep)
-    onnx_deep = run_onnx(out_dir / f"{UNET_DEEP}.onnx", feeds)
     onnx_shallow = run_onnx(out_dir / f"{UNET_SHALLOW}.onnx", {**feeds, DEEP_FEATURE: onnx_deep[DEEP_FEATURE]})
     return {
         UNET_DEEP: {"torch": max_error({NOISE_PRED: noise.numpy()}, reference),

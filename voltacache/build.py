@@ -1,0 +1,233 @@
+"""Build engines from an export: static TensorRT plans on a GPU, optimized ONNX Runtime models elsewhere.
+
+The TensorRT path is polygraphy's loaders composed (NetworkFromOnnxPath -> CreateConfig ->
+EngineFromNetwork -> SaveEngine) with a static profile (min = opt = max) from the component spec,
+and each engine is checked against ONNX Runtime with polygraphy's Comparator before the build is
+done. The engine manifest records what the engines were built from and for; `load_engines`
+refuses engines whose manifest does not match the runtime, the GPU or the source ONNX.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import VoltacacheError
+from .export import read_manifest, specs_from_manifest
+from .runners import OnnxRuntimeRunner, Runner, TensorRTRunner
+from .specs import COMPONENTS, INPUT_IDS
+
+ENGINE_MANIFEST = "engines.json"
+# Recorded in the manifest and applied by every runtime that loads these engines.
+ORT_SESSION_OPTIONS = {
+    "graph_optimization_level": "ORT_ENABLE_ALL",
+    "intra_op_num_threads": 0,  # 0: one thread per physical core
+    "enable_cpu_mem_arena": True,
+    "enable_mem_pattern": True,
+}
+# The saved model is optimized only as far as stays portable across CPUs (layout-specific
+# NCHWc rewrites happen at load time, under ORT_ENABLE_ALL).
+ORT_SAVED_LEVEL = "ORT_ENABLE_EXTENDED"
+TRT_ATOL, TRT_RTOL = 2e-2, 2e-2  # fp16 engine against fp32-io ONNX Runtime on random inputs
+
+
+class RebuildNeeded(VoltacacheError):
+    pass
+
+
+def onnx_fingerprint(onnx_dir: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(Path(onnx_dir).glob("*.onnx*")):
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tensorrt_available() -> tuple[bool, str]:
+    """Whether TensorRT can build here, and why (or why not)."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return False, "the tensorrt package is not installed (pip install 'voltacache[gpu]')"
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False, "tensorrt is installed but no CUDA GPU is visible"
+        return True, f"tensorrt is installed and {torch.cuda.get_device_name(0)} is visible"
+    except Exception as e:  # a broken CUDA install should read as a reason, not a crash
+        return False, f"CUDA is not usable ({e})"
+
+
+def choose_backend(requested: str) -> tuple[str, str]:
+    ok, why = tensorrt_available()
+    if requested == "auto":
+        return ("tensorrt", why) if ok else ("onnxruntime", why)
+    if requested == "tensorrt" and not ok:
+        raise VoltacacheError(f"--backend tensorrt: {why}")
+    if requested not in ("tensorrt", "onnxruntime"):
+        raise VoltacacheError(f"--backend {requested!r}: use auto, tensorrt or onnxruntime")
+    return requested, "requested"
+
+
+def runtime_versions(backend: str) -> dict:
+    import onnxruntime
+
+    versions = {"onnxruntime": onnxruntime.__version__}
+    if backend == "tensorrt":
+        import tensorrt
+        import torch
+
+        versions["tensorrt"] = tensorrt.__version__
+        versions["gpu"] = torch.cuda.get_device_name(0)
+        versions["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+    return versions
+
+
+def build_engines(onnx_dir: Path, out_dir: Path, backend: str = "auto", optimization_level: int = 3,
+                  progress=None) -> dict:
+    """Build one engine per component of the export in `onnx_dir`; returns the engine manifest."""
+    onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
+    export = read_manifest(onnx_dir)
+    backend, reason = choose_backend(backend)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    files = {}
+    for name in COMPONENTS:
+        if progress:
+            progress(name)
+        source = onnx_dir / export["components"][name]["file"]
+        if backend == "tensorrt":
+            files[name] = build_tensorrt(source, out_dir, name, export, optimization_level)
+        else:
+            files[name] = build_onnxruntime(source, out_dir, name)
+    shutil.copytree(onnx_dir / "tokenizer", out_dir / "tokenizer", dirs_exist_ok=True)
+    manifest = {
+        "format": 1,
+        "backend": backend,
+        "backend_reason": reason,
+        "versions": runtime_versions(backend),
+        "session_options": ORT_SESSION_OPTIONS if backend == "onnxruntime" else None,
+        "optimization_level": optimization_level if backend == "tensorrt" else None,
+        "onnx_dir": str(onnx_dir.resolve()),
+        "onnx_fingerprint": onnx_fingerprint(onnx_dir),
+        "files": files,
+        "export": export,
+        "seconds": round(time.time() - started, 1),
+    }
+    (out_dir / ENGINE_MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    return manifest
+
+
+def build_onnxruntime(source: Path, out_dir: Path, name: str) -> str:
+    import onnxruntime as ort
+
+    target = out_dir / f"{name}.onnx"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_SAVED_LEVEL)
+    options.optimized_model_filepath = str(target)
+    if source.with_name(source.name + ".data").exists():  # > 2 GB: keep the weights outside the protobuf
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", target.name + ".data")
+    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    return target.name
+
+
+def build_tensorrt(source: Path, out_dir: Path, name: str, export: dict, optimization_level: int) -> str:
+    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine
+
+    spec = specs_from_manifest(export)[name]
+    profile = Profile()
+    for t in spec.inputs:
+        profile.add(t.name, min=t.shape, opt=t.shape, max=t.shape)
+    # fp16 ONNX carries its own types: strongly typed keeps TensorRT from re-deciding precisions.
+    strongly_typed = export["precision"] == "fp16"
+    network = NetworkFromOnnxPath(str(source), strongly_typed=strongly_typed)
+    config = CreateConfig(
+        fp16=not strongly_typed and export["precision"] == "fp16",
+        profiles=[profile],
+        builder_optimization_level=optimization_level,
+        load_timing_cache=str(out_dir / "timing.cache") if (out_dir / "timing.cache").exists() else None,
+    )
+    target = out_dir / f"{name}.plan"
+    SaveEngine(EngineFromNetwork(network, config=config, save_timing_cache=str(out_dir / "timing.cache")), str(target))()
+    compare_with_onnxruntime(target, source, spec)
+    return target.name
+
+
+def compare_with_onnxruntime(plan: Path, source: Path, spec) -> None:
+    """polygraphy's Comparator: the engine and ONNX Runtime on the same random inputs."""
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+    from polygraphy.comparator import Comparator, CompareFunc, DataLoader
+
+    loader = DataLoader(val_range={INPUT_IDS: (0, 49407)}, iterations=2)
+    runners = [TrtRunner(EngineFromBytes(BytesFromPath(str(plan)))), OnnxrtRunner(SessionFromOnnx(str(source)))]
+    results = Comparator.run(runners, data_loader=loader)
+    if not bool(Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=TRT_ATOL, rtol=TRT_RTOL))):
+        raise VoltacacheError(f"{plan.name}: TensorRT output differs from ONNX Runtime beyond atol/rtol {TRT_ATOL}")
+
+
+@dataclass
+class Engines:
+    """Loaded engines: one runner per component, and what the pipeline needs beside them."""
+
+    manifest: dict
+    runners: dict[str, Runner]
+    path: Path
+
+    @property
+    def export(self) -> dict:
+        return self.manifest["export"]
+
+
+def read_engine_manifest(engine_dir: Path) -> dict:
+    path = Path(engine_dir) / ENGINE_MANIFEST
+    if not path.is_file():
+        raise VoltacacheError(f"{path}: no engine manifest; run `voltacache build` first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise VoltacacheError(f"{path}: corrupt engine manifest ({e}); rebuild with `voltacache build`") from e
+
+
+def check_compatible(manifest: dict, engine_dir: Path) -> None:
+    """Refuse engines built for another runtime, GPU or ONNX export."""
+    backend = manifest["backend"]
+    built = manifest["versions"]
+    try:
+        now = runtime_versions(backend)
+    except ImportError as e:
+        raise RebuildNeeded(f"{engine_dir}: built for {backend}, which is not usable here ({e}); rebuild") from e
+    keys = ["onnxruntime"] if backend == "onnxruntime" else ["tensorrt", "compute_capability"]
+    for key in keys:
+        if built.get(key) != now.get(key):
+            raise RebuildNeeded(
+                f"{engine_dir}: built with {key} {built.get(key)}, this runtime has {now.get(key)}; "
+                "rebuild with `voltacache build`"
+            )
+    onnx_dir = Path(manifest["onnx_dir"])
+    if onnx_dir.is_dir() and onnx_fingerprint(onnx_dir) != manifest["onnx_fingerprint"]:
+        raise RebuildNeeded(f"{engine_dir}: the ONNX files in {onnx_dir} changed since the build; rebuild")
+
+
+def load_engines(engine_dir: Path, cuda_graph: bool = False, components=COMPONENTS) -> Engines:
+    engine_dir = Path(engine_dir)
+    manifest = read_engine_manifest(engine_dir)
+    check_compatible(manifest, engine_dir)
+    specs = specs_from_manifest(manifest["export"])
+    runners = {}
+    for name in components:
+        path = engine_dir / manifest["files"][name]
+        if not path.is_file():
+            raise VoltacacheError(f"{path}: engine file missing; rebuild with `voltacache build`")
+        if manifest["backend"] == "tensorrt":
+            runners[name] = TensorRTRunner(path, specs[name], cuda_graph=cuda_graph)
+        else:
+            runners[name] = OnnxRuntimeRunner(path, specs[name], manifest["session_options"])
+    return Engines(manifest, runners, engine_dir)

@@ -1,0 +1,255 @@
+"""The denoising pipeline over runners, readable top to bottom like diffusers' `__call__`.
+
+The same class runs in process (runners over local engines) and inside Triton's Python backend
+(the denoiser builds it with runners that are BLS calls). Scheduler state and the DeepCache
+feature live in local variables of one call: nothing is shared between requests.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .deepcache import full_steps
+from .errors import VoltacacheError
+from .schedulers import SCHEDULERS, make_scheduler
+from .specs import (
+    CONTEXT,
+    DEEP_FEATURE,
+    IMAGE,
+    INPUT_IDS,
+    LATENT,
+    LATENT_MEAN,
+    LATENT_STD,
+    NOISE_PRED,
+    POOLED_EMBEDDING,
+    SAMPLE,
+    TEXT_EMBEDDINGS,
+    TEXT_ENCODER,
+    TIMESTEP,
+    UNET_DEEP,
+    UNET_SHALLOW,
+    VAE_DECODER,
+    VAE_ENCODER,
+)
+
+MAX_STEPS = 1000
+
+
+class InvalidRequest(VoltacacheError):
+    """A request rejected before any compute; the message names the argument."""
+
+
+@dataclass
+class Stats:
+    steps: int = 0
+    unet_deep_calls: int = 0
+    unet_shallow_calls: int = 0
+    seconds: dict = field(default_factory=lambda: defaultdict(float))
+
+    def timed(self, name, runner, feeds):
+        started = time.perf_counter()
+        out = runner.infer(feeds)
+        self.seconds[name] += time.perf_counter() - started
+        return out
+
+
+@dataclass
+class Generation:
+    images: list
+    seed: int
+    stats: Stats
+    pooled_embedding: np.ndarray | None = None
+    seconds: float = 0.0
+
+
+class StableDiffusion:
+    def __init__(self, runners: dict, export: dict, tokenizer):
+        self.runners = runners
+        self.export = export
+        self.tokenizer = tokenizer
+        self.batch, self.height, self.width = export["batch"], export["height"], export["width"]
+        self.vae_scale = export["geometry"]["vae_scale"]
+        self.latent_channels = export["geometry"]["latent_channels"]
+        self.scaling_factor = export["scaling_factor"]
+        self.scheduler_config = export["scheduler_config"]
+
+    @classmethod
+    def from_engines(cls, engine_dir, cuda_graph: bool = False) -> "StableDiffusion":
+        from transformers import CLIPTokenizer
+
+        from .build import load_engines
+
+        engines = load_engines(engine_dir, cuda_graph=cuda_graph)
+        return cls(engines.runners, engines.export, CLIPTokenizer.from_pretrained(Path(engine_dir) / "tokenizer"))
+
+    def __call__(
+        self,
+        prompt,
+        negative_prompt="",
+        steps: int = 50,
+        guidance: float = 7.5,
+        seed: int | None = None,
+        scheduler: str = "pndm",
+        cache_interval: int = 1,
+        cache_schedule: str = "uniform",
+        height: int | None = None,
+        width: int | None = None,
+        init_image=None,
+        strength: float = 0.8,
+    ) -> Generation:
+        started = time.perf_counter()
+        # 1. Check inputs before any compute
+        prompts, negatives = self.check_inputs(
+            prompt, negative_prompt, steps, guidance, scheduler, cache_interval, cache_schedule, height, width, strength
+        )
+        image = load_image(init_image, self.width, self.height) if init_image is not None else None
+        seed = int(np.random.SeedSequence().generate_state(1)[0] >> 1) if seed is None else int(seed)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        stats = Stats()
+
+        # 2. Encode the prompt (negative first, as diffusers concatenates them)
+        embeddings, pooled = self.encode_prompt(prompts, negatives, stats)
+
+        # 3. Prepare timesteps
+        sched = make_scheduler(scheduler, self.scheduler_config)
+        timesteps = self.prepare_timesteps(sched, steps, strength if image is not None else None)
+
+        # 4. Prepare latents: from the seed, or from the encoded init image noised to the first timestep
+        latents = self.prepare_latents(sched, generator, timesteps, image, stats)
+
+        # 5. Denoise, the full U-Net on DeepCache's refresh steps and the shallow one in between
+        refresh = full_steps(len(timesteps), cache_interval, cache_schedule)
+        latents = self.denoise(latents, embeddings, sched, timesteps, guidance, refresh, generator, stats)
+
+        # 6. Decode
+        images = self.decode(latents, stats)
+        return Generation(images, seed, stats, pooled[len(prompts):], time.perf_counter() - started)
+
+    def check_inputs(self, prompt, negative_prompt, steps, guidance, scheduler, cache_interval, cache_schedule,
+                     height, width, strength):
+        prompts = [prompt] * self.batch if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] * self.batch if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(prompts) != self.batch or len(negatives) != self.batch:
+            raise InvalidRequest(f"prompt: the engines take {self.batch} prompt(s) per call, got {len(prompts)}")
+        if not all(isinstance(p, str) for p in prompts + negatives):
+            raise InvalidRequest("prompt and negative_prompt must be text")
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
+            raise InvalidRequest(f"steps {steps!r}: must be an integer from 1 to {MAX_STEPS}")
+        if not isinstance(guidance, (int, float, np.floating)) or not math.isfinite(guidance):
+            raise InvalidRequest(f"guidance {guidance!r}: must be a finite number")
+        if scheduler not in SCHEDULERS:
+            raise InvalidRequest(f"scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        if not isinstance(cache_interval, (int, np.integer)) or not 1 <= cache_interval <= MAX_STEPS:
+            raise InvalidRequest(f"cache_interval {cache_interval!r}: must be an integer >= 1")
+        if cache_schedule not in ("uniform", "nonuniform"):
+            raise InvalidRequest(f"cache_schedule {cache_schedule!r}: use uniform or nonuniform")
+        if (height or self.height) != self.height or (width or self.width) != self.width:
+            raise InvalidRequest(
+                f"size {width or self.width}x{height or self.height}: these engines are static at "
+                f"{self.width}x{self.height}; export and build for another size"
+            )
+        if not (isinstance(strength, (int, float)) and 0.0 < strength <= 1.0):
+            raise InvalidRequest(f"strength {strength!r}: must be in (0, 1]")
+        return prompts, negatives
+
+    def tokenize(self, texts: list[str]) -> np.ndarray:
+        length = self.tokenizer.model_max_length
+        for text in texts:
+            n = len(self.tokenizer(text).input_ids)
+            if n > length:
+                warnings.warn(f"prompt of {n} tokens truncated to CLIP's {length}: {text[:60]!r}...", stacklevel=3)
+        ids = self.tokenizer(texts, padding="max_length", max_length=length, truncation=True).input_ids
+        return np.asarray(ids, dtype=np.int32)
+
+    def encode_prompt(self, prompts, negatives, stats: Stats):
+        ids = self.tokenize(negatives + prompts)
+        out = stats.timed(TEXT_ENCODER, self.runners[TEXT_ENCODER], {INPUT_IDS: ids})
+        return out[TEXT_EMBEDDINGS], out[POOLED_EMBEDDING]
+
+    def prepare_timesteps(self, scheduler, steps: int, strength: float | None):
+        scheduler.set_timesteps(steps)
+        if strength is None:
+            return scheduler.timesteps
+        # img2img: skip the first (1 - strength) of the schedule, as diffusers' get_timesteps
+        t_start = steps - min(int(steps * strength), steps)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(t_start * scheduler.order)
+        timesteps = scheduler.timesteps[t_start * scheduler.order :]
+        if len(timesteps) == 0:
+            raise InvalidRequest(f"strength {strength}: leaves no denoising step out of {steps}")
+        return timesteps
+
+    def prepare_latents(self, scheduler, generator, timesteps, image, stats: Stats) -> torch.Tensor:
+        shape = (self.batch, self.latent_channels, self.height // self.vae_scale, self.width // self.vae_scale)
+        if image is None:
+            return torch.randn(shape, generator=generator, dtype=torch.float32) * scheduler.init_noise_sigma
+        out = stats.timed(VAE_ENCODER, self.runners[VAE_ENCODER], {IMAGE: np.repeat(image, self.batch, axis=0)})
+        mean, std = torch.from_numpy(out[LATENT_MEAN]), torch.from_numpy(out[LATENT_STD])
+        # the latent distribution's sample, then the noise, in diffusers' order of generator draws
+        latents = (mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)) * self.scaling_factor
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        return scheduler.add_noise(latents, noise, timesteps[:1].repeat(self.batch))
+
+    def denoise(self, latents, embeddings, scheduler, timesteps, guidance, refresh, generator, stats: Stats):
+        extra = step_kwargs(scheduler, generator)
+        deep = None
+        for i, t in enumerate(timesteps):
+            model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+            feeds = {
+                SAMPLE: model_input.numpy().astype(np.float32),
+                TIMESTEP: np.array([float(t)], dtype=np.float32),
+                CONTEXT: embeddings,
+            }
+            if i in refresh or deep is None:
+                out = stats.timed(UNET_DEEP, self.runners[UNET_DEEP], feeds)
+                deep = out[DEEP_FEATURE]
+                stats.unet_deep_calls += 1
+            else:
+                out = stats.timed(UNET_SHALLOW, self.runners[UNET_SHALLOW], {**feeds, DEEP_FEATURE: deep})
+                stats.unet_shallow_calls += 1
+            uncond, cond = torch.from_numpy(out[NOISE_PRED]).chunk(2)
+            noise = uncond + guidance * (cond - uncond) if guidance > 1 else cond
+            latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+            stats.steps += 1
+        return latents
+
+    def decode(self, latents: torch.Tensor, stats: Stats) -> list:
+        feeds = {LATENT: (latents / self.scaling_factor).numpy().astype(np.float32)}
+        image = stats.timed(VAE_DECODER, self.runners[VAE_DECODER], feeds)[IMAGE]
+        return to_pil(image)
+
+
+def step_kwargs(scheduler, generator) -> dict:
+    """eta and generator where the scheduler's step takes them (diffusers' prepare_extra_step_kwargs)."""
+    import inspect
+
+    params = set(inspect.signature(scheduler.step).parameters)
+    return {k: v for k, v in {"eta": 0.0, "generator": generator}.items() if k in params}
+
+
+def to_pil(image: np.ndarray) -> list:
+    """[-1, 1] NCHW -> PIL images, rounded as diffusers' image processor does."""
+    image = np.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+    return [Image.fromarray(x) for x in (image * 255).round().astype(np.uint8)]
+
+
+def load_image(source, width: int, height: int) -> np.ndarray:
+    """An init image (path or PIL) as the [-1, 1] NCHW batch of one the VAE encoder takes."""
+    try:
+        image = source if isinstance(source, Image.Image) else Image.open(source)
+        image = image.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise InvalidRequest(f"init image {source}: cannot be read ({e})") from e
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=Image.LANCZOS)
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return (array * 2 - 1).transpose(2, 0, 1)[None]
