@@ -31,3 +31,20 @@ def onnx_fp32(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx") / "fp32"
     export_model(tiny_dir, out, ExportOptions(precision="fp32"))
     return out
+
+
+@pytest.fixture(scope="session")
+def engines_dir(onnx_fp32, tmp_path_factory):
+    """ONNX Runtime engines built once per session from the fp32 export."""
+    from voltacache.build import build_engines
+
+    out = tmp_path_factory.mktemp("engines") / "ort"
+    build_engines(onnx_fp32, out, backend="onnxruntime")
+    return out
+
+
+@pytest.fixture(scope="session")
+def sd(engines_dir):
+    from voltacache.pipeline import StableDiffusion
+
+    return StableDiffusion.from_engines(engines_dir)
