@@ -161,16 +161,28 @@ def toposort(nodes: list, graph) -> list:
 
 
 def fp16_overflows(model: onnx.ModelProto, feeds: dict) -> list[str]:
-    """Intermediate fp16 tensors that are not finite on `feeds` (every fp16 value is made a graph output)."""
-    import onnxruntime as ort
+    """Tensors that are not finite on `feeds`, every fp16 intermediate made a graph output.
 
-    inferred = onnx.shape_inference.infer_shapes(model)
-    probes = [v for v in inferred.graph.value_info if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16]
-    outputs = {o.name for o in inferred.graph.output}
-    inferred.graph.output.extend(p for p in probes if p.name not in outputs)
-    session = ort.InferenceSession(inferred.SerializeToString(), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return [n for n, v in zip(names, session.run(names, feeds)) if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
+    Works on the graph alone: the weights go to a scratch external-data file first (which empties
+    them from `model` too), so a 1.7 GB U-Net is never held twice.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        weights = Path(scratch) / "model.onnx"
+        onnx.save_model(model, str(weights), save_as_external_data=True, location="weights.data")
+        inferred = onnx.shape_inference.infer_shapes(model)
+        probes = [v for v in inferred.graph.value_info if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16]
+        outputs = {o.name for o in inferred.graph.output}
+        inferred.graph.output.extend(p for p in probes if p.name not in outputs)
+        probe = Path(scratch) / "probe.onnx"
+        onnx.save_model(inferred, str(probe))
+        session = ort_session(probe)
+        names = [o.name for o in session.get_outputs()]
+        values = session.run(names, feeds)
+        del session
+        onnx.load_external_data_for_model(model, scratch)  # weights back in memory, for saving
+    return [n for n, v in zip(names, values) if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:
@@ -205,7 +217,7 @@ def export_component(module, spec, feeds: dict, path: Path, options: ExportOptio
         save_model(model, path)
         del model
     else:
-        program.save(str(path), external_data=_parameter_bytes(module) > EXTERNAL_DATA_BYTES)
+        program.save(str(path), external_data=_weight_bytes(program) > EXTERNAL_DATA_BYTES)
         del program
     gc.collect()
     step("validate")
@@ -233,8 +245,9 @@ def export_component(module, spec, feeds: dict, path: Path, options: ExportOptio
     return entry, outputs
 
 
-def _parameter_bytes(module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
+def _weight_bytes(program) -> int:
+    """Bytes of the weights the graph really uses (the shallow U-Net holds the whole U-Net's parameters)."""
+    return sum(v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None)
 
 
 def export_model(

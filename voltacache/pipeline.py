@@ -108,16 +108,29 @@ class StableDiffusion:
     ) -> Generation:
         started = time.perf_counter()
         # 1. Check inputs before any compute
-        prompts, negatives = self.check_inputs(
-            prompt, negative_prompt, steps, guidance, scheduler, cache_interval, cache_schedule, height, width, strength
-        )
+        prompts, negatives = self.check_prompts(prompt, negative_prompt)
+        self.check_parameters(steps, guidance, scheduler, cache_interval, cache_schedule, height, width, strength)
         image = load_image(init_image, self.width, self.height) if init_image is not None else None
-        seed = int(np.random.SeedSequence().generate_state(1)[0] >> 1) if seed is None else int(seed)
-        generator = torch.Generator("cpu").manual_seed(seed)
         stats = Stats()
 
         # 2. Encode the prompt (negative first, as diffusers concatenates them)
         embeddings, pooled = self.encode_prompt(prompts, negatives, stats)
+
+        # 3-5. Timesteps, latents, denoising
+        latents, seed = self.generate_latents(
+            embeddings, steps, guidance, seed, scheduler, cache_interval, cache_schedule, image, strength, stats
+        )
+
+        # 6. Decode
+        images = self.decode(latents, stats)
+        return Generation(images, seed, stats, pooled[len(prompts) :], time.perf_counter() - started)
+
+    def generate_latents(self, embeddings, steps, guidance, seed, scheduler, cache_interval=1,
+                         cache_schedule="uniform", image=None, strength=0.8, stats=None):
+        """Text embeddings -> final latents: what the Triton denoiser runs between text encoder and VAE."""
+        stats = stats if stats is not None else Stats()
+        seed = random_seed() if seed is None else int(seed)
+        generator = torch.Generator("cpu").manual_seed(seed)
 
         # 3. Prepare timesteps
         sched = make_scheduler(scheduler, self.scheduler_config)
@@ -128,20 +141,19 @@ class StableDiffusion:
 
         # 5. Denoise, the full U-Net on DeepCache's refresh steps and the shallow one in between
         refresh = full_steps(len(timesteps), cache_interval, cache_schedule)
-        latents = self.denoise(latents, embeddings, sched, timesteps, guidance, refresh, generator, stats)
+        return self.denoise(latents, embeddings, sched, timesteps, guidance, refresh, generator, stats), seed
 
-        # 6. Decode
-        images = self.decode(latents, stats)
-        return Generation(images, seed, stats, pooled[len(prompts):], time.perf_counter() - started)
-
-    def check_inputs(self, prompt, negative_prompt, steps, guidance, scheduler, cache_interval, cache_schedule,
-                     height, width, strength):
+    def check_prompts(self, prompt, negative_prompt) -> tuple[list[str], list[str]]:
         prompts = [prompt] * self.batch if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * self.batch if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(prompts) != self.batch or len(negatives) != self.batch:
             raise InvalidRequest(f"prompt: the engines take {self.batch} prompt(s) per call, got {len(prompts)}")
         if not all(isinstance(p, str) for p in prompts + negatives):
             raise InvalidRequest("prompt and negative_prompt must be text")
+        return prompts, negatives
+
+    def check_parameters(self, steps, guidance, scheduler, cache_interval, cache_schedule="uniform",
+                         height=None, width=None, strength=0.8) -> None:
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
             raise InvalidRequest(f"steps {steps!r}: must be an integer from 1 to {MAX_STEPS}")
         if not isinstance(guidance, (int, float, np.floating)) or not math.isfinite(guidance):
@@ -149,7 +161,7 @@ class StableDiffusion:
         if scheduler not in SCHEDULERS:
             raise InvalidRequest(f"scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
         if not isinstance(cache_interval, (int, np.integer)) or not 1 <= cache_interval <= MAX_STEPS:
-            raise InvalidRequest(f"cache_interval {cache_interval!r}: must be an integer >= 1")
+            raise InvalidRequest(f"cache_interval {cache_interval!r}: must be an integer from 1 to {MAX_STEPS}")
         if cache_schedule not in ("uniform", "nonuniform"):
             raise InvalidRequest(f"cache_schedule {cache_schedule!r}: use uniform or nonuniform")
         if (height or self.height) != self.height or (width or self.width) != self.width:
@@ -157,9 +169,8 @@ class StableDiffusion:
                 f"size {width or self.width}x{height or self.height}: these engines are static at "
                 f"{self.width}x{self.height}; export and build for another size"
             )
-        if not (isinstance(strength, (int, float)) and 0.0 < strength <= 1.0):
+        if not (isinstance(strength, (int, float, np.floating)) and 0.0 < strength <= 1.0):
             raise InvalidRequest(f"strength {strength!r}: must be in (0, 1]")
-        return prompts, negatives
 
     def tokenize(self, texts: list[str]) -> np.ndarray:
         length = self.tokenizer.model_max_length
@@ -228,6 +239,10 @@ class StableDiffusion:
         return to_pil(image)
 
 
+def random_seed() -> int:
+    return int(np.random.SeedSequence().generate_state(1)[0] >> 1)
+
+
 def step_kwargs(scheduler, generator) -> dict:
     """eta and generator where the scheduler's step takes them (diffusers' prepare_extra_step_kwargs)."""
     import inspect
@@ -236,10 +251,14 @@ def step_kwargs(scheduler, generator) -> dict:
     return {k: v for k, v in {"eta": 0.0, "generator": generator}.items() if k in params}
 
 
-def to_pil(image: np.ndarray) -> list:
-    """[-1, 1] NCHW -> PIL images, rounded as diffusers' image processor does."""
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """[-1, 1] NCHW -> uint8 NHWC, rounded as diffusers' image processor does."""
     image = np.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
-    return [Image.fromarray(x) for x in (image * 255).round().astype(np.uint8)]
+    return (image * 255).round().astype(np.uint8)
+
+
+def to_pil(image: np.ndarray) -> list:
+    return [Image.fromarray(x) for x in to_uint8(image)]
 
 
 def load_image(source, width: int, height: int) -> np.ndarray:

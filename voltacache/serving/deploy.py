@@ -1,0 +1,127 @@
+"""Write a Triton model repository from an engines folder.
+
+Every config.pbtxt is built as Triton's own ModelConfig protobuf (tritonclient ships it) from the
+specs in voltacache.serving.protocol, printed in text format, and parsed back before it is
+written: a config Triton would reject never reaches the disk.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import resources
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from ..build import read_engine_manifest
+from ..errors import VoltacacheError
+from ..specs import COMPONENTS, ComponentSpec
+from . import protocol as p
+
+TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32", "int64": "TYPE_INT64",
+                 "uint8": "TYPE_UINT8", "object": "TYPE_STRING"}
+# Which adapter in triton_models/ serves each Python model.
+ADAPTERS = {p.TOKENIZER: "tokenizer", p.DENOISER: "denoiser", p.POSTPROCESS: "postprocess"}
+COMPONENT_BACKENDS = ("python", "onnxruntime", "tensorrt")
+
+
+def tensors(items, optional=()):
+    return [
+        mc.ModelInput(name=t.name, data_type=TRITON_DTYPES[t.dtype], dims=list(t.shape), optional=t.name in optional)
+        for t in items
+    ]
+
+
+def model_config(spec: ComponentSpec, **fields) -> mc.ModelConfig:
+    config = mc.ModelConfig(name=spec.name, max_batch_size=0, **fields)
+    config.input.extend(tensors(spec.inputs, p.OPTIONAL_INPUTS.get(spec.name, ())))
+    config.output.extend(mc.ModelOutput(name=t.name, data_type=TRITON_DTYPES[t.dtype], dims=list(t.shape))
+                         for t in spec.outputs)
+    return config
+
+
+def python_config(spec: ComponentSpec, engines: Path, instances: int = 1) -> mc.ModelConfig:
+    config = model_config(spec, backend="python")
+    config.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances))
+    config.parameters["engines"].string_value = str(engines.resolve())
+    return config
+
+
+def ensemble_config(spec: ComponentSpec, steps: list[tuple[str, dict, dict]]) -> mc.ModelConfig:
+    """steps: (model, {model input: ensemble tensor}, {model output: ensemble tensor})."""
+    config = model_config(spec, platform="ensemble")
+    for model, inputs, outputs in steps:
+        config.ensemble_scheduling.step.append(
+            mc.ModelEnsembling.Step(model_name=model, model_version=-1, input_map=inputs, output_map=outputs)
+        )
+    config.response_cache.enable = True  # an exact duplicate request is answered from Triton's cache
+    return config
+
+
+def ensemble_steps(specs: dict, img2img: bool) -> list:
+    """tokenizer -> text_encoder -> denoiser -> vae_decoder -> postprocess, wired by tensor name."""
+    same = lambda items: {t.name: t.name for t in items}  # noqa: E731
+    text_encoder, denoiser = specs["text_encoder"], specs[p.DENOISER]
+    denoiser_inputs = [t for t in denoiser.inputs if img2img or t.name not in p.OPTIONAL_INPUTS[p.DENOISER]]
+    return [
+        (p.TOKENIZER, same(specs[p.TOKENIZER].inputs), same(specs[p.TOKENIZER].outputs)),
+        ("text_encoder", same(text_encoder.inputs), same(text_encoder.outputs[:1])),
+        (p.DENOISER, same(denoiser_inputs), same(denoiser.outputs)),
+        ("vae_decoder", same(specs["vae_decoder"].inputs), same(specs["vae_decoder"].outputs)),
+        (p.POSTPROCESS, same(specs[p.POSTPROCESS].inputs), same(specs[p.POSTPROCESS].outputs)),
+    ]
+
+
+def write_config(folder: Path, config: mc.ModelConfig) -> None:
+    text = text_format.MessageToString(config)
+    parsed = text_format.Parse(text, mc.ModelConfig())  # Triton's own schema: raises on anything invalid
+    if parsed != config:
+        raise VoltacacheError(f"{folder.name}: config does not survive a round trip through ModelConfig")
+    (folder / "1").mkdir(parents=True, exist_ok=True)
+    (folder / "config.pbtxt").write_text(text)
+
+
+def install_adapter(folder: Path, adapter: str) -> None:
+    source = resources.files("triton_models") / adapter / "model.py"
+    (folder / "1" / "model.py").write_text(source.read_text())
+
+
+def deploy(engines: Path, repo: Path, component_backend: str = "python", denoiser_instances: int = 2) -> Path:
+    """Write the repository; returns its path. `component_backend`: python (ONNX Runtime in a Python
+    model: the CPU server), onnxruntime (the NGC container's backend) or tensorrt (.plan engines)."""
+    engines, repo = Path(engines), Path(repo)
+    manifest = read_engine_manifest(engines)
+    if component_backend not in COMPONENT_BACKENDS:
+        raise VoltacacheError(f"--component-backend {component_backend!r}: use one of {', '.join(COMPONENT_BACKENDS)}")
+    if (component_backend == "tensorrt") != (manifest["backend"] == "tensorrt"):
+        raise VoltacacheError(f"--component-backend {component_backend}: {engines} holds {manifest['backend']} engines")
+    specs = p.serving_specs(manifest["export"])
+    if repo.exists():
+        shutil.rmtree(repo)
+    repo.mkdir(parents=True)
+    for name in COMPONENTS:
+        folder = repo / name
+        if component_backend == "python":
+            write_config(folder, python_config(specs[name], engines))
+            install_adapter(folder, "component")
+            continue
+        source = engines / manifest["files"][name]
+        if component_backend == "tensorrt":
+            config, target = model_config(specs[name], platform="tensorrt_plan"), "model.plan"
+        else:
+            config, target = model_config(specs[name], backend="onnxruntime"), "model.onnx"
+        write_config(folder, config)
+        shutil.copy2(source, folder / "1" / target)
+        if source.with_name(source.name + ".data").exists():
+            shutil.copy2(source.with_name(source.name + ".data"), folder / "1" / (source.name + ".data"))
+    for name, adapter in ADAPTERS.items():
+        instances = denoiser_instances if name == p.DENOISER else 1
+        write_config(repo / name, python_config(specs[name], engines, instances))
+        install_adapter(repo / name, adapter)
+    write_config(repo / p.TXT2IMG, ensemble_config(specs[p.TXT2IMG], ensemble_steps(specs, img2img=False)))
+    write_config(repo / p.IMG2IMG, ensemble_config(specs[p.IMG2IMG], ensemble_steps(specs, img2img=True)))
+    (repo / "voltacache.json").write_text(json.dumps({"engines": str(engines.resolve()),
+                                                      "component_backend": component_backend}, indent=2))
+    return repo
