@@ -80,7 +80,7 @@ def test_bad_options(tiny_dir, tmp_path):
         export_model(tiny_dir, tmp_path, ExportOptions(height=100))
 
 
-def test_fp16_overflow_is_detected():
+def test_fp16_overflow_is_detected(tmp_path):
     nodes = [
         helper.make_node("Cast", ["x"], ["h"], to=TensorProto.FLOAT16),
         helper.make_node("Mul", ["h", "k"], ["m"]),
@@ -92,8 +92,10 @@ def test_fp16_overflow_is_detected():
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], [k],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
-    assert fp16_overflows(model, {"x": np.array([1.0, 2.0], np.float32)}) == []
-    assert set(fp16_overflows(model, {"x": np.array([1.0, 100.0], np.float32)})) == {"m", "y"}
+    path = tmp_path / "m.onnx"
+    onnx.save_model(model, str(path))
+    assert fp16_overflows(path, {"x": np.array([1.0, 2.0], np.float32)}) == []
+    assert set(fp16_overflows(path, {"x": np.array([1.0, 100.0], np.float32)})) == {"m", "y"}
 
 
 def test_fingerprint_changes_with_weights(tiny_dir, tmp_path):

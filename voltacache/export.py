@@ -9,10 +9,12 @@ every runtime binds the same float32 buffers whatever the precision).
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import gc
 import hashlib
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,28 +162,22 @@ def toposort(nodes: list, graph) -> list:
     return ordered
 
 
-def fp16_overflows(model: onnx.ModelProto, feeds: dict) -> list[str]:
-    """Tensors that are not finite on `feeds`, every fp16 intermediate made a graph output.
+def fp16_overflows(path: Path, feeds: dict) -> list[str]:
+    """Tensors that are not finite on `feeds`, with every fp16 intermediate made a graph output.
 
-    Works on the graph alone: the weights go to a scratch external-data file first (which empties
-    them from `model` too), so a 1.7 GB U-Net is never held twice.
+    `path` holds its weights as external data, so only the graph is loaded here; the probe graph
+    is written beside it and ONNX Runtime reads the weights from the same file.
     """
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as scratch:
-        weights = Path(scratch) / "model.onnx"
-        onnx.save_model(model, str(weights), save_as_external_data=True, location="weights.data")
-        inferred = onnx.shape_inference.infer_shapes(model)
-        probes = [v for v in inferred.graph.value_info if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16]
-        outputs = {o.name for o in inferred.graph.output}
-        inferred.graph.output.extend(p for p in probes if p.name not in outputs)
-        probe = Path(scratch) / "probe.onnx"
-        onnx.save_model(inferred, str(probe))
-        session = ort_session(probe)
-        names = [o.name for o in session.get_outputs()]
-        values = session.run(names, feeds)
-        del session
-        onnx.load_external_data_for_model(model, scratch)  # weights back in memory, for saving
+    graph = onnx.load(str(path), load_external_data=False)
+    inferred = onnx.shape_inference.infer_shapes(graph)
+    probes = [v for v in inferred.graph.value_info if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16]
+    outputs = {o.name for o in inferred.graph.output}
+    inferred.graph.output.extend(v for v in probes if v.name not in outputs)
+    probe = path.with_name("probe." + path.name)
+    onnx.save_model(inferred, str(probe))
+    session = ort_session(probe)
+    names = [o.name for o in session.get_outputs()]
+    values = session.run(names, feeds)
     return [n for n, v in zip(names, values) if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
 
 
@@ -211,11 +207,20 @@ def export_component(module, spec, feeds: dict, path: Path, options: ExportOptio
     overflows = []
     path.with_name(path.name + ".data").unlink(missing_ok=True)
     if options.precision == "fp16":
-        model = to_fp16(program.model_proto)
-        del program
-        overflows = fp16_overflows(model, feeds)
-        save_model(model, path)
-        del model
+        with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+            # Each stage goes through disk: protobuf keeps replaced weights in its arena until the
+            # whole message dies, so a model is dropped as soon as its file is written.
+            fp32, fp16 = Path(scratch) / "fp32.onnx", Path(scratch) / "fp16.onnx"
+            program.save(str(fp32), external_data=True)
+            del program
+            release_memory()
+            model = to_fp16(onnx.load(str(fp32)))
+            onnx.save_model(model, str(fp16), save_as_external_data=True, location="fp16.onnx.data")
+            del model
+            release_memory()
+            overflows = fp16_overflows(fp16, feeds)
+            save_model(onnx.load(str(fp16)), path)
+        release_memory()
     else:
         program.save(str(path), external_data=_weight_bytes(program) > EXTERNAL_DATA_BYTES)
         del program
@@ -243,6 +248,16 @@ def export_component(module, spec, feeds: dict, path: Path, options: ExportOptio
     report = lint(path)
     entry["tensorrt_lint"] = {"target": report.tensorrt, "ok": report.ok, "problems": report.problems}
     return entry, outputs
+
+
+def release_memory() -> None:
+    """Collect, then hand freed heap back to the OS: protobuf frees gigabytes of weights in small
+    blocks that glibc otherwise keeps, and the next big allocation (an ONNX Runtime session) comes on top."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def _weight_bytes(program) -> int:
