@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -152,31 +153,65 @@ def build(
 
 @app.command()
 @user_errors
-def deploy(engines: Path = typer.Option(..., help="Folder written by `voltacache build`.")):
-    """Write a Triton model repository with the cache-aware ensemble."""
-    not_built("deploy", "Triton serving")
+def deploy(
+    engines: Path = typer.Option(..., help="Folder written by `voltacache build`."),
+    repo: Path = typer.Option(..., help="Model repository to write (replaced if it exists)."),
+    component_backend: str = typer.Option(
+        "python", help="python (ONNX Runtime in a Python model: the CPU server), onnxruntime (NGC) or tensorrt."
+    ),
+    denoiser_instances: int = typer.Option(2, help="Denoiser instances: requests denoised in parallel."),
+):
+    """Write a Triton model repository with the txt2img / img2img ensembles."""
+    from .serving.deploy import deploy as write_repository
+
+    print(write_repository(engines, repo, component_backend, denoiser_instances))
 
 
 @app.command()
 @user_errors
-def serve(repo: Path = typer.Option(..., help="Triton model repository written by `voltacache deploy`.")):
-    """Start tritonserver on a model repository."""
-    not_built("serve", "Triton serving")
+def serve(
+    repo: Path = typer.Option(..., help="Triton model repository written by `voltacache deploy`."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 exposes the server to the network)."),
+    http_port: int = typer.Option(8000),
+    grpc_port: int = typer.Option(8001),
+    metrics_port: int = typer.Option(8002),
+    cache_mb: int = typer.Option(256, help="Triton response cache size in MiB (exact duplicate requests)."),
+    log_file: Optional[Path] = typer.Option(None, help="Write tritonserver's log here."),
+):
+    """Start tritonserver on a model repository; stops cleanly on Ctrl-C or SIGTERM."""
+    import signal
+    import threading
+
+    from .serving.server import TritonServer
+
+    server = TritonServer(repo, host, http_port, grpc_port, metrics_port, cache_mb * 1024 * 1024, log_file)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with server:
+        err.print(f"tritonserver ready: http {server.http_url}  grpc {server.grpc_url}  metrics {server.metrics_url}")
+        while not stop.is_set() and server.process.poll() is None:
+            stop.wait(0.5)
+    err.print("tritonserver stopped")
 
 
 @app.command()
 @user_errors
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="Text prompt."),
-    output: Path = typer.Option(Path("out.png"), "-o", "--output", help="Image file (a batch adds _1, _2...)."),
+    output: Path = typer.Option(Path("out.png"), "-o", "--output", help="Image file (several get _1, _2, ...)."),
     engines: Optional[Path] = typer.Option(None, help="Engines folder: generate in process."),
+    url: Optional[str] = typer.Option(None, help="HOST:PORT of a voltacache Triton server: generate there."),
+    protocol: str = typer.Option("grpc", help="grpc or http (with --url)."),
+    prompts: Optional[Path] = typer.Option(None, help="A file of prompts, one per line (with --url)."),
+    concurrency: int = typer.Option(1, help="Requests in flight at once (with --prompts)."),
     negative_prompt: str = typer.Option("", help="What the image should not show."),
     steps: int = typer.Option(50, help="Denoising steps."),
     guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
     seed: Optional[int] = typer.Option(None, help="Seed of the initial latents (default: random, reported)."),
     scheduler: str = typer.Option("pndm", help="ddim, pndm, euler, euler-a, dpm++2m or lms."),
     cache_interval: int = typer.Option(1, help="DeepCache: the full U-Net every N steps (1: off)."),
-    cache_schedule: str = typer.Option("uniform", help="DeepCache schedule: uniform or nonuniform."),
+    cache_schedule: str = typer.Option("uniform", help="DeepCache schedule: uniform or nonuniform (in process)."),
     height: Optional[int] = typer.Option(None, help="Must equal the engines' static height."),
     width: Optional[int] = typer.Option(None, help="Must equal the engines' static width."),
     init_image: Optional[Path] = typer.Option(None, help="img2img: start from this image."),
@@ -184,35 +219,27 @@ def generate(
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object per image."),
 ):
     """Generate images in process (--engines) or through Triton (--url)."""
-    import json
+    from .generate import GenerateOptions, generate_in_process, generate_served
 
-    from .pipeline import InvalidRequest, StableDiffusion
+    if (engines is None) == (url is None):
+        raise VoltacacheError("give exactly one of --engines DIR (in process) or --url HOST:PORT (Triton)")
+    texts = read_prompts(prompts) if prompts else ([prompt] if prompt else [])
+    if not texts:
+        raise VoltacacheError("give a prompt, or --prompts FILE")
+    options = GenerateOptions(negative_prompt, steps, guidance, seed, scheduler, cache_interval, cache_schedule,
+                              height, width, init_image, strength)
+    if engines is not None:
+        records = generate_in_process(engines, texts, options, output)
+    else:
+        records = generate_served(url, protocol, texts, options, output, concurrency, err)
+    for record in records:
+        print(json.dumps(record) if json_output else record["path"])
 
-    if engines is None:
-        raise VoltacacheError("give --engines DIR (in process); serving through Triton arrives with its issue")
-    if prompt is None:
-        raise VoltacacheError("give a prompt")
-    pipe = StableDiffusion.from_engines(engines)
-    try:
-        result = pipe(
-            prompt, negative_prompt, steps=steps, guidance=guidance, seed=seed, scheduler=scheduler,
-            cache_interval=cache_interval, cache_schedule=cache_schedule, height=height, width=width,
-            init_image=init_image, strength=strength,
-        )
-    except InvalidRequest as e:
-        raise VoltacacheError(str(e)) from e
-    for i, image in enumerate(result.images):
-        path = output if len(result.images) == 1 else output.with_name(f"{output.stem}_{i + 1}{output.suffix}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
-        record = {
-            "path": str(path), "prompt": prompt, "seed": result.seed, "steps": steps, "scheduler": scheduler,
-            "guidance": guidance, "cache_interval": cache_interval, "cache_schedule": cache_schedule,
-            "unet_deep_calls": result.stats.unet_deep_calls, "unet_shallow_calls": result.stats.unet_shallow_calls,
-            "seconds": round(result.seconds, 4),
-            "component_seconds": {k: round(v, 4) for k, v in result.stats.seconds.items()},
-        }
-        print(json.dumps(record) if json_output else path)
+
+def read_prompts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise VoltacacheError(f"{path}: no such prompts file")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
 @app.command()

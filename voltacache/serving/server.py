@@ -72,6 +72,7 @@ class TritonServer:
     metrics_port: int = 8002
     cache_bytes: int = 64 * 1024 * 1024
     log_file: Path | None = None
+    exit_timeout_s: int = 10  # how long a stop waits for in-flight requests and open connections
     extra_args: list = field(default_factory=list)
     process: subprocess.Popen | None = None
 
@@ -102,6 +103,7 @@ class TritonServer:
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
             f"--cache-config=local,size={self.cache_bytes}",
             "--exit-on-error=true",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
             "--log-verbose=0",
         ]
         if backends:
@@ -119,16 +121,19 @@ class TritonServer:
     def wait_ready(self, timeout: float) -> None:
         import tritonclient.http as http
 
-        client = http.InferenceServerClient(self.http_url)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise VoltacacheError(f"tritonserver exited with code {self.process.returncode}{self._log_hint()}")
+            # A fresh connection each time, closed: an open one holds up the server's shutdown.
+            client = http.InferenceServerClient(self.http_url)
             try:
                 if client.is_server_ready():
                     return
             except Exception:  # not listening yet
                 pass
+            finally:
+                client.close()
             time.sleep(0.25)
         self.stop()
         raise VoltacacheError(f"tritonserver not ready after {timeout:.0f} s{self._log_hint()}")
@@ -142,14 +147,18 @@ class TritonServer:
     def stop(self, timeout: float = 30) -> None:
         if self.process is None or self.process.poll() is not None:
             return
+        # SIGTERM to tritonserver alone: it unloads its models and stops their stubs itself (a
+        # stub killed under it makes it wait out its exit timeout). Then nothing of the group survives.
+        self.process.terminate()
         try:
-            os.killpg(self.process.pid, signal.SIGTERM)
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
+            pass
+        try:
             os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
         except ProcessLookupError:
             pass
+        self.process.wait()
 
     def __enter__(self):
         return self.start() if self.process is None else self
