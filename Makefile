@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
-DEMO := build/demo
 
 .PHONY: setup demo test bench lint clean
 
@@ -20,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/voltacache init-tiny $(DEMO)/model --seed 0
+	bash scripts/demo.sh
 
 test: setup
 	$(BIN)/python -m pytest -q tests

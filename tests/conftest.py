@@ -48,3 +48,35 @@ def sd(engines_dir):
     from voltacache.pipeline import StableDiffusion
 
     return StableDiffusion.from_engines(engines_dir)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def triton_repo(engines_dir, tmp_path_factory):
+    from voltacache.serving.deploy import deploy
+
+    return deploy(engines_dir, tmp_path_factory.mktemp("triton") / "repo")
+
+
+@pytest.fixture(scope="session")
+def triton(triton_repo, tmp_path_factory):
+    """One real tritonserver (the pip-bundled CPU build) per test session, on loopback."""
+    from voltacache.serving.server import TritonServer
+
+    log = tmp_path_factory.mktemp("triton-log") / "tritonserver.log"
+    with TritonServer(triton_repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                      log_file=log) as server:
+        yield server
+
+
+@pytest.fixture
+def ports():
+    """Three free loopback ports for a server of the test's own."""
+    return dict(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())

@@ -15,8 +15,9 @@ MAX_LEVELS, MAX_FRACTION = 1, 0.005
 
 
 def diffusers_image(tiny_pipe, scheduler, seed, steps=20, guidance=7.5, negative=""):
-    tiny_pipe.scheduler = make_scheduler(scheduler, dict(tiny_pipe.scheduler.config))
-    return tiny_pipe(
+    # a pipeline of its own over the shared modules: the session's tiny_pipe keeps its scheduler
+    pipe = type(tiny_pipe)(**{**tiny_pipe.components, "scheduler": make_scheduler(scheduler, dict(tiny_pipe.scheduler.config))})
+    return pipe(
         PROMPT, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
         generator=torch.Generator("cpu").manual_seed(seed),
     ).images[0]
@@ -76,8 +77,8 @@ def test_img2img_equals_diffusers(sd, tiny_pipe, tmp_path):
     path = tmp_path / "init.png"
     init.save(path)
     ours = sd(PROMPT, steps=10, seed=5, scheduler="ddim", init_image=path, strength=0.6)
-    img2img = StableDiffusionImg2ImgPipeline(**tiny_pipe.components)
-    img2img.scheduler = make_scheduler("ddim", dict(tiny_pipe.scheduler.config))
+    scheduler = make_scheduler("ddim", dict(tiny_pipe.scheduler.config))
+    img2img = StableDiffusionImg2ImgPipeline(**{**tiny_pipe.components, "scheduler": scheduler})
     theirs = img2img(PROMPT, image=init, strength=0.6, num_inference_steps=10,
                      generator=torch.Generator("cpu").manual_seed(5)).images[0]
     assert ours.stats.steps == 6

@@ -124,6 +124,7 @@ class TritonServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.stop()  # stubs of models that did load may outlive it
                 raise VoltacacheError(f"tritonserver exited with code {self.process.returncode}{self._log_hint()}")
             # A fresh connection each time, closed: an open one holds up the server's shutdown.
             client = http.InferenceServerClient(self.http_url)
@@ -145,7 +146,7 @@ class TritonServer:
         return f"; the log ({self.log_file}) ends:\n" + "\n".join(tail)
 
     def stop(self, timeout: float = 30) -> None:
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None:
             return
         # SIGTERM to tritonserver alone: it unloads its models and stops their stubs itself (a
         # stub killed under it makes it wait out its exit timeout). Then nothing of the group survives.

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The main job on the embedded tiny model: init -> export -> build -> deploy -> serve -> generate -> stop.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+V=.venv/bin/voltacache
+DEMO=build/demo
+ENGINES=engines/demo
+REPO=triton_models/generated/demo
+PROMPT="a photo of an astronaut riding a horse"
+PORTS=(${DEMO_PORTS:-18000 18001 18002})
+
+$V init-tiny "$DEMO/model" --seed 0
+$V export --model "$DEMO/model" --out "$DEMO/onnx" --precision fp32   # fp32: what a CPU serves fastest
+$V build --onnx "$DEMO/onnx" --out "$ENGINES"
+$V deploy --engines "$ENGINES" --repo "$REPO"
+
+$V serve --repo "$REPO" --http-port "${PORTS[0]}" --grpc-port "${PORTS[1]}" --metrics-port "${PORTS[2]}" \
+  --log-file "$DEMO/tritonserver.log" 2> "$DEMO/serve.log" &
+SERVER=$!
+trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
+until grep -q "ready" "$DEMO/serve.log"; do
+  kill -0 $SERVER 2>/dev/null || { cat "$DEMO/serve.log"; exit 1; }
+  sleep 0.5
+done
+cat "$DEMO/serve.log"
+
+$V generate --url "127.0.0.1:${PORTS[1]}" "$PROMPT" -o "$DEMO/astronaut.png" \
+  --steps 20 --scheduler ddim --cache-interval 3 --seed 0 --json
+kill -TERM $SERVER; wait $SERVER || true
+trap - EXIT
+echo "image: $DEMO/astronaut.png"

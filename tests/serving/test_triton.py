@@ -1,0 +1,120 @@
+"""Against the real tritonserver (one per session): images, concurrency, bad requests, metrics, cache."""
+
+import re
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from voltacache.errors import VoltacacheError
+from voltacache.serving import protocol as p
+from voltacache.serving.client import Client
+
+PROMPT = "a photo of an astronaut riding a horse"
+
+
+def metric(server, name, model=None):
+    text = urllib.request.urlopen(server.metrics_url).read().decode()
+    label = f'model="{model}"' if model else ""
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith(name + "{") and label in line]
+    return sum(values)
+
+
+def valid(prompt=PROMPT, **overrides):
+    values = {
+        p.PROMPT: np.array([prompt.encode()], dtype=object),
+        p.NEGATIVE_PROMPT: np.array([b""], dtype=object),
+        p.STEPS: np.array([4], np.int32),
+        p.GUIDANCE: np.array([7.5], np.float32),
+        p.SEED: np.array([1], np.int64),
+        p.SCHEDULER: np.array([b"ddim"], dtype=object),
+        p.CACHE_INTERVAL: np.array([2], np.int32),
+    }
+    values.update(overrides)
+    return {k: v for k, v in values.items() if v is not None}
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_served_image_equals_in_process(triton, sd, protocol):
+    url = triton.grpc_url if protocol == "grpc" else triton.http_url
+    served = Client(url, protocol).generate(PROMPT, steps=12, seed=11, scheduler="ddim", cache_interval=3)
+    local = sd(PROMPT, steps=12, seed=11, scheduler="ddim", cache_interval=3)
+    assert np.array_equal(served.images[0], np.asarray(local.images[0]))
+    assert (served.unet_deep_calls, served.unet_shallow_calls, served.steps_computed) == (4, 8, 12)
+
+
+def test_img2img_served_equals_in_process(triton, sd):
+    init = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    served = Client(triton.grpc_url).generate(PROMPT, steps=10, seed=4, scheduler="ddim", init_image=init, strength=0.5)
+    from PIL import Image
+
+    local = sd(PROMPT, steps=10, seed=4, scheduler="ddim", init_image=Image.fromarray(init), strength=0.5)
+    assert served.steps_computed == 5
+    assert np.array_equal(served.images[0], np.asarray(local.images[0]))
+
+
+def test_concurrent_requests_do_not_share_deep_features(triton, sd):
+    seeds = [21, 22, 23, 24]
+
+    def served(seed):
+        return Client(triton.grpc_url).generate(PROMPT, steps=9, seed=seed, scheduler="ddim", cache_interval=3)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(served, seeds))
+    for seed, result in zip(seeds, results):
+        serial = sd(PROMPT, steps=9, seed=seed, scheduler="ddim", cache_interval=3).images[0]
+        assert np.array_equal(result.images[0], np.asarray(serial)), seed
+
+
+BAD_REQUESTS = {
+    "missing input": valid(**{p.STEPS: None}),
+    "wrong dtype": valid(**{p.STEPS: np.array([4.0], np.float32)}),
+    "wrong shape": valid(**{p.STEPS: np.array([4, 4], np.int32)}),
+    "empty prompt": valid(""),
+    "huge prompt": valid("a " * 5000),
+    "invalid utf-8": valid(**{p.PROMPT: np.array([b"\xff\xfe bad"], dtype=object)}),
+    "zero steps": valid(**{p.STEPS: np.array([0], np.int32)}),
+    "absurd steps": valid(**{p.STEPS: np.array([10**6], np.int32)}),
+    "nan guidance": valid(**{p.GUIDANCE: np.array([np.nan], np.float32)}),
+    "unknown scheduler": valid(**{p.SCHEDULER: np.array([b"heun-9000"], dtype=object)}),
+    "zero cache interval": valid(**{p.CACHE_INTERVAL: np.array([0], np.int32)}),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_malformed_request_gets_an_error_and_the_server_keeps_serving(triton, case):
+    client = Client(triton.grpc_url, timeout_s=30)
+    started = time.monotonic()
+    with pytest.raises(VoltacacheError):
+        client.infer(p.TXT2IMG, BAD_REQUESTS[case], [p.IMAGES])
+    assert time.monotonic() - started < 10
+    out = client.infer(p.TXT2IMG, valid(**{p.SEED: np.array([int(time.time_ns() % 10**9)], np.int64)}), [p.IMAGES])
+    assert out[p.IMAGES].shape == (1, 64, 64, 3)
+
+
+def test_metrics_count_unet_calls(triton):
+    before = {n: metric(triton, n, "denoiser") for n in
+              ("voltacache_requests_total", "voltacache_unet_deep_calls_total", "voltacache_unet_shallow_calls_total",
+               "voltacache_steps_total")}
+    Client(triton.grpc_url).generate("a metrics probe", steps=10, seed=int(time.time()), scheduler="ddim", cache_interval=5)
+    assert metric(triton, "voltacache_requests_total", "denoiser") == before["voltacache_requests_total"] + 1
+    assert metric(triton, "voltacache_unet_deep_calls_total", "denoiser") == before["voltacache_unet_deep_calls_total"] + 2
+    assert metric(triton, "voltacache_unet_shallow_calls_total", "denoiser") == before["voltacache_unet_shallow_calls_total"] + 8
+    assert metric(triton, "voltacache_steps_total", "denoiser") == before["voltacache_steps_total"] + 10
+
+
+def test_exact_duplicate_is_a_response_cache_hit(triton):
+    client = Client(triton.grpc_url)
+    hits = metric(triton, "nv_cache_num_hits_per_model", p.TXT2IMG)
+    first = client.generate("a cached request", steps=6, seed=99, scheduler="ddim")
+    second = client.generate("a cached request", steps=6, seed=99, scheduler="ddim")
+    assert np.array_equal(first.images, second.images)
+    assert metric(triton, "nv_cache_num_hits_per_model", p.TXT2IMG) == hits + 1
+
+
+def test_server_binds_loopback_only(triton):
+    assert all(f"--{kind}-address=127.0.0.1" in triton.command()[0] for kind in ("http", "grpc", "metrics"))
+    assert re.match(r"127\.0\.0\.1:\d+", triton.grpc_url)
