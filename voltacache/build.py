@@ -40,6 +40,11 @@ class RebuildNeeded(VoltacacheError):
     pass
 
 
+def onnx_stats(onnx_dir: Path) -> dict:
+    """Size and modification time per ONNX file: a cheap first check before hashing gigabytes."""
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(Path(onnx_dir).glob("*.onnx*"))}
+
+
 def onnx_fingerprint(onnx_dir: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(Path(onnx_dir).glob("*.onnx*")):
@@ -89,8 +94,12 @@ def runtime_versions(backend: str) -> dict:
     return versions
 
 
+def default_timing_cache() -> Path:
+    return Path.home() / ".cache" / "voltacache" / "tensorrt-timing.cache"
+
+
 def build_engines(onnx_dir: Path, out_dir: Path, backend: str = "auto", optimization_level: int = 3,
-                  progress=None) -> dict:
+                  progress=None, timing_cache: Path | None = None) -> dict:
     """Build one engine per component of the export in `onnx_dir`; returns the engine manifest."""
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
     export = read_manifest(onnx_dir)
@@ -103,7 +112,8 @@ def build_engines(onnx_dir: Path, out_dir: Path, backend: str = "auto", optimiza
             progress(name)
         source = onnx_dir / export["components"][name]["file"]
         if backend == "tensorrt":
-            files[name] = build_tensorrt(source, out_dir, name, export, optimization_level)
+            files[name] = build_tensorrt(source, out_dir, name, export, optimization_level,
+                                         timing_cache or default_timing_cache())
         else:
             files[name] = build_onnxruntime(source, out_dir, name)
     shutil.copytree(onnx_dir / "tokenizer", out_dir / "tokenizer", dirs_exist_ok=True)
@@ -116,6 +126,7 @@ def build_engines(onnx_dir: Path, out_dir: Path, backend: str = "auto", optimiza
         "optimization_level": optimization_level if backend == "tensorrt" else None,
         "onnx_dir": str(onnx_dir.resolve()),
         "onnx_fingerprint": onnx_fingerprint(onnx_dir),
+        "onnx_stats": onnx_stats(onnx_dir),
         "files": files,
         "export": export,
         "seconds": round(time.time() - started, 1),
@@ -137,7 +148,8 @@ def build_onnxruntime(source: Path, out_dir: Path, name: str) -> str:
     return target.name
 
 
-def build_tensorrt(source: Path, out_dir: Path, name: str, export: dict, optimization_level: int) -> str:
+def build_tensorrt(source: Path, out_dir: Path, name: str, export: dict, optimization_level: int,
+                   timing_cache: Path) -> str:
     from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine
 
     spec = specs_from_manifest(export)[name]
@@ -151,10 +163,12 @@ def build_tensorrt(source: Path, out_dir: Path, name: str, export: dict, optimiz
         fp16=not strongly_typed and export["precision"] == "fp16",
         profiles=[profile],
         builder_optimization_level=optimization_level,
-        load_timing_cache=str(out_dir / "timing.cache") if (out_dir / "timing.cache").exists() else None,
+        # one timing cache for every build on this machine: tactic timings carry over between engines
+        load_timing_cache=str(timing_cache) if timing_cache.exists() else None,
     )
     target = out_dir / f"{name}.plan"
-    SaveEngine(EngineFromNetwork(network, config=config, save_timing_cache=str(out_dir / "timing.cache")), str(target))()
+    timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    SaveEngine(EngineFromNetwork(network, config=config, save_timing_cache=str(timing_cache)), str(target))()
     compare_with_onnxruntime(target, source, spec)
     return target.name
 
@@ -212,7 +226,9 @@ def check_compatible(manifest: dict, engine_dir: Path) -> None:
                 "rebuild with `voltacache build`"
             )
     onnx_dir = Path(manifest["onnx_dir"])
-    if onnx_dir.is_dir() and onnx_fingerprint(onnx_dir) != manifest["onnx_fingerprint"]:
+    if not onnx_dir.is_dir() or onnx_stats(onnx_dir) == manifest.get("onnx_stats"):
+        return  # the export was moved away (engines stand alone), or is untouched since the build
+    if onnx_fingerprint(onnx_dir) != manifest["onnx_fingerprint"]:
         raise RebuildNeeded(f"{engine_dir}: the ONNX files in {onnx_dir} changed since the build; rebuild")
 
 

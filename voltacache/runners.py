@@ -8,6 +8,7 @@ inside a kernel.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -60,10 +61,17 @@ class OnnxRuntimeRunner(Runner):
 
 
 class TorchRunner(Runner):
-    """The PyTorch reference: the same modules the exporter exported."""
+    """The PyTorch reference: the same modules the exporter exported.
+
+    On a GPU with flash-attn installed, diffusers' attention dispatcher runs its kernels.
+    """
 
     def __init__(self, module, spec: ComponentSpec, device: str = "cpu"):
         self.module, self.spec, self.device = module.to(device), spec, device
+        if device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
+            for sub in module.modules():
+                if hasattr(sub, "set_attention_backend"):  # diffusers models
+                    sub.set_attention_backend("flash")
 
     def _infer(self, feeds):
         import torch

@@ -1,0 +1,50 @@
+"""Side-by-side timing: contenders alternate within each round, and medians are compared.
+
+Alternating (A B C, A B C, ...) rather than batching (A A A, B B B) spreads machine noise evenly
+over the contenders, so the ratios printed are measured in one run, under the same conditions.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+
+def alternate(contenders: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, progress=None) -> dict:
+    """Seconds of each call, per contender: `warmup` untimed rounds, then `repeats` timed ones."""
+    for _ in range(warmup):
+        for fn in contenders.values():
+            fn()
+    seconds = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            started = time.perf_counter()
+            fn()
+            seconds[name].append(time.perf_counter() - started)
+            if progress:
+                progress(name)
+    return seconds
+
+
+def summarize(seconds: dict[str, list[float]], baseline: str) -> dict:
+    medians = {name: statistics.median(values) for name, values in seconds.items()}
+    return {
+        name: {"median_s": medians[name], "runs_s": values, "speedup_vs_" + baseline: medians[baseline] / medians[name]}
+        for name, values in seconds.items()
+    }
+
+
+def machine() -> dict:
+    import os
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()}
+
+
+def write_json(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str))
+    return path
