@@ -244,9 +244,35 @@ def read_prompts(path: Path) -> list[str]:
 
 @app.command()
 @user_errors
-def bench():
-    """Benchmark against diffusers and DeepCache, side by side."""
-    not_built("bench", "benchmarks")
+def bench(
+    model: Path = typer.Option(..., help="Checkpoint to benchmark (e.g. `voltacache init-tiny DIR --preset sd15`)."),
+    workdir: Path = typer.Option(Path("build/bench"), help="Where exports, engines and repositories are cached."),
+    size: int = typer.Option(256, help="Image side in pixels."),
+    steps: int = typer.Option(20, help="DDIM steps."),
+    repeats: int = typer.Option(3, help="Timed rounds (after one warm-up round); medians are reported."),
+    intervals: str = typer.Option("1,2,3,5", help="voltacache DeepCache intervals."),
+    deepcache_intervals: str = typer.Option("2,3,5", help="DeepCache helper intervals."),
+    branches: str = typer.Option("block,0", help="DeepCache branches to compare."),
+    triton_branches: str = typer.Option("block", help="Branches also served through Triton ('' for none)."),
+    name: str = typer.Option("bench", help="Name of the JSON and the figures."),
+    out: Optional[Path] = typer.Option(None, help="JSON results (default docs/results/NAME.json)."),
+    figures: Path = typer.Option(Path("docs/figures"), help="Folder for the PNG plots."),
+):
+    """Benchmark against diffusers and DeepCache, side by side: seconds per image, speedups, plots."""
+    from .bench import BenchConfig, main, table
+
+    def ints(text):
+        return tuple(int(x) for x in text.split(",") if x)
+
+    def names(text):
+        return tuple(x for x in text.split(",") if x)
+
+    cfg = BenchConfig(model, workdir, size, steps, 7.5, repeats, ints(intervals), ints(deepcache_intervals),
+                      names(branches), names(triton_branches), out or Path(f"docs/results/{name}.json"), figures,
+                      name=name)
+    result = main(cfg, console=err)
+    print(table(result))
+    print(f"results: {cfg.out}; figures: {', '.join(result['figures'])}")
 
 
 def _cache_stub(name: str):

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# make bench: side-by-side benchmarks. The tiny model takes minutes; the SD 1.5 architecture (random
+# weights, 256x256, 20 DDIM steps) takes about 20 minutes per round on 2 cores: SD15_REPEATS rounds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+V=.venv/bin/voltacache
+
+[ -f build/bench/tiny_model/model_index.json ] || $V init-tiny build/bench/tiny_model --seed 0
+$V bench --model build/bench/tiny_model --workdir build/bench/tiny --size 64 --steps 20 --repeats 5 \
+  --triton-branches block,0 --name bench_tiny
+
+.venv/bin/python scripts/bench_serving.py --engines build/bench/tiny/engines_block_64 --steps 20 --repeats 9 \
+  --out docs/results/serving_tiny.json
+
+[ -f build/sd15/model/model_index.json ] || $V init-tiny build/sd15/model --preset sd15
+$V bench --model build/sd15/model --workdir build/bench/sd15 --size 256 --steps 20 --repeats "${SD15_REPEATS:-3}" \
+  --name bench_sd15

@@ -1,0 +1,292 @@
+"""`voltacache bench`: voltacache against diffusers and DeepCache, side by side in one run.
+
+Contenders, all on the same prompt, seed, size, steps, guidance and DDIM:
+- diffusers' StableDiffusionPipeline in PyTorch (the peer a user would pick);
+- diffusers with DeepCache's DeepCacheSDHelper at N = 2, 3, 5 (the anchor), on each branch;
+- voltacache in process (ONNX Runtime engines) at N = 1, 2, 3, 5, on each DeepCache branch;
+- voltacache through Triton (gRPC, the served ensemble) at the same settings.
+Each round runs every contender once, in turn; medians over rounds are compared.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .benchmark import machine, write_json
+from .errors import VoltacacheError
+
+PROMPT = "a photo of an astronaut riding a horse, highly detailed"
+
+
+@dataclass
+class BenchConfig:
+    model: Path
+    workdir: Path
+    size: int = 256
+    steps: int = 20
+    guidance: float = 7.5
+    repeats: int = 3
+    intervals: tuple = (1, 2, 3, 5)
+    deepcache_intervals: tuple = (2, 3, 5)
+    branches: tuple = ("block", "0")
+    triton_branches: tuple = ("block",)
+    out: Path = Path("docs/results/bench.json")
+    figures: Path = Path("docs/figures")
+    seed: int = 0
+    name: str = "bench"
+
+
+def engines_for(cfg: BenchConfig, branch: str) -> Path:
+    """fp32 engines for one DeepCache branch, exported and built once per workdir and model."""
+    from .build import build_engines, read_engine_manifest
+    from .export import ExportOptions, export_model, model_fingerprint
+
+    engines = cfg.workdir / f"engines_{branch}_{cfg.size}"
+    fingerprint = model_fingerprint(cfg.model)
+    if (engines / "engines.json").is_file() and read_engine_manifest(engines)["export"]["fingerprint"] == fingerprint:
+        return engines
+    onnx_dir = cfg.workdir / f"onnx_{branch}_{cfg.size}"
+    export_model(cfg.model, onnx_dir, ExportOptions("fp32", 1, cfg.size, cfg.size, 23, branch))
+    build_engines(onnx_dir, engines, backend="onnxruntime")
+    return engines
+
+
+def deepcache_branch_id(unet, branch: str) -> int:
+    """DeepCache's cache_branch_id for our split: branch 0 is 0; the block split keeps every layer of
+    up_blocks[-1] in the shallow path, which is DeepCache's branch layers_per_block."""
+    return 0 if branch == "0" else unet.config.layers_per_block
+
+
+class RssSampler:
+    """Peak resident memory of this process and its children (Triton) while a contender runs."""
+
+    def __init__(self):
+        import psutil
+
+        self.process, self.peak, self.running = psutil.Process(), 0, False
+
+    def rss(self) -> int:
+        total = self.process.memory_info().rss
+        for child in self.process.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except Exception:  # a child that just exited
+                pass
+        return total
+
+    def __enter__(self):
+        self.peak, self.running = self.rss(), True
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+        return self
+
+    def _loop(self):
+        while self.running:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.05)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+
+@dataclass
+class Contender:
+    name: str
+    kind: str  # diffusers | deepcache | voltacache | triton
+    interval: int
+    branch: str | None
+    run: object  # callable(seed) -> stats dict
+    seconds: list = field(default_factory=list)
+    peak_rss: int = 0
+    stats: dict = field(default_factory=dict)
+
+
+def build_contenders(cfg: BenchConfig, stack) -> list[Contender]:
+    import torch
+    from DeepCache import DeepCacheSDHelper
+
+    from .checkpoint import load_pipeline
+    from .pipeline import StableDiffusion
+    from .schedulers import make_scheduler
+    from .serving.client import Client
+    from .serving.deploy import deploy
+    from .serving.server import TritonServer
+
+    pipe = load_pipeline(cfg.model)
+    pipe.scheduler = make_scheduler("ddim", dict(pipe.scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    request = dict(steps=cfg.steps, guidance=cfg.guidance, scheduler="ddim")
+
+    def diffusers_run(seed, helper=None):
+        if helper:
+            helper.enable()
+        try:
+            pipe(PROMPT, height=cfg.size, width=cfg.size, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
+                 generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
+        finally:
+            if helper:
+                helper.disable()
+        return {}
+
+    contenders = [Contender("diffusers", "diffusers", 1, None, diffusers_run)]
+    for branch in cfg.branches:
+        for n in cfg.deepcache_intervals:
+            helper = DeepCacheSDHelper(pipe=pipe)
+            helper.set_params(cache_interval=n, cache_branch_id=deepcache_branch_id(pipe.unet, branch))
+            contenders.append(Contender(f"deepcache N={n} branch={branch}", "deepcache", n, branch,
+                                        lambda seed, h=helper: diffusers_run(seed, h)))
+    for branch in cfg.branches:
+        engines = engines_for(cfg, branch)
+        local = StableDiffusion.from_engines(engines)
+
+        def local_run(seed, n, local=local):
+            result = local(PROMPT, seed=seed, cache_interval=n, **request)
+            return {"unet_deep_calls": result.stats.unet_deep_calls, "unet_shallow_calls": result.stats.unet_shallow_calls,
+                    "component_seconds": dict(result.stats.seconds)}
+
+        for n in cfg.intervals:
+            if n == 1 and branch != cfg.branches[0]:
+                continue  # N = 1 never runs the shallow model: the same work on every branch
+            contenders.append(Contender(f"voltacache N={n} branch={branch}", "voltacache", n, branch,
+                                        lambda seed, n=n, f=local_run: f(seed, n)))
+        if branch in cfg.triton_branches:
+            repo = deploy(engines, cfg.workdir / f"repo_{branch}_{cfg.size}")
+            server = stack.enter_context(TritonServer(repo, http_port=_port(), grpc_port=_port(), metrics_port=_port()))
+            client = Client(server.grpc_url)
+
+            def served(seed, n, client=client):
+                out = client.generate(PROMPT, seed=seed, cache_interval=n, **request)
+                return {"unet_deep_calls": out.unet_deep_calls, "unet_shallow_calls": out.unet_shallow_calls}
+
+            for n in cfg.intervals:
+                contenders.append(Contender(f"triton N={n} branch={branch}", "triton", n, branch,
+                                            lambda seed, n=n, f=served: f(seed, n)))
+    return contenders
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cfg: BenchConfig, progress=None) -> dict:
+    from contextlib import ExitStack
+
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    seeds = itertools.count(cfg.seed)  # a fresh seed per call keeps Triton's response cache out of it
+    with ExitStack() as stack:
+        contenders = build_contenders(cfg, stack)
+        for contender in contenders:  # warm-up round, untimed
+            contender.run(next(seeds))
+        for _ in range(cfg.repeats):
+            for contender in contenders:
+                with RssSampler() as rss:
+                    started = time.perf_counter()
+                    contender.stats = contender.run(next(seeds)) or {}
+                    contender.seconds.append(time.perf_counter() - started)
+                contender.peak_rss = max(contender.peak_rss, rss.peak)
+                if progress:
+                    progress(contender.name)
+    return report(cfg, contenders)
+
+
+def report(cfg: BenchConfig, contenders: list[Contender]) -> dict:
+    median = {c.name: float(np.median(c.seconds)) for c in contenders}
+    base = median["diffusers"]
+    rows = []
+    for c in contenders:
+        anchor = f"deepcache N={c.interval} branch={c.branch}"
+        own_n1 = f"{c.kind} N=1 branch={cfg.branches[0]}"
+        rows.append({
+            "name": c.name, "kind": c.kind, "interval": c.interval, "branch": c.branch,
+            "median_s": median[c.name], "runs_s": c.seconds,
+            "speedup_vs_diffusers": base / median[c.name],
+            "speedup_vs_deepcache_same_n": median[anchor] / median[c.name] if anchor in median else None,
+            "speedup_vs_own_n1": median[own_n1] / median[c.name] if own_n1 in median else None,
+            "peak_rss_gb": c.peak_rss / 1e9,
+            **c.stats,
+        })
+    triton_overhead = {
+        r["name"]: median[r["name"]] / median[r["name"].replace("triton", "voltacache", 1)] - 1
+        for r in rows if r["kind"] == "triton" and r["name"].replace("triton", "voltacache", 1) in median
+    }
+    cfg_json = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+    return {"config": cfg_json, "machine": machine(), "rows": rows, "triton_overhead": triton_overhead}
+
+
+def plot(result: dict, figures: Path, name: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures.mkdir(parents=True, exist_ok=True)
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind, branch in sorted({(r["kind"], r["branch"]) for r in rows if r["kind"] != "diffusers"}, key=str):
+        # N = 1 is the same work on every branch: voltacache runs it once, DeepCache N = 1 is diffusers
+        points = sorted((r["interval"], r["speedup_vs_diffusers"]) for r in rows
+                        if r["kind"] == kind and (r["branch"] == branch or r["interval"] == 1 and kind == "voltacache"))
+        points = [(1, 1.0), *points] if kind == "deepcache" else points
+        ax.plot(*zip(*points), marker="o", label=f"{kind} (branch {branch})")
+    ax.axhline(1.0, color="gray", linestyle=":", label="diffusers")
+    ax.set_xlabel("DeepCache interval N (full U-Net every N steps)")
+    ax.set_ylabel("speedup over diffusers (median s/image)")
+    ax.set_title(f"{name}: speedup against N")
+    ax.legend(fontsize=8)
+    speedup = figures / f"{name}_speedup.png"
+    fig.tight_layout()
+    fig.savefig(speedup, dpi=120)
+    plt.close(fig)
+
+    timed = [r for r in rows if r.get("component_seconds")]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    bottom = np.zeros(len(timed))
+    for component in ("text_encoder", "unet_deep", "unet_shallow", "vae_decoder"):
+        values = np.array([r["component_seconds"].get(component, 0.0) for r in timed])
+        ax.bar([r["name"].replace("voltacache ", "") for r in timed], values, bottom=bottom, label=component)
+        bottom += values
+    ax.set_ylabel("seconds per image (last timed run)")
+    ax.set_title(f"{name}: time per component, voltacache in process")
+    ax.tick_params(axis="x", rotation=30, labelsize=8)
+    ax.legend(fontsize=8)
+    components = figures / f"{name}_components.png"
+    fig.tight_layout()
+    fig.savefig(components, dpi=120)
+    plt.close(fig)
+    return [speedup, components]
+
+
+def main(cfg: BenchConfig, console=None) -> dict:
+    from rich.progress import Progress
+
+    if not Path(cfg.model).exists():
+        raise VoltacacheError(f"{cfg.model}: no such model; `voltacache init-tiny DIR --preset sd15` writes one")
+    with Progress(console=console) as bars:
+        task = bars.add_task(cfg.name, total=None)
+        result = run(cfg, progress=lambda name: bars.update(task, description=name, advance=1))
+    write_json(cfg.out, result)
+    result["figures"] = [str(p) for p in plot(result, cfg.figures, cfg.name)]
+    write_json(cfg.out, result)
+    return result
+
+
+def table(result: dict) -> str:
+    lines = [f"{'contender':<32} {'s/image':>9} {'vs diffusers':>12} {'vs DeepCache':>12} {'vs own N=1':>10}"]
+    for r in result["rows"]:
+        fmt = lambda v: f"{v:.2f}x" if v else "-"  # noqa: E731
+        lines.append(f"{r['name']:<32} {r['median_s']:>9.3f} {fmt(r['speedup_vs_diffusers']):>12} "
+                     f"{fmt(r['speedup_vs_deepcache_same_n']):>12} {fmt(r['speedup_vs_own_n1']):>10}")
+    for name, overhead in result["triton_overhead"].items():
+        lines.append(f"Triton overhead {name}: {overhead * 100:+.1f}%")
+    return "\n".join(lines)
