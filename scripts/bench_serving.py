@@ -57,8 +57,13 @@ def main():
     overhead = summary["in_process"]["median_s"] and (
         summary["triton_grpc"]["median_s"] / summary["in_process"]["median_s"] - 1
     )
-    result = {"engines": str(args.engines), "request": request, "machine": machine(), "results": summary,
-              "triton_overhead": overhead}
+    result = {
+        "engines": str(args.engines),
+        "request": request,
+        "machine": machine(),
+        "results": summary,
+        "triton_overhead": overhead,
+    }
     write_json(args.out, result)
     for name, row in summary.items():
         print(f"{name:>12}: median {row['median_s'] * 1000:8.1f} ms  ({len(row['runs_s'])} runs)")

@@ -71,8 +71,9 @@ def triton(triton_repo, tmp_path_factory):
     from voltacache.serving.server import TritonServer
 
     log = tmp_path_factory.mktemp("triton-log") / "tritonserver.log"
-    with TritonServer(triton_repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                      log_file=log) as server:
+    with TritonServer(
+        triton_repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), log_file=log
+    ) as server:
         yield server
 
 

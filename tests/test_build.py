@@ -52,7 +52,9 @@ def test_tensorrt_engines_match_onnxruntime(onnx_fp32, engines_dir, tmp_path):
     assert manifest["versions"]["compute_capability"]
     trt = load_engines(trt_dir, cuda_graph=True).runners
     ort = load_engines(engines_dir).runners
-    feeds = {t.name: np.random.default_rng(0).standard_normal(t.shape).astype(t.dtype) for t in trt[UNET_DEEP].spec.inputs}
+    feeds = {
+        t.name: np.random.default_rng(0).standard_normal(t.shape).astype(t.dtype) for t in trt[UNET_DEEP].spec.inputs
+    }
     a, b = trt[UNET_DEEP].infer(feeds), ort[UNET_DEEP].infer(feeds)
     for name in a:
         np.testing.assert_allclose(a[name], b[name], atol=2e-2, rtol=2e-2)

@@ -1,5 +1,3 @@
-import json
-
 import numpy as np
 import onnx
 import pytest
@@ -88,8 +86,11 @@ def test_fp16_overflow_is_detected(tmp_path):
     ]
     k = helper.make_tensor("k", TensorProto.FLOAT16, [1], np.array([1000], np.float16).view(np.uint16).tolist())
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], [k],
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        [k],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     path = tmp_path / "m.onnx"

@@ -16,9 +16,14 @@ MAX_LEVELS, MAX_FRACTION = 1, 0.005
 
 def diffusers_image(tiny_pipe, scheduler, seed, steps=20, guidance=7.5, negative=""):
     # a pipeline of its own over the shared modules: the session's tiny_pipe keeps its scheduler
-    pipe = type(tiny_pipe)(**{**tiny_pipe.components, "scheduler": make_scheduler(scheduler, dict(tiny_pipe.scheduler.config))})
+    pipe = type(tiny_pipe)(
+        **{**tiny_pipe.components, "scheduler": make_scheduler(scheduler, dict(tiny_pipe.scheduler.config))}
+    )
     return pipe(
-        PROMPT, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
+        PROMPT,
+        negative_prompt=negative,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
         generator=torch.Generator("cpu").manual_seed(seed),
     ).images[0]
 
@@ -79,8 +84,9 @@ def test_img2img_equals_diffusers(sd, tiny_pipe, tmp_path):
     ours = sd(PROMPT, steps=10, seed=5, scheduler="ddim", init_image=path, strength=0.6)
     scheduler = make_scheduler("ddim", dict(tiny_pipe.scheduler.config))
     img2img = StableDiffusionImg2ImgPipeline(**{**tiny_pipe.components, "scheduler": scheduler})
-    theirs = img2img(PROMPT, image=init, strength=0.6, num_inference_steps=10,
-                     generator=torch.Generator("cpu").manual_seed(5)).images[0]
+    theirs = img2img(
+        PROMPT, image=init, strength=0.6, num_inference_steps=10, generator=torch.Generator("cpu").manual_seed(5)
+    ).images[0]
     assert ours.stats.steps == 6
     assert levels(ours.images[0], theirs)[0] <= MAX_LEVELS
 
@@ -129,8 +135,26 @@ def test_cli_generate_json(engines_dir, tmp_path):
     from voltacache.cli import app
 
     out = tmp_path / "img.png"
-    result = CliRunner().invoke(app, ["generate", "--engines", str(engines_dir), "a cat", "-o", str(out), "--steps", "6",
-                                      "--cache-interval", "3", "--seed", "9", "--scheduler", "ddim", "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            "--engines",
+            str(engines_dir),
+            "a cat",
+            "-o",
+            str(out),
+            "--steps",
+            "6",
+            "--cache-interval",
+            "3",
+            "--seed",
+            "9",
+            "--scheduler",
+            "ddim",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout.strip().splitlines()[-1])
     assert record["path"] == str(out) and Image.open(out).size == (64, 64)

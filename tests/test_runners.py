@@ -14,8 +14,12 @@ def runners(engines_dir):
 
 def feeds_for(spec, seed=0):
     rng = np.random.default_rng(seed)
-    return {t.name: (rng.integers(0, 49407, t.shape) if t.dtype == "int32" else rng.standard_normal(t.shape)).astype(t.dtype)
-            for t in spec.inputs}
+    return {
+        t.name: (rng.integers(0, 49407, t.shape) if t.dtype == "int32" else rng.standard_normal(t.shape)).astype(
+            t.dtype
+        )
+        for t in spec.inputs
+    }
 
 
 def test_onnxruntime_matches_torch(runners, tiny_pipe):
@@ -32,7 +36,9 @@ def test_onnxruntime_matches_torch(runners, tiny_pipe):
 
 def test_wrong_shape_is_a_clear_error(runners):
     spec = runners[TEXT_ENCODER].spec
-    with pytest.raises(VoltacacheError, match=r"text_encoder: input 'input_ids' is int32\[1, 77\], expected int32\[2, 77\]"):
+    with pytest.raises(
+        VoltacacheError, match=r"text_encoder: input 'input_ids' is int32\[1, 77\], expected int32\[2, 77\]"
+    ):
         runners[TEXT_ENCODER].infer({"input_ids": np.zeros((1, 77), np.int32)})
     with pytest.raises(VoltacacheError, match="missing input 'input_ids'"):
         runners[TEXT_ENCODER].infer({})

@@ -33,7 +33,16 @@ def tokenizer(tmp_path_factory):
 def test_known_ids(tokenizer):
     # the ids DESIGN.md measured for CLIP
     assert tokenizer("a photo of an astronaut riding a horse").input_ids == [
-        49406, 320, 1125, 539, 550, 18376, 6765, 320, 4558, 49407,
+        49406,
+        320,
+        1125,
+        539,
+        550,
+        18376,
+        6765,
+        320,
+        4558,
+        49407,
     ]
 
 

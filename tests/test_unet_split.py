@@ -39,8 +39,12 @@ def test_branch_0_is_cheaper_than_block(tiny_pipe):
         counted = []
         hooks = [m.register_forward_hook(lambda m, i, o: counted.append(m)) for m in tiny_pipe.unet.modules()]
         with torch.no_grad():
-            shallow(torch.zeros(2, 4, 8, 8), torch.tensor([1.0]), torch.zeros(2, 77, 64),
-                    torch.zeros(2, 64 if layers == 2 else 32, 8, 8))
+            shallow(
+                torch.zeros(2, 4, 8, 8),
+                torch.tensor([1.0]),
+                torch.zeros(2, 77, 64),
+                torch.zeros(2, 64 if layers == 2 else 32, 8, 8),
+            )
         for h in hooks:
             h.remove()
         return sum(p.numel() for m in set(counted) for p in m.parameters(recurse=False))

@@ -128,8 +128,15 @@ def build_contenders(cfg: BenchConfig, stack) -> list[Contender]:
         if helper:
             helper.enable()
         try:
-            pipe(PROMPT, height=cfg.size, width=cfg.size, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
-                 generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
+            pipe(
+                PROMPT,
+                height=cfg.size,
+                width=cfg.size,
+                num_inference_steps=cfg.steps,
+                guidance_scale=cfg.guidance,
+                generator=torch.Generator("cpu").manual_seed(seed),
+                output_type="np",
+            )
         finally:
             if helper:
                 helper.disable()
@@ -140,22 +147,39 @@ def build_contenders(cfg: BenchConfig, stack) -> list[Contender]:
         for n in cfg.deepcache_intervals:
             helper = DeepCacheSDHelper(pipe=pipe)
             helper.set_params(cache_interval=n, cache_branch_id=deepcache_branch_id(pipe.unet, branch))
-            contenders.append(Contender(f"deepcache N={n} branch={branch}", "deepcache", n, branch,
-                                        lambda seed, h=helper: diffusers_run(seed, h)))
+            contenders.append(
+                Contender(
+                    f"deepcache N={n} branch={branch}",
+                    "deepcache",
+                    n,
+                    branch,
+                    lambda seed, h=helper: diffusers_run(seed, h),
+                )
+            )
     for branch in cfg.branches:
         engines = engines_for(cfg, branch)
         local = StableDiffusion.from_engines(engines)
 
         def local_run(seed, n, local=local):
             result = local(PROMPT, seed=seed, cache_interval=n, **request)
-            return {"unet_deep_calls": result.stats.unet_deep_calls, "unet_shallow_calls": result.stats.unet_shallow_calls,
-                    "component_seconds": dict(result.stats.seconds)}
+            return {
+                "unet_deep_calls": result.stats.unet_deep_calls,
+                "unet_shallow_calls": result.stats.unet_shallow_calls,
+                "component_seconds": dict(result.stats.seconds),
+            }
 
         for n in cfg.intervals:
             if n == 1 and branch != cfg.branches[0]:
                 continue  # N = 1 never runs the shallow model: the same work on every branch
-            contenders.append(Contender(f"voltacache N={n} branch={branch}", "voltacache", n, branch,
-                                        lambda seed, n=n, f=local_run: f(seed, n)))
+            contenders.append(
+                Contender(
+                    f"voltacache N={n} branch={branch}",
+                    "voltacache",
+                    n,
+                    branch,
+                    lambda seed, n=n, f=local_run: f(seed, n),
+                )
+            )
         if branch in cfg.triton_branches:
             repo = deploy(engines, cfg.workdir / f"repo_{branch}_{cfg.size}")
             server = stack.enter_context(TritonServer(repo, http_port=_port(), grpc_port=_port(), metrics_port=_port()))
@@ -166,8 +190,11 @@ def build_contenders(cfg: BenchConfig, stack) -> list[Contender]:
                 return {"unet_deep_calls": out.unet_deep_calls, "unet_shallow_calls": out.unet_shallow_calls}
 
             for n in cfg.intervals:
-                contenders.append(Contender(f"triton N={n} branch={branch}", "triton", n, branch,
-                                            lambda seed, n=n, f=served: f(seed, n)))
+                contenders.append(
+                    Contender(
+                        f"triton N={n} branch={branch}", "triton", n, branch, lambda seed, n=n, f=served: f(seed, n)
+                    )
+                )
     return contenders
 
 
@@ -207,18 +234,25 @@ def report(cfg: BenchConfig, contenders: list[Contender]) -> dict:
     for c in contenders:
         anchor = f"deepcache N={c.interval} branch={c.branch}"
         own_n1 = f"{c.kind} N=1 branch={cfg.branches[0]}"
-        rows.append({
-            "name": c.name, "kind": c.kind, "interval": c.interval, "branch": c.branch,
-            "median_s": median[c.name], "runs_s": c.seconds,
-            "speedup_vs_diffusers": base / median[c.name],
-            "speedup_vs_deepcache_same_n": median[anchor] / median[c.name] if anchor in median else None,
-            "speedup_vs_own_n1": median[own_n1] / median[c.name] if own_n1 in median else None,
-            "peak_rss_gb": c.peak_rss / 1e9,
-            **c.stats,
-        })
+        rows.append(
+            {
+                "name": c.name,
+                "kind": c.kind,
+                "interval": c.interval,
+                "branch": c.branch,
+                "median_s": median[c.name],
+                "runs_s": c.seconds,
+                "speedup_vs_diffusers": base / median[c.name],
+                "speedup_vs_deepcache_same_n": median[anchor] / median[c.name] if anchor in median else None,
+                "speedup_vs_own_n1": median[own_n1] / median[c.name] if own_n1 in median else None,
+                "peak_rss_gb": c.peak_rss / 1e9,
+                **c.stats,
+            }
+        )
     triton_overhead = {
         r["name"]: median[r["name"]] / median[r["name"].replace("triton", "voltacache", 1)] - 1
-        for r in rows if r["kind"] == "triton" and r["name"].replace("triton", "voltacache", 1) in median
+        for r in rows
+        if r["kind"] == "triton" and r["name"].replace("triton", "voltacache", 1) in median
     }
     cfg_json = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
     return {"config": cfg_json, "machine": machine(), "rows": rows, "triton_overhead": triton_overhead}
@@ -235,8 +269,11 @@ def plot(result: dict, figures: Path, name: str) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for kind, branch in sorted({(r["kind"], r["branch"]) for r in rows if r["kind"] != "diffusers"}, key=str):
         # N = 1 is the same work on every branch: voltacache runs it once, DeepCache N = 1 is diffusers
-        points = sorted((r["interval"], r["speedup_vs_diffusers"]) for r in rows
-                        if r["kind"] == kind and (r["branch"] == branch or r["interval"] == 1 and kind == "voltacache"))
+        points = sorted(
+            (r["interval"], r["speedup_vs_diffusers"])
+            for r in rows
+            if r["kind"] == kind and (r["branch"] == branch or r["interval"] == 1 and kind == "voltacache")
+        )
         points = [(1, 1.0), *points] if kind == "deepcache" else points
         ax.plot(*zip(*points), marker="o", label=f"{kind} (branch {branch})")
     ax.axhline(1.0, color="gray", linestyle=":", label="diffusers")
@@ -285,8 +322,10 @@ def table(result: dict) -> str:
     lines = [f"{'contender':<32} {'s/image':>9} {'vs diffusers':>12} {'vs DeepCache':>12} {'vs own N=1':>10}"]
     for r in result["rows"]:
         fmt = lambda v: f"{v:.2f}x" if v else "-"  # noqa: E731
-        lines.append(f"{r['name']:<32} {r['median_s']:>9.3f} {fmt(r['speedup_vs_diffusers']):>12} "
-                     f"{fmt(r['speedup_vs_deepcache_same_n']):>12} {fmt(r['speedup_vs_own_n1']):>10}")
+        lines.append(
+            f"{r['name']:<32} {r['median_s']:>9.3f} {fmt(r['speedup_vs_diffusers']):>12} "
+            f"{fmt(r['speedup_vs_deepcache_same_n']):>12} {fmt(r['speedup_vs_own_n1']):>10}"
+        )
     for name, overhead in result["triton_overhead"].items():
         lines.append(f"Triton overhead {name}: {overhead * 100:+.1f}%")
     return "\n".join(lines)

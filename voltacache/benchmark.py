@@ -10,8 +10,8 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def alternate(contenders: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, progress=None) -> dict:
@@ -41,7 +41,11 @@ def summarize(seconds: dict[str, list[float]], baseline: str) -> dict:
 def machine() -> dict:
     import os
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()}
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+    }
 
 
 def write_json(path: Path, data: dict) -> Path:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import VoltacacheError
+from .errors import VoltacacheError, read_json
 from .export import read_manifest, specs_from_manifest
 from .runners import OnnxRuntimeRunner, Runner, TensorRTRunner
 from .specs import COMPONENTS, INPUT_IDS
@@ -98,8 +98,14 @@ def default_timing_cache() -> Path:
     return Path.home() / ".cache" / "voltacache" / "tensorrt-timing.cache"
 
 
-def build_engines(onnx_dir: Path, out_dir: Path, backend: str = "auto", optimization_level: int = 3,
-                  progress=None, timing_cache: Path | None = None) -> dict:
+def build_engines(
+    onnx_dir: Path,
+    out_dir: Path,
+    backend: str = "auto",
+    optimization_level: int = 3,
+    progress=None,
+    timing_cache: Path | None = None,
+) -> dict:
     """Build one engine per component of the export in `onnx_dir`; returns the engine manifest."""
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
     export = read_manifest(onnx_dir)
@@ -112,8 +118,9 @@ def build_engines(onnx_dir: Path, out_dir: Path, backend: str = "auto", optimiza
             progress(name)
         source = onnx_dir / export["components"][name]["file"]
         if backend == "tensorrt":
-            files[name] = build_tensorrt(source, out_dir, name, export, optimization_level,
-                                         timing_cache or default_timing_cache())
+            files[name] = build_tensorrt(
+                source, out_dir, name, export, optimization_level, timing_cache or default_timing_cache()
+            )
         else:
             files[name] = build_onnxruntime(source, out_dir, name)
     shutil.copytree(onnx_dir / "tokenizer", out_dir / "tokenizer", dirs_exist_ok=True)
@@ -143,13 +150,16 @@ def build_onnxruntime(source: Path, out_dir: Path, name: str) -> str:
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_SAVED_LEVEL)
     options.optimized_model_filepath = str(target)
     if source.with_name(source.name + ".data").exists():  # > 2 GB: keep the weights outside the protobuf
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", target.name + ".data")
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", target.name + ".data"
+        )
     ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
     return target.name
 
 
-def build_tensorrt(source: Path, out_dir: Path, name: str, export: dict, optimization_level: int,
-                   timing_cache: Path) -> str:
+def build_tensorrt(
+    source: Path, out_dir: Path, name: str, export: dict, optimization_level: int, timing_cache: Path
+) -> str:
     from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine
 
     spec = specs_from_manifest(export)[name]
@@ -201,13 +211,7 @@ class Engines:
 
 
 def read_engine_manifest(engine_dir: Path) -> dict:
-    path = Path(engine_dir) / ENGINE_MANIFEST
-    if not path.is_file():
-        raise VoltacacheError(f"{path}: no engine manifest; run `voltacache build` first")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise VoltacacheError(f"{path}: corrupt engine manifest ({e}); rebuild with `voltacache build`") from e
+    return read_json(Path(engine_dir) / ENGINE_MANIFEST, "engine manifest", "rebuild with `voltacache build`")
 
 
 def check_compatible(manifest: dict, engine_dir: Path) -> None:

@@ -56,8 +56,7 @@ def load_pipeline(path: str | Path, allow_pickle: bool = False, config: str | Pa
         raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint (no U-Net, VAE and CLIP weights found)")
     if family != "SD 1.x":
         raise CheckpointError(
-            f"{path}: a {family} checkpoint; voltacache loads SD 1.x single files "
-            "(SD 2.x: use its diffusers folder)"
+            f"{path}: a {family} checkpoint; voltacache loads SD 1.x single files (SD 2.x: use its diffusers folder)"
         )
     return _load_single_file(path, config)
 

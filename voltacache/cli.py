@@ -6,7 +6,6 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -33,10 +32,10 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except NotBuiltYet as e:
             err.print(f"[yellow]not built yet:[/] {escape(str(e))}")
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
         except VoltacacheError as e:
             err.print(f"[red]error:[/] {escape(str(e))}")
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -51,7 +50,7 @@ def init_tiny(
     out: Path = typer.Argument(..., help="Folder to write the diffusers-format pipeline into."),
     seed: int = typer.Option(0, help="Seed of the random weights."),
     preset: str = typer.Option("tiny", help="tiny (seconds per image on a CPU) or sd15 (full SD 1.5, ~4 GB)."),
-    single_file: Optional[Path] = typer.Option(
+    single_file: Path | None = typer.Option(
         None, help="Also write the pipeline as one SD 1.x (LDM layout) .safetensors checkpoint here."
     ),
 ):
@@ -77,11 +76,15 @@ def export(
     out: Path = typer.Option(..., help="Folder for the ONNX files and manifest.json."),
     precision: str = typer.Option("fp16", help="fp16 (weights and compute) or fp32 (what a CPU serves)."),
     batch: int = typer.Option(1, help="Images per call (the U-Net sees 2x: classifier-free guidance)."),
-    height: Optional[int] = typer.Option(None, help="Image height in pixels (default: the model's native size)."),
-    width: Optional[int] = typer.Option(None, help="Image width in pixels (default: the model's native size)."),
+    height: int | None = typer.Option(None, help="Image height in pixels (default: the model's native size)."),
+    width: int | None = typer.Option(None, help="Image width in pixels (default: the model's native size)."),
     opset: int = typer.Option(23, help="23: fused ONNX Attention (TensorRT >= 10.14); 18: unfused, TensorRT fuses it."),
-    deepcache_branch: str = typer.Option("block", help="block (deep feature = input of up_blocks[-1]) or 0 (shallowest)."),
-    config: Optional[Path] = typer.Option(None, help="diffusers config folder for a single-file checkpoint (default SD 1.5)."),
+    deepcache_branch: str = typer.Option(
+        "block", help="block (deep feature = input of up_blocks[-1]) or 0 (shallowest)."
+    ),
+    config: Path | None = typer.Option(
+        None, help="diffusers config folder for a single-file checkpoint (default SD 1.5)."
+    ),
     allow_pickle: bool = typer.Option(False, help="Load .ckpt/.bin/.pt checkpoints (pickle can run arbitrary code)."),
 ):
     """Export CLIP, the U-Net split at the DeepCache point, and the VAE to ONNX, validated and linted."""
@@ -91,7 +94,12 @@ def export(
     from .specs import COMPONENTS
 
     options = ExportOptions(precision, batch, height, width, opset, deepcache_branch)
-    columns = (TextColumn("{task.description:<13}"), BarColumn(), TextColumn("{task.fields[stage]:<9}"), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description:<13}"),
+        BarColumn(),
+        TextColumn("{task.fields[stage]:<9}"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=err) as bars:
         tasks = {c: bars.add_task(c, total=len(STAGES), stage="waiting", start=False) for c in COMPONENTS}
 
@@ -113,12 +121,14 @@ def print_export_report(manifest: dict):
     from rich.table import Table
 
     table = Table(title=f"{manifest['precision']} opset {manifest['opset']}, branch {manifest['deepcache_branch']}")
-    for column in ("component", "max error", "tolerance", "Attention nodes", f"TensorRT lint"):
+    for column in ("component", "max error", "tolerance", "Attention nodes", "TensorRT lint"):
         table.add_column(column)
     for name, entry in manifest["components"].items():
         lint = entry["tensorrt_lint"]
         verdict = f"ok ({lint['target']})" if lint["ok"] else "; ".join(lint["problems"])
-        table.add_row(name, f"{entry['max_error']:.2e}", f"{entry['tolerance']:.0e}", str(entry["attention_nodes"]), verdict)
+        table.add_row(
+            name, f"{entry['max_error']:.2e}", f"{entry['tolerance']:.0e}", str(entry["attention_nodes"]), verdict
+        )
     err.print(table)
 
 
@@ -147,7 +157,9 @@ def build(
         manifest = build_engines(onnx, out, chosen, optimization_level, progress=progress)
         bars.update(task, description="done", completed=len(COMPONENTS))
     if manifest["export"]["precision"] == "fp16" and chosen == "onnxruntime":
-        err.print("[yellow]note:[/] fp16 runs slower than fp32 on ONNX Runtime's CPU provider; export fp32 to serve on CPU")
+        err.print(
+            "[yellow]note:[/] fp16 runs slower than fp32 on ONNX Runtime's CPU provider; export fp32 to serve on CPU"
+        )
     print(out)
 
 
@@ -176,7 +188,7 @@ def serve(
     grpc_port: int = typer.Option(8001),
     metrics_port: int = typer.Option(8002),
     cache_mb: int = typer.Option(256, help="Triton response cache size in MiB (exact duplicate requests)."),
-    log_file: Optional[Path] = typer.Option(None, help="Write tritonserver's log here."),
+    log_file: Path | None = typer.Option(None, help="Write tritonserver's log here."),
 ):
     """Start tritonserver on a model repository; stops cleanly on Ctrl-C or SIGTERM."""
     import signal
@@ -198,23 +210,23 @@ def serve(
 @app.command()
 @user_errors
 def generate(
-    prompt: Optional[str] = typer.Argument(None, help="Text prompt."),
+    prompt: str | None = typer.Argument(None, help="Text prompt."),
     output: Path = typer.Option(Path("out.png"), "-o", "--output", help="Image file (several get _1, _2, ...)."),
-    engines: Optional[Path] = typer.Option(None, help="Engines folder: generate in process."),
-    url: Optional[str] = typer.Option(None, help="HOST:PORT of a voltacache Triton server: generate there."),
+    engines: Path | None = typer.Option(None, help="Engines folder: generate in process."),
+    url: str | None = typer.Option(None, help="HOST:PORT of a voltacache Triton server: generate there."),
     protocol: str = typer.Option("grpc", help="grpc or http (with --url)."),
-    prompts: Optional[Path] = typer.Option(None, help="A file of prompts, one per line (with --url)."),
+    prompts: Path | None = typer.Option(None, help="A file of prompts, one per line (with --url)."),
     concurrency: int = typer.Option(1, help="Requests in flight at once (with --prompts)."),
     negative_prompt: str = typer.Option("", help="What the image should not show."),
     steps: int = typer.Option(50, help="Denoising steps."),
     guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the initial latents (default: random, reported)."),
+    seed: int | None = typer.Option(None, help="Seed of the initial latents (default: random, reported)."),
     scheduler: str = typer.Option("pndm", help="ddim, pndm, euler, euler-a, dpm++2m or lms."),
     cache_interval: int = typer.Option(1, help="DeepCache: the full U-Net every N steps (1: off)."),
     cache_schedule: str = typer.Option("uniform", help="DeepCache schedule: uniform or nonuniform (in process)."),
-    height: Optional[int] = typer.Option(None, help="Must equal the engines' static height."),
-    width: Optional[int] = typer.Option(None, help="Must equal the engines' static width."),
-    init_image: Optional[Path] = typer.Option(None, help="img2img: start from this image."),
+    height: int | None = typer.Option(None, help="Must equal the engines' static height."),
+    width: int | None = typer.Option(None, help="Must equal the engines' static width."),
+    init_image: Path | None = typer.Option(None, help="img2img: start from this image."),
     strength: float = typer.Option(0.8, help="img2img: how much of the schedule to run (0-1]."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object per image."),
 ):
@@ -226,8 +238,19 @@ def generate(
     texts = read_prompts(prompts) if prompts else ([prompt] if prompt else [])
     if not texts:
         raise VoltacacheError("give a prompt, or --prompts FILE")
-    options = GenerateOptions(negative_prompt, steps, guidance, seed, scheduler, cache_interval, cache_schedule,
-                              height, width, init_image, strength)
+    options = GenerateOptions(
+        negative_prompt,
+        steps,
+        guidance,
+        seed,
+        scheduler,
+        cache_interval,
+        cache_schedule,
+        height,
+        width,
+        init_image,
+        strength,
+    )
     if engines is not None:
         records = generate_in_process(engines, texts, options, output)
     else:
@@ -255,7 +278,7 @@ def bench(
     branches: str = typer.Option("block,0", help="DeepCache branches to compare."),
     triton_branches: str = typer.Option("block", help="Branches also served through Triton ('' for none)."),
     name: str = typer.Option("bench", help="Name of the JSON and the figures."),
-    out: Optional[Path] = typer.Option(None, help="JSON results (default docs/results/NAME.json)."),
+    out: Path | None = typer.Option(None, help="JSON results (default docs/results/NAME.json)."),
     figures: Path = typer.Option(Path("docs/figures"), help="Folder for the PNG plots."),
 ):
     """Benchmark against diffusers and DeepCache, side by side: seconds per image, speedups, plots."""
@@ -267,9 +290,21 @@ def bench(
     def names(text):
         return tuple(x for x in text.split(",") if x)
 
-    cfg = BenchConfig(model, workdir, size, steps, 7.5, repeats, ints(intervals), ints(deepcache_intervals),
-                      names(branches), names(triton_branches), out or Path(f"docs/results/{name}.json"), figures,
-                      name=name)
+    cfg = BenchConfig(
+        model,
+        workdir,
+        size,
+        steps,
+        7.5,
+        repeats,
+        ints(intervals),
+        ints(deepcache_intervals),
+        names(branches),
+        names(triton_branches),
+        out or Path(f"docs/results/{name}.json"),
+        figures,
+        name=name,
+    )
     result = main(cfg, console=err)
     print(table(result))
     print(f"results: {cfg.out}; figures: {', '.join(result['figures'])}")

@@ -40,7 +40,9 @@ def _spread(candidates: list[int], k: int) -> list[int]:
     return [candidates[i] for i in sorted(set(picks))]
 
 
-def full_steps(steps: int, interval: int, schedule: str = "uniform", center: int | None = None, power: float = 1.4) -> set[int]:
+def full_steps(
+    steps: int, interval: int, schedule: str = "uniform", center: int | None = None, power: float = 1.4
+) -> set[int]:
     """The steps that run unet_deep; every other step runs unet_shallow on the cached feature."""
     if interval < 1:
         raise ValueError(f"cache interval {interval}: must be >= 1")

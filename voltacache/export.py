@@ -24,7 +24,7 @@ import onnx
 import torch
 
 from .components import torch_modules
-from .errors import ExportError
+from .errors import ExportError, read_json
 from .specs import (
     COMPONENTS,
     CONTEXT,
@@ -70,7 +70,11 @@ class ExportOptions:
 def model_fingerprint(path: Path) -> str:
     """sha256 over the checkpoint's weight files (names and bytes), so a new model never matches an old one."""
     path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.suffix in {".safetensors", ".bin", ".ckpt", ".pt"}) if path.is_dir() else [path]
+    files = (
+        sorted(p for p in path.rglob("*") if p.suffix in {".safetensors", ".bin", ".ckpt", ".pt"})
+        if path.is_dir()
+        else [path]
+    )
     digest = hashlib.sha256()
     for f in files:
         digest.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
@@ -204,8 +208,13 @@ def export_component(module, spec, feeds: dict, path: Path, options: ExportOptio
     args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
     with torch.no_grad():
         program = torch.onnx.export(
-            module, args, dynamo=True, opset_version=options.opset,
-            input_names=spec.input_names, output_names=spec.output_names, verbose=False,
+            module,
+            args,
+            dynamo=True,
+            opset_version=options.opset,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            verbose=False,
         )
     step("precision")
     overflows = []
@@ -243,7 +252,9 @@ def export_component(module, spec, feeds: dict, path: Path, options: ExportOptio
         "fp16_overflows": overflows,
     }
     if overflows:
-        raise ExportError(f"{path.name}: fp16 overflow in {len(overflows)} tensor(s), first {overflows[:3]}; export fp32")
+        raise ExportError(
+            f"{path.name}: fp16 overflow in {len(overflows)} tensor(s), first {overflows[:3]}; export fp32"
+        )
     if not error <= TOLERANCE[options.precision]:
         raise ExportError(
             f"{path.name}: ONNX Runtime differs from PyTorch by {error:.3g} (tolerance {TOLERANCE[options.precision]})"
@@ -297,7 +308,10 @@ def export_model(
     rng = np.random.default_rng(options.seed)
     feeds = {name: random_inputs(spec, geometry, rng) for name, spec in specs.items()}
     # The shallow step is checked on the deep feature of the same step, as it runs in the pipeline.
-    feeds[UNET_SHALLOW] = {**feeds[UNET_DEEP], DEEP_FEATURE: run_torch(modules[UNET_DEEP], specs[UNET_DEEP], feeds[UNET_DEEP])[DEEP_FEATURE]}
+    feeds[UNET_SHALLOW] = {
+        **feeds[UNET_DEEP],
+        DEEP_FEATURE: run_torch(modules[UNET_DEEP], specs[UNET_DEEP], feeds[UNET_DEEP])[DEEP_FEATURE],
+    }
 
     entries, outputs = {}, {}
     for name in COMPONENTS:
@@ -341,10 +355,14 @@ def split_errors(modules: dict, unet, out_dir: Path, feeds: dict, onnx_deep: dic
         shallow = modules[UNET_SHALLOW](*inputs, deep)
     onnx_shallow = run_onnx(out_dir / f"{UNET_SHALLOW}.onnx", {**feeds, DEEP_FEATURE: onnx_deep[DEEP_FEATURE]})
     return {
-        UNET_DEEP: {"torch": max_error({NOISE_PRED: noise.numpy()}, reference),
-                    "onnx": max_error({NOISE_PRED: onnx_deep[NOISE_PRED]}, reference)},
-        UNET_SHALLOW: {"torch": max_error({NOISE_PRED: shallow.numpy()}, reference),
-                       "onnx": max_error(onnx_shallow, reference)},
+        UNET_DEEP: {
+            "torch": max_error({NOISE_PRED: noise.numpy()}, reference),
+            "onnx": max_error({NOISE_PRED: onnx_deep[NOISE_PRED]}, reference),
+        },
+        UNET_SHALLOW: {
+            "torch": max_error({NOISE_PRED: shallow.numpy()}, reference),
+            "onnx": max_error(onnx_shallow, reference),
+        },
     }
 
 
@@ -368,13 +386,7 @@ def _versions() -> dict:
 
 
 def read_manifest(onnx_dir: Path) -> dict:
-    path = Path(onnx_dir) / MANIFEST
-    if not path.is_file():
-        raise ExportError(f"{path}: no manifest; run `voltacache export` first")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{path}: corrupt manifest ({e})") from e
+    return read_json(Path(onnx_dir) / MANIFEST, "export manifest", "run `voltacache export` again", ExportError)
 
 
 def specs_from_manifest(manifest: dict) -> dict[str, ComponentSpec]:

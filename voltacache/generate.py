@@ -34,12 +34,30 @@ def output_paths(output: Path, count: int) -> list[Path]:
     return [output.with_name(f"{output.stem}_{i + 1}{output.suffix}") for i in range(count)]
 
 
-def record(path: Path, prompt: str, options: GenerateOptions, seed: int, deep: int, shallow: int, steps: int,
-           seconds: float, **extra) -> dict:
+def record(
+    path: Path,
+    prompt: str,
+    options: GenerateOptions,
+    seed: int,
+    deep: int,
+    shallow: int,
+    steps: int,
+    seconds: float,
+    **extra,
+) -> dict:
     return {
-        "path": str(path), "prompt": prompt, "seed": seed, "steps": options.steps, "scheduler": options.scheduler,
-        "guidance": options.guidance, "cache_interval": options.cache_interval, "unet_deep_calls": deep,
-        "unet_shallow_calls": shallow, "steps_computed": steps, "seconds": round(seconds, 4), **extra,
+        "path": str(path),
+        "prompt": prompt,
+        "seed": seed,
+        "steps": options.steps,
+        "scheduler": options.scheduler,
+        "guidance": options.guidance,
+        "cache_interval": options.cache_interval,
+        "unet_deep_calls": deep,
+        "unet_shallow_calls": shallow,
+        "steps_computed": steps,
+        "seconds": round(seconds, 4),
+        **extra,
     }
 
 
@@ -65,15 +83,25 @@ def generate_in_process(engines: Path, prompts: list[str], options: GenerateOpti
         save(result.images, targets)
         stats = result.stats
         records += [
-            record(path, prompt, options, result.seed, stats.unet_deep_calls, stats.unet_shallow_calls, stats.steps,
-                   result.seconds, component_seconds={k: round(v, 4) for k, v in stats.seconds.items()})
+            record(
+                path,
+                prompt,
+                options,
+                result.seed,
+                stats.unet_deep_calls,
+                stats.unet_shallow_calls,
+                stats.steps,
+                result.seconds,
+                component_seconds={k: round(v, 4) for k, v in stats.seconds.items()},
+            )
             for path in targets
         ]
     return records
 
 
-def generate_served(url: str, protocol: str, prompts: list[str], options: GenerateOptions, output: Path,
-                    concurrency: int, console) -> list[dict]:
+def generate_served(
+    url: str, protocol: str, prompts: list[str], options: GenerateOptions, output: Path, concurrency: int, console
+) -> list[dict]:
     from rich.progress import Progress
 
     from .serving.client import Client
@@ -81,9 +109,15 @@ def generate_served(url: str, protocol: str, prompts: list[str], options: Genera
     if options.cache_schedule != "uniform" or options.height or options.width:
         raise VoltacacheError("through Triton: the uniform DeepCache schedule at the engines' size")
     init = np.asarray(Image.open(options.init_image).convert("RGB")) if options.init_image else None
-    client_options = dict(negative_prompt=options.negative_prompt, steps=options.steps, guidance=options.guidance,
-                          scheduler=options.scheduler, cache_interval=options.cache_interval, init_image=init,
-                          strength=options.strength)
+    client_options = dict(
+        negative_prompt=options.negative_prompt,
+        steps=options.steps,
+        guidance=options.guidance,
+        scheduler=options.scheduler,
+        cache_interval=options.cache_interval,
+        init_image=init,
+        strength=options.strength,
+    )
     clients = {}
 
     def one(index_prompt):
@@ -105,6 +139,17 @@ def generate_served(url: str, protocol: str, prompts: list[str], options: Genera
     for prompt, served in results:
         targets = [next(paths) for _ in range(batch)]
         save(served.images, targets)
-        records += [record(path, prompt, options, served.seed, served.unet_deep_calls, served.unet_shallow_calls,
-                           served.steps_computed, served.seconds) for path in targets]
+        records += [
+            record(
+                path,
+                prompt,
+                options,
+                served.seed,
+                served.unet_deep_calls,
+                served.unet_shallow_calls,
+                served.steps_computed,
+                served.seconds,
+            )
+            for path in targets
+        ]
     return records

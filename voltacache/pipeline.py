@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +42,7 @@ from .specs import (
 )
 
 MAX_STEPS = 1000
+TEXT_MEMO_SIZE = 256
 
 
 class InvalidRequest(VoltacacheError):
@@ -51,6 +52,7 @@ class InvalidRequest(VoltacacheError):
 @dataclass
 class Stats:
     steps: int = 0
+    text_memo_hits: int = 0
     unet_deep_calls: int = 0
     unet_shallow_calls: int = 0
     seconds: dict = field(default_factory=lambda: defaultdict(float))
@@ -69,6 +71,8 @@ class Generation:
     stats: Stats
     pooled_embedding: np.ndarray | None = None
     seconds: float = 0.0
+    cache: str = "off"  # semantic | approximate | miss | off
+    similarity: float = 0.0
 
 
 class StableDiffusion:
@@ -81,9 +85,10 @@ class StableDiffusion:
         self.latent_channels = export["geometry"]["latent_channels"]
         self.scaling_factor = export["scaling_factor"]
         self.scheduler_config = export["scheduler_config"]
+        self.text_memo = OrderedDict()  # (negatives + prompts) -> (embeddings, pooled), least recent first
 
     @classmethod
-    def from_engines(cls, engine_dir, cuda_graph: bool = False) -> "StableDiffusion":
+    def from_engines(cls, engine_dir, cuda_graph: bool = False) -> StableDiffusion:
         from transformers import CLIPTokenizer
 
         from .build import load_engines
@@ -105,7 +110,11 @@ class StableDiffusion:
         width: int | None = None,
         init_image=None,
         strength: float = 0.8,
+        cache=None,
+        cache_mode: str = "on",
     ) -> Generation:
+        """`cache`: a voltacache.cache.layers.RequestCache; `cache_mode` on, off or refresh (regenerate
+        and store, never serve)."""
         started = time.perf_counter()
         # 1. Check inputs before any compute
         prompts, negatives = self.check_prompts(prompt, negative_prompt)
@@ -113,21 +122,85 @@ class StableDiffusion:
         image = load_image(init_image, self.width, self.height) if init_image is not None else None
         stats = Stats()
 
-        # 2. Encode the prompt (negative first, as diffusers concatenates them)
+        # 2. Encode the prompt (negative first, as diffusers concatenates them); an exact repeat skips the encoder
         embeddings, pooled = self.encode_prompt(prompts, negatives, stats)
 
-        # 3-5. Timesteps, latents, denoising
-        latents, seed = self.generate_latents(
-            embeddings, steps, guidance, seed, scheduler, cache_interval, cache_schedule, image, strength, stats
+        # 3. Cross-request cache: a stored image, or a stored latent K steps in
+        use_cache = cache is not None and cache_mode != "off" and image is None
+        if use_cache:
+            vector = cache.embedder.embed(prompts[0], pooled[len(prompts)])
+            scope = cache.scope(
+                size=(self.height, self.width),
+                steps=steps,
+                guidance=float(guidance),
+                scheduler=scheduler,
+                negative=negatives[0],
+                interval=cache_interval,
+                schedule=cache_schedule,
+                batch=self.batch,
+            )
+            decision = cache.lookup(vector, scope, steps, seed) if cache_mode == "on" else None
+            if decision is not None and decision.layer == "semantic":
+                return Generation(
+                    [Image.fromarray(x) for x in decision.image],
+                    decision.seed,
+                    stats,
+                    pooled[len(prompts) :],
+                    time.perf_counter() - started,
+                    "semantic",
+                    decision.similarity,
+                )
+        start = (
+            (decision.latent, decision.start_step) if use_cache and decision and decision.latent is not None else None
+        )
+        capture = cache.checkpoints(steps) if use_cache and start is None else set()
+
+        # 4-6. Timesteps, latents, denoising
+        latents, seed, checkpoints = self.generate_latents(
+            embeddings,
+            steps,
+            guidance,
+            seed,
+            scheduler,
+            cache_interval,
+            cache_schedule,
+            image,
+            strength,
+            stats,
+            start=start,
+            capture=capture,
         )
 
-        # 6. Decode
+        # 7. Decode, and remember the result for later requests
         images = self.decode(latents, stats)
-        return Generation(images, seed, stats, pooled[len(prompts) :], time.perf_counter() - started)
+        layer, similarity = "off", 0.0
+        if use_cache:
+            layer = decision.layer if decision is not None else "miss"
+            similarity = decision.similarity if decision is not None else 0.0
+            pixels = np.stack([np.asarray(x) for x in images])
+            cache.remember(vector, scope, seed, steps, pixels, checkpoints)
+        return Generation(images, seed, stats, pooled[len(prompts) :], time.perf_counter() - started, layer, similarity)
 
-    def generate_latents(self, embeddings, steps, guidance, seed, scheduler, cache_interval=1,
-                         cache_schedule="uniform", image=None, strength=0.8, stats=None):
-        """Text embeddings -> final latents: what the Triton denoiser runs between text encoder and VAE."""
+    def generate_latents(
+        self,
+        embeddings,
+        steps,
+        guidance,
+        seed,
+        scheduler,
+        cache_interval=1,
+        cache_schedule="uniform",
+        image=None,
+        strength=0.8,
+        stats=None,
+        start=None,
+        capture=frozenset(),
+    ):
+        """Text embeddings -> final latents: what the Triton denoiser runs between text encoder and VAE.
+
+        `start`: (latent, K) from the approximate cache: begin K steps in. `capture`: the step counts
+        after which to keep a copy of the latents (for the cache). Returns latents, seed and captures.
+        """
         stats = stats if stats is not None else Stats()
         seed = random_seed() if seed is None else int(seed)
         generator = torch.Generator("cpu").manual_seed(seed)
@@ -136,12 +209,31 @@ class StableDiffusion:
         sched = make_scheduler(scheduler, self.scheduler_config)
         timesteps = self.prepare_timesteps(sched, steps, strength if image is not None else None)
 
-        # 4. Prepare latents: from the seed, or from the encoded init image noised to the first timestep
-        latents = self.prepare_latents(sched, generator, timesteps, image, stats)
+        # 4. Prepare latents: from the seed, from the encoded init image noised to the first timestep,
+        # or from a cached latent K steps in
+        if start is not None:
+            latents, skipped = torch.from_numpy(np.asarray(start[0], dtype=np.float32)), start[1]
+            if hasattr(sched, "set_begin_index"):
+                sched.set_begin_index(skipped * sched.order)
+            timesteps = timesteps[skipped * sched.order :]
+        else:
+            latents, skipped = self.prepare_latents(sched, generator, timesteps, image, stats), 0
 
         # 5. Denoise, the full U-Net on DeepCache's refresh steps and the shallow one in between
         refresh = full_steps(len(timesteps), cache_interval, cache_schedule)
-        return self.denoise(latents, embeddings, sched, timesteps, guidance, refresh, generator, stats), seed
+        captured = {}
+        latents = self.denoise(
+            latents,
+            embeddings,
+            sched,
+            timesteps,
+            guidance,
+            refresh,
+            generator,
+            stats,
+            on_step=lambda n, x: captured.update({n: x.numpy().copy()}) if n in capture else None,
+        )
+        return latents, seed, captured
 
     def check_prompts(self, prompt, negative_prompt) -> tuple[list[str], list[str]]:
         prompts = [prompt] * self.batch if isinstance(prompt, str) else list(prompt)
@@ -152,8 +244,17 @@ class StableDiffusion:
             raise InvalidRequest("prompt and negative_prompt must be text")
         return prompts, negatives
 
-    def check_parameters(self, steps, guidance, scheduler, cache_interval, cache_schedule="uniform",
-                         height=None, width=None, strength=0.8) -> None:
+    def check_parameters(
+        self,
+        steps,
+        guidance,
+        scheduler,
+        cache_interval,
+        cache_schedule="uniform",
+        height=None,
+        width=None,
+        strength=0.8,
+    ) -> None:
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
             raise InvalidRequest(f"steps {steps!r}: must be an integer from 1 to {MAX_STEPS}")
         if not isinstance(guidance, (int, float, np.floating)) or not math.isfinite(guidance):
@@ -182,9 +283,17 @@ class StableDiffusion:
         return np.asarray(ids, dtype=np.int32)
 
     def encode_prompt(self, prompts, negatives, stats: Stats):
+        key = tuple(negatives + prompts)
+        if key in self.text_memo:  # an exact repeat: the text encoder's output is a pure function of the ids
+            self.text_memo.move_to_end(key)
+            stats.text_memo_hits += 1
+            return self.text_memo[key]
         ids = self.tokenize(negatives + prompts)
         out = stats.timed(TEXT_ENCODER, self.runners[TEXT_ENCODER], {INPUT_IDS: ids})
-        return out[TEXT_EMBEDDINGS], out[POOLED_EMBEDDING]
+        self.text_memo[key] = out[TEXT_EMBEDDINGS], out[POOLED_EMBEDDING]
+        if len(self.text_memo) > TEXT_MEMO_SIZE:
+            self.text_memo.popitem(last=False)
+        return self.text_memo[key]
 
     def prepare_timesteps(self, scheduler, steps: int, strength: float | None):
         scheduler.set_timesteps(steps)
@@ -210,7 +319,9 @@ class StableDiffusion:
         noise = torch.randn(shape, generator=generator, dtype=torch.float32)
         return scheduler.add_noise(latents, noise, timesteps[:1].repeat(self.batch))
 
-    def denoise(self, latents, embeddings, scheduler, timesteps, guidance, refresh, generator, stats: Stats):
+    def denoise(
+        self, latents, embeddings, scheduler, timesteps, guidance, refresh, generator, stats: Stats, on_step=None
+    ):
         extra = step_kwargs(scheduler, generator)
         deep = None
         for i, t in enumerate(timesteps):
@@ -231,6 +342,8 @@ class StableDiffusion:
             noise = uncond + guidance * (cond - uncond) if guidance > 1 else cond
             latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
             stats.steps += 1
+            if on_step is not None:
+                on_step(i + 1, latents)
         return latents
 
     def decode(self, latents: torch.Tensor, stats: Stats) -> list:

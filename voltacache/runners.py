@@ -30,9 +30,8 @@ class Runner:
                 raise VoltacacheError(f"{self.spec.name}: missing input {t.name!r}")
             value = feeds[t.name]
             if tuple(value.shape) != t.shape or value.dtype != np.dtype(t.dtype):
-                raise VoltacacheError(
-                    f"{self.spec.name}: input {t.name!r} is {value.dtype}{list(value.shape)}, expected {t.dtype}{list(t.shape)}"
-                )
+                got, expected = f"{value.dtype}{list(value.shape)}", f"{t.dtype}{list(t.shape)}"
+                raise VoltacacheError(f"{self.spec.name}: input {t.name!r} is {got}, expected {expected}")
 
     def _infer(self, feeds):
         raise NotImplementedError

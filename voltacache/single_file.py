@@ -42,8 +42,14 @@ def checkpoint_family(keys) -> str | None:
     return next((family for family, key in FAMILY_KEYS if key in keys), None)
 
 
-UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
 VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
 VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
@@ -52,9 +58,13 @@ def _unet_modules(config: dict) -> dict[str, tuple[str, dict]]:
     """diffusers module prefix -> (LDM prefix, renames inside the module)."""
     layers = config["layers_per_block"]
     modules = {
-        "time_embedding.linear_1": ("time_embed.0", {}), "time_embedding.linear_2": ("time_embed.2", {}),
-        "conv_in": ("input_blocks.0.0", {}), "conv_norm_out": ("out.0", {}), "conv_out": ("out.2", {}),
-        "mid_block.resnets.0": ("middle_block.0", UNET_RESNET), "mid_block.attentions.0": ("middle_block.1", {}),
+        "time_embedding.linear_1": ("time_embed.0", {}),
+        "time_embedding.linear_2": ("time_embed.2", {}),
+        "conv_in": ("input_blocks.0.0", {}),
+        "conv_norm_out": ("out.0", {}),
+        "conv_out": ("out.2", {}),
+        "mid_block.resnets.0": ("middle_block.0", UNET_RESNET),
+        "mid_block.attentions.0": ("middle_block.1", {}),
         "mid_block.resnets.1": ("middle_block.2", UNET_RESNET),
     }
     for i, up_type in enumerate(config["up_block_types"]):
@@ -111,7 +121,8 @@ def save_single_file(pipe, path: Path) -> Path:
     state.update(_rename(pipe.unet.state_dict(), _unet_modules(pipe.unet.config), UNET))
     state.update(_rename(pipe.vae.state_dict(), _vae_modules(pipe.vae.config), VAE))
     # Real SD 1.x files name CLIP's weights text_model.*; transformers 5 drops that prefix in state_dict.
-    state.update({CLIP + "text_model." + k.removeprefix("text_model."): v
-                  for k, v in pipe.text_encoder.state_dict().items()})
+    state.update(
+        {CLIP + "text_model." + k.removeprefix("text_model."): v for k, v in pipe.text_encoder.state_dict().items()}
+    )
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path

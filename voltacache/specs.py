@@ -62,7 +62,7 @@ class ComponentSpec:
         return {"inputs": [asdict(t) for t in self.inputs], "outputs": [asdict(t) for t in self.outputs]}
 
     @classmethod
-    def from_json(cls, name: str, data: dict) -> "ComponentSpec":
+    def from_json(cls, name: str, data: dict) -> ComponentSpec:
         def tensors(items):
             return tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in items)
 
@@ -83,7 +83,7 @@ class Geometry:
     shallow_layers: int  # layers of up_blocks[-1] that unet_shallow runs
 
     @classmethod
-    def from_pipeline(cls, pipe, shallow_layers: int) -> "Geometry":
+    def from_pipeline(cls, pipe, shallow_layers: int) -> Geometry:
         unet, vae, text = pipe.unet.config, pipe.vae.config, pipe.text_encoder.config
         n_last = unet.layers_per_block + 1
         return cls(
@@ -121,8 +121,10 @@ def component_specs(g: Geometry, batch: int, height: int, width: int) -> dict[st
         ComponentSpec(
             TEXT_ENCODER,
             (TensorSpec(INPUT_IDS, "int32", (cfg, g.text_length)),),
-            (TensorSpec(TEXT_EMBEDDINGS, "float32", context.shape),
-             TensorSpec(POOLED_EMBEDDING, "float32", (cfg, g.text_hidden))),
+            (
+                TensorSpec(TEXT_EMBEDDINGS, "float32", context.shape),
+                TensorSpec(POOLED_EMBEDDING, "float32", (cfg, g.text_hidden)),
+            ),
         ),
         ComponentSpec(UNET_DEEP, (sample, timestep, context), (noise, deep)),
         ComponentSpec(UNET_SHALLOW, (sample, timestep, context, deep), (noise,)),

@@ -58,9 +58,7 @@ def lint(path: Path, tensorrt: str = TARGET_TENSORRT) -> LintReport:
     path = Path(path)
     supported = SUPPORTED_OPS[tensorrt]
     model = onnx.load(str(path), load_external_data=False)
-    data_files = {
-        entry.value for t in model.graph.initializer for entry in t.external_data if entry.key == "location"
-    }
+    data_files = {entry.value for t in model.graph.initializer for entry in t.external_data if entry.key == "location"}
     size = path.stat().st_size + sum((path.parent / f).stat().st_size for f in data_files)
     report = LintReport(path.name, tensorrt, size_bytes=size, external_data=bool(data_files))
     for node in _all_nodes(model.graph):

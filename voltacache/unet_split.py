@@ -77,7 +77,9 @@ class UNetDeep(nn.Module):
         for block in unet.up_blocks[:-1]:
             res, skips = tuple(skips[-len(block.resnets) :]), skips[: -len(block.resnets)]
             if getattr(block, "has_cross_attention", False):
-                hidden = block(hidden_states=hidden, temb=temb, res_hidden_states_tuple=res, encoder_hidden_states=context)
+                hidden = block(
+                    hidden_states=hidden, temb=temb, res_hidden_states_tuple=res, encoder_hidden_states=context
+                )
             else:
                 hidden = block(hidden_states=hidden, temb=temb, res_hidden_states_tuple=res)
         last = unet.up_blocks[-1]

@@ -41,8 +41,20 @@ def test_sigterm_to_serve_stops_everything(triton_repo, tmp_path, ports):
 
     repo = shutil.copytree(triton_repo, tmp_path / "repo")
     p = ports
-    cmd = [sys.executable, "-m", "voltacache", "serve", "--repo", str(repo), "--http-port", str(p["http_port"]),
-           "--grpc-port", str(p["grpc_port"]), "--metrics-port", str(p["metrics_port"])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "voltacache",
+        "serve",
+        "--repo",
+        str(repo),
+        "--http-port",
+        str(p["http_port"]),
+        "--grpc-port",
+        str(p["grpc_port"]),
+        "--metrics-port",
+        str(p["metrics_port"]),
+    ]
     serve = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     line = ""
     deadline = time.monotonic() + 120

@@ -18,8 +18,9 @@ PROMPT = "a photo of an astronaut riding a horse"
 def metric(server, name, model=None):
     text = urllib.request.urlopen(server.metrics_url).read().decode()
     label = f'model="{model}"' if model else ""
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-              if line.startswith(name + "{") and label in line]
+    values = [
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{") and label in line
+    ]
     return sum(values)
 
 
@@ -96,13 +97,26 @@ def test_malformed_request_gets_an_error_and_the_server_keeps_serving(triton, ca
 
 
 def test_metrics_count_unet_calls(triton):
-    before = {n: metric(triton, n, "denoiser") for n in
-              ("voltacache_requests_total", "voltacache_unet_deep_calls_total", "voltacache_unet_shallow_calls_total",
-               "voltacache_steps_total")}
-    Client(triton.grpc_url).generate("a metrics probe", steps=10, seed=int(time.time()), scheduler="ddim", cache_interval=5)
+    before = {
+        n: metric(triton, n, "denoiser")
+        for n in (
+            "voltacache_requests_total",
+            "voltacache_unet_deep_calls_total",
+            "voltacache_unet_shallow_calls_total",
+            "voltacache_steps_total",
+        )
+    }
+    Client(triton.grpc_url).generate(
+        "a metrics probe", steps=10, seed=int(time.time()), scheduler="ddim", cache_interval=5
+    )
     assert metric(triton, "voltacache_requests_total", "denoiser") == before["voltacache_requests_total"] + 1
-    assert metric(triton, "voltacache_unet_deep_calls_total", "denoiser") == before["voltacache_unet_deep_calls_total"] + 2
-    assert metric(triton, "voltacache_unet_shallow_calls_total", "denoiser") == before["voltacache_unet_shallow_calls_total"] + 8
+    assert (
+        metric(triton, "voltacache_unet_deep_calls_total", "denoiser") == before["voltacache_unet_deep_calls_total"] + 2
+    )
+    assert (
+        metric(triton, "voltacache_unet_shallow_calls_total", "denoiser")
+        == before["voltacache_unet_shallow_calls_total"] + 8
+    )
     assert metric(triton, "voltacache_steps_total", "denoiser") == before["voltacache_steps_total"] + 10
 
 

@@ -57,9 +57,18 @@ class Client:
 
         return InferenceServerException
 
-    def generate(self, prompt: str, negative_prompt: str = "", steps: int = 50, guidance: float = 7.5,
-                 seed: int | None = None, scheduler: str = "pndm", cache_interval: int = 1,
-                 init_image: np.ndarray | None = None, strength: float = 0.8) -> ServedImage:
+    def generate(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        steps: int = 50,
+        guidance: float = 7.5,
+        seed: int | None = None,
+        scheduler: str = "pndm",
+        cache_interval: int = 1,
+        init_image: np.ndarray | None = None,
+        strength: float = 0.8,
+    ) -> ServedImage:
         seed = random_seed() if seed is None else seed  # explicit, so the response cache never repeats a "random" image
         values = {
             p.PROMPT: np.array([prompt.encode()], dtype=object),

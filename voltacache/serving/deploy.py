@@ -20,8 +20,14 @@ from ..errors import VoltacacheError
 from ..specs import COMPONENTS, ComponentSpec
 from . import protocol as p
 
-TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32", "int64": "TYPE_INT64",
-                 "uint8": "TYPE_UINT8", "object": "TYPE_STRING"}
+TRITON_DTYPES = {
+    "float32": "TYPE_FP32",
+    "float16": "TYPE_FP16",
+    "int32": "TYPE_INT32",
+    "int64": "TYPE_INT64",
+    "uint8": "TYPE_UINT8",
+    "object": "TYPE_STRING",
+}
 # Which adapter in triton_models/ serves each Python model.
 ADAPTERS = {p.TOKENIZER: "tokenizer", p.DENOISER: "denoiser", p.POSTPROCESS: "postprocess"}
 COMPONENT_BACKENDS = ("python", "onnxruntime", "tensorrt")
@@ -37,8 +43,9 @@ def tensors(items, optional=()):
 def model_config(spec: ComponentSpec, **fields) -> mc.ModelConfig:
     config = mc.ModelConfig(name=spec.name, max_batch_size=0, **fields)
     config.input.extend(tensors(spec.inputs, p.OPTIONAL_INPUTS.get(spec.name, ())))
-    config.output.extend(mc.ModelOutput(name=t.name, data_type=TRITON_DTYPES[t.dtype], dims=list(t.shape))
-                         for t in spec.outputs)
+    config.output.extend(
+        mc.ModelOutput(name=t.name, data_type=TRITON_DTYPES[t.dtype], dims=list(t.shape)) for t in spec.outputs
+    )
     return config
 
 
@@ -122,6 +129,7 @@ def deploy(engines: Path, repo: Path, component_backend: str = "python", denoise
         install_adapter(repo / name, adapter)
     write_config(repo / p.TXT2IMG, ensemble_config(specs[p.TXT2IMG], ensemble_steps(specs, img2img=False)))
     write_config(repo / p.IMG2IMG, ensemble_config(specs[p.IMG2IMG], ensemble_steps(specs, img2img=True)))
-    (repo / "voltacache.json").write_text(json.dumps({"engines": str(engines.resolve()),
-                                                      "component_backend": component_backend}, indent=2))
+    (repo / "voltacache.json").write_text(
+        json.dumps({"engines": str(engines.resolve()), "component_backend": component_backend}, indent=2)
+    )
     return repo

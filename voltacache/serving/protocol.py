@@ -6,7 +6,7 @@ client all read tensor names, dtypes and shapes from here.
 
 from __future__ import annotations
 
-from ..specs import IMAGE, LATENT, TEXT_EMBEDDINGS, INPUT_IDS, ComponentSpec, TensorSpec, component_specs, Geometry
+from ..specs import IMAGE, INPUT_IDS, LATENT, TEXT_EMBEDDINGS, ComponentSpec, Geometry, TensorSpec, component_specs
 
 # Request tensors (what a client sends).
 PROMPT = "PROMPT"
@@ -47,8 +47,12 @@ PARAMETERS = (
     scalar(SCHEDULER, "object"),
     scalar(CACHE_INTERVAL, "int32"),
 )
-STATS = (scalar(SEED_USED, "int64"), scalar(UNET_DEEP_CALLS, "int32"), scalar(UNET_SHALLOW_CALLS, "int32"),
-         scalar(STEPS_COMPUTED, "int32"))
+STATS = (
+    scalar(SEED_USED, "int64"),
+    scalar(UNET_DEEP_CALLS, "int32"),
+    scalar(UNET_SHALLOW_CALLS, "int32"),
+    scalar(STEPS_COMPUTED, "int32"),
+)
 
 
 def serving_specs(export: dict) -> dict[str, ComponentSpec]:
@@ -66,10 +70,14 @@ def serving_specs(export: dict) -> dict[str, ComponentSpec]:
     return {
         **engines,
         TOKENIZER: ComponentSpec(TOKENIZER, prompts, (ids,)),
-        DENOISER: ComponentSpec(DENOISER, (embeddings, *PARAMETERS, init_image, scalar(STRENGTH, "float32")), (latent, *STATS)),
+        DENOISER: ComponentSpec(
+            DENOISER, (embeddings, *PARAMETERS, init_image, scalar(STRENGTH, "float32")), (latent, *STATS)
+        ),
         POSTPROCESS: ComponentSpec(POSTPROCESS, (image,), (pixels,)),
         TXT2IMG: ComponentSpec(TXT2IMG, (*prompts, *PARAMETERS), (pixels, *STATS)),
-        IMG2IMG: ComponentSpec(IMG2IMG, (*prompts, *PARAMETERS, init_image, scalar(STRENGTH, "float32")), (pixels, *STATS)),
+        IMG2IMG: ComponentSpec(
+            IMG2IMG, (*prompts, *PARAMETERS, init_image, scalar(STRENGTH, "float32")), (pixels, *STATS)
+        ),
     }
 
 

