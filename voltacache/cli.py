@@ -229,9 +229,15 @@ def generate(
     init_image: Path | None = typer.Option(None, help="img2img: start from this image."),
     strength: float = typer.Option(0.8, help="img2img: how much of the schedule to run (0-1]."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object per image."),
+    cache: str = typer.Option("on", help="Cross-request cache for this request: on, off or refresh."),
+    cache_index: str | None = typer.Option(
+        None, help="In process: the cache index (milvus-lite file or Milvus URL); none: no cache."
+    ),
+    cache_embedder: str = typer.Option("clip", help="In process: clip (the pipeline's pooled output) or minilm."),
+    blob_store: str | None = typer.Option(None, help="In process: blob folder or s3://bucket/prefix."),
 ):
     """Generate images in process (--engines) or through Triton (--url)."""
-    from .generate import GenerateOptions, generate_in_process, generate_served
+    from .generate import CacheOptions, GenerateOptions, generate_in_process, generate_served
 
     if (engines is None) == (url is None):
         raise VoltacacheError("give exactly one of --engines DIR (in process) or --url HOST:PORT (Triton)")
@@ -252,7 +258,11 @@ def generate(
         strength,
     )
     if engines is not None:
-        records = generate_in_process(engines, texts, options, output)
+        if cache not in ("on", "off", "refresh"):
+            raise VoltacacheError(f"--cache {cache!r}: use on, off or refresh")
+        records = generate_in_process(
+            engines, texts, options, output, CacheOptions(cache_index, cache, cache_embedder, blob_store)
+        )
     else:
         records = generate_served(url, protocol, texts, options, output, concurrency, err)
     for record in records:
@@ -310,20 +320,76 @@ def bench(
     print(f"results: {cfg.out}; figures: {', '.join(result['figures'])}")
 
 
-def _cache_stub(name: str):
-    def command():
-        not_built(f"cache {name}", "cross-request caching")
+def _open_store(index: str, blob_store: str | None, embedder: str, dim: int):
+    from .cache.layers import open_request_cache
 
-    return command
+    return open_request_cache(index, blob_store, embedder, "", dim).store
 
 
-for _name, _doc in [
-    ("stats", "Entries, bytes and hit rates of the cache."),
-    ("clear", "Remove every entry."),
-    ("purge-expired", "Remove entries past their TTL."),
-    ("warm", "Generate and store the prompts of a file."),
-]:
-    cache_app.command(_name, help=_doc)(user_errors(_cache_stub(_name)))
+CACHE_INDEX = typer.Option(..., "--cache-index", help="The cache index: milvus-lite file or Milvus server URL.")
+CACHE_EMBEDDER = typer.Option("clip", help="Which embedder's entries: clip or minilm.")
+CACHE_DIM = typer.Option(768, help="CLIP embedding width of the model (768 for SD 1.5, 64 for the tiny preset).")
+BLOB_STORE = typer.Option(None, help="Blob folder or s3://bucket/prefix (default: beside a file index).")
+
+
+@cache_app.command("stats")
+@user_errors
+def cache_stats(
+    index: str = CACHE_INDEX,
+    embedder: str = CACHE_EMBEDDER,
+    dim: int = CACHE_DIM,
+    blob_store: str | None = BLOB_STORE,
+):
+    """Entries, bytes, hits and evictions of the cache."""
+    print(json.dumps(_open_store(index, blob_store, embedder, dim).stats(), indent=2))
+
+
+@cache_app.command("clear")
+@user_errors
+def cache_clear(
+    index: str = CACHE_INDEX,
+    embedder: str = CACHE_EMBEDDER,
+    dim: int = CACHE_DIM,
+    blob_store: str | None = BLOB_STORE,
+):
+    """Remove every entry and blob."""
+    _open_store(index, blob_store, embedder, dim).clear()
+    err.print("cache cleared")
+
+
+@cache_app.command("purge-expired")
+@user_errors
+def cache_purge(
+    index: str = CACHE_INDEX,
+    embedder: str = CACHE_EMBEDDER,
+    dim: int = CACHE_DIM,
+    blob_store: str | None = BLOB_STORE,
+):
+    """Remove entries past their TTL and blobs no entry points at."""
+    print(json.dumps({"purged": _open_store(index, blob_store, embedder, dim).purge_expired()}))
+
+
+@cache_app.command("warm")
+@user_errors
+def cache_warm(
+    prompts: Path = typer.Option(..., help="A file of prompts, one per line."),
+    engines: Path = typer.Option(..., help="Engines folder (the cache is scoped to their model)."),
+    index: str = CACHE_INDEX,
+    embedder: str = CACHE_EMBEDDER,
+    blob_store: str | None = BLOB_STORE,
+    steps: int = typer.Option(50),
+    guidance: float = typer.Option(7.5),
+    scheduler: str = typer.Option("pndm"),
+    out: Path = typer.Option(Path("build/warm/img.png"), help="Where the generated images go."),
+):
+    """Generate and store the prompts of a file (refresh mode: each is computed and stored)."""
+    from .generate import CacheOptions, GenerateOptions, generate_in_process
+
+    options = GenerateOptions(steps=steps, guidance=guidance, scheduler=scheduler)
+    records = generate_in_process(
+        engines, read_prompts(prompts), options, out, CacheOptions(index, "refresh", embedder, blob_store)
+    )
+    err.print(f"warmed {len(records)} entries")
 
 
 def main():

@@ -67,16 +67,40 @@ def save(images, paths) -> None:
         (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(path)
 
 
-def generate_in_process(engines: Path, prompts: list[str], options: GenerateOptions, output: Path) -> list[dict]:
+@dataclass
+class CacheOptions:
+    """The cross-request cache for in-process generation (the server's is set at deploy)."""
+
+    index: str | None = None  # milvus-lite file or Milvus server URL; None: no cache
+    mode: str = "on"
+    embedder: str = "clip"
+    blob_store: str | None = None
+
+
+def open_cache(pipe, cache: CacheOptions):
+    if cache.index is None:
+        return None
+    from .cache.layers import open_request_cache
+
+    fingerprint = pipe.export["fingerprint"]
+    return open_request_cache(
+        cache.index, cache.blob_store, cache.embedder, fingerprint, pipe.export["geometry"]["text_hidden"]
+    )
+
+
+def generate_in_process(
+    engines: Path, prompts: list[str], options: GenerateOptions, output: Path, cache: CacheOptions = CacheOptions()
+) -> list[dict]:
     from .pipeline import InvalidRequest, StableDiffusion
 
     pipe = StableDiffusion.from_engines(engines)
+    request_cache = open_cache(pipe, cache)
     paths = iter(output_paths(output, len(prompts) * pipe.batch))
     records = []
     for prompt in prompts:
         kwargs = asdict(options)
         try:
-            result = pipe(prompt, **kwargs)
+            result = pipe(prompt, **kwargs, cache=request_cache, cache_mode=cache.mode)
         except InvalidRequest as e:
             raise VoltacacheError(str(e)) from e
         targets = [next(paths) for _ in result.images]
@@ -93,6 +117,8 @@ def generate_in_process(engines: Path, prompts: list[str], options: GenerateOpti
                 stats.steps,
                 result.seconds,
                 component_seconds={k: round(v, 4) for k, v in stats.seconds.items()},
+                cache=result.cache,
+                similarity=round(result.similarity, 4),
             )
             for path in targets
         ]

@@ -16,7 +16,7 @@ def minilm():
 
 
 def make_cache(tmp_path, embedder, fingerprint="tiny-a"):
-    store = CacheStore(str(tmp_path / "index.db"), tmp_path / "blobs", dim=embedder.dim)
+    store = CacheStore(str(tmp_path / "index.db"), tmp_path / "blobs", dim=embedder.dim, embedder=embedder.name)
     return RequestCache(store, embedder, fingerprint)
 
 

@@ -66,6 +66,24 @@ def from_bytes(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+def open_request_cache(
+    index: str, blobs: str | None, embedder_name: str, fingerprint: str, clip_dim: int, **store_options
+) -> RequestCache:
+    """The cache for one model: index URI (a milvus-lite file path or a server URL) and blob store
+    (a folder, default beside a file index, or s3://bucket/prefix)."""
+    from pathlib import Path
+
+    from .embedders import make_embedder
+
+    embedder = make_embedder(embedder_name, clip_dim)
+    if blobs is None:
+        if "://" in index:
+            raise ValueError("a Milvus server index needs --blob-store (a shared folder or s3://bucket/prefix)")
+        blobs = str(Path(index).with_suffix("")) + "-blobs"
+    store = CacheStore(index, blobs, dim=embedder.dim, embedder=embedder.name, **store_options)
+    return RequestCache(store, embedder, fingerprint)
+
+
 class RequestCache:
     def __init__(self, store: CacheStore, embedder, fingerprint: str, config: CacheConfig = CacheConfig()):
         self.store, self.embedder, self.fingerprint, self.config = store, embedder, fingerprint, config

@@ -20,7 +20,7 @@ from pathlib import Path
 from .blobs import CorruptBlob, open_blob_store
 from .policies import POLICIES, victims
 
-COLLECTION = "voltacache_entries"
+COLLECTION_PREFIX = "voltacache_"
 NO_SEED = -1
 FIELDS = [
     "id",
@@ -63,6 +63,7 @@ class CacheStore:
         policy: str = "lcbfu",
         seed: int | None = None,
         clock=time.time,
+        embedder: str = "clip",
     ):
         from pymilvus import MilvusClient
 
@@ -72,7 +73,10 @@ class CacheStore:
         if "://" not in self.uri:
             Path(self.uri).parent.mkdir(parents=True, exist_ok=True)
         self.client = MilvusClient(self.uri)
-        self.blobs = open_blob_store(blobs)
+        # one collection per embedder (their vectors are not comparable), each with its own blobs
+        self.collection = f"{COLLECTION_PREFIX}{embedder}_{dim}"
+        blobs = str(blobs)
+        self.blobs = open_blob_store(f"{blobs.rstrip('/')}/{self.collection}")
         self.dim, self.ttl_s, self.policy = dim, ttl_s, policy
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self.rng, self.clock = random.Random(seed), clock
@@ -82,7 +86,7 @@ class CacheStore:
     def _ensure_collection(self):
         from pymilvus import DataType, MilvusClient
 
-        if self.client.has_collection(COLLECTION):
+        if self.client.has_collection(self.collection):
             return
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
@@ -96,7 +100,7 @@ class CacheStore:
             schema.add_field(name, DataType.DOUBLE)
         index = self.client.prepare_index_params()
         index.add_index("vector", index_type="FLAT", metric_type="COSINE")
-        self.client.create_collection(COLLECTION, schema=schema, index_params=index, consistency_level="Strong")
+        self.client.create_collection(self.collection, schema=schema, index_params=index, consistency_level="Strong")
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -122,17 +126,17 @@ class CacheStore:
             "last_access": now,
             "benefit": float(benefit),
         }
-        self.client.upsert(COLLECTION, [row])
+        self.client.upsert(self.collection, [row])
         self.enforce_capacity()
         return entry_id
 
     def touch(self, hit: Hit) -> None:
         """Count a hit (frequency and recency feed LFU, LRU and LCBFU)."""
-        rows = self.client.get(COLLECTION, ids=[hit.id], output_fields=["*"])
+        rows = self.client.get(self.collection, ids=[hit.id], output_fields=["*"])
         if rows:
             row = dict(rows[0])
             row["hits"], row["last_access"] = int(row["hits"]) + 1, self.clock()
-            self.client.upsert(COLLECTION, [row])
+            self.client.upsert(self.collection, [row])
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -142,7 +146,7 @@ class CacheStore:
         if seed is not None:
             expr += f" and seed == {int(seed)}"
         result = self.client.search(
-            COLLECTION, data=[[float(x) for x in vector]], limit=limit, filter=expr, output_fields=FIELDS[1:]
+            self.collection, data=[[float(x) for x in vector]], limit=limit, filter=expr, output_fields=FIELDS[1:]
         )
         return [Hit(h["id"], float(h["distance"]), dict(h["entity"], id=h["id"])) for h in result[0]]
 
@@ -153,18 +157,18 @@ class CacheStore:
         except CorruptBlob:
             data = None
         if data is None:
-            self.client.delete(COLLECTION, ids=[hit.id])
+            self.client.delete(self.collection, ids=[hit.id])
         return data
 
     # -- housekeeping ------------------------------------------------------------------------
 
     def entries(self) -> list[dict]:
-        return [dict(r) for r in self.client.query(COLLECTION, filter='id != ""', output_fields=FIELDS)]
+        return [dict(r) for r in self.client.query(self.collection, filter='id != ""', output_fields=FIELDS)]
 
     def remove(self, entries: list[dict]) -> None:
         if not entries:
             return
-        self.client.delete(COLLECTION, ids=[e["id"] for e in entries])
+        self.client.delete(self.collection, ids=[e["id"] for e in entries])
         still_used = {e["blob"] for e in self.entries()}
         for blob in {e["blob"] for e in entries} - still_used:
             self.blobs.delete(blob)
@@ -188,7 +192,7 @@ class CacheStore:
         return len(expired) + len(orphans)
 
     def clear(self) -> None:
-        self.client.drop_collection(COLLECTION)
+        self.client.drop_collection(self.collection)
         self.blobs.clear()
         self._ensure_collection()
 
@@ -200,6 +204,7 @@ class CacheStore:
             by_kind[e["kind"]] = by_kind.get(e["kind"], 0) + 1
         return {
             "index": self.uri,
+            "collection": self.collection,
             "entries": len(entries),
             "by_kind": by_kind,
             "bytes": sum(e["size_bytes"] for e in entries),
