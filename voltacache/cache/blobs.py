@@ -77,7 +77,10 @@ class S3BlobStore:
     """The same interface over an S3-compatible bucket (s3://bucket/prefix; endpoint from AWS_ENDPOINT_URL)."""
 
     def __init__(self, uri: str, endpoint_url: str | None = None):
-        import boto3
+        try:
+            import boto3
+        except ImportError as e:
+            raise VoltacacheError(f"{uri}: an S3 blob store needs boto3 (pip install 'voltacache[s3]')") from e
 
         parsed = urlparse(uri)
         self.bucket, self.prefix = parsed.netloc, parsed.path.strip("/")
