@@ -125,10 +125,55 @@ class StableDiffusion:
         # 2. Encode the prompt (negative first, as diffusers concatenates them); an exact repeat skips the encoder
         embeddings, pooled = self.encode_prompt(prompts, negatives, stats)
 
+        # 3-7. Cache lookup, timesteps, latents, denoising, decoding
+        result = self.generate_images(
+            prompts,
+            negatives,
+            embeddings,
+            pooled,
+            steps,
+            guidance,
+            seed,
+            scheduler,
+            cache_interval,
+            cache_schedule,
+            image,
+            strength,
+            stats,
+            cache,
+            cache_mode,
+        )
+        result.images = [Image.fromarray(x) for x in result.images]
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def generate_images(
+        self,
+        prompts,
+        negatives,
+        embeddings,
+        pooled,
+        steps,
+        guidance,
+        seed,
+        scheduler,
+        cache_interval=1,
+        cache_schedule="uniform",
+        image=None,
+        strength=0.8,
+        stats=None,
+        cache=None,
+        cache_mode="on",
+    ) -> Generation:
+        """Text embeddings -> uint8 images, through the cross-request cache: what the Triton denoiser runs."""
+        stats = stats if stats is not None else Stats()
+        pooled_prompt = pooled[len(prompts) :]
+
         # 3. Cross-request cache: a stored image, or a stored latent K steps in
         use_cache = cache is not None and cache_mode != "off" and image is None
+        decision = None
         if use_cache:
-            vector = cache.embedder.embed(prompts[0], pooled[len(prompts)])
+            vector = cache.embedder.embed(prompts[0], pooled_prompt[0])
             scope = cache.scope(
                 size=(self.height, self.width),
                 steps=steps,
@@ -142,17 +187,9 @@ class StableDiffusion:
             decision = cache.lookup(vector, scope, steps, seed) if cache_mode == "on" else None
             if decision is not None and decision.layer == "semantic":
                 return Generation(
-                    [Image.fromarray(x) for x in decision.image],
-                    decision.seed,
-                    stats,
-                    pooled[len(prompts) :],
-                    time.perf_counter() - started,
-                    "semantic",
-                    decision.similarity,
+                    decision.image, decision.seed, stats, pooled_prompt, 0.0, "semantic", decision.similarity
                 )
-        start = (
-            (decision.latent, decision.start_step) if use_cache and decision and decision.latent is not None else None
-        )
+        start = (decision.latent, decision.start_step) if decision is not None and decision.latent is not None else None
         capture = cache.checkpoints(steps) if use_cache and start is None else set()
 
         # 4-6. Timesteps, latents, denoising
@@ -172,14 +209,13 @@ class StableDiffusion:
         )
 
         # 7. Decode, and remember the result for later requests
-        images = self.decode(latents, stats)
+        images = to_uint8(self.decode_latents(latents, stats))
         layer, similarity = "off", 0.0
         if use_cache:
             layer = decision.layer if decision is not None else "miss"
             similarity = decision.similarity if decision is not None else 0.0
-            pixels = np.stack([np.asarray(x) for x in images])
-            cache.remember(vector, scope, seed, steps, pixels, checkpoints)
-        return Generation(images, seed, stats, pooled[len(prompts) :], time.perf_counter() - started, layer, similarity)
+            cache.remember(vector, scope, seed, steps, images, checkpoints)
+        return Generation(images, seed, stats, pooled_prompt, 0.0, layer, similarity)
 
     def generate_latents(
         self,
@@ -346,10 +382,10 @@ class StableDiffusion:
                 on_step(i + 1, latents)
         return latents
 
-    def decode(self, latents: torch.Tensor, stats: Stats) -> list:
+    def decode_latents(self, latents: torch.Tensor, stats: Stats) -> np.ndarray:
+        """Latents -> float image in [-1, 1], NCHW."""
         feeds = {LATENT: (latents / self.scaling_factor).numpy().astype(np.float32)}
-        image = stats.timed(VAE_DECODER, self.runners[VAE_DECODER], feeds)[IMAGE]
-        return to_pil(image)
+        return stats.timed(VAE_DECODER, self.runners[VAE_DECODER], feeds)[IMAGE]
 
 
 def random_seed() -> int:
@@ -368,10 +404,6 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     """[-1, 1] NCHW -> uint8 NHWC, rounded as diffusers' image processor does."""
     image = np.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
     return (image * 255).round().astype(np.uint8)
-
-
-def to_pil(image: np.ndarray) -> list:
-    return [Image.fromarray(x) for x in to_uint8(image)]
 
 
 def load_image(source, width: int, height: int) -> np.ndarray:
