@@ -113,3 +113,9 @@ def s3_endpoint(tmp_path_factory):
     yield endpoint
     process.terminate()
     process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def new_port():
+    """A function that returns a free loopback port."""
+    return free_port

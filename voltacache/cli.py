@@ -172,11 +172,28 @@ def deploy(
         "python", help="python (ONNX Runtime in a Python model: the CPU server), onnxruntime (NGC) or tensorrt."
     ),
     denoiser_instances: int = typer.Option(2, help="Denoiser instances: requests denoised in parallel."),
+    cache: str = typer.Option("off", help="Cross-request cache index: off, a milvus-lite file, or a Milvus URL."),
+    cache_embedder: str = typer.Option("clip", help="clip (the pipeline's pooled output) or minilm."),
+    blob_store: str | None = typer.Option(None, help="Blob folder or s3://bucket/prefix (needed with a Milvus URL)."),
+    cache_ttl: float = typer.Option(7 * 24 * 3600, help="Seconds an entry may be served."),
+    cache_policy: str = typer.Option("lcbfu", help="Eviction: lcbfu, fifo, lifo, lru, lfu or random."),
+    cache_max_entries: int | None = typer.Option(None, help="Capacity in entries."),
+    cache_max_bytes: int | None = typer.Option(None, help="Capacity in bytes."),
 ):
     """Write a Triton model repository with the txt2img / img2img ensembles."""
+    from .serving.deploy import CacheSettings
     from .serving.deploy import deploy as write_repository
 
-    print(write_repository(engines, repo, component_backend, denoiser_instances))
+    settings = CacheSettings(
+        None if cache == "off" else cache,
+        cache_embedder,
+        blob_store,
+        cache_ttl,
+        cache_policy,
+        cache_max_entries,
+        cache_max_bytes,
+    )
+    print(write_repository(engines, repo, component_backend, denoiser_instances, settings))
 
 
 @app.command()
@@ -264,7 +281,7 @@ def generate(
             engines, texts, options, output, CacheOptions(cache_index, cache, cache_embedder, blob_store)
         )
     else:
-        records = generate_served(url, protocol, texts, options, output, concurrency, err)
+        records = generate_served(url, protocol, texts, options, output, concurrency, err, cache)
     for record in records:
         print(json.dumps(record) if json_output else record["path"])
 

@@ -126,7 +126,14 @@ def generate_in_process(
 
 
 def generate_served(
-    url: str, protocol: str, prompts: list[str], options: GenerateOptions, output: Path, concurrency: int, console
+    url: str,
+    protocol: str,
+    prompts: list[str],
+    options: GenerateOptions,
+    output: Path,
+    concurrency: int,
+    console,
+    cache_mode: str = "on",
 ) -> list[dict]:
     from rich.progress import Progress
 
@@ -143,6 +150,7 @@ def generate_served(
         cache_interval=options.cache_interval,
         init_image=init,
         strength=options.strength,
+        cache=cache_mode,
     )
     clients = {}
 
@@ -175,6 +183,8 @@ def generate_served(
                 served.unet_shallow_calls,
                 served.steps_computed,
                 served.seconds,
+                cache=served.cache,
+                similarity=round(served.similarity, 4),
             )
             for path in targets
         ]

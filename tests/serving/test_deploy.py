@@ -38,7 +38,7 @@ def test_ensembles_wire_existing_models_with_response_cache(triton_repo):
         config = read_config(triton_repo, name)
         assert config.platform == "ensemble" and config.response_cache.enable
         steps = [s.model_name for s in config.ensemble_scheduling.step]
-        assert steps == [p.TOKENIZER, "text_encoder", p.DENOISER, "vae_decoder", p.POSTPROCESS]
+        assert steps == [p.TOKENIZER, "text_encoder", p.DENOISER, p.POSTPROCESS]
         produced = {i.name for i in config.input}
         for step in config.ensemble_scheduling.step:
             assert set(step.input_map.values()) <= produced, step.model_name

@@ -33,6 +33,7 @@ def valid(prompt=PROMPT, **overrides):
         p.SEED: np.array([1], np.int64),
         p.SCHEDULER: np.array([b"ddim"], dtype=object),
         p.CACHE_INTERVAL: np.array([2], np.int32),
+        p.CACHE: np.array([b"on"], dtype=object),
     }
     values.update(overrides)
     return {k: v for k, v in values.items() if v is not None}
@@ -82,6 +83,7 @@ BAD_REQUESTS = {
     "nan guidance": valid(**{p.GUIDANCE: np.array([np.nan], np.float32)}),
     "unknown scheduler": valid(**{p.SCHEDULER: np.array([b"heun-9000"], dtype=object)}),
     "zero cache interval": valid(**{p.CACHE_INTERVAL: np.array([0], np.int32)}),
+    "unknown cache mode": valid(**{p.CACHE: np.array([b"sometimes"], dtype=object)}),
 }
 
 

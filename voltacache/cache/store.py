@@ -81,6 +81,7 @@ class CacheStore:
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self.rng, self.clock = random.Random(seed), clock
         self.evictions = 0
+        self.bytes_written = 0
         self._ensure_collection()
 
     def _ensure_collection(self):
@@ -109,6 +110,7 @@ class CacheStore:
     ) -> str:
         """Store a payload under an embedding; blob first, index row second. Returns the entry id."""
         blob = self.blobs.put(payload)
+        self.bytes_written += len(payload)
         now = self.clock()
         entry_id = hashlib.sha256(f"{scope}|{kind}|{step}|{seed}|{blob}".encode()).hexdigest()[:40]
         row = {

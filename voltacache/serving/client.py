@@ -22,6 +22,8 @@ class ServedImage:
     unet_shallow_calls: int
     steps_computed: int
     seconds: float
+    cache: str = "off"
+    similarity: float = 0.0
 
 
 class Client:
@@ -68,6 +70,7 @@ class Client:
         cache_interval: int = 1,
         init_image: np.ndarray | None = None,
         strength: float = 0.8,
+        cache: str = "on",
     ) -> ServedImage:
         seed = random_seed() if seed is None else seed  # explicit, so the response cache never repeats a "random" image
         values = {
@@ -78,6 +81,7 @@ class Client:
             p.SEED: np.array([seed], np.int64),
             p.SCHEDULER: np.array([scheduler.encode()], dtype=object),
             p.CACHE_INTERVAL: np.array([cache_interval], np.int32),
+            p.CACHE: np.array([cache.encode()], dtype=object),
         }
         model = p.TXT2IMG
         if init_image is not None:
@@ -93,4 +97,6 @@ class Client:
             unet_shallow_calls=int(out[p.UNET_SHALLOW_CALLS][0]),
             steps_computed=int(out[p.STEPS_COMPUTED][0]),
             seconds=time.perf_counter() - started,
+            cache=out[p.CACHE_LAYER][0].decode(),
+            similarity=float(out[p.SIMILARITY][0]),
         )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -68,15 +70,14 @@ def ensemble_config(spec: ComponentSpec, steps: list[tuple[str, dict, dict]]) ->
 
 
 def ensemble_steps(specs: dict, img2img: bool) -> list:
-    """tokenizer -> text_encoder -> denoiser -> vae_decoder -> postprocess, wired by tensor name."""
+    """tokenizer -> text_encoder -> denoiser (BLS: U-Nets, VAE) -> postprocess, wired by tensor name."""
     same = lambda items: {t.name: t.name for t in items}  # noqa: E731
     text_encoder, denoiser = specs["text_encoder"], specs[p.DENOISER]
     denoiser_inputs = [t for t in denoiser.inputs if img2img or t.name not in p.OPTIONAL_INPUTS[p.DENOISER]]
     return [
         (p.TOKENIZER, same(specs[p.TOKENIZER].inputs), same(specs[p.TOKENIZER].outputs)),
-        ("text_encoder", same(text_encoder.inputs), same(text_encoder.outputs[:1])),
+        ("text_encoder", same(text_encoder.inputs), same(text_encoder.outputs)),
         (p.DENOISER, same(denoiser_inputs), same(denoiser.outputs)),
-        ("vae_decoder", same(specs["vae_decoder"].inputs), same(specs["vae_decoder"].outputs)),
         (p.POSTPROCESS, same(specs[p.POSTPROCESS].inputs), same(specs[p.POSTPROCESS].outputs)),
     ]
 
@@ -95,7 +96,46 @@ def install_adapter(folder: Path, adapter: str) -> None:
     (folder / "1" / "model.py").write_text(source.read_text())
 
 
-def deploy(engines: Path, repo: Path, component_backend: str = "python", denoiser_instances: int = 2) -> Path:
+@dataclass
+class CacheSettings:
+    """The cross-request cache of a deployment; `index` None: off. Several replicas share one cache by
+    pointing at one Milvus server URL and one blob store (an S3 bucket)."""
+
+    index: str | None = None
+    embedder: str = "clip"
+    blob_store: str | None = None
+    ttl_s: float = 7 * 24 * 3600
+    policy: str = "lcbfu"
+    max_entries: int | None = None
+    max_bytes: int | None = None
+
+    def parameters(self) -> dict[str, str]:
+        if self.index is None:
+            return {}
+        index = self.index if "://" in self.index else str(Path(self.index).resolve())
+        values = {
+            "cache_index": index,
+            "cache_embedder": self.embedder,
+            "cache_ttl_s": str(self.ttl_s),
+            "cache_policy": self.policy,
+        }
+        if self.blob_store:
+            values["cache_blob_store"] = (
+                self.blob_store if "://" in self.blob_store else str(Path(self.blob_store).resolve())
+            )
+        for name in ("max_entries", "max_bytes"):
+            if getattr(self, name) is not None:
+                values[f"cache_{name}"] = str(getattr(self, name))
+        return values
+
+
+def deploy(
+    engines: Path,
+    repo: Path,
+    component_backend: str = "python",
+    denoiser_instances: int = 2,
+    cache: CacheSettings = CacheSettings(),
+) -> Path:
     """Write the repository; returns its path. `component_backend`: python (ONNX Runtime in a Python
     model: the CPU server), onnxruntime (the NGC container's backend) or tensorrt (.plan engines)."""
     engines, repo = Path(engines), Path(repo)
@@ -123,9 +163,17 @@ def deploy(engines: Path, repo: Path, component_backend: str = "python", denoise
         shutil.copy2(source, folder / "1" / target)
         if source.with_name(source.name + ".data").exists():
             shutil.copy2(source.with_name(source.name + ".data"), folder / "1" / (source.name + ".data"))
+    if cache.index is not None and "://" not in cache.index and denoiser_instances > 1:
+        # a milvus-lite file opens in one process only: parallel denoisers need a Milvus server URL
+        warnings.warn(f"cache index {cache.index} is a milvus-lite file: one denoiser instance", stacklevel=2)
+        denoiser_instances = 1
     for name, adapter in ADAPTERS.items():
         instances = denoiser_instances if name == p.DENOISER else 1
-        write_config(repo / name, python_config(specs[name], engines, instances))
+        config = python_config(specs[name], engines, instances)
+        if name == p.DENOISER:
+            for key, value in cache.parameters().items():
+                config.parameters[key].string_value = value
+        write_config(repo / name, config)
         install_adapter(repo / name, adapter)
     write_config(repo / p.TXT2IMG, ensemble_config(specs[p.TXT2IMG], ensemble_steps(specs, img2img=False)))
     write_config(repo / p.IMG2IMG, ensemble_config(specs[p.IMG2IMG], ensemble_steps(specs, img2img=True)))

@@ -6,7 +6,7 @@ client all read tensor names, dtypes and shapes from here.
 
 from __future__ import annotations
 
-from ..specs import IMAGE, INPUT_IDS, LATENT, TEXT_EMBEDDINGS, ComponentSpec, Geometry, TensorSpec, component_specs
+from ..specs import IMAGE, INPUT_IDS, TEXT_EMBEDDINGS, ComponentSpec, Geometry, TensorSpec, component_specs
 
 # Request tensors (what a client sends).
 PROMPT = "PROMPT"
@@ -16,6 +16,7 @@ GUIDANCE = "GUIDANCE"
 SEED = "SEED"  # -1: the server draws one (and reports it)
 SCHEDULER = "SCHEDULER"
 CACHE_INTERVAL = "CACHE_INTERVAL"
+CACHE = "CACHE"  # on | off | refresh: the cross-request cache for this request
 INIT_IMAGE = "INIT_IMAGE"
 STRENGTH = "STRENGTH"
 # Response tensors.
@@ -24,6 +25,8 @@ SEED_USED = "SEED_USED"
 UNET_DEEP_CALLS = "UNET_DEEP_CALLS"
 UNET_SHALLOW_CALLS = "UNET_SHALLOW_CALLS"
 STEPS_COMPUTED = "STEPS_COMPUTED"
+CACHE_LAYER = "CACHE_LAYER"  # semantic | approximate | miss | off
+SIMILARITY = "SIMILARITY"
 
 # Model names in the repository.
 TOKENIZER = "tokenizer"
@@ -46,12 +49,15 @@ PARAMETERS = (
     scalar(SEED, "int64"),
     scalar(SCHEDULER, "object"),
     scalar(CACHE_INTERVAL, "int32"),
+    scalar(CACHE, "object"),
 )
 STATS = (
     scalar(SEED_USED, "int64"),
     scalar(UNET_DEEP_CALLS, "int32"),
     scalar(UNET_SHALLOW_CALLS, "int32"),
     scalar(STEPS_COMPUTED, "int32"),
+    scalar(CACHE_LAYER, "object"),
+    scalar(SIMILARITY, "float32"),
 )
 
 
@@ -60,18 +66,20 @@ def serving_specs(export: dict) -> dict[str, ComponentSpec]:
     g = Geometry(**export["geometry"])
     engines = component_specs(g, export["batch"], export["height"], export["width"])
     ids = engines["text_encoder"].inputs[0]
-    embeddings = next(t for t in engines["text_encoder"].outputs if t.name == TEXT_EMBEDDINGS)
-    latent = engines["vae_decoder"].inputs[0]
+    embeddings, pooled = engines["text_encoder"].outputs
     image = engines["vae_decoder"].outputs[0]
     pixels = TensorSpec(IMAGES, "uint8", (export["batch"], export["height"], export["width"], 3))
     init_image = TensorSpec(INIT_IMAGE, "uint8", (export["height"], export["width"], 3))
     prompts = (scalar(PROMPT, "object"), scalar(NEGATIVE_PROMPT, "object"))
-    assert ids.name == INPUT_IDS and latent.name == LATENT and image.name == IMAGE
+    assert ids.name == INPUT_IDS and embeddings.name == TEXT_EMBEDDINGS and image.name == IMAGE
     return {
         **engines,
         TOKENIZER: ComponentSpec(TOKENIZER, prompts, (ids,)),
+        # the denoiser decodes itself (BLS into vae_decoder), so a cached image skips the decode
         DENOISER: ComponentSpec(
-            DENOISER, (embeddings, *PARAMETERS, init_image, scalar(STRENGTH, "float32")), (latent, *STATS)
+            DENOISER,
+            (*prompts, embeddings, pooled, *PARAMETERS, init_image, scalar(STRENGTH, "float32")),
+            (image, *STATS),
         ),
         POSTPROCESS: ComponentSpec(POSTPROCESS, (image,), (pixels,)),
         TXT2IMG: ComponentSpec(TXT2IMG, (*prompts, *PARAMETERS), (pixels, *STATS)),

@@ -136,18 +136,42 @@ class BlsRunner:
 class DenoiserModel(PythonModel):
     def setup(self):
         from ..pipeline import StableDiffusion
-        from ..specs import UNET_DEEP, UNET_SHALLOW, VAE_ENCODER
+        from ..specs import UNET_DEEP, UNET_SHALLOW, VAE_DECODER, VAE_ENCODER
 
         specs = p.serving_specs(self.export)
-        runners = {name: BlsRunner(specs[name]) for name in (UNET_DEEP, UNET_SHALLOW, VAE_ENCODER)}
+        runners = {name: BlsRunner(specs[name]) for name in (UNET_DEEP, UNET_SHALLOW, VAE_ENCODER, VAE_DECODER)}
         self.pipeline = StableDiffusion(runners, self.export, tokenizer=None)
+        self.cache = self.open_cache()
         self.metrics = DenoiserMetrics(pb())
+
+    def open_cache(self):
+        """The cross-request cache named by the deployment (voltacache deploy --cache), or None."""
+        index = self.parameters.get("cache_index")
+        if not index:
+            return None
+        from ..cache.layers import open_request_cache
+
+        options = {
+            "ttl_s": float(self.parameters.get("cache_ttl_s", 7 * 24 * 3600)),
+            "policy": self.parameters.get("cache_policy", "lcbfu"),
+        }
+        for name in ("max_entries", "max_bytes"):
+            if f"cache_{name}" in self.parameters:
+                options[name] = int(self.parameters[f"cache_{name}"])
+        return open_request_cache(
+            index,
+            self.parameters.get("cache_blob_store"),
+            self.parameters.get("cache_embedder", "clip"),
+            self.export["fingerprint"],
+            self.export["geometry"]["text_hidden"],
+            **options,
+        )
 
     def run(self, request):
         from PIL import Image
 
         from ..pipeline import Stats, load_image
-        from ..specs import LATENT, TEXT_EMBEDDINGS
+        from ..specs import IMAGE, POOLED_EMBEDDING, TEXT_EMBEDDINGS
 
         started = time.perf_counter()
         steps = int(self.input(request, p.STEPS)[0])
@@ -155,18 +179,27 @@ class DenoiserModel(PythonModel):
         seed = int(self.input(request, p.SEED)[0])
         scheduler = self.text(request, p.SCHEDULER)
         interval = int(self.input(request, p.CACHE_INTERVAL)[0])
+        mode = self.text(request, p.CACHE)
         pixels = self.input(request, p.INIT_IMAGE, required=False)
         strength = self.input(request, p.STRENGTH, required=False)
         strength = float(strength[0]) if strength is not None else 0.8
         self.pipeline.check_parameters(steps, guidance, scheduler, interval, strength=strength)
+        if mode not in ("on", "off", "refresh"):
+            raise BadRequest(f"CACHE {mode!r}: use on, off or refresh")
         image = (
             load_image(Image.fromarray(pixels), self.pipeline.width, self.pipeline.height)
             if pixels is not None
             else None
         )
+        prompts, negatives = self.pipeline.check_prompts(
+            self.text(request, p.PROMPT), self.text(request, p.NEGATIVE_PROMPT)
+        )
         stats = Stats()
-        latents, seed, _ = self.pipeline.generate_latents(
+        result = self.pipeline.generate_images(
+            prompts,
+            negatives,
             self.input(request, TEXT_EMBEDDINGS),
+            self.input(request, POOLED_EMBEDDING),
             steps,
             guidance,
             None if seed == p.RANDOM_SEED else seed,
@@ -175,14 +208,19 @@ class DenoiserModel(PythonModel):
             image=image,
             strength=strength,
             stats=stats,
+            cache=self.cache,
+            cache_mode=mode,
         )
-        self.metrics.record(stats, time.perf_counter() - started)
+        self.metrics.record(stats, time.perf_counter() - started, result, self.cache)
         return {
-            LATENT: (latents / self.pipeline.scaling_factor).numpy(),
-            p.SEED_USED: np.array([seed], np.int64),
+            # back to [-1, 1] for postprocess, exactly: it rounds every level to itself
+            IMAGE: (result.images.astype(np.float32) / np.float32(127.5) - 1).transpose(0, 3, 1, 2),
+            p.SEED_USED: np.array([result.seed], np.int64),
             p.UNET_DEEP_CALLS: np.array([stats.unet_deep_calls], np.int32),
             p.UNET_SHALLOW_CALLS: np.array([stats.unet_shallow_calls], np.int32),
             p.STEPS_COMPUTED: np.array([stats.steps], np.int32),
+            p.CACHE_LAYER: np.array([result.cache.encode()], dtype=object),
+            p.SIMILARITY: np.array([result.similarity], np.float32),
         }
 
 
@@ -190,25 +228,47 @@ class DenoiserMetrics:
     """Custom Prometheus counters on Triton's metrics port."""
 
     def __init__(self, pb_utils):
-        self.families = []  # a family must outlive its metrics
+        self.pb_utils = pb_utils
+        self.families = {}  # a family must outlive its metrics
+        self.metrics = {}
+        self.last = {}
 
-        def counter(name, description):
-            family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
-            self.families.append(family)
-            return family.Metric(labels={"model": "denoiser"})
+    def counter(self, name: str, description: str, **labels):
+        if name not in self.families:
+            self.families[name] = self.pb_utils.MetricFamily(
+                name=name, description=description, kind=self.pb_utils.MetricFamily.COUNTER
+            )
+        key = (name, tuple(sorted(labels.items())))
+        if key not in self.metrics:
+            self.metrics[key] = self.families[name].Metric(labels={"model": "denoiser", **labels})
+        return self.metrics[key]
 
-        self.requests = counter("voltacache_requests_total", "Requests denoised")
-        self.deep = counter("voltacache_unet_deep_calls_total", "Full U-Net calls (DeepCache refresh steps)")
-        self.shallow = counter("voltacache_unet_shallow_calls_total", "Shallow U-Net calls (cached deep feature)")
-        self.steps = counter("voltacache_steps_total", "Denoising steps computed")
-        self.seconds = counter("voltacache_step_seconds_total", "Seconds spent in denoising steps")
-
-    def record(self, stats, seconds: float) -> None:
-        self.requests.increment(1)
-        self.deep.increment(stats.unet_deep_calls)
-        self.shallow.increment(stats.unet_shallow_calls)
-        self.steps.increment(stats.steps)
-        self.seconds.increment(seconds)
+    def record(self, stats, seconds: float, result, cache) -> None:
+        self.counter("voltacache_requests_total", "Requests denoised").increment(1)
+        self.counter("voltacache_unet_deep_calls_total", "Full U-Net calls (DeepCache refresh steps)").increment(
+            stats.unet_deep_calls
+        )
+        self.counter("voltacache_unet_shallow_calls_total", "Shallow U-Net calls (cached deep feature)").increment(
+            stats.unet_shallow_calls
+        )
+        self.counter("voltacache_steps_total", "Denoising steps computed").increment(stats.steps)
+        self.counter("voltacache_step_seconds_total", "Seconds spent in denoising steps").increment(seconds)
+        self.counter(
+            "voltacache_cache_requests_total",
+            "Requests by cache layer (semantic, approximate, miss, off)",
+            layer=result.cache,
+        ).increment(1)
+        if cache is not None:  # the cache counts totals; the counters move by what changed since
+            totals = {
+                ("voltacache_cache_steps_skipped_total", "Denoising steps the caches saved"): cache.counts[
+                    "steps_skipped"
+                ],
+                ("voltacache_cache_evictions_total", "Cache entries evicted"): cache.store.evictions,
+                ("voltacache_cache_bytes_stored_total", "Bytes written to the cache"): cache.store.bytes_written,
+            }
+            for (name, description), total in totals.items():
+                self.counter(name, description).increment(total - self.last.get(name, 0))
+                self.last[name] = total
 
 
 class PostprocessModel(PythonModel):
