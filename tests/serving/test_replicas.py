@@ -1,6 +1,8 @@
 """Two tritonserver replicas sharing one cache: a real Milvus server and a real S3-protocol server, on loopback."""
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -49,11 +51,16 @@ def milvus_server(tmp_path_factory, new_port):
                 raise RuntimeError(f"milvus-server did not start; see {data / 'milvus.log'}") from None
             time.sleep(1)
     yield uri
-    process.terminate()
+    # the wrapper starts `milvus run standalone` as its child: stop the whole group
+    os.killpg(process.pid, signal.SIGTERM)
     try:
         process.wait(30)
     except subprocess.TimeoutExpired:
-        process.kill()
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def test_result_through_replica_a_is_a_hit_on_replica_b(engines_dir, milvus_server, s3_endpoint, tmp_path, new_port):
