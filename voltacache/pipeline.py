@@ -232,7 +232,7 @@ class StableDiffusion:
         start=None,
         capture=frozenset(),
     ):
-        """Text embeddings -> final latents: what the Triton denoiser runs between text encoder and VAE.
+        """Text embeddings -> final latents (the part of generate_images between the cache and the VAE).
 
         `start`: (latent, K) from the approximate cache: begin K steps in. `capture`: the step counts
         after which to keep a copy of the latents (for the cache). Returns latents, seed and captures.

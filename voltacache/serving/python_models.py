@@ -1,8 +1,8 @@
 """The Triton Python-backend models. triton_models/*/model.py are one-line adapters onto these classes.
 
 Each `execute` returns one response per request; a bad request gets a TritonError response and
-the model keeps serving. The denoiser runs the package's pipeline (`StableDiffusion.generate_latents`)
-with runners that are BLS calls into unet_deep / unet_shallow / vae_encoder.
+the model keeps serving. The denoiser runs the package's pipeline (`StableDiffusion.generate_images`)
+with runners that are BLS calls into unet_deep / unet_shallow / vae_encoder / vae_decoder.
 """
 
 from __future__ import annotations
