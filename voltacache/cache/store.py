@@ -22,6 +22,7 @@ from .policies import POLICIES, victims
 
 COLLECTION_PREFIX = "voltacache_"
 NO_SEED = -1
+FLUSH_ROWS = 1000
 FIELDS = [
     "id",
     "scope",
@@ -82,6 +83,7 @@ class CacheStore:
         self.rng, self.clock = random.Random(seed), clock
         self.evictions = 0
         self.bytes_written = 0
+        self.unflushed = 0
         self._ensure_collection()
 
     def _ensure_collection(self):
@@ -109,28 +111,46 @@ class CacheStore:
         self, vector, scope: str, kind: str, payload: bytes, seed: int = NO_SEED, step: int = 0, benefit: float = 0.0
     ) -> str:
         """Store a payload under an embedding; blob first, index row second. Returns the entry id."""
-        blob = self.blobs.put(payload)
-        self.bytes_written += len(payload)
-        now = self.clock()
-        entry_id = hashlib.sha256(f"{scope}|{kind}|{step}|{seed}|{blob}".encode()).hexdigest()[:40]
-        row = {
-            "id": entry_id,
-            "vector": [float(x) for x in vector],
-            "scope": scope,
-            "kind": kind,
-            "blob": blob,
-            "seed": int(seed),
-            "step": int(step),
-            "size_bytes": len(payload),
-            "hits": 0,
-            "created": now,
-            "expires": now + self.ttl_s,
-            "last_access": now,
-            "benefit": float(benefit),
-        }
-        self.client.upsert(self.collection, [row])
+        return self.put_many(
+            [dict(vector=vector, scope=scope, kind=kind, payload=payload, seed=seed, step=step, benefit=benefit)]
+        )[0]
+
+    def put_many(self, items: list[dict]) -> list[str]:
+        """`put` for many entries: every blob first, then the index rows in one upsert."""
+        now, rows = self.clock(), []
+        for item in items:
+            payload, seed, step = item["payload"], int(item.get("seed", NO_SEED)), int(item.get("step", 0))
+            blob = self.blobs.put(payload)
+            self.bytes_written += len(payload)
+            vector = [float(x) for x in item["vector"]]
+            # the same content under the same embedding and scope is one entry (a re-put refreshes it)
+            key = f"{item['scope']}|{item['kind']}|{step}|{seed}|{blob}|{vector}"
+            entry_id = hashlib.sha256(key.encode()).hexdigest()[:40]
+            rows.append(
+                {
+                    "id": entry_id,
+                    "vector": vector,
+                    "scope": item["scope"],
+                    "kind": item["kind"],
+                    "blob": blob,
+                    "seed": seed,
+                    "step": step,
+                    "size_bytes": len(payload),
+                    "hits": 0,
+                    "created": now,
+                    "expires": now + self.ttl_s,
+                    "last_access": now,
+                    "benefit": float(item.get("benefit", 0.0)),
+                }
+            )
+        self.client.upsert(self.collection, rows)
+        self.unflushed += len(rows)
+        if self.unflushed >= FLUSH_ROWS:
+            # searches scan unsealed rows slowly (milvus-lite: 2.3 s at 10k rows, 30 ms once flushed)
+            self.client.flush(self.collection)
+            self.unflushed = 0
         self.enforce_capacity()
-        return entry_id
+        return [row["id"] for row in rows]
 
     def touch(self, hit: Hit) -> None:
         """Count a hit (frequency and recency feed LFU, LRU and LCBFU)."""
