@@ -105,3 +105,10 @@ def test_clear(store):
     store.put(unit(1), SCOPE, "image", b"x")
     store.clear()
     assert store.stats()["entries"] == 0 and store.blobs.keys() == []
+
+
+def test_identical_images_of_different_prompts_are_two_entries(store):
+    store.put(unit(1), SCOPE, "image", b"the same pixels")
+    store.put(unit(2), SCOPE, "image", b"the same pixels")
+    store.put(unit(2), SCOPE, "image", b"the same pixels")  # a re-put of the same entry refreshes it
+    assert store.stats()["entries"] == 2 and len(store.blobs.keys()) == 1
