@@ -12,6 +12,10 @@ $V bench --model build/bench/tiny_model --workdir build/bench/tiny --size 64 --s
 .venv/bin/python scripts/bench_serving.py --engines build/bench/tiny/engines_block_64 --steps 20 --repeats 9 \
   --out docs/results/serving_tiny.json
 
+# the cross-request cache: a prompt workload (cache on vs off) and hit latency at 10k / 100k entries
+.venv/bin/python scripts/bench_cache_workload.py --engines build/bench/tiny/engines_block_64 --requests 240 --steps 50
+.venv/bin/python scripts/bench_cache_lookup.py --entries 10000 100000 --lookups 300
+
 [ -f build/sd15/model/model_index.json ] || $V init-tiny build/sd15/model --preset sd15
 $V bench --model build/sd15/model --workdir build/bench/sd15 --size 256 --steps 20 --repeats "${SD15_REPEATS:-3}" \
   --name bench_sd15

@@ -7,6 +7,7 @@ feature live in local variables of one call: nothing is shared between requests.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 import warnings
@@ -122,8 +123,9 @@ class StableDiffusion:
         image = load_image(init_image, self.width, self.height) if init_image is not None else None
         stats = Stats()
 
-        # 2. Encode the prompt (negative first, as diffusers concatenates them); an exact repeat skips the encoder
-        embeddings, pooled = self.encode_prompt(prompts, negatives, stats)
+        # 2. Encode the prompt (negative first, as diffusers concatenates them); an exact repeat skips the
+        # encoder unless every cache is off
+        embeddings, pooled = self.encode_prompt(prompts, negatives, stats, memo=cache_mode != "off")
 
         # 3-7. Cache lookup, timesteps, latents, denoising, decoding
         result = self.generate_images(
@@ -169,8 +171,10 @@ class StableDiffusion:
         stats = stats if stats is not None else Stats()
         pooled_prompt = pooled[len(prompts) :]
 
-        # 3. Cross-request cache: a stored image, or a stored latent K steps in
-        use_cache = cache is not None and cache_mode != "off" and image is None
+        # 3. Cross-request cache: a stored image, or a stored latent K steps in. An init image and its
+        # strength are part of the scope, and K counts the steps this request would run.
+        use_cache = cache is not None and cache_mode != "off"
+        run_steps = denoising_steps(steps, strength if image is not None else None)
         decision = None
         if use_cache:
             vector = cache.embedder.embed(prompts[0], pooled_prompt[0])
@@ -183,14 +187,15 @@ class StableDiffusion:
                 interval=cache_interval,
                 schedule=cache_schedule,
                 batch=self.batch,
+                **({} if image is None else {"init": fingerprint(image), "strength": float(strength)}),
             )
-            decision = cache.lookup(vector, scope, steps, seed) if cache_mode == "on" else None
+            decision = cache.lookup(vector, scope, run_steps, seed) if cache_mode == "on" else None
             if decision is not None and decision.layer == "semantic":
                 return Generation(
                     decision.image, decision.seed, stats, pooled_prompt, 0.0, "semantic", decision.similarity
                 )
         start = (decision.latent, decision.start_step) if decision is not None and decision.latent is not None else None
-        capture = cache.checkpoints(steps) if use_cache and start is None else set()
+        capture = cache.checkpoints(run_steps) if use_cache and start is None else set()
 
         # 4-6. Timesteps, latents, denoising
         latents, seed, checkpoints = self.generate_latents(
@@ -214,7 +219,7 @@ class StableDiffusion:
         if use_cache:
             layer = decision.layer if decision is not None else "miss"
             similarity = decision.similarity if decision is not None else 0.0
-            cache.remember(vector, scope, seed, steps, images, checkpoints)
+            cache.remember(vector, scope, seed, run_steps, images, checkpoints)
         return Generation(images, seed, stats, pooled_prompt, 0.0, layer, similarity)
 
     def generate_latents(
@@ -243,17 +248,15 @@ class StableDiffusion:
 
         # 3. Prepare timesteps
         sched = make_scheduler(scheduler, self.scheduler_config)
-        timesteps = self.prepare_timesteps(sched, steps, strength if image is not None else None)
+        skipped = start[1] if start is not None else 0
+        timesteps = self.prepare_timesteps(sched, steps, strength if image is not None else None, skipped)
 
         # 4. Prepare latents: from the seed, from the encoded init image noised to the first timestep,
         # or from a cached latent K steps in
         if start is not None:
-            latents, skipped = torch.from_numpy(np.asarray(start[0], dtype=np.float32)), start[1]
-            if hasattr(sched, "set_begin_index"):
-                sched.set_begin_index(skipped * sched.order)
-            timesteps = timesteps[skipped * sched.order :]
+            latents = torch.from_numpy(np.asarray(start[0], dtype=np.float32))
         else:
-            latents, skipped = self.prepare_latents(sched, generator, timesteps, image, stats), 0
+            latents = self.prepare_latents(sched, generator, timesteps, image, stats)
 
         # 5. Denoise, the full U-Net on DeepCache's refresh steps and the shallow one in between
         refresh = full_steps(len(timesteps), cache_interval, cache_schedule)
@@ -318,9 +321,9 @@ class StableDiffusion:
         ids = self.tokenizer(texts, padding="max_length", max_length=length, truncation=True).input_ids
         return np.asarray(ids, dtype=np.int32)
 
-    def encode_prompt(self, prompts, negatives, stats: Stats):
+    def encode_prompt(self, prompts, negatives, stats: Stats, memo: bool = True):
         key = tuple(negatives + prompts)
-        if key in self.text_memo:  # an exact repeat: the text encoder's output is a pure function of the ids
+        if memo and key in self.text_memo:  # an exact repeat: the text encoder's output is a pure function of the ids
             self.text_memo.move_to_end(key)
             stats.text_memo_hits += 1
             return self.text_memo[key]
@@ -331,15 +334,16 @@ class StableDiffusion:
             self.text_memo.popitem(last=False)
         return self.text_memo[key]
 
-    def prepare_timesteps(self, scheduler, steps: int, strength: float | None):
+    def prepare_timesteps(self, scheduler, steps: int, strength: float | None, skipped: int = 0):
+        """The timesteps to run: img2img drops the first (1 - strength) of the schedule, as diffusers'
+        get_timesteps, and an approximate-cache start the `skipped` steps after that."""
         scheduler.set_timesteps(steps)
-        if strength is None:
+        begin = steps - denoising_steps(steps, strength) + skipped
+        if strength is None and skipped == 0:
             return scheduler.timesteps
-        # img2img: skip the first (1 - strength) of the schedule, as diffusers' get_timesteps
-        t_start = steps - min(int(steps * strength), steps)
         if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(t_start * scheduler.order)
-        timesteps = scheduler.timesteps[t_start * scheduler.order :]
+            scheduler.set_begin_index(begin * scheduler.order)
+        timesteps = scheduler.timesteps[begin * scheduler.order :]
         if len(timesteps) == 0:
             raise InvalidRequest(f"strength {strength}: leaves no denoising step out of {steps}")
         return timesteps
@@ -386,6 +390,15 @@ class StableDiffusion:
         """Latents -> float image in [-1, 1], NCHW."""
         feeds = {LATENT: (latents / self.scaling_factor).numpy().astype(np.float32)}
         return stats.timed(VAE_DECODER, self.runners[VAE_DECODER], feeds)[IMAGE]
+
+
+def denoising_steps(steps: int, strength: float | None) -> int:
+    """How many of `steps` a request runs: all of them, or img2img's strength share."""
+    return steps if strength is None else min(int(steps * strength), steps)
+
+
+def fingerprint(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
 
 
 def random_seed() -> int:

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from voltacache.cache.embedders import ClipPooledEmbedder, MiniLMEmbedder
 from voltacache.cache.layers import CacheConfig, RequestCache, checkpoint_steps, skip_steps
@@ -59,6 +60,8 @@ def test_off_bypasses_and_refresh_regenerates(sd, tmp_path):
     cache = make_cache(tmp_path, ClipPooledEmbedder(64))
     off = sd("a lighthouse at dusk", seed=3, cache=cache, cache_mode="off", **REQUEST)
     assert off.cache == "off" and cache.store.stats()["entries"] == 0
+    again = sd("a lighthouse at dusk", seed=3, cache=cache, cache_mode="off", **REQUEST)
+    assert again.stats.text_memo_hits == 0  # nor the text-embedding memo
     sd("a lighthouse at dusk", seed=3, cache=cache, **REQUEST)
     refreshed = sd("a lighthouse at dusk", seed=3, cache=cache, cache_mode="refresh", **REQUEST)
     assert refreshed.cache == "miss" and refreshed.stats.steps == 10
@@ -83,3 +86,18 @@ def test_similar_prompt_starts_from_a_stored_latent(sd, tmp_path, minilm):
     assert approximate.cache == "approximate" and k > 0
     assert approximate.stats.steps == 10 - k  # only the remaining steps ran, with its own embeddings
     assert cache.counts["steps_skipped"] == k
+
+
+def test_img2img_is_cached_per_init_image_and_starts_from_a_stored_latent(sd, tmp_path, minilm):
+    cache = make_cache(tmp_path, minilm)
+    rng = np.random.default_rng(0)
+    init_a, init_b = (Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(2))
+    request = dict(REQUEST, strength=0.6)  # 6 of the 10 steps run
+    first = sd("a red circle on a blue background", seed=2, cache=cache, init_image=init_a, **request)
+    repeat = sd("a red circle on a blue background", seed=2, cache=cache, init_image=init_a, **request)
+    assert (first.cache, repeat.cache) == ("miss", "semantic")
+    assert np.array_equal(np.asarray(first.images[0]), np.asarray(repeat.images[0]))
+    assert sd("a red circle on a blue background", seed=2, cache=cache, init_image=init_b, **request).cache == "miss"
+    similar = sd("a red circle on a green background", seed=2, cache=cache, init_image=init_a, **request)
+    k = skip_steps(similar.similarity, 6, CacheConfig())
+    assert similar.cache == "approximate" and k > 0 and similar.stats.steps == 6 - k

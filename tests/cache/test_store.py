@@ -112,3 +112,17 @@ def test_identical_images_of_different_prompts_are_two_entries(store):
     store.put(unit(2), SCOPE, "image", b"the same pixels")
     store.put(unit(2), SCOPE, "image", b"the same pixels")  # a re-put of the same entry refreshes it
     assert store.stats()["entries"] == 2 and len(store.blobs.keys()) == 1
+
+
+def test_eviction_scans_once_per_low_water_gap_and_pages_past_a_query_window(tmp_path, clock):
+    store = CacheStore(str(tmp_path / "i.db"), tmp_path / "b", dim=16, max_entries=2000, policy="fifo", clock=clock)
+    for batch in range(3):
+        clock.now += 1
+        store.put_many(
+            [dict(vector=unit(i % 16), scope=SCOPE, kind="image", payload=f"{batch}-{i}".encode()) for i in range(800)]
+        )
+    # 2,400 written: one eviction, down to 95% of 2,000, of the oldest batch's entries
+    assert store.evictions == 500 and store.count() == 1900
+    created = [e["created"] for e in store.entries()]
+    assert len(created) == 1900 and created.count(clock.now - 2) == 300  # FIFO: the first batch went first
+    assert len(store.blobs.keys()) == 1900  # the evicted entries' blobs went with them

@@ -15,11 +15,14 @@ from voltacache.serving.client import Client
 PROMPT = "a photo of an astronaut riding a horse"
 
 
-def metric(server, name, model=None):
+def metric(server, name, model=None, **labels):
+    """The sum of a metric's samples whose labels include the given ones."""
     text = urllib.request.urlopen(server.metrics_url).read().decode()
-    label = f'model="{model}"' if model else ""
+    wanted = [f'{key}="{value}"' for key, value in ({"model": model} if model else {}).items() | labels.items()]
     values = [
-        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{") and label in line
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") and all(w in line for w in wanted)
     ]
     return sum(values)
 
@@ -134,3 +137,13 @@ def test_exact_duplicate_is_a_response_cache_hit(triton):
 def test_server_binds_loopback_only(triton):
     assert all(f"--{kind}-address=127.0.0.1" in triton.command()[0] for kind in ("http", "grpc", "metrics"))
     assert re.match(r"127\.0\.0\.1:\d+", triton.grpc_url)
+
+
+def test_same_prompt_other_seed_skips_the_text_encoder(triton):
+    client = Client(triton.grpc_url)
+    hits = metric(triton, "nv_cache_num_hits_per_model", "text_encoder")
+    encoded = metric(triton, "nv_inference_exec_count", "text_encoder")
+    for seed in (1, 2, 3):
+        client.generate("a memoized prompt", steps=2, seed=seed, scheduler="ddim")
+    assert metric(triton, "nv_cache_num_hits_per_model", "text_encoder") == hits + 2
+    assert metric(triton, "nv_inference_exec_count", "text_encoder") == encoded + 1

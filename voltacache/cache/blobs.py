@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -71,6 +72,13 @@ class LocalBlobStore:
     def clear(self) -> None:
         for key in self.keys():
             self.delete(key)
+
+    def drop_temporaries(self, older_than_s: float = 600.0) -> int:
+        """Remove the temporaries of writes a crash interrupted (old enough not to be in flight)."""
+        stale = [p for p in self.root.glob("??/.tmp-*") if time.time() - p.stat().st_mtime > older_than_s]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return len(stale)
 
 
 class S3BlobStore:

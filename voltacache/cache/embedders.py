@@ -42,7 +42,17 @@ class MiniLMEmbedder:
         self.model = SentenceTransformer(str(get_model_path()), device="cpu")
 
     def embed(self, prompt: str, pooled=None) -> np.ndarray:
-        return normalize(self.model.encode([prompt], normalize_embeddings=True)[0])
+        import torch
+
+        # One thread: a 6-layer model on one short prompt gains nothing from more, and beside another
+        # busy process (the U-Net, a second replica) two threads took 490 ms a prompt here, one 13 ms.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            vector = self.model.encode([prompt], normalize_embeddings=True, show_progress_bar=False)[0]
+        finally:
+            torch.set_num_threads(threads)
+        return normalize(vector)
 
 
 def make_embedder(name: str, clip_dim: int):

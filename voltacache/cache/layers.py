@@ -107,18 +107,16 @@ class RequestCache:
         return decision
 
     def _approximate(self, vector, scope: str, steps: int) -> Decision:
-        best = self._best(self.store.search(vector, scope, LATENT, limit=1))
+        # one search: the best match's checkpoints come back together (one row per checkpoint)
+        hits = self.store.search(vector, scope, LATENT, limit=4 * len(self.config.checkpoints))
+        best = self._best(hits)
         if best is None:
             return Decision("miss")
         k = skip_steps(best.similarity, steps, self.config)
         if k == 0:
             return Decision("miss", best.similarity)
         # the stored latent of that match at the largest checkpoint <= K
-        candidates = [
-            h
-            for h in self.store.search(vector, scope, LATENT, limit=16)
-            if h.entry["step"] <= k and h.similarity >= best.similarity - 1e-6
-        ]
+        candidates = [h for h in hits if h.entry["step"] <= k and h.similarity >= best.similarity - 1e-6]
         for hit in sorted(candidates, key=lambda h: -h.entry["step"]):
             data = self.store.payload(hit)
             if data is not None:
@@ -137,6 +135,11 @@ class RequestCache:
 
     def remember(self, vector, scope: str, seed: int, steps: int, image: np.ndarray, latents: dict[int, np.ndarray]):
         """Store a finished generation: its image (L1) and its checkpoint latents (L2)."""
-        self.store.put(vector, scope, IMAGE, to_bytes(image), seed=seed, step=steps, benefit=steps)
-        for k, latent in latents.items():
-            self.store.put(vector, scope, LATENT, to_bytes(latent), seed=NO_SEED, step=k, benefit=k)
+        entry = dict(vector=vector, scope=scope)
+        self.store.put_many(
+            [dict(entry, kind=IMAGE, payload=to_bytes(image), seed=seed, step=steps, benefit=steps)]
+            + [
+                dict(entry, kind=LATENT, payload=to_bytes(x), seed=NO_SEED, step=k, benefit=k)
+                for k, x in latents.items()
+            ]
+        )

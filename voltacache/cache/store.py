@@ -12,6 +12,7 @@ which `purge` removes; it never leaves a row pointing at a torn blob.
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 import time
 from dataclasses import dataclass
@@ -23,6 +24,10 @@ from .policies import POLICIES, victims
 COLLECTION_PREFIX = "voltacache_"
 NO_SEED = -1
 FLUSH_ROWS = 1000
+QUERY_PAGE = 1000
+# milvus-lite has no MVCC timestamp to give the iterator, which then warns on every scan
+logging.getLogger("pymilvus.client.iterator.query_iterator").setLevel(logging.ERROR)
+LOW_WATER = 0.95  # eviction brings the cache down to this share of its capacity
 FIELDS = [
     "id",
     "scope",
@@ -50,6 +55,10 @@ def scope_key(fingerprint: str, **params) -> str:
     """Model fingerprint and generation parameters, hashed: entries match only within one scope."""
     text = fingerprint + "|" + "|".join(f"{k}={params[k]!r}" for k in sorted(params))
     return hashlib.sha256(text.encode()).hexdigest()[:40]
+
+
+def low_water(capacity: int | None) -> int | None:
+    return None if capacity is None else capacity - int(capacity * (1 - LOW_WATER))
 
 
 class CacheStore:
@@ -84,12 +93,15 @@ class CacheStore:
         self.evictions = 0
         self.bytes_written = 0
         self.unflushed = 0
+        self.bytes_at_scan, self.bytes_written_at_scan = None, 0
         self._ensure_collection()
 
     def _ensure_collection(self):
         from pymilvus import DataType, MilvusClient
 
         if self.client.has_collection(self.collection):
+            # a file a killed process left behind reopens released: searching it needs a load
+            self.client.load_collection(self.collection)
             return
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
@@ -185,22 +197,52 @@ class CacheStore:
     # -- housekeeping ------------------------------------------------------------------------
 
     def entries(self) -> list[dict]:
-        return [dict(r) for r in self.client.query(self.collection, filter='id != ""', output_fields=FIELDS)]
+        """Every row, paged (a plain query stops at Milvus' result window of 16,384 rows)."""
+        iterator = self.client.query_iterator(
+            self.collection, batch_size=QUERY_PAGE, filter='id != ""', output_fields=FIELDS
+        )
+        rows = []
+        try:
+            while page := iterator.next():
+                rows.extend(dict(r) for r in page)
+        finally:
+            iterator.close()
+        return rows
+
+    def count(self) -> int:
+        result = self.client.query(self.collection, filter="", output_fields=["count(*)"])
+        return int(result[0]["count(*)"])
 
     def remove(self, entries: list[dict]) -> None:
         if not entries:
             return
         self.client.delete(self.collection, ids=[e["id"] for e in entries])
-        still_used = {e["blob"] for e in self.entries()}
-        for blob in {e["blob"] for e in entries} - still_used:
+        blobs = sorted({e["blob"] for e in entries})
+        still_used = {
+            r["blob"] for r in self.client.query(self.collection, filter=f"blob in {blobs!r}", output_fields=["blob"])
+        }
+        for blob in set(blobs) - still_used:
             self.blobs.delete(blob)
 
     def enforce_capacity(self) -> int:
-        if self.max_entries is None and self.max_bytes is None:
+        """Evict, in the policy's order, once over a capacity; down to LOW_WATER of it, so that the
+        scan of every row this takes is paid once per few percent of the capacity written, not per put.
+
+        The count is exact (Milvus counts); bytes are the last scan's plus what this process wrote
+        since, so replicas sharing one store each overshoot by at most their own writes."""
+        over_entries = self.max_entries is not None and self.count() > self.max_entries
+        over_bytes = self.max_bytes is not None and (
+            self.bytes_at_scan is None
+            or self.bytes_at_scan + self.bytes_written - self.bytes_written_at_scan > self.max_bytes
+        )
+        if not (over_entries or over_bytes):
             return 0
-        chosen = victims(self.entries(), self.policy, self.max_entries, self.max_bytes, self.rng)
+        entries = self.entries()
+        chosen = victims(entries, self.policy, low_water(self.max_entries), low_water(self.max_bytes), self.rng)
         self.remove(chosen)
         self.evictions += len(chosen)
+        self.bytes_at_scan = sum(e["size_bytes"] for e in entries) - sum(e["size_bytes"] for e in chosen)
+        self.bytes_written_at_scan = self.bytes_written
         return len(chosen)
 
     def purge_expired(self) -> int:
@@ -211,7 +253,8 @@ class CacheStore:
         orphans = [k for k in self.blobs.keys() if k not in live]
         for key in orphans:
             self.blobs.delete(key)
-        return len(expired) + len(orphans)
+        torn = self.blobs.drop_temporaries() if hasattr(self.blobs, "drop_temporaries") else 0
+        return len(expired) + len(orphans) + torn
 
     def clear(self) -> None:
         self.client.drop_collection(self.collection)

@@ -19,7 +19,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from ..build import read_engine_manifest
 from ..errors import VoltacacheError
-from ..specs import COMPONENTS, ComponentSpec
+from ..specs import COMPONENTS, TEXT_ENCODER, ComponentSpec
 from . import protocol as p
 
 TRITON_DTYPES = {
@@ -72,11 +72,11 @@ def ensemble_config(spec: ComponentSpec, steps: list[tuple[str, dict, dict]]) ->
 def ensemble_steps(specs: dict, img2img: bool) -> list:
     """tokenizer -> text_encoder -> denoiser (BLS: U-Nets, VAE) -> postprocess, wired by tensor name."""
     same = lambda items: {t.name: t.name for t in items}  # noqa: E731
-    text_encoder, denoiser = specs["text_encoder"], specs[p.DENOISER]
+    text_encoder, denoiser = specs[TEXT_ENCODER], specs[p.DENOISER]
     denoiser_inputs = [t for t in denoiser.inputs if img2img or t.name not in p.OPTIONAL_INPUTS[p.DENOISER]]
     return [
         (p.TOKENIZER, same(specs[p.TOKENIZER].inputs), same(specs[p.TOKENIZER].outputs)),
-        ("text_encoder", same(text_encoder.inputs), same(text_encoder.outputs)),
+        (TEXT_ENCODER, same(text_encoder.inputs), same(text_encoder.outputs)),
         (p.DENOISER, same(denoiser_inputs), same(denoiser.outputs)),
         (p.POSTPROCESS, same(specs[p.POSTPROCESS].inputs), same(specs[p.POSTPROCESS].outputs)),
     ]
@@ -149,17 +149,19 @@ def deploy(
         shutil.rmtree(repo)
     repo.mkdir(parents=True)
     for name in COMPONENTS:
-        folder = repo / name
+        folder, source = repo / name, engines / manifest["files"][name]
         if component_backend == "python":
-            write_config(folder, python_config(specs[name], engines))
-            install_adapter(folder, "component")
-            continue
-        source = engines / manifest["files"][name]
-        if component_backend == "tensorrt":
+            config, target = python_config(specs[name], engines), None
+        elif component_backend == "tensorrt":
             config, target = model_config(specs[name], platform="tensorrt_plan"), "model.plan"
         else:
             config, target = model_config(specs[name], backend="onnxruntime"), "model.onnx"
+        if name == TEXT_ENCODER:  # the text-embedding memo: the same ids skip the encoder (Triton's LRU cache)
+            config.response_cache.enable = True
         write_config(folder, config)
+        if target is None:
+            install_adapter(folder, "component")
+            continue
         shutil.copy2(source, folder / "1" / target)
         if source.with_name(source.name + ".data").exists():
             shutil.copy2(source.with_name(source.name + ".data"), folder / "1" / (source.name + ".data"))

@@ -1,0 +1,56 @@
+"""The cache layers through a real tritonserver, with the sentence embedder on a milvus-lite file."""
+
+import pytest
+
+from voltacache.cache.layers import CacheConfig, skip_steps
+from voltacache.serving.client import Client
+from voltacache.serving.deploy import CacheSettings, deploy
+from voltacache.serving.server import TritonServer
+
+from .test_triton import metric
+
+REQUEST = dict(steps=10, scheduler="ddim", seed=1)
+
+
+@pytest.fixture(scope="module")
+def cached_server(engines_dir, tmp_path_factory, new_port):
+    root = tmp_path_factory.mktemp("cache-serving")
+    settings = CacheSettings(index=str(root / "cache.db"), embedder="minilm", max_entries=1000)
+    repo = deploy(engines_dir, root / "repo", denoiser_instances=1, cache=settings)
+    with TritonServer(repo, http_port=new_port(), grpc_port=new_port(), metrics_port=new_port()) as server:
+        yield server
+
+
+def layer_counts(server):
+    return {
+        layer: metric(server, "voltacache_cache_requests_total", layer=layer)
+        for layer in ("semantic", "approximate", "miss")
+    }
+
+
+def test_paraphrase_served_subject_change_never_served_similar_starts_k_in(cached_server):
+    client = Client(cached_server.grpc_url)
+    before = layer_counts(cached_server)
+    skipped_before = metric(cached_server, "voltacache_cache_steps_skipped_total")
+    first = client.generate("a photo of an astronaut riding a horse", **REQUEST)
+    client.generate("a dog on a windowsill", **REQUEST)
+    paraphrase = client.generate("an astronaut riding a horse, photograph", **REQUEST)
+    near_miss = client.generate("a cat on a windowsill", **REQUEST)
+    unrelated = client.generate("a bowl of fruit on a table", **REQUEST)
+    similar = client.generate("a photo of an astronaut riding a pony", **REQUEST)
+
+    assert (first.cache, first.steps_computed) == ("miss", 10)
+    assert (paraphrase.cache, paraphrase.steps_computed) == ("semantic", 0) and paraphrase.similarity > 0.95
+    assert (paraphrase.images == first.images).all()
+    assert near_miss.cache != "semantic" and near_miss.steps_computed > 0
+    assert (unrelated.cache, unrelated.steps_computed) == ("miss", 10)
+    k = skip_steps(similar.similarity, 10, CacheConfig())
+    assert similar.cache == "approximate" and similar.steps_computed == 10 - k > 0
+
+    after = layer_counts(cached_server)
+    results = [first, paraphrase, near_miss, unrelated, similar]
+    for layer in ("semantic", "approximate", "miss"):
+        made = sum(r.cache == layer for r in results) + (layer == "miss")  # + the dog
+        assert after[layer] - before[layer] == made
+    skipped = sum(10 - r.steps_computed for r in results)
+    assert metric(cached_server, "voltacache_cache_steps_skipped_total") - skipped_before == skipped
