@@ -11,9 +11,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # a test that reaches for the hub fails inst
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    from voltacache.presets import write_random_pipeline
+    from voltacache.presets import write_pipeline
 
-    return write_random_pipeline(tmp_path_factory.mktemp("model") / "tiny", "tiny", seed=0)
+    return write_pipeline(tmp_path_factory.mktemp("model") / "tiny", "tiny", seed=0)
 
 
 @pytest.fixture(scope="session")

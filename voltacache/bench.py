@@ -42,17 +42,17 @@ class BenchConfig:
     name: str = "bench"
 
 
-def engines_for(cfg: BenchConfig, branch: str) -> Path:
+def engines_for(model: Path, workdir: Path, size: int, branch: str) -> Path:
     """fp32 engines for one DeepCache branch, exported and built once per workdir and model."""
     from .build import build_engines, read_engine_manifest
     from .export import ExportOptions, export_model, model_fingerprint
 
-    engines = cfg.workdir / f"engines_{branch}_{cfg.size}"
-    fingerprint = model_fingerprint(cfg.model)
+    engines = workdir / f"engines_{branch}_{size}"
+    fingerprint = model_fingerprint(model)
     if (engines / "engines.json").is_file() and read_engine_manifest(engines)["export"]["fingerprint"] == fingerprint:
         return engines
-    onnx_dir = cfg.workdir / f"onnx_{branch}_{cfg.size}"
-    export_model(cfg.model, onnx_dir, ExportOptions("fp32", 1, cfg.size, cfg.size, 23, branch))
+    onnx_dir = workdir / f"onnx_{branch}_{size}"
+    export_model(model, onnx_dir, ExportOptions("fp32", 1, size, size, 23, branch))
     build_engines(onnx_dir, engines, backend="onnxruntime")
     return engines
 
@@ -157,7 +157,7 @@ def build_contenders(cfg: BenchConfig, stack) -> list[Contender]:
                 )
             )
     for branch in cfg.branches:
-        engines = engines_for(cfg, branch)
+        engines = engines_for(cfg.model, cfg.workdir, cfg.size, branch)
         local = StableDiffusion.from_engines(engines)
 
         def local_run(seed, n, local=local):

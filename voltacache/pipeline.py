@@ -65,6 +65,35 @@ class Stats:
         return out
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How one request samples: checked once, then carried through every stage."""
+
+    steps: int = 50
+    guidance: float = 7.5
+    seed: int | None = None
+    scheduler: str = "pndm"
+    cache_interval: int = 1
+    cache_schedule: str = "uniform"
+    strength: float = 0.8  # img2img only
+
+    def check(self) -> None:
+        """Reject a bad value before any compute, naming the argument."""
+        steps, guidance, interval, strength = self.steps, self.guidance, self.cache_interval, self.strength
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
+            raise InvalidRequest(f"steps {steps!r}: must be an integer from 1 to {MAX_STEPS}")
+        if not isinstance(guidance, (int, float, np.floating)) or not math.isfinite(guidance):
+            raise InvalidRequest(f"guidance {guidance!r}: must be a finite number")
+        if self.scheduler not in SCHEDULERS:
+            raise InvalidRequest(f"scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        if not isinstance(interval, (int, np.integer)) or not 1 <= interval <= MAX_STEPS:
+            raise InvalidRequest(f"cache_interval {interval!r}: must be an integer from 1 to {MAX_STEPS}")
+        if self.cache_schedule not in ("uniform", "nonuniform"):
+            raise InvalidRequest(f"cache_schedule {self.cache_schedule!r}: use uniform or nonuniform")
+        if not (isinstance(strength, (int, float, np.floating)) and 0.0 < strength <= 1.0):
+            raise InvalidRequest(f"strength {strength!r}: must be in (0, 1]")
+
+
 @dataclass
 class Generation:
     images: list
@@ -119,7 +148,9 @@ class StableDiffusion:
         started = time.perf_counter()
         # 1. Check inputs before any compute
         prompts, negatives = self.check_prompts(prompt, negative_prompt)
-        self.check_parameters(steps, guidance, scheduler, cache_interval, cache_schedule, height, width, strength)
+        sampling = Sampling(steps, guidance, seed, scheduler, cache_interval, cache_schedule, strength)
+        sampling.check()
+        self.check_size(height, width)
         image = load_image(init_image, self.width, self.height) if init_image is not None else None
         stats = Stats()
 
@@ -128,23 +159,7 @@ class StableDiffusion:
         embeddings, pooled = self.encode_prompt(prompts, negatives, stats, memo=cache_mode != "off")
 
         # 3-7. Cache lookup, timesteps, latents, denoising, decoding
-        result = self.generate_images(
-            prompts,
-            negatives,
-            embeddings,
-            pooled,
-            steps,
-            guidance,
-            seed,
-            scheduler,
-            cache_interval,
-            cache_schedule,
-            image,
-            strength,
-            stats,
-            cache,
-            cache_mode,
-        )
+        result = self.generate_images(prompts, negatives, embeddings, pooled, sampling, image, stats, cache, cache_mode)
         result.images = [Image.fromarray(x) for x in result.images]
         result.seconds = time.perf_counter() - started
         return result
@@ -155,14 +170,8 @@ class StableDiffusion:
         negatives,
         embeddings,
         pooled,
-        steps,
-        guidance,
-        seed,
-        scheduler,
-        cache_interval=1,
-        cache_schedule="uniform",
+        sampling: Sampling,
         image=None,
-        strength=0.8,
         stats=None,
         cache=None,
         cache_mode="on",
@@ -174,22 +183,23 @@ class StableDiffusion:
         # 3. Cross-request cache: a stored image, or a stored latent K steps in. An init image and its
         # strength are part of the scope, and K counts the steps this request would run.
         use_cache = cache is not None and cache_mode != "off"
-        run_steps = denoising_steps(steps, strength if image is not None else None)
+        steps = sampling.steps
+        run_steps = denoising_steps(steps, sampling.strength if image is not None else None)
         decision = None
         if use_cache:
             vector = cache.embedder.embed(prompts[0], pooled_prompt[0])
             scope = cache.scope(
                 size=(self.height, self.width),
                 steps=steps,
-                guidance=float(guidance),
-                scheduler=scheduler,
+                guidance=float(sampling.guidance),
+                scheduler=sampling.scheduler,
                 negative=negatives[0],
-                interval=cache_interval,
-                schedule=cache_schedule,
+                interval=sampling.cache_interval,
+                schedule=sampling.cache_schedule,
                 batch=self.batch,
-                **({} if image is None else {"init": fingerprint(image), "strength": float(strength)}),
+                **({} if image is None else {"init": fingerprint(image), "strength": float(sampling.strength)}),
             )
-            decision = cache.lookup(vector, scope, run_steps, seed) if cache_mode == "on" else None
+            decision = cache.lookup(vector, scope, run_steps, sampling.seed) if cache_mode == "on" else None
             if decision is not None and decision.layer == "semantic":
                 return Generation(
                     decision.image, decision.seed, stats, pooled_prompt, 0.0, "semantic", decision.similarity
@@ -199,18 +209,7 @@ class StableDiffusion:
 
         # 4-6. Timesteps, latents, denoising
         latents, seed, checkpoints = self.generate_latents(
-            embeddings,
-            steps,
-            guidance,
-            seed,
-            scheduler,
-            cache_interval,
-            cache_schedule,
-            image,
-            strength,
-            stats,
-            start=start,
-            capture=capture,
+            embeddings, sampling, image, stats, start=start, capture=capture
         )
 
         # 7. Decode, and remember the result for later requests
@@ -222,34 +221,21 @@ class StableDiffusion:
             cache.remember(vector, scope, seed, run_steps, images, checkpoints)
         return Generation(images, seed, stats, pooled_prompt, 0.0, layer, similarity)
 
-    def generate_latents(
-        self,
-        embeddings,
-        steps,
-        guidance,
-        seed,
-        scheduler,
-        cache_interval=1,
-        cache_schedule="uniform",
-        image=None,
-        strength=0.8,
-        stats=None,
-        start=None,
-        capture=frozenset(),
-    ):
+    def generate_latents(self, embeddings, sampling: Sampling, image=None, stats=None, start=None, capture=frozenset()):
         """Text embeddings -> final latents (the part of generate_images between the cache and the VAE).
 
         `start`: (latent, K) from the approximate cache: begin K steps in. `capture`: the step counts
         after which to keep a copy of the latents (for the cache). Returns latents, seed and captures.
         """
         stats = stats if stats is not None else Stats()
-        seed = random_seed() if seed is None else int(seed)
+        seed = random_seed() if sampling.seed is None else int(sampling.seed)
         generator = torch.Generator("cpu").manual_seed(seed)
 
         # 3. Prepare timesteps
-        sched = make_scheduler(scheduler, self.scheduler_config)
+        sched = make_scheduler(sampling.scheduler, self.scheduler_config)
         skipped = start[1] if start is not None else 0
-        timesteps = self.prepare_timesteps(sched, steps, strength if image is not None else None, skipped)
+        strength = sampling.strength if image is not None else None
+        timesteps = self.prepare_timesteps(sched, sampling.steps, strength, skipped)
 
         # 4. Prepare latents: from the seed, from the encoded init image noised to the first timestep,
         # or from a cached latent K steps in
@@ -259,14 +245,14 @@ class StableDiffusion:
             latents = self.prepare_latents(sched, generator, timesteps, image, stats)
 
         # 5. Denoise, the full U-Net on DeepCache's refresh steps and the shallow one in between
-        refresh = full_steps(len(timesteps), cache_interval, cache_schedule)
+        refresh = full_steps(len(timesteps), sampling.cache_interval, sampling.cache_schedule)
         captured = {}
         latents = self.denoise(
             latents,
             embeddings,
             sched,
             timesteps,
-            guidance,
+            sampling.guidance,
             refresh,
             generator,
             stats,
@@ -283,34 +269,12 @@ class StableDiffusion:
             raise InvalidRequest("prompt and negative_prompt must be text")
         return prompts, negatives
 
-    def check_parameters(
-        self,
-        steps,
-        guidance,
-        scheduler,
-        cache_interval,
-        cache_schedule="uniform",
-        height=None,
-        width=None,
-        strength=0.8,
-    ) -> None:
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
-            raise InvalidRequest(f"steps {steps!r}: must be an integer from 1 to {MAX_STEPS}")
-        if not isinstance(guidance, (int, float, np.floating)) or not math.isfinite(guidance):
-            raise InvalidRequest(f"guidance {guidance!r}: must be a finite number")
-        if scheduler not in SCHEDULERS:
-            raise InvalidRequest(f"scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
-        if not isinstance(cache_interval, (int, np.integer)) or not 1 <= cache_interval <= MAX_STEPS:
-            raise InvalidRequest(f"cache_interval {cache_interval!r}: must be an integer from 1 to {MAX_STEPS}")
-        if cache_schedule not in ("uniform", "nonuniform"):
-            raise InvalidRequest(f"cache_schedule {cache_schedule!r}: use uniform or nonuniform")
+    def check_size(self, height=None, width=None) -> None:
         if (height or self.height) != self.height or (width or self.width) != self.width:
             raise InvalidRequest(
                 f"size {width or self.width}x{height or self.height}: these engines are static at "
                 f"{self.width}x{self.height}; export and build for another size"
             )
-        if not (isinstance(strength, (int, float, np.floating)) and 0.0 < strength <= 1.0):
-            raise InvalidRequest(f"strength {strength!r}: must be in (0, 1]")
 
     def tokenize(self, texts: list[str]) -> np.ndarray:
         length = self.tokenizer.model_max_length

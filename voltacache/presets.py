@@ -1,8 +1,11 @@
-"""Stable Diffusion pipelines with SD 1.5's topology and random weights, built from configs offline.
+"""Stable Diffusion pipelines with SD 1.5's topology, built offline: from configs with random weights,
+or from the weights we trained and ship.
 
 `sd15` is the real SD 1.5 architecture (the configs shipped in voltacache/configs/sd15);
 `tiny` keeps every block type, cross-attention and the CLIP text model, at small widths, so the
-whole pipeline makes a 64x64 image in a few seconds on a CPU (DESIGN.md Part B).
+whole pipeline makes a 64x64 image in a few seconds on a CPU (DESIGN.md Part B);
+`shapes` is `tiny` trained on captioned shapes (scripts/train_shapes.py): images that show what the
+prompt asks, so quality under caching can be measured.
 """
 
 from __future__ import annotations
@@ -43,7 +46,9 @@ TINY = {
         "projection_dim": 64,
     },
 }
-PRESETS = {"tiny": TINY, "sd15": {}}
+PRESETS = {"tiny": TINY, "sd15": {}, "shapes": TINY}
+# Presets with trained weights: fp16 safetensors, one diffusers folder per component
+TRAINED = {"shapes": Path(str(resources.files("voltacache") / "weights" / "shapes"))}
 
 
 def component_config(component: str, preset: str = "sd15") -> dict:
@@ -66,22 +71,36 @@ def random_pipeline(preset: str = "tiny", seed: int = 0) -> StableDiffusionPipel
     unet = UNet2DConditionModel.from_config(component_config("unet", preset))
     vae = AutoencoderKL.from_config(component_config("vae", preset))
     text_config = {k: v for k, v in component_config("text_encoder", preset).items() if k != "architectures"}
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
-    scheduler = PNDMScheduler.from_pretrained(SD15_CONFIG_DIR, subfolder="scheduler")
+    return assemble(unet, vae, CLIPTextModel(CLIPTextConfig(**text_config)))
+
+
+def trained_pipeline(preset: str) -> StableDiffusionPipeline:
+    """The shipped weights of a trained preset, in fp32 (fp16 is only how they are stored)."""
+    root = TRAINED[preset]
+    return assemble(
+        UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32),
+        AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32),
+        CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=torch.float32),
+    )
+
+
+def assemble(unet, vae, text_encoder) -> StableDiffusionPipeline:
+    """A pipeline of these models with the real CLIP tokenizer and SD 1.5's scheduler config."""
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=clip_tokenizer(),
         unet=unet,
-        scheduler=scheduler,
+        scheduler=PNDMScheduler.from_pretrained(SD15_CONFIG_DIR, subfolder="scheduler"),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
 
 
-def write_random_pipeline(out_dir: Path, preset: str = "tiny", seed: int = 0) -> Path:
-    """Write a diffusers-format folder (safetensors weights) that from_pretrained loads offline."""
-    pipe = random_pipeline(preset, seed)
+def write_pipeline(out_dir: Path, preset: str = "tiny", seed: int = 0) -> Path:
+    """Write a diffusers-format folder (safetensors weights) that from_pretrained loads offline: the
+    preset's trained weights, or random ones from the seed."""
+    pipe = trained_pipeline(preset) if preset in TRAINED else random_pipeline(preset, seed)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return out_dir

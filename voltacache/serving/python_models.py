@@ -170,20 +170,23 @@ class DenoiserModel(PythonModel):
     def run(self, request):
         from PIL import Image
 
-        from ..pipeline import Stats, load_image
+        from ..pipeline import Sampling, Stats, load_image
         from ..specs import IMAGE, POOLED_EMBEDDING, TEXT_EMBEDDINGS
 
         started = time.perf_counter()
-        steps = int(self.input(request, p.STEPS)[0])
-        guidance = float(self.input(request, p.GUIDANCE)[0])
         seed = int(self.input(request, p.SEED)[0])
-        scheduler = self.text(request, p.SCHEDULER)
-        interval = int(self.input(request, p.CACHE_INTERVAL)[0])
+        strength = self.input(request, p.STRENGTH, required=False)
+        sampling = Sampling(
+            steps=int(self.input(request, p.STEPS)[0]),
+            guidance=float(self.input(request, p.GUIDANCE)[0]),
+            seed=None if seed == p.RANDOM_SEED else seed,
+            scheduler=self.text(request, p.SCHEDULER),
+            cache_interval=int(self.input(request, p.CACHE_INTERVAL)[0]),
+            strength=float(strength[0]) if strength is not None else Sampling.strength,
+        )
+        sampling.check()
         mode = self.text(request, p.CACHE)
         pixels = self.input(request, p.INIT_IMAGE, required=False)
-        strength = self.input(request, p.STRENGTH, required=False)
-        strength = float(strength[0]) if strength is not None else 0.8
-        self.pipeline.check_parameters(steps, guidance, scheduler, interval, strength=strength)
         if mode not in ("on", "off", "refresh"):
             raise BadRequest(f"CACHE {mode!r}: use on, off or refresh")
         image = (
@@ -200,13 +203,8 @@ class DenoiserModel(PythonModel):
             negatives,
             self.input(request, TEXT_EMBEDDINGS),
             self.input(request, POOLED_EMBEDDING),
-            steps,
-            guidance,
-            None if seed == p.RANDOM_SEED else seed,
-            scheduler,
-            interval,
+            sampling,
             image=image,
-            strength=strength,
             stats=stats,
             cache=self.cache,
             cache_mode=mode,
