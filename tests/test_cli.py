@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from voltacache.cli import app
 
-SUBCOMMANDS = ["init-tiny", "export", "build", "deploy", "serve", "generate", "bench", "cache"]
+SUBCOMMANDS = ["init-tiny", "export", "build", "deploy", "serve", "generate", "bench", "cache", "check-shapes"]
 runner = CliRunner()
 
 

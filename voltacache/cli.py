@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from .cache.layers import DEFAULT_BANDS, NIRVANA_BANDS, CacheConfig
 from .errors import NotBuiltYet, VoltacacheError
 
 app = typer.Typer(
@@ -44,22 +45,36 @@ def not_built(what: str, issue: str):
     raise NotBuiltYet(f"`voltacache {what}` arrives with the {issue} issue")
 
 
+CACHE_THRESHOLD = typer.Option(
+    CacheConfig.semantic_threshold, help="Cache: the similarity from which a stored image is served."
+)
+CACHE_BANDS = typer.Option(
+    DEFAULT_BANDS,
+    help="Cache: SIMILARITY:FRACTION,... a match this similar starts FRACTION of the steps in from its latent "
+    f"(NIRVANA's own: {NIRVANA_BANDS}).",
+)
+
+
 @app.command("init-tiny")
 @user_errors
 def init_tiny(
     out: Path = typer.Argument(..., help="Folder to write the diffusers-format pipeline into."),
-    seed: int = typer.Option(0, help="Seed of the random weights."),
-    preset: str = typer.Option("tiny", help="tiny (seconds per image on a CPU) or sd15 (full SD 1.5, ~4 GB)."),
+    seed: int = typer.Option(0, help="Seed of the random weights (tiny, sd15)."),
+    preset: str = typer.Option(
+        "tiny",
+        help="tiny (random weights, seconds per image on a CPU), shapes (tiny, trained on captioned shapes: "
+        "images that follow the prompt) or sd15 (full SD 1.5, random weights, ~4 GB).",
+    ),
     single_file: Path | None = typer.Option(
         None, help="Also write the pipeline as one SD 1.x (LDM layout) .safetensors checkpoint here."
     ),
 ):
-    """Write a Stable Diffusion pipeline with SD 1.5's topology and random weights."""
-    from .presets import PRESETS, write_random_pipeline
+    """Write a Stable Diffusion pipeline with SD 1.5's topology: random weights, or the trained shapes model."""
+    from .presets import PRESETS, write_pipeline
 
     if preset not in PRESETS:
         raise VoltacacheError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    write_random_pipeline(out, preset, seed)
+    write_pipeline(out, preset, seed)
     if single_file:
         from .checkpoint import load_pipeline
         from .single_file import save_single_file
@@ -179,6 +194,8 @@ def deploy(
     cache_policy: str = typer.Option("lcbfu", help="Eviction: lcbfu, fifo, lifo, lru, lfu or random."),
     cache_max_entries: int | None = typer.Option(None, help="Capacity in entries."),
     cache_max_bytes: int | None = typer.Option(None, help="Capacity in bytes."),
+    cache_threshold: float = CACHE_THRESHOLD,
+    cache_bands: str = CACHE_BANDS,
 ):
     """Write a Triton model repository with the txt2img / img2img ensembles."""
     from .serving.deploy import CacheSettings
@@ -192,6 +209,8 @@ def deploy(
         cache_policy,
         cache_max_entries,
         cache_max_bytes,
+        cache_threshold,
+        cache_bands,
     )
     print(write_repository(engines, repo, component_backend, denoiser_instances, settings))
 
@@ -252,6 +271,8 @@ def generate(
     ),
     cache_embedder: str = typer.Option("clip", help="In process: clip (the pipeline's pooled output) or minilm."),
     blob_store: str | None = typer.Option(None, help="In process: blob folder or s3://bucket/prefix."),
+    cache_threshold: float = CACHE_THRESHOLD,
+    cache_bands: str = CACHE_BANDS,
 ):
     """Generate images in process (--engines) or through Triton (--url)."""
     from .generate import CacheOptions, GenerateOptions, generate_in_process, generate_served
@@ -278,12 +299,40 @@ def generate(
         if cache not in ("on", "off", "refresh"):
             raise VoltacacheError(f"--cache {cache!r}: use on, off or refresh")
         records = generate_in_process(
-            engines, texts, options, output, CacheOptions(cache_index, cache, cache_embedder, blob_store)
+            engines,
+            texts,
+            options,
+            output,
+            CacheOptions(cache_index, cache, cache_embedder, blob_store, cache_threshold, cache_bands),
         )
     else:
         records = generate_served(url, protocol, texts, options, output, concurrency, err, cache)
     for record in records:
         print(json.dumps(record) if json_output else record["path"])
+
+
+@app.command("check-shapes")
+@user_errors
+def check_shapes(
+    image: Path = typer.Argument(..., help="An image of the shapes preset."),
+    caption: str = typer.Argument(..., help='Its prompt: "a {color} {shape} on a {background} background".'),
+):
+    """Read the shape, its color and the background off an image and compare them with the caption."""
+    from dataclasses import asdict
+
+    from PIL import Image
+
+    from .shapes.checker import check, read_image
+
+    if not image.is_file():
+        raise VoltacacheError(f"{image}: no such image")
+    try:
+        verdict = check(Image.open(image), caption) | {"read": asdict(read_image(Image.open(image)))}
+    except ValueError as e:
+        raise VoltacacheError(str(e)) from None
+    print(json.dumps(verdict))
+    if not verdict["all_ok"]:
+        raise typer.Exit(1)
 
 
 def read_prompts(path: Path) -> list[str]:

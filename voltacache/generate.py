@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .cache.layers import DEFAULT_BANDS, CacheConfig
 from .errors import VoltacacheError
 
 
@@ -75,16 +76,19 @@ class CacheOptions:
     mode: str = "on"
     embedder: str = "clip"
     blob_store: str | None = None
+    semantic_threshold: float = CacheConfig.semantic_threshold
+    bands: str = DEFAULT_BANDS
 
 
 def open_cache(pipe, cache: CacheOptions):
     if cache.index is None:
         return None
-    from .cache.layers import open_request_cache
+    from .cache.layers import open_request_cache, parse_bands
 
-    fingerprint = pipe.export["fingerprint"]
+    config = CacheConfig(cache.semantic_threshold, parse_bands(cache.bands))
+    text_hidden = pipe.export["geometry"]["text_hidden"]
     return open_request_cache(
-        cache.index, cache.blob_store, cache.embedder, fingerprint, pipe.export["geometry"]["text_hidden"]
+        cache.index, cache.blob_store, cache.embedder, pipe.export["fingerprint"], text_hidden, config
     )
 
 

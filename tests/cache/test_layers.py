@@ -5,8 +5,16 @@ import pytest
 from PIL import Image
 
 from voltacache.cache.embedders import ClipPooledEmbedder, MiniLMEmbedder
-from voltacache.cache.layers import CacheConfig, RequestCache, checkpoint_steps, skip_steps
+from voltacache.cache.layers import (
+    NIRVANA_BANDS,
+    CacheConfig,
+    RequestCache,
+    checkpoint_steps,
+    parse_bands,
+    skip_steps,
+)
 from voltacache.cache.store import CacheStore
+from voltacache.errors import VoltacacheError
 
 REQUEST = dict(steps=10, scheduler="ddim", guidance=7.5)
 
@@ -23,9 +31,18 @@ def make_cache(tmp_path, embedder, fingerprint="tiny-a"):
 
 def test_k_follows_the_similarity_band():
     config = CacheConfig()
-    assert [skip_steps(s, 50, config) for s in (0.99, 0.94, 0.91, 0.87, 0.82, 0.76, 0.7)] == [25, 25, 20, 15, 10, 5, 0]
-    assert checkpoint_steps(50, config) == {5, 10, 15, 20, 25}
-    assert checkpoint_steps(10, config) == {1, 2, 3, 4, 5}
+    assert [skip_steps(s, 50, config) for s in (0.99, 0.94, 0.90, 0.87, 0.80, 0.79)] == [10, 10, 10, 5, 5, 0]
+    assert checkpoint_steps(50, config) == {5, 10}
+    nirvana = CacheConfig(bands=parse_bands(NIRVANA_BANDS))
+    assert [skip_steps(s, 50, nirvana) for s in (0.99, 0.94, 0.91, 0.87, 0.82, 0.76, 0.7)] == [25, 25, 20, 15, 10, 5, 0]
+    assert checkpoint_steps(50, nirvana) == {5, 10, 15, 20, 25}
+    assert checkpoint_steps(10, nirvana) == {1, 2, 3, 4, 5}
+
+
+@pytest.mark.parametrize("text", ["0.9", "0.9:0.2:1", "high:0.2", "1.5:0.2", "0.9:1.0", "0.9:0"])
+def test_bad_bands_are_refused_by_name(text):
+    with pytest.raises(VoltacacheError, match="cache band"):
+        parse_bands(text)
 
 
 def test_exact_repeat_is_a_semantic_hit(sd, tmp_path):

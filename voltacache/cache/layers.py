@@ -4,13 +4,16 @@ L1: a prompt whose embedding is within `semantic_threshold` of a stored one, wit
 and generation parameters, gets the stored image: no denoising, no decode.
 L2: a prompt in a lower similarity band starts from a stored intermediate latent of the best match,
 K steps in, and runs the remaining steps with its own text embeddings. The closer the match, the
-larger K. Stored latents: after K = fraction x steps steps, for each fraction in `checkpoints`
-(0.1 .. 0.5: K in {5, 10, 15, 20, 25} of 50, as NIRVANA stores).
+larger K. Each generation stores its latents after K = fraction x steps steps, for each fraction a
+band can ask for.
 
-Default thresholds come from all-MiniLM-L6-v2's cosines measured here (DESIGN.md Part B): a
-paraphrase scores 0.96-0.97, a changed colour or background 0.89, a changed subject (cat/dog)
-0.72-0.77, an unrelated prompt 0.1. So an image is served only at >= 0.95, and the K bands step
-down from half the schedule at 0.93 to a tenth at 0.75; below 0.75 nothing is reused.
+Defaults, from measurements (docs/benchmarks.md). all-MiniLM-L6-v2's cosines: a paraphrase scores
+0.96-0.97, a changed color or background 0.78-0.94 (median 0.86-0.89), a changed subject (cat/dog)
+0.72-0.77, an unrelated prompt 0.1. So an image is served only at >= 0.95. The K bands were set by
+quality on the trained shapes model (scripts/eval_shapes_quality.py): starting a one-word edit from
+its neighbour's latent costs at most 2 points of adherence at K = 20% of the steps, and 3 to 12
+points at 30%. Hence 20% from 0.90 and 10% from 0.80; nothing is reused below 0.80. NIRVANA's own
+bands (up to 50% of the steps) are NIRVANA_BANDS, for `--cache-bands`.
 """
 
 from __future__ import annotations
@@ -20,18 +23,41 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import VoltacacheError
 from .store import NO_SEED, CacheStore, Hit, scope_key
 
 IMAGE, LATENT = "image", "latent"
 MODES = ("on", "off", "refresh")
 
 
+NIRVANA_BANDS = "0.93:0.5,0.90:0.4,0.85:0.3,0.80:0.2,0.75:0.1"
+DEFAULT_BANDS = "0.90:0.2,0.80:0.1"
+
+
+def parse_bands(text: str) -> tuple[tuple[float, float], ...]:
+    """ "0.90:0.2,0.80:0.1" -> ((0.9, 0.2), (0.8, 0.1)): minimum similarity and share of the steps skipped,
+    best band first."""
+    bands = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            similarity, fraction = (float(x) for x in item.split(":"))
+        except ValueError:
+            raise VoltacacheError(f"cache band {item!r}: write SIMILARITY:FRACTION, e.g. 0.90:0.2") from None
+        if not (0 < similarity <= 1 and 0 < fraction < 1):
+            raise VoltacacheError(f"cache band {item!r}: similarity in (0, 1], fraction of the steps in (0, 1)")
+        bands.append((similarity, fraction))
+    return tuple(sorted(bands, reverse=True))
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     semantic_threshold: float = 0.95
-    # (minimum similarity, fraction of the steps skipped), best band first
-    bands: tuple = ((0.93, 0.5), (0.90, 0.4), (0.85, 0.3), (0.80, 0.2), (0.75, 0.1))
-    checkpoints: tuple = (0.1, 0.2, 0.3, 0.4, 0.5)
+    bands: tuple = parse_bands(DEFAULT_BANDS)
+
+    @property
+    def checkpoints(self) -> tuple[float, ...]:
+        """The shares of the schedule after which a generation stores its latents: what the bands can ask for."""
+        return tuple(sorted({fraction for _, fraction in self.bands}))
 
 
 def skip_steps(similarity: float, steps: int, config: CacheConfig) -> int:
@@ -67,7 +93,13 @@ def from_bytes(data: bytes) -> np.ndarray:
 
 
 def open_request_cache(
-    index: str, blobs: str | None, embedder_name: str, fingerprint: str, clip_dim: int, **store_options
+    index: str,
+    blobs: str | None,
+    embedder_name: str,
+    fingerprint: str,
+    clip_dim: int,
+    config: CacheConfig = CacheConfig(),
+    **store_options,
 ) -> RequestCache:
     """The cache for one model: index URI (a milvus-lite file path or a server URL) and blob store
     (a folder, default beside a file index, or s3://bucket/prefix)."""
@@ -81,7 +113,7 @@ def open_request_cache(
             raise ValueError("a Milvus server index needs --blob-store (a shared folder or s3://bucket/prefix)")
         blobs = str(Path(index).with_suffix("")) + "-blobs"
     store = CacheStore(index, blobs, dim=embedder.dim, embedder=embedder.name, **store_options)
-    return RequestCache(store, embedder, fingerprint)
+    return RequestCache(store, embedder, fingerprint, config)
 
 
 class RequestCache:

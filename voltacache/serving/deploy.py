@@ -18,6 +18,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ..build import read_engine_manifest
+from ..cache.layers import DEFAULT_BANDS, CacheConfig, parse_bands
 from ..errors import VoltacacheError
 from ..specs import COMPONENTS, TEXT_ENCODER, ComponentSpec
 from . import protocol as p
@@ -108,6 +109,8 @@ class CacheSettings:
     policy: str = "lcbfu"
     max_entries: int | None = None
     max_bytes: int | None = None
+    semantic_threshold: float = CacheConfig.semantic_threshold
+    bands: str = DEFAULT_BANDS
 
     def parameters(self) -> dict[str, str]:
         if self.index is None:
@@ -118,6 +121,8 @@ class CacheSettings:
             "cache_embedder": self.embedder,
             "cache_ttl_s": str(self.ttl_s),
             "cache_policy": self.policy,
+            "cache_semantic_threshold": str(self.semantic_threshold),
+            "cache_bands": ",".join(f"{similarity}:{fraction}" for similarity, fraction in parse_bands(self.bands)),
         }
         if self.blob_store:
             values["cache_blob_store"] = (

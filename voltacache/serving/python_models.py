@@ -149,7 +149,7 @@ class DenoiserModel(PythonModel):
         index = self.parameters.get("cache_index")
         if not index:
             return None
-        from ..cache.layers import open_request_cache
+        from ..cache.layers import DEFAULT_BANDS, CacheConfig, open_request_cache, parse_bands
 
         options = {
             "ttl_s": float(self.parameters.get("cache_ttl_s", 7 * 24 * 3600)),
@@ -164,6 +164,10 @@ class DenoiserModel(PythonModel):
             self.parameters.get("cache_embedder", "clip"),
             self.export["fingerprint"],
             self.export["geometry"]["text_hidden"],
+            CacheConfig(
+                float(self.parameters.get("cache_semantic_threshold", CacheConfig.semantic_threshold)),
+                parse_bands(self.parameters.get("cache_bands", DEFAULT_BANDS)),
+            ),
             **options,
         )
 

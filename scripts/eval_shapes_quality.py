@@ -1,0 +1,190 @@
+"""Quality under caching, on the trained shapes model: adherence, and PSNR against the uncached image.
+
+    .venv/bin/python scripts/eval_shapes_quality.py --model build/shapes/model
+
+Every evaluation caption (the trained combinations and the held-out pairs), one image each at a
+fixed seed, DDIM 20 steps, through our engines (fp32 ONNX Runtime) and pipeline:
+- uncached (N=1): the reference;
+- DeepCache N = 2, 3, 5 on both branches (block and 0), uniform, and for N = 3, 5 also DeepCache's
+  non-uniform schedule;
+- the approximate cache at each K it stores (10% to 50% of the steps): the generation starts from a
+  neighbour prompt's latent K steps in and runs the remaining steps with its own text embeddings.
+  The neighbour is the caption with one word changed (background, color or shape), the kind of
+  prompt a cache ranks nearest: exactly what the cache layer does on an approximate hit.
+Adherence is the checker's verdict (color, shape and background all right); PSNR is against the
+uncached image of the same caption and seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.progress import Progress
+
+from voltacache.bench import engines_for
+from voltacache.benchmark import machine, write_json
+from voltacache.cache.layers import CacheConfig, checkpoint_steps
+from voltacache.pipeline import Sampling, StableDiffusion, Stats, to_uint8
+from voltacache.shapes.checker import check, parse_caption
+from voltacache.shapes.dataset import COLORS, SHAPES, evaluation_captions
+
+INTERVALS = (2, 3, 5)
+BRANCHES = ("block", "0")
+NEIGHBOURS = ("background", "color", "shape")
+
+
+def neighbour(caption: str, field: str) -> str:
+    """The caption with one word changed: the next value of `field` that keeps shape color != background."""
+    color, shape, background = parse_caption(caption)
+    colors = list(COLORS)
+    if field == "shape":
+        shape = SHAPES[(SHAPES.index(shape) + 1) % len(SHAPES)]
+    else:
+        current = background if field == "background" else color
+        options = [c for c in colors[colors.index(current) + 1 :] + colors if c not in (color, background)]
+        background, color = (options[0], color) if field == "background" else (background, options[0])
+    return f"a {color} {shape} on a {background} background"
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+class Generator:
+    """Images from text through the pipeline's own stages, with DeepCache and approximate starts."""
+
+    def __init__(self, sd: StableDiffusion, guidance: float, steps: int):
+        self.sd, self.guidance, self.steps = sd, guidance, steps
+
+    def embeddings(self, caption: str):
+        return self.sd.encode_prompt([caption], [""], Stats())[0]
+
+    def image(self, caption: str, seed: int, interval=1, start=None, capture=frozenset(), schedule="uniform"):
+        sampling = Sampling(self.steps, self.guidance, seed, "ddim", interval, schedule)
+        latents, _, captured = self.sd.generate_latents(
+            self.embeddings(caption), sampling, start=start, capture=capture
+        )
+        return to_uint8(self.sd.decode_latents(latents, Stats()))[0], captured
+
+
+def evaluate(args) -> dict:
+    engines = {branch: engines_for(args.model, args.workdir, 64, branch) for branch in BRANCHES}
+    pipelines = {branch: StableDiffusion.from_engines(path) for branch, path in engines.items()}
+    generators = {branch: Generator(sd, args.guidance, args.steps) for branch, sd in pipelines.items()}
+    ks = sorted(checkpoint_steps(args.steps, CacheConfig()))
+    captions = evaluation_captions()
+    rows = []
+    with Progress() as progress:
+        task = progress.add_task("captions", total=len(captions))
+        for index, (caption, held_out) in enumerate(captions):
+            seed = args.seed + index
+            gen = generators["block"]
+            reference, _ = gen.image(caption, seed)
+            row = {"caption": caption, "held_out": held_out, "seed": seed, "configs": {}}
+
+            def score(name, image, reference=reference, row=row, caption=caption):
+                row["configs"][name] = {"ok": check(image, caption)["all_ok"], "psnr": psnr(image, reference)}
+
+            score("uncached", reference)
+            for branch in BRANCHES:
+                for n in INTERVALS:
+                    score(f"deepcache N={n} {branch}", generators[branch].image(caption, seed, n)[0])
+                    if n > 2:  # DeepCache's non-uniform schedule: full steps denser where features move fastest
+                        image = generators[branch].image(caption, seed, n, schedule="nonuniform")[0]
+                        score(f"deepcache N={n} {branch} nonuniform", image)
+            for field in NEIGHBOURS:
+                # the neighbour's generation, as the cache stored it (its latents at every checkpoint)
+                _, stored = gen.image(neighbour(caption, field), seed, capture=set(ks))
+                for k in ks:
+                    score(f"approximate K={k} {field}", gen.image(caption, seed, start=(stored[k], k))[0])
+            rows.append(row)
+            progress.advance(task)
+    return summarize(rows, ks)
+
+
+def summarize(rows: list[dict], ks: list[int]) -> dict:
+    names = list(rows[0]["configs"])
+    summary = {}
+    for name in names:
+        entry = {}
+        for group, chosen in (
+            ("trained", [r for r in rows if not r["held_out"]]),
+            ("held_out", [r for r in rows if r["held_out"]]),
+        ):
+            entry[f"adherence_{group}"] = float(np.mean([r["configs"][name]["ok"] for r in chosen]))
+        finite = [r["configs"][name]["psnr"] for r in rows if np.isfinite(r["configs"][name]["psnr"])]
+        entry["psnr_db"] = float(np.mean(finite)) if finite else float("inf")
+        entry["adherence_all"] = float(np.mean([r["configs"][name]["ok"] for r in rows]))
+        entry["drop_points"] = 100 * (summary.get("uncached", entry)["adherence_all"] - entry["adherence_all"])
+        summary[name] = entry
+    return {"ks": ks, "summary": summary, "rows": rows}
+
+
+def plot(result: dict, path: Path, steps: int) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = result["summary"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    base = summary["uncached"]["adherence_all"] * 100
+    for branch, marker in zip(BRANCHES, ("o", "s")):
+        values = [base] + [summary[f"deepcache N={n} {branch}"]["adherence_all"] * 100 for n in INTERVALS]
+        left.plot((1, *INTERVALS), values, marker=marker, label=f"branch {branch}")
+        nonuniform = [base] + [summary[f"deepcache N={n} {branch} nonuniform"]["adherence_all"] * 100 for n in (3, 5)]
+        left.plot((1, 3, 5), nonuniform, marker=marker, linestyle="--", label=f"branch {branch}, non-uniform")
+    left.set_xlabel("DeepCache interval N")
+    left.set_ylabel("adherence, all captions (%)")
+    left.set_title("DeepCache")
+    left.legend()
+    for field in NEIGHBOURS:
+        ks = result["ks"]
+        right.plot(
+            ks,
+            [summary[f"approximate K={k} {field}"]["adherence_all"] * 100 for k in ks],
+            marker="o",
+            label=f"neighbour: {field} changed",
+        )
+    right.axhline(base, color="gray", linestyle="--", label="uncached")
+    right.set_xlabel(f"K: steps taken from the neighbour (of {steps})")
+    right.set_title("approximate cache")
+    right.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--model", type=Path, required=True, help="the shapes model (voltacache init-tiny DIR --preset shapes)"
+    )
+    parser.add_argument("--workdir", type=Path, default=Path("build/shapes-eval"))
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=Path("docs/results/shapes_quality.json"))
+    parser.add_argument("--figure", type=Path, default=Path("docs/figures/shapes_quality.png"))
+    args = parser.parse_args()
+    started = time.perf_counter()
+    result = evaluate(args)
+    figure = plot(result, args.figure, args.steps)
+    config = {k: str(v) for k, v in vars(args).items()}
+    write_json(args.out, {"machine": machine(), "config": config, "seconds": time.perf_counter() - started, **result})
+    print(f"{'config':<32} {'trained':>8} {'held-out':>9} {'all':>6} {'drop':>6} {'PSNR dB':>8}")
+    for name, s in result["summary"].items():
+        print(
+            f"{name:<32} {s['adherence_trained']:8.1%} {s['adherence_held_out']:9.1%} {s['adherence_all']:6.1%} "
+            f"{s['drop_points']:6.1f} {s['psnr_db']:8.1f}"
+        )
+    print(f"figure: {figure}\nresults: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
