@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# The main job on the embedded tiny model: init -> export -> build -> deploy -> serve -> generate -> stop.
+# The main job on the embedded shapes model (tiny, trained here: images follow the prompt):
+# init -> export -> build -> deploy -> serve -> generate -> check the image against the prompt -> stop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 V=.venv/bin/voltacache
 DEMO=build/demo
 ENGINES=engines/demo
 REPO=triton_models/generated/demo
-PROMPT="a photo of an astronaut riding a horse"
+PROMPT="a red circle on a blue background"
 PORTS=(${DEMO_PORTS:-18000 18001 18002})
 
-$V init-tiny "$DEMO/model" --seed 0
+$V init-tiny "$DEMO/model" --preset shapes
 $V export --model "$DEMO/model" --out "$DEMO/onnx" --precision fp32   # fp32: what a CPU serves fastest
 $V build --onnx "$DEMO/onnx" --out "$ENGINES"
 $V deploy --engines "$ENGINES" --repo "$REPO"
@@ -24,8 +25,9 @@ until grep -q "ready" "$DEMO/serve.log"; do
 done
 cat "$DEMO/serve.log"
 
-$V generate --url "127.0.0.1:${PORTS[1]}" "$PROMPT" -o "$DEMO/astronaut.png" \
-  --steps 20 --scheduler ddim --cache-interval 3 --seed 0 --json
+$V generate --url "127.0.0.1:${PORTS[1]}" "$PROMPT" -o "$DEMO/shapes.png" \
+  --steps 20 --scheduler ddim --guidance 5 --cache-interval 3 --seed 0 --json
 kill -TERM $SERVER; wait $SERVER || true
 trap - EXIT
-echo "image: $DEMO/astronaut.png"
+$V check-shapes "$DEMO/shapes.png" "$PROMPT"
+echo "image: $DEMO/shapes.png"

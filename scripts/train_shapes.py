@@ -1,0 +1,509 @@
+"""Train the tiny preset on procedural shapes: the real, small text-to-image model that voltacache embeds.
+
+The recipe is the one measured in DESIGN.md Part B, on a 2-core CPU in under 30 minutes: the VAE first, then
+scaling factor = 1/latent std, then the U-Net against a frozen random CLIP text encoder (only ~145 distinct
+captions, encoded once). Everything is reproducible from (--seed, step counts); the U-Net runs for a wall-clock
+budget unless --unet-steps fixes its length, and the step count it reached is recorded to rerun it exactly.
+
+    python scripts/train_shapes.py                          # train, ship fp16 weights, evaluate
+    python scripts/train_shapes.py --evaluate-only voltacache/weights/shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from voltacache.presets import SD15_CONFIG_DIR, component_config
+from voltacache.shapes import dataset
+from voltacache.tokenizer import clip_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+WEIGHTS_DIR = REPO / "voltacache" / "weights" / "shapes"
+PROGRESS = {"mininterval": 5.0, "dynamic_ncols": True}  # a log file, not a terminal: few redraws
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=REPO / "build" / "shapes-train")
+    p.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR, help="where the shipped fp16 weights go")
+    p.add_argument("--vae-steps", type=int, default=600)
+    p.add_argument("--vae", type=Path, default=None, help="a VAE folder this script wrote: reuse it, skip its training")
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--unet-minutes", type=float, default=19.0, help="U-Net wall-clock budget")
+    p.add_argument("--unet-steps", type=int, default=None, help="fixed U-Net length; overrides --unet-minutes")
+    p.add_argument("--unet-batch", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument(
+        "--partial-captions",
+        type=float,
+        default=0.0,
+        help="share of U-Net samples captioned with one attribute pair only ('a red circle', 'a circle on a blue "
+        "background'): it breaks the shortcut of learning each color pair as a bag of words",
+    )
+    p.add_argument("--pool-per-combo", type=int, default=64, help="rendered images per trained caption")
+    p.add_argument("--guidance", type=float, nargs="+", default=[5.0, 3.0, 7.5], help="first one is the headline")
+    p.add_argument("--eval-steps", type=int, default=20)
+    p.add_argument("--evaluate-only", type=Path, default=None, metavar="MODEL_DIR")
+    p.add_argument("--threads", type=int, default=2)
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- data
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1], the range SD's VAE works in."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+# ---------------------------------------------------------------- VAE
+
+
+def cosine_lr(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
+    """Multiplier of the base LR: linear warmup, then cosine down to `floor`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_vae(args: argparse.Namespace) -> tuple[AutoencoderKL, list[float], float]:
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL.from_config(component_config("vae", "tiny"))
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, args.vae_steps, 20, floor=0.0))
+    rng = np.random.default_rng([args.seed, 1])
+    noise = torch.Generator().manual_seed(args.seed + 1)
+    losses, start = [], time.perf_counter()
+    for _ in tqdm(range(args.vae_steps), desc="vae", **PROGRESS):
+        x = to_tensor(dataset.sample(args.vae_batch, rng)[0])
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=noise)).sample
+        # KL only keeps the latent near N(0, 1) in scale; at 1e-6 it does not blur the reconstruction.
+        loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return vae.eval().requires_grad_(False), losses, time.perf_counter() - start
+
+
+@torch.no_grad()
+def set_scaling_factor(vae: AutoencoderKL, seed: int) -> dict:
+    """SD scales latents by a constant so they have unit variance; measure ours on 512 fresh images."""
+    x = to_tensor(dataset.sample(512, np.random.default_rng([seed, 2]))[0])
+    posterior = vae.encode(x).latent_dist
+    latents = posterior.sample(generator=torch.Generator().manual_seed(seed + 2))
+    scale = 1.0 / latents.std().item()
+    vae.register_to_config(scaling_factor=scale)
+    recon = vae.decode(posterior.mean).sample
+    mse = F.mse_loss(recon, x).item()  # x in [-1, 1]: PSNR over a peak-to-peak of 2
+    return {
+        "scaling_factor": scale,
+        "latent_mean": latents.mean().item(),
+        "psnr_db": 10 * math.log10(4 / mse),
+    }
+
+
+# ---------------------------------------------------------------- text encoder
+
+
+def frozen_text_encoder(seed: int) -> CLIPTextModel:
+    # Frozen at random init: DESIGN measured that training it jointly was slower and no better; a random
+    # 2-layer CLIP still maps each caption to a distinct, stable embedding the U-Net's cross-attention reads.
+    torch.manual_seed(seed)
+    config = {k: v for k, v in component_config("text_encoder", "tiny").items() if k != "architectures"}
+    return CLIPTextModel(CLIPTextConfig(**config)).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_captions(text_encoder: CLIPTextModel, captions: list[str]) -> torch.Tensor:
+    """What StableDiffusionPipeline.encode_prompt computes: last hidden state of the padded 77 tokens."""
+    tok = clip_tokenizer()
+    ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    return text_encoder(ids.input_ids)[0]
+
+
+def partial_captions() -> list[str]:
+    """Per trained caption, in TRAIN order: "a {color} {shape}", then "a {shape} on a {background} background"."""
+    out = []
+    for c in dataset.TRAIN:
+        out += [f"a {c.color} {c.shape}", f"a {c.shape} on a {c.background} background"]
+    return out
+
+
+# ---------------------------------------------------------------- U-Net
+
+
+@torch.no_grad()
+def latent_pool(vae: AutoencoderKL, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Posterior mean/std of a fixed pool of rendered training images and each one's caption index.
+
+    Encoding once is cheaper than running the VAE encoder every U-Net step, and 64 positions and sizes per
+    caption is more variety than the U-Net sees in its budget anyway.
+    """
+    rng = np.random.default_rng([args.seed, 3])
+    means, stds, labels = [], [], []
+    for index, combo in enumerate(tqdm(dataset.TRAIN, desc="latent pool", **PROGRESS)):
+        images = [render_combo(combo, rng) for _ in range(args.pool_per_combo)]
+        posterior = vae.encode(to_tensor(np.stack(images))).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+        labels.append(torch.full((args.pool_per_combo,), index))
+    return torch.cat(means), torch.cat(stds), torch.cat(labels)
+
+
+def render_combo(combo: dataset.Combo, rng: np.random.Generator) -> np.ndarray:
+    return dataset.render(combo.color, combo.shape, combo.background, rng)
+
+
+class EMA:
+    """Exponential moving average of parameters, with the usual warmup so early steps don't freeze in."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = [p.detach().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for s, p in zip(self.shadow, model.parameters()):
+            s.lerp_(p.detach(), 1 - decay)
+
+    def copy_to(self, model: torch.nn.Module) -> torch.nn.Module:
+        averaged = copy.deepcopy(model)
+        with torch.no_grad():
+            for s, p in zip(self.shadow, averaged.parameters()):
+                p.copy_(s)
+        return averaged
+
+
+def train_unet(
+    args: argparse.Namespace,
+    pool: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    embeddings: torch.Tensor,
+    scaling_factor: float,
+) -> tuple[UNet2DConditionModel, list[float], float, int]:
+    """Returns the EMA U-Net, the per-step losses, seconds, and the number of steps run."""
+    torch.manual_seed(args.seed + 4)
+    unet = UNet2DConditionModel.from_config(component_config("unet", "tiny")).train()
+    noise_scheduler = DDPMScheduler.from_pretrained(SD15_CONFIG_DIR, subfolder="scheduler")
+    ema = EMA(unet, 0.998)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    means, stds, labels = pool
+    empty = embeddings[-1]  # the last row is "": what the pipeline feeds as the unconditional prompt
+    gen = torch.Generator().manual_seed(args.seed + 5)
+    # Constant LR after warmup (EMA does the averaging): a wall-clock budget then only decides where the run
+    # stops, so rerunning with --unet-steps N retraces it exactly, however busy the CPU was.
+    deadline = start = time.perf_counter()
+    deadline += args.unet_minutes * 60
+    losses, step = [], 0
+    bar = tqdm(total=args.unet_steps, desc="unet", **PROGRESS)
+    while step < args.unet_steps if args.unet_steps else time.perf_counter() < deadline:
+        for group in opt.param_groups:
+            group["lr"] = 1e-3 * min(1.0, (step + 1) / args.warmup)
+        idx = torch.randint(len(labels), (args.unet_batch,), generator=gen)
+        latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scaling_factor
+        caption = labels[idx]
+        if args.partial_captions:
+            # every held-out pair's reverse is trained, so a model that reads the two colors as a set fits the
+            # training data and swaps them on held-out prompts; one-attribute captions tie each color to its slot
+            partial = torch.rand(args.unet_batch, generator=gen) < args.partial_captions
+            which = torch.randint(2, (args.unet_batch,), generator=gen)
+            caption = torch.where(partial, len(dataset.TRAIN) + 2 * labels[idx] + which, caption)
+        text = embeddings[caption]
+        drop = torch.rand(args.unet_batch, generator=gen) < 0.1  # classifier-free guidance needs the "" branch
+        text = torch.where(drop[:, None, None], empty, text)
+        noise = torch.randn(latents.shape, generator=gen)
+        timesteps = torch.randint(noise_scheduler.config.num_train_timesteps, (args.unet_batch,), generator=gen)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        pred = unet(noisy, timesteps, encoder_hidden_states=text).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        ema.update(unet, step)
+        losses.append(loss.item())
+        step += 1
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    bar.close()
+    return ema.copy_to(unet).eval().requires_grad_(False), losses, time.perf_counter() - start, step
+
+
+# ---------------------------------------------------------------- saving
+
+
+def make_pipeline(vae, text_encoder, unet) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=PNDMScheduler.from_pretrained(SD15_CONFIG_DIR, subfolder="scheduler"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def ship_weights(vae, text_encoder, unet, weights_dir: Path) -> int:
+    """fp16 safetensors + config.json per component; fp16 halves the 26 MB, and fp32 CPU loads upcast."""
+    for name, model in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet)):
+        copy.deepcopy(model).to(torch.float16).save_pretrained(weights_dir / name, safe_serialization=True)
+    return sum(f.stat().st_size for f in weights_dir.rglob("*") if f.is_file())
+
+
+def load_for_evaluation(model_dir: Path) -> StableDiffusionPipeline:
+    """A full diffusers folder, or the shipped component folders (no tokenizer or scheduler), in fp32."""
+    if (model_dir / "model_index.json").is_file():
+        pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch.float32, safety_checker=None)
+    else:
+        pipe = make_pipeline(
+            AutoencoderKL.from_pretrained(model_dir / "vae", torch_dtype=torch.float32),
+            CLIPTextModel.from_pretrained(model_dir / "text_encoder", dtype=torch.float32),
+            UNet2DConditionModel.from_pretrained(model_dir / "unet", torch_dtype=torch.float32),
+        )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def plot_losses(log: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, name in zip(axes, ("vae", "unet")):
+        losses = np.asarray(log[name])
+        ax.plot(losses, alpha=0.3, lw=0.7, label="step")
+        window = max(1, len(losses) // 50)
+        if len(losses) >= window:
+            smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+            ax.plot(np.arange(window - 1, len(losses)), smooth, lw=1.5, label=f"mean of {window}")
+        ax.set_yscale("log")
+        ax.set_title(f"{name} loss ({len(losses)} steps)")
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def generate(pipe: StableDiffusionPipeline, captions: list[str], guidance: float, steps: int) -> np.ndarray:
+    """One image per caption, each from its own fixed seed (its index), so runs compare image for image."""
+    images = []
+    for start in range(0, len(captions), 24):
+        chunk = captions[start : start + 24]
+        generators = [torch.Generator().manual_seed(1000 + start + i) for i in range(len(chunk))]
+        out = pipe(
+            chunk,
+            height=64,
+            width=64,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=generators,
+            output_type="np",
+        ).images
+        images.append((out * 255).round().astype(np.uint8))
+    return np.concatenate(images)
+
+
+def score(images: np.ndarray, captions: list[tuple[str, bool]]) -> dict:
+    from voltacache.shapes.checker import check
+
+    rows = [{"caption": c, "held_out": h, **check(img, c)} for img, (c, h) in zip(images, captions)]
+    summary = {}
+    for split, held in (("trained", False), ("held_out", True)):
+        subset = [r for r in rows if r["held_out"] == held]
+        summary[split] = {
+            field: sum(r[field] for r in subset) / len(subset)
+            for field in ("all_ok", "color_ok", "shape_ok", "background_ok")
+        } | {"n": len(subset)}
+    summary["failures"] = [r for r in rows if not r["all_ok"]]
+    return summary
+
+
+def contact_sheet(images: np.ndarray, captions: list[tuple[str, bool]], report: dict, path: Path) -> None:
+    """Every 5th trained caption (all shapes come up) and every held-out one, 2x, framed green (fully right) or red."""
+    from voltacache.shapes.checker import check
+
+    picks = [i for i, (_, held) in enumerate(captions) if held or i % 5 == 0]
+    cols, cell, label = 8, 128, 28
+    rows = math.ceil(len(picks) / cols)
+    sheet = Image.new("RGB", (cols * (cell + 8), rows * (cell + 8 + label)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, i in enumerate(picks):
+        caption, held = captions[i]
+        x, y = (k % cols) * (cell + 8), (k // cols) * (cell + 8 + label)
+        ok = check(images[i], caption)["all_ok"]
+        draw.rectangle([x, y, x + cell + 7, y + cell + 7], fill=(40, 170, 60) if ok else (210, 40, 40))
+        sheet.paste(Image.fromarray(images[i]).resize((cell, cell), Image.Resampling.NEAREST), (x + 4, y + 4))
+        words = caption.split()  # "a C S on a B background"
+        draw.text((x + 2, y + cell + 8), f"{words[1]} {words[2]}", fill="black")
+        draw.text((x + 2, y + cell + 18), f"on {words[5]}" + (" (held out)" if held else ""), fill="black")
+    sheet.save(path)
+
+
+def evaluate(model_dir: Path, out_dir: Path, guidances: list[float], steps: int) -> dict:
+    pipe = load_for_evaluation(model_dir)
+    captions = dataset.evaluation_captions()
+    results = {"model": str(model_dir), "scheduler": "DDIM", "steps": steps, "by_guidance": {}}
+    for guidance in guidances:
+        start = time.perf_counter()
+        images = generate(pipe, [c for c, _ in captions], guidance, steps)
+        report = score(images, captions)
+        report["seconds"] = round(time.perf_counter() - start, 1)
+        results["by_guidance"][str(guidance)] = report
+        print(
+            f"guidance {guidance}: trained {report['trained']['all_ok']:.1%} fully right, "
+            f"held-out {report['held_out']['all_ok']:.1%}  ({report['seconds']} s)"
+        )
+        for split in ("trained", "held_out"):
+            fields = ", ".join(f"{k} {v:.1%}" for k, v in report[split].items() if k.endswith("_ok"))
+            print(f"    {split:9s} {fields}")
+        if guidance == guidances[0]:
+            contact_sheet(images, captions, report, out_dir / f"contact_sheet_g{guidance:g}.png")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "evaluation.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+# ---------------------------------------------------------------- main
+
+
+def versions() -> dict:
+    import diffusers
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def evaluation_record(args: argparse.Namespace, evaluation: dict) -> dict:
+    adherence = {
+        g: {split: r[split] for split in ("trained", "held_out")} for g, r in evaluation["by_guidance"].items()
+    }
+    return {"scheduler": "DDIM", "steps": args.eval_steps, "seeds": "1000 + caption index", "adherence": adherence}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.evaluate_only:
+        evaluation = evaluate(args.evaluate_only, args.out, args.guidance, args.eval_steps)
+        record_path = args.evaluate_only / "TRAINING.json"
+        if record_path.is_file():  # shipped weights: their record shows the latest checker's scores
+            record = json.loads(record_path.read_text())
+            record["evaluation"] = evaluation_record(args, evaluation)
+            record_path.write_text(json.dumps(record, indent=1) + "\n")
+        return
+
+    run_start = time.perf_counter()
+    if args.vae:
+        vae = AutoencoderKL.from_pretrained(args.vae, torch_dtype=torch.float32).eval().requires_grad_(False)
+        saved = json.loads((args.vae / "training.json").read_text())
+        vae_losses, vae_seconds, vae_stats = saved["losses"], saved["seconds"], saved["stats"]
+    else:
+        vae, vae_losses, vae_seconds = train_vae(args)
+        vae_stats = set_scaling_factor(vae, args.seed)
+        # Saved at once: a later run (e.g. a longer U-Net) can start from here with --vae.
+        vae.save_pretrained(args.out / "vae", safe_serialization=True)
+        record = {"seed": args.seed, "steps": args.vae_steps, "seconds": vae_seconds, "stats": vae_stats}
+        (args.out / "vae" / "training.json").write_text(json.dumps(record | {"losses": vae_losses}))
+    print(f"vae: {len(vae_losses)} steps in {vae_seconds / 60:.1f} min, {vae_stats}", flush=True)
+
+    text_encoder = frozen_text_encoder(args.seed + 3)
+    embeddings = encode_captions(text_encoder, [c.caption for c in dataset.TRAIN] + partial_captions() + [""])
+    pool_start = time.perf_counter()
+    pool = latent_pool(vae, args)
+    pool_seconds = time.perf_counter() - pool_start
+    print(f"latent pool: {len(pool[2])} images in {pool_seconds:.0f} s", flush=True)
+
+    unet, unet_losses, unet_seconds, unet_steps = train_unet(args, pool, embeddings, vae_stats["scaling_factor"])
+    train_seconds = time.perf_counter() - run_start
+    print(f"unet: {unet_steps} steps in {unet_seconds / 60:.1f} min; training total {train_seconds / 60:.1f} min")
+
+    pipe_dir = args.out / "pipeline"
+    make_pipeline(vae, text_encoder, unet).save_pretrained(pipe_dir, safe_serialization=True)
+    weights_bytes = ship_weights(vae, text_encoder, unet, args.weights_dir)
+    log = {"vae": vae_losses, "unet": unet_losses}
+    (args.out / "losses.json").write_text(json.dumps(log))
+    plot_losses(log, args.out / "losses.png")
+
+    # Score what ships: the fp16 weights, read back the way a CPU user loads them.
+    evaluation = evaluate(args.weights_dir, args.out, args.guidance, args.eval_steps)
+    final = {name: float(np.mean(losses[-50:])) for name, losses in log.items()}
+    record = {
+        "command": shlex.join(["python", *sys.argv]),
+        "reproduce": f"python scripts/train_shapes.py --seed {args.seed} --vae-steps {len(vae_losses)} "
+        f"--unet-steps {unet_steps} --partial-captions {args.partial_captions:g}",
+        "seed": args.seed,
+        "vae_steps": len(vae_losses),
+        "vae_reused_from": str(args.vae) if args.vae else None,
+        "vae_batch": args.vae_batch,
+        "unet_steps": unet_steps,
+        "unet_batch": args.unet_batch,
+        "pool_images": len(pool[2]),
+        "minutes": {
+            "vae": round(vae_seconds / 60, 2),
+            "latent_pool": round(pool_seconds / 60, 2),
+            "unet": round(unet_seconds / 60, 2),
+            "total_training": round(train_seconds / 60, 2),
+        },
+        "final_loss_mean_of_last_50": final,
+        "vae": vae_stats,
+        "weights_bytes_fp16": weights_bytes,
+        "evaluation": evaluation_record(args, evaluation),
+        "threads": args.threads,
+        "versions": versions(),
+    }
+    (args.weights_dir / "TRAINING.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(json.dumps({k: record[k] for k in ("unet_steps", "minutes", "final_loss_mean_of_last_50")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
