@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from rich.progress import Progress
 
-from voltacache.benchmark import machine, write_json
+from voltacache.benchmark import machine, save_figure, write_json
 from voltacache.cache.layers import open_request_cache
 from voltacache.pipeline import StableDiffusion
 from voltacache.specs import TEXT_ENCODER, UNET_DEEP, UNET_SHALLOW, VAE_DECODER
@@ -224,10 +224,7 @@ def plot(rows: list[dict], summary: dict, path: Path) -> Path:
     right.set_ylabel("fraction of requests")
     right.set_title(f"latency, {summary['steps']} DDIM steps")
     right.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path)
 
 
 def main():

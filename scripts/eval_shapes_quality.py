@@ -25,8 +25,8 @@ import numpy as np
 from rich.progress import Progress
 
 from voltacache.bench import engines_for
-from voltacache.benchmark import machine, write_json
-from voltacache.cache.layers import CacheConfig, checkpoint_steps
+from voltacache.benchmark import machine, save_figure, write_json
+from voltacache.cache.layers import NIRVANA_BANDS, CacheConfig, checkpoint_steps, parse_bands
 from voltacache.pipeline import Sampling, StableDiffusion, Stats, to_uint8
 from voltacache.shapes.checker import check, parse_caption
 from voltacache.shapes.dataset import COLORS, SHAPES, evaluation_captions
@@ -75,7 +75,8 @@ def evaluate(args) -> dict:
     engines = {branch: engines_for(args.model, args.workdir, 64, branch) for branch in BRANCHES}
     pipelines = {branch: StableDiffusion.from_engines(path) for branch, path in engines.items()}
     generators = {branch: Generator(sd, args.guidance, args.steps) for branch, sd in pipelines.items()}
-    ks = sorted(checkpoint_steps(args.steps, CacheConfig()))
+    # every K NIRVANA stores (10% to 50% of the steps), wider than our default bands ask for
+    ks = sorted(checkpoint_steps(args.steps, CacheConfig(bands=parse_bands(NIRVANA_BANDS))))
     captions = evaluation_captions()
     rows = []
     with Progress() as progress:
@@ -154,10 +155,7 @@ def plot(result: dict, path: Path, steps: int) -> Path:
     right.set_xlabel(f"K: steps taken from the neighbour (of {steps})")
     right.set_title("approximate cache")
     right.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return save_figure(fig, path)
 
 
 def main():

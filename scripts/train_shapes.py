@@ -28,7 +28,6 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     DDPMScheduler,
-    PNDMScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
@@ -36,7 +35,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from voltacache.presets import SD15_CONFIG_DIR, component_config
+from voltacache.presets import SD15_CONFIG_DIR, assemble, component_config
 from voltacache.shapes import dataset
 from voltacache.tokenizer import clip_tokenizer
 
@@ -265,19 +264,6 @@ def train_unet(
 # ---------------------------------------------------------------- saving
 
 
-def make_pipeline(vae, text_encoder, unet) -> StableDiffusionPipeline:
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=clip_tokenizer(),
-        unet=unet,
-        scheduler=PNDMScheduler.from_pretrained(SD15_CONFIG_DIR, subfolder="scheduler"),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
 def ship_weights(vae, text_encoder, unet, weights_dir: Path) -> int:
     """fp16 safetensors + config.json per component; fp16 halves the 26 MB, and fp32 CPU loads upcast."""
     for name, model in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet)):
@@ -290,10 +276,10 @@ def load_for_evaluation(model_dir: Path) -> StableDiffusionPipeline:
     if (model_dir / "model_index.json").is_file():
         pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch.float32, safety_checker=None)
     else:
-        pipe = make_pipeline(
+        pipe = assemble(
+            UNet2DConditionModel.from_pretrained(model_dir / "unet", torch_dtype=torch.float32),
             AutoencoderKL.from_pretrained(model_dir / "vae", torch_dtype=torch.float32),
             CLIPTextModel.from_pretrained(model_dir / "text_encoder", dtype=torch.float32),
-            UNet2DConditionModel.from_pretrained(model_dir / "unet", torch_dtype=torch.float32),
         )
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -468,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"unet: {unet_steps} steps in {unet_seconds / 60:.1f} min; training total {train_seconds / 60:.1f} min")
 
     pipe_dir = args.out / "pipeline"
-    make_pipeline(vae, text_encoder, unet).save_pretrained(pipe_dir, safe_serialization=True)
+    assemble(unet, vae, text_encoder).save_pretrained(pipe_dir, safe_serialization=True)
     weights_bytes = ship_weights(vae, text_encoder, unet, args.weights_dir)
     log = {"vae": vae_losses, "unet": unet_losses}
     (args.out / "losses.json").write_text(json.dumps(log))
