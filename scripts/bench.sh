@@ -16,6 +16,10 @@ $V bench --model build/bench/tiny_model --workdir build/bench/tiny --size 64 --s
 .venv/bin/python scripts/bench_cache_workload.py --engines build/bench/tiny/engines_block_64 --requests 240 --steps 50
 .venv/bin/python scripts/bench_cache_lookup.py --entries 10000 100000 --lookups 300
 
+# quality under caching on the trained shapes model: adherence and PSNR for DeepCache N and approximate K
+[ -f build/shapes/model/model_index.json ] || $V init-tiny build/shapes/model --preset shapes
+.venv/bin/python scripts/eval_shapes_quality.py --model build/shapes/model
+
 [ -f build/sd15/model/model_index.json ] || $V init-tiny build/sd15/model --preset sd15
 $V bench --model build/sd15/model --workdir build/bench/sd15 --size 256 --steps 20 --repeats "${SD15_REPEATS:-3}" \
   --name bench_sd15
