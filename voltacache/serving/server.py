@@ -165,6 +165,15 @@ class TritonServer:
         except ProcessLookupError:
             pass
         self.process.wait()
+        # SIGKILL is delivered at once but a stub's teardown is not: on a busy machine the group
+        # outlived this call. Return only once it is gone.
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.process.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
 
     def __enter__(self):
         return self.start() if self.process is None else self
