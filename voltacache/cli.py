@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .cache.layers import DEFAULT_BANDS, NIRVANA_BANDS, CacheConfig
+from .cache.layers import DEFAULT_BANDS, NIRVANA_BANDS, CacheConfig, CacheSettings
 from .errors import NotBuiltYet, VoltacacheError
 
 app = typer.Typer(
@@ -190,15 +190,14 @@ def deploy(
     cache: str = typer.Option("off", help="Cross-request cache index: off, a milvus-lite file, or a Milvus URL."),
     cache_embedder: str = typer.Option("clip", help="clip (the pipeline's pooled output) or minilm."),
     blob_store: str | None = typer.Option(None, help="Blob folder or s3://bucket/prefix (needed with a Milvus URL)."),
-    cache_ttl: float = typer.Option(7 * 24 * 3600, help="Seconds an entry may be served."),
-    cache_policy: str = typer.Option("lcbfu", help="Eviction: lcbfu, fifo, lifo, lru, lfu or random."),
+    cache_ttl: float = typer.Option(CacheSettings.ttl_s, help="Seconds an entry may be served."),
+    cache_policy: str = typer.Option(CacheSettings.policy, help="Eviction: lcbfu, fifo, lifo, lru, lfu or random."),
     cache_max_entries: int | None = typer.Option(None, help="Capacity in entries."),
     cache_max_bytes: int | None = typer.Option(None, help="Capacity in bytes."),
     cache_threshold: float = CACHE_THRESHOLD,
     cache_bands: str = CACHE_BANDS,
 ):
     """Write a Triton model repository with the txt2img / img2img ensembles."""
-    from .serving.deploy import CacheSettings
     from .serving.deploy import deploy as write_repository
 
     settings = CacheSettings(
@@ -275,7 +274,7 @@ def generate(
     cache_bands: str = CACHE_BANDS,
 ):
     """Generate images in process (--engines) or through Triton (--url)."""
-    from .generate import CacheOptions, GenerateOptions, generate_in_process, generate_served
+    from .generate import GenerateOptions, generate_in_process, generate_served
 
     if (engines is None) == (url is None):
         raise VoltacacheError("give exactly one of --engines DIR (in process) or --url HOST:PORT (Triton)")
@@ -303,7 +302,10 @@ def generate(
             texts,
             options,
             output,
-            CacheOptions(cache_index, cache, cache_embedder, blob_store, cache_threshold, cache_bands),
+            CacheSettings(
+                cache_index, cache_embedder, blob_store, semantic_threshold=cache_threshold, bands=cache_bands
+            ),
+            cache,
         )
     else:
         records = generate_served(url, protocol, texts, options, output, concurrency, err, cache)
@@ -322,12 +324,13 @@ def check_shapes(
 
     from PIL import Image
 
-    from .shapes.checker import check, read_image
+    from .shapes.checker import compare, read_image
 
     if not image.is_file():
         raise VoltacacheError(f"{image}: no such image")
+    reading = read_image(Image.open(image))
     try:
-        verdict = check(Image.open(image), caption) | {"read": asdict(read_image(Image.open(image)))}
+        verdict = compare(reading, caption) | {"read": asdict(reading)}
     except ValueError as e:
         raise VoltacacheError(str(e)) from None
     print(json.dumps(verdict))
@@ -449,11 +452,11 @@ def cache_warm(
     out: Path = typer.Option(Path("build/warm/img.png"), help="Where the generated images go."),
 ):
     """Generate and store the prompts of a file (refresh mode: each is computed and stored)."""
-    from .generate import CacheOptions, GenerateOptions, generate_in_process
+    from .generate import GenerateOptions, generate_in_process
 
     options = GenerateOptions(steps=steps, guidance=guidance, scheduler=scheduler)
     records = generate_in_process(
-        engines, read_prompts(prompts), options, out, CacheOptions(index, "refresh", embedder, blob_store)
+        engines, read_prompts(prompts), options, out, CacheSettings(index, embedder, blob_store), "refresh"
     )
     err.print(f"warmed {len(records)} entries")
 

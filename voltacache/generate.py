@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .cache.layers import DEFAULT_BANDS, CacheConfig
+from .cache.layers import CacheSettings
 from .errors import VoltacacheError
 
 
@@ -68,43 +68,24 @@ def save(images, paths) -> None:
         (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(path)
 
 
-@dataclass
-class CacheOptions:
-    """The cross-request cache for in-process generation (the server's is set at deploy)."""
-
-    index: str | None = None  # milvus-lite file or Milvus server URL; None: no cache
-    mode: str = "on"
-    embedder: str = "clip"
-    blob_store: str | None = None
-    semantic_threshold: float = CacheConfig.semantic_threshold
-    bands: str = DEFAULT_BANDS
-
-
-def open_cache(pipe, cache: CacheOptions):
-    if cache.index is None:
-        return None
-    from .cache.layers import open_request_cache, parse_bands
-
-    config = CacheConfig(cache.semantic_threshold, parse_bands(cache.bands))
-    text_hidden = pipe.export["geometry"]["text_hidden"]
-    return open_request_cache(
-        cache.index, cache.blob_store, cache.embedder, pipe.export["fingerprint"], text_hidden, config
-    )
-
-
 def generate_in_process(
-    engines: Path, prompts: list[str], options: GenerateOptions, output: Path, cache: CacheOptions = CacheOptions()
+    engines: Path,
+    prompts: list[str],
+    options: GenerateOptions,
+    output: Path,
+    cache: CacheSettings = CacheSettings(),
+    cache_mode: str = "on",
 ) -> list[dict]:
     from .pipeline import InvalidRequest, StableDiffusion
 
     pipe = StableDiffusion.from_engines(engines)
-    request_cache = open_cache(pipe, cache)
+    request_cache = cache.open(pipe.export["fingerprint"], pipe.export["geometry"]["text_hidden"])
     paths = iter(output_paths(output, len(prompts) * pipe.batch))
     records = []
     for prompt in prompts:
         kwargs = asdict(options)
         try:
-            result = pipe(prompt, **kwargs, cache=request_cache, cache_mode=cache.mode)
+            result = pipe(prompt, **kwargs, cache=request_cache, cache_mode=cache_mode)
         except InvalidRequest as e:
             raise VoltacacheError(str(e)) from e
         targets = [next(paths) for _ in result.images]

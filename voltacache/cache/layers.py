@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -103,8 +104,6 @@ def open_request_cache(
 ) -> RequestCache:
     """The cache for one model: index URI (a milvus-lite file path or a server URL) and blob store
     (a folder, default beside a file index, or s3://bucket/prefix)."""
-    from pathlib import Path
-
     from .embedders import make_embedder
 
     embedder = make_embedder(embedder_name, clip_dim)
@@ -114,6 +113,71 @@ def open_request_cache(
         blobs = str(Path(index).with_suffix("")) + "-blobs"
     store = CacheStore(index, blobs, dim=embedder.dim, embedder=embedder.name, **store_options)
     return RequestCache(store, embedder, fingerprint, config)
+
+
+@dataclass
+class CacheSettings:
+    """Where the cross-request cache lives and how it behaves; `index` None: off. A deployment writes
+    these into the denoiser's config (`parameters`), which reads them back (`from_parameters`).
+    Several replicas share one cache by pointing at one Milvus server URL and one blob store (an S3
+    bucket)."""
+
+    index: str | None = None  # a milvus-lite file or a Milvus server URL
+    embedder: str = "clip"
+    blob_store: str | None = None
+    ttl_s: float = 7 * 24 * 3600
+    policy: str = "lcbfu"
+    max_entries: int | None = None
+    max_bytes: int | None = None
+    semantic_threshold: float = CacheConfig.semantic_threshold
+    bands: str = DEFAULT_BANDS
+
+    def parameters(self) -> dict[str, str]:
+        """As Triton model-config parameters (strings; local paths made absolute)."""
+        if self.index is None:
+            return {}
+        absolute = lambda where: where if "://" in where else str(Path(where).resolve())  # noqa: E731
+        values = {
+            "cache_index": absolute(self.index),
+            "cache_embedder": self.embedder,
+            "cache_ttl_s": str(self.ttl_s),
+            "cache_policy": self.policy,
+            "cache_semantic_threshold": str(self.semantic_threshold),
+            "cache_bands": ",".join(f"{similarity}:{fraction}" for similarity, fraction in parse_bands(self.bands)),
+        }
+        if self.blob_store:
+            values["cache_blob_store"] = absolute(self.blob_store)
+        for name in ("max_entries", "max_bytes"):
+            if getattr(self, name) is not None:
+                values[f"cache_{name}"] = str(getattr(self, name))
+        return values
+
+    @classmethod
+    def from_parameters(cls, values: dict[str, str]) -> CacheSettings:
+        """The inverse of `parameters`."""
+        fields = {
+            "index": str,
+            "embedder": str,
+            "blob_store": str,
+            "ttl_s": float,
+            "policy": str,
+            "max_entries": int,
+            "max_bytes": int,
+            "semantic_threshold": float,
+            "bands": str,
+        }
+        given = {
+            name: convert(values[f"cache_{name}"]) for name, convert in fields.items() if f"cache_{name}" in values
+        }
+        return cls(**given)
+
+    def open(self, fingerprint: str, clip_dim: int) -> RequestCache | None:
+        """The cache for one model, or None when it is off."""
+        if self.index is None:
+            return None
+        options = dict(ttl_s=self.ttl_s, policy=self.policy, max_entries=self.max_entries, max_bytes=self.max_bytes)
+        config = CacheConfig(self.semantic_threshold, parse_bands(self.bands))
+        return open_request_cache(self.index, self.blob_store, self.embedder, fingerprint, clip_dim, config, **options)
 
 
 class RequestCache:

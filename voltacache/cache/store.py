@@ -253,7 +253,7 @@ class CacheStore:
         orphans = [k for k in self.blobs.keys() if k not in live]
         for key in orphans:
             self.blobs.delete(key)
-        torn = self.blobs.drop_temporaries() if hasattr(self.blobs, "drop_temporaries") else 0
+        torn = self.blobs.drop_temporaries()
         return len(expired) + len(orphans) + torn
 
     def clear(self) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from ..build import read_engine_manifest
-from ..cache.layers import DEFAULT_BANDS, CacheConfig, parse_bands
+from ..cache.layers import CacheSettings
 from ..errors import VoltacacheError
 from ..specs import COMPONENTS, TEXT_ENCODER, ComponentSpec
 from . import protocol as p
@@ -95,43 +94,6 @@ def write_config(folder: Path, config: mc.ModelConfig) -> None:
 def install_adapter(folder: Path, adapter: str) -> None:
     source = resources.files("triton_models") / adapter / "model.py"
     (folder / "1" / "model.py").write_text(source.read_text())
-
-
-@dataclass
-class CacheSettings:
-    """The cross-request cache of a deployment; `index` None: off. Several replicas share one cache by
-    pointing at one Milvus server URL and one blob store (an S3 bucket)."""
-
-    index: str | None = None
-    embedder: str = "clip"
-    blob_store: str | None = None
-    ttl_s: float = 7 * 24 * 3600
-    policy: str = "lcbfu"
-    max_entries: int | None = None
-    max_bytes: int | None = None
-    semantic_threshold: float = CacheConfig.semantic_threshold
-    bands: str = DEFAULT_BANDS
-
-    def parameters(self) -> dict[str, str]:
-        if self.index is None:
-            return {}
-        index = self.index if "://" in self.index else str(Path(self.index).resolve())
-        values = {
-            "cache_index": index,
-            "cache_embedder": self.embedder,
-            "cache_ttl_s": str(self.ttl_s),
-            "cache_policy": self.policy,
-            "cache_semantic_threshold": str(self.semantic_threshold),
-            "cache_bands": ",".join(f"{similarity}:{fraction}" for similarity, fraction in parse_bands(self.bands)),
-        }
-        if self.blob_store:
-            values["cache_blob_store"] = (
-                self.blob_store if "://" in self.blob_store else str(Path(self.blob_store).resolve())
-            )
-        for name in ("max_entries", "max_bytes"):
-            if getattr(self, name) is not None:
-                values[f"cache_{name}"] = str(getattr(self, name))
-        return values
 
 
 def deploy(

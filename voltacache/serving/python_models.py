@@ -141,35 +141,12 @@ class DenoiserModel(PythonModel):
         specs = p.serving_specs(self.export)
         runners = {name: BlsRunner(specs[name]) for name in (UNET_DEEP, UNET_SHALLOW, VAE_ENCODER, VAE_DECODER)}
         self.pipeline = StableDiffusion(runners, self.export, tokenizer=None)
-        self.cache = self.open_cache()
+        # the cross-request cache named by the deployment (voltacache deploy --cache), or None
+        from ..cache.layers import CacheSettings
+
+        settings = CacheSettings.from_parameters(self.parameters)
+        self.cache = settings.open(self.export["fingerprint"], self.export["geometry"]["text_hidden"])
         self.metrics = DenoiserMetrics(pb())
-
-    def open_cache(self):
-        """The cross-request cache named by the deployment (voltacache deploy --cache), or None."""
-        index = self.parameters.get("cache_index")
-        if not index:
-            return None
-        from ..cache.layers import DEFAULT_BANDS, CacheConfig, open_request_cache, parse_bands
-
-        options = {
-            "ttl_s": float(self.parameters.get("cache_ttl_s", 7 * 24 * 3600)),
-            "policy": self.parameters.get("cache_policy", "lcbfu"),
-        }
-        for name in ("max_entries", "max_bytes"):
-            if f"cache_{name}" in self.parameters:
-                options[name] = int(self.parameters[f"cache_{name}"])
-        return open_request_cache(
-            index,
-            self.parameters.get("cache_blob_store"),
-            self.parameters.get("cache_embedder", "clip"),
-            self.export["fingerprint"],
-            self.export["geometry"]["text_hidden"],
-            CacheConfig(
-                float(self.parameters.get("cache_semantic_threshold", CacheConfig.semantic_threshold)),
-                parse_bands(self.parameters.get("cache_bands", DEFAULT_BANDS)),
-            ),
-            **options,
-        )
 
     def run(self, request):
         from PIL import Image

@@ -136,8 +136,12 @@ def parse_caption(caption: str) -> tuple[str, str, str]:
 
 
 def check(image: np.ndarray | Image.Image, caption: str) -> dict[str, bool]:
+    return compare(read_image(image), caption)
+
+
+def compare(reading: Reading, caption: str) -> dict[str, bool]:
+    """Which of the caption's fields the reading got right, and whether all of them."""
     color, shape, background = parse_caption(caption)
-    reading = read_image(image)
     result = {
         "color_ok": reading.color == color,
         "shape_ok": reading.shape == shape,
