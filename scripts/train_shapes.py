@@ -63,6 +63,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="share of U-Net samples captioned with one attribute pair only ('a red circle', 'a circle on a blue "
         "background'): it breaks the shortcut of learning each color pair as a bag of words",
     )
+    p.add_argument(
+        "--train-text-encoder",
+        action="store_true",
+        help="train the CLIP text encoder jointly with the U-Net (same optimizer and EMA) instead of freezing it",
+    )
+    p.add_argument(
+        "--probe-every",
+        type=int,
+        default=500,
+        help="every N U-Net steps, score the EMA model on the held-out captions (4 seeds each) for the curve; 0: off",
+    )
     p.add_argument("--pool-per-combo", type=int, default=64, help="rendered images per trained caption")
     p.add_argument("--guidance", type=float, nargs="+", default=[5.0, 3.0, 7.5], help="first one is the headline")
     p.add_argument("--eval-steps", type=int, default=20)
@@ -136,28 +147,26 @@ def set_scaling_factor(vae: AutoencoderKL, seed: int) -> dict:
 # ---------------------------------------------------------------- text encoder
 
 
-def frozen_text_encoder(seed: int) -> CLIPTextModel:
-    # Frozen at random init: DESIGN measured that training it jointly was slower and no better; a random
-    # 2-layer CLIP still maps each caption to a distinct, stable embedding the U-Net's cross-attention reads.
+def random_text_encoder(seed: int) -> CLIPTextModel:
+    """CLIP's text encoder at its seeded random init, frozen unless --train-text-encoder trains it."""
     torch.manual_seed(seed)
     config = {k: v for k, v in component_config("text_encoder", "tiny").items() if k != "architectures"}
     return CLIPTextModel(CLIPTextConfig(**config)).eval().requires_grad_(False)
 
 
-@torch.no_grad()
-def encode_captions(text_encoder: CLIPTextModel, captions: list[str]) -> torch.Tensor:
-    """What StableDiffusionPipeline.encode_prompt computes: last hidden state of the padded 77 tokens."""
+def token_ids(captions: list[str]) -> torch.Tensor:
+    """What StableDiffusionPipeline.encode_prompt feeds the text encoder: the padded 77 tokens."""
     tok = clip_tokenizer()
     ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-    return text_encoder(ids.input_ids)[0]
+    return ids.input_ids
 
 
-def partial_captions() -> list[str]:
-    """Per trained caption, in TRAIN order: "a {color} {shape}", then "a {shape} on a {background} background"."""
-    out = []
-    for c in dataset.TRAIN:
-        out += [f"a {c.color} {c.shape}", f"a {c.shape} on a {c.background} background"]
-    return out
+def training_captions() -> list[str]:
+    """TRAIN's captions; then per trained caption, in TRAIN order, its two partial captions, "a {color} {shape}"
+    and "a {shape} on a {background} background"; then "", the unconditional prompt."""
+    partial = [f"a {c.color} {c.shape}|a {c.shape} on a {c.background} background" for c in dataset.TRAIN]
+    partial = [p for pair in partial for p in pair.split("|")]
+    return [c.caption for c in dataset.TRAIN] + partial + [""]
 
 
 # ---------------------------------------------------------------- U-Net
@@ -209,23 +218,33 @@ class EMA:
 def train_unet(
     args: argparse.Namespace,
     pool: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    embeddings: torch.Tensor,
-    scaling_factor: float,
-) -> tuple[UNet2DConditionModel, list[float], float, int]:
-    """Returns the EMA U-Net, the per-step losses, seconds, and the number of steps run."""
+    text_encoder: CLIPTextModel,
+    vae: AutoencoderKL,
+) -> tuple[UNet2DConditionModel, CLIPTextModel, dict]:
+    """Returns the EMA U-Net and text encoder (the one given, if frozen) and the run's log: per-step losses,
+    seconds, steps run and the held-out probes."""
     torch.manual_seed(args.seed + 4)
     unet = UNet2DConditionModel.from_config(component_config("unet", "tiny")).train()
     noise_scheduler = DDPMScheduler.from_pretrained(SD15_CONFIG_DIR, subfolder="scheduler")
-    ema = EMA(unet, 0.998)
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    scaling_factor = vae.config.scaling_factor
+    ids = token_ids(training_captions())
+    empty = len(ids) - 1  # the last caption is "": what the pipeline feeds as the unconditional prompt
+    models = torch.nn.ModuleList([unet])
+    if args.train_text_encoder:
+        text_encoder = copy.deepcopy(text_encoder).train().requires_grad_(True)
+        models.append(text_encoder)
+    else:  # ~430 distinct captions: encode them once
+        with torch.no_grad():
+            embeddings = text_encoder(ids)[0]
+    ema = EMA(models, 0.998)
+    opt = torch.optim.AdamW(models.parameters(), lr=1e-3)
     means, stds, labels = pool
-    empty = embeddings[-1]  # the last row is "": what the pipeline feeds as the unconditional prompt
     gen = torch.Generator().manual_seed(args.seed + 5)
     # Constant LR after warmup (EMA does the averaging): a wall-clock budget then only decides where the run
     # stops, so rerunning with --unet-steps N retraces it exactly, however busy the CPU was.
     deadline = start = time.perf_counter()
     deadline += args.unet_minutes * 60
-    losses, step = [], 0
+    losses, probes, step = [], [], 0
     bar = tqdm(total=args.unet_steps, desc="unet", **PROGRESS)
     while step < args.unet_steps if args.unet_steps else time.perf_counter() < deadline:
         for group in opt.param_groups:
@@ -239,9 +258,9 @@ def train_unet(
             partial = torch.rand(args.unet_batch, generator=gen) < args.partial_captions
             which = torch.randint(2, (args.unet_batch,), generator=gen)
             caption = torch.where(partial, len(dataset.TRAIN) + 2 * labels[idx] + which, caption)
-        text = embeddings[caption]
         drop = torch.rand(args.unet_batch, generator=gen) < 0.1  # classifier-free guidance needs the "" branch
-        text = torch.where(drop[:, None, None], empty, text)
+        caption = torch.where(drop, empty, caption)
+        text = text_encoder(ids[caption])[0] if args.train_text_encoder else embeddings[caption]
         noise = torch.randn(latents.shape, generator=gen)
         timesteps = torch.randint(noise_scheduler.config.num_train_timesteps, (args.unet_batch,), generator=gen)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
@@ -249,16 +268,29 @@ def train_unet(
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
         opt.step()
-        ema.update(unet, step)
+        ema.update(models, step)
         losses.append(loss.item())
         step += 1
         bar.update(1)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if args.probe_every and step % args.probe_every == 0:
+            probing = time.perf_counter()
+            averaged = ema.copy_to(models).eval().requires_grad_(False)
+            pipe = assemble(averaged[0], vae, averaged[1] if args.train_text_encoder else text_encoder)
+            probes.append({"step": step, **probe_adherence(for_evaluation(pipe), args.guidance[0], args.eval_steps)})
+            probes[-1]["seconds"] = time.perf_counter() - probing
+            deadline += probes[-1]["seconds"]  # probing is not training time
+            start += probes[-1]["seconds"]
+            bar.write(f"step {step}: held-out {probes[-1]['held_out']:.1%}, trained {probes[-1]['trained']:.1%}")
     bar.close()
-    return ema.copy_to(unet).eval().requires_grad_(False), losses, time.perf_counter() - start, step
+    averaged = ema.copy_to(models).eval().requires_grad_(False)
+    seconds = time.perf_counter() - start
+    if args.train_text_encoder:
+        text_encoder = averaged[1]
+    return averaged[0], text_encoder, {"losses": losses, "seconds": seconds, "steps": step, "probes": probes}
 
 
 # ---------------------------------------------------------------- saving
@@ -281,18 +313,22 @@ def load_for_evaluation(model_dir: Path) -> StableDiffusionPipeline:
             AutoencoderKL.from_pretrained(model_dir / "vae", torch_dtype=torch.float32),
             CLIPTextModel.from_pretrained(model_dir / "text_encoder", dtype=torch.float32),
         )
+    return for_evaluation(pipe)
+
+
+def for_evaluation(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def plot_losses(log: dict, path: Path) -> None:
+def plot_losses(log: dict, probes: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3 if probes else 2, figsize=(16 if probes else 11, 4))
     for ax, name in zip(axes, ("vae", "unet")):
         losses = np.asarray(log[name])
         ax.plot(losses, alpha=0.3, lw=0.7, label="step")
@@ -304,6 +340,15 @@ def plot_losses(log: dict, path: Path) -> None:
         ax.set_title(f"{name} loss ({len(losses)} steps)")
         ax.set_xlabel("step")
         ax.legend()
+    if probes:
+        ax = axes[2]
+        steps = [p["step"] for p in probes]
+        for split in ("trained", "held_out"):
+            ax.plot(steps, [100 * p[split] for p in probes], marker="o", label=split.replace("_", "-"))
+        ax.set_ylim(0, 100)
+        ax.set_title("fully right (%), EMA U-Net, probe seeds")
+        ax.set_xlabel("step")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -313,12 +358,14 @@ def plot_losses(log: dict, path: Path) -> None:
 
 
 @torch.no_grad()
-def generate(pipe: StableDiffusionPipeline, captions: list[str], guidance: float, steps: int) -> np.ndarray:
-    """One image per caption, each from its own fixed seed (its index), so runs compare image for image."""
+def generate(
+    pipe: StableDiffusionPipeline, captions: list[str], guidance: float, steps: int, first_seed: int = 1000
+) -> np.ndarray:
+    """One image per caption, each from its own fixed seed (first_seed + its index), so runs compare image for image."""
     images = []
     for start in range(0, len(captions), 24):
         chunk = captions[start : start + 24]
-        generators = [torch.Generator().manual_seed(1000 + start + i) for i in range(len(chunk))]
+        generators = [torch.Generator().manual_seed(first_seed + start + i) for i in range(len(chunk))]
         out = pipe(
             chunk,
             height=64,
@@ -330,6 +377,18 @@ def generate(pipe: StableDiffusionPipeline, captions: list[str], guidance: float
         ).images
         images.append((out * 255).round().astype(np.uint8))
     return np.concatenate(images)
+
+
+def probe_adherence(pipe: StableDiffusionPipeline, guidance: float, steps: int) -> dict:
+    """Fully-right share of the held-out captions over 4 seeds each (96 images), and of every 6th trained caption
+    (24): a cheap curve along training, on seeds the final evaluation does not use."""
+    from voltacache.shapes.checker import check
+
+    held = [c.caption for c in dataset.HELD_OUT] * 4
+    trained = [c.caption for c in dataset.TRAIN[::6]]
+    images = generate(pipe, held + trained, guidance, steps, first_seed=5000)
+    ok = [check(image, caption)["all_ok"] for image, caption in zip(images, held + trained)]
+    return {"held_out": float(np.mean(ok[: len(held)])), "trained": float(np.mean(ok[len(held) :]))}
 
 
 def score(images: np.ndarray, captions: list[tuple[str, bool]]) -> dict:
@@ -442,23 +501,22 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / "vae" / "training.json").write_text(json.dumps(record | {"losses": vae_losses}))
     print(f"vae: {len(vae_losses)} steps in {vae_seconds / 60:.1f} min, {vae_stats}", flush=True)
 
-    text_encoder = frozen_text_encoder(args.seed + 3)
-    embeddings = encode_captions(text_encoder, [c.caption for c in dataset.TRAIN] + partial_captions() + [""])
     pool_start = time.perf_counter()
     pool = latent_pool(vae, args)
     pool_seconds = time.perf_counter() - pool_start
     print(f"latent pool: {len(pool[2])} images in {pool_seconds:.0f} s", flush=True)
 
-    unet, unet_losses, unet_seconds, unet_steps = train_unet(args, pool, embeddings, vae_stats["scaling_factor"])
-    train_seconds = time.perf_counter() - run_start
+    unet, text_encoder, unet_log = train_unet(args, pool, random_text_encoder(args.seed + 3), vae)
+    unet_losses, unet_seconds, unet_steps = unet_log["losses"], unet_log["seconds"], unet_log["steps"]
+    train_seconds = time.perf_counter() - run_start - sum(p["seconds"] for p in unet_log["probes"])
     print(f"unet: {unet_steps} steps in {unet_seconds / 60:.1f} min; training total {train_seconds / 60:.1f} min")
 
     pipe_dir = args.out / "pipeline"
     assemble(unet, vae, text_encoder).save_pretrained(pipe_dir, safe_serialization=True)
     weights_bytes = ship_weights(vae, text_encoder, unet, args.weights_dir)
     log = {"vae": vae_losses, "unet": unet_losses}
-    (args.out / "losses.json").write_text(json.dumps(log))
-    plot_losses(log, args.out / "losses.png")
+    (args.out / "losses.json").write_text(json.dumps(log | {"probes": unet_log["probes"]}))
+    plot_losses(log, unet_log["probes"], args.out / "losses.png")
 
     # Score what ships: the fp16 weights, read back the way a CPU user loads them.
     evaluation = evaluate(args.weights_dir, args.out, args.guidance, args.eval_steps)
@@ -466,13 +524,16 @@ def main(argv: list[str] | None = None) -> None:
     record = {
         "command": shlex.join(["python", *sys.argv]),
         "reproduce": f"python scripts/train_shapes.py --seed {args.seed} --vae-steps {len(vae_losses)} "
-        f"--unet-steps {unet_steps} --partial-captions {args.partial_captions:g}",
+        f"--unet-steps {unet_steps} --partial-captions {args.partial_captions:g}"
+        + (" --train-text-encoder" if args.train_text_encoder else ""),
         "seed": args.seed,
         "vae_steps": len(vae_losses),
         "vae_reused_from": str(args.vae) if args.vae else None,
         "vae_batch": args.vae_batch,
         "unet_steps": unet_steps,
         "unet_batch": args.unet_batch,
+        "text_encoder": "trained jointly" if args.train_text_encoder else "frozen at random init",
+        "held_out_probes": unet_log["probes"],
         "pool_images": len(pool[2]),
         "minutes": {
             "vae": round(vae_seconds / 60, 2),
