@@ -1,9 +1,11 @@
 """Train the tiny preset on procedural shapes: the real, small text-to-image model that voltacache embeds.
 
 The recipe is the one measured in DESIGN.md Part B, on a 2-core CPU in under 30 minutes: the VAE first, then
-scaling factor = 1/latent std, then the U-Net against a frozen random CLIP text encoder (only ~145 distinct
-captions, encoded once). Everything is reproducible from (--seed, step counts); the U-Net runs for a wall-clock
-budget unless --unet-steps fixes its length, and the step count it reached is recorded to rerun it exactly.
+scaling factor = 1/latent std, then the U-Net against a frozen random CLIP text encoder (its ~430 distinct
+captions encoded once), or trained jointly with it (--train-text-encoder: better on held-out pairs, 90 ms a step
+slower). A probe scores held-out captions along the way (--probe-every). Everything is reproducible from
+(--seed, step counts); the U-Net runs for a wall-clock budget unless --unet-steps fixes its length, and the
+step count it reached is recorded to rerun it exactly.
 
     python scripts/train_shapes.py                          # train, ship fp16 weights, evaluate
     python scripts/train_shapes.py --evaluate-only voltacache/weights/shapes
