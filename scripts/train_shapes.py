@@ -166,8 +166,11 @@ def token_ids(captions: list[str]) -> torch.Tensor:
 def training_captions() -> list[str]:
     """TRAIN's captions; then per trained caption, in TRAIN order, its two partial captions, "a {color} {shape}"
     and "a {shape} on a {background} background"; then "", the unconditional prompt."""
-    partial = [f"a {c.color} {c.shape}|a {c.shape} on a {c.background} background" for c in dataset.TRAIN]
-    partial = [p for pair in partial for p in pair.split("|")]
+    partial = [
+        caption
+        for c in dataset.TRAIN
+        for caption in (f"a {c.color} {c.shape}", f"a {c.shape} on a {c.background} background")
+    ]
     return [c.caption for c in dataset.TRAIN] + partial + [""]
 
 
@@ -240,6 +243,11 @@ def train_unet(
             embeddings = text_encoder(ids)[0]
     ema = EMA(models, 0.998)
     opt = torch.optim.AdamW(models.parameters(), lr=1e-3)
+
+    def averaged() -> tuple[UNet2DConditionModel, CLIPTextModel]:
+        copies = ema.copy_to(models).eval().requires_grad_(False)
+        return copies[0], copies[1] if args.train_text_encoder else text_encoder
+
     means, stds, labels = pool
     gen = torch.Generator().manual_seed(args.seed + 5)
     # Constant LR after warmup (EMA does the averaging): a wall-clock budget then only decides where the run
@@ -280,19 +288,16 @@ def train_unet(
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if args.probe_every and step % args.probe_every == 0:
             probing = time.perf_counter()
-            averaged = ema.copy_to(models).eval().requires_grad_(False)
-            pipe = assemble(averaged[0], vae, averaged[1] if args.train_text_encoder else text_encoder)
+            averaged_unet, averaged_text_encoder = averaged()
+            pipe = assemble(averaged_unet, vae, averaged_text_encoder)
             probes.append({"step": step, **probe_adherence(for_evaluation(pipe), args.guidance[0], args.eval_steps)})
             probes[-1]["seconds"] = time.perf_counter() - probing
             deadline += probes[-1]["seconds"]  # probing is not training time
             start += probes[-1]["seconds"]
             bar.write(f"step {step}: held-out {probes[-1]['held_out']:.1%}, trained {probes[-1]['trained']:.1%}")
     bar.close()
-    averaged = ema.copy_to(models).eval().requires_grad_(False)
     seconds = time.perf_counter() - start
-    if args.train_text_encoder:
-        text_encoder = averaged[1]
-    return averaged[0], text_encoder, {"losses": losses, "seconds": seconds, "steps": step, "probes": probes}
+    return *averaged(), {"losses": losses, "seconds": seconds, "steps": step, "probes": probes}
 
 
 # ---------------------------------------------------------------- saving
@@ -384,13 +389,9 @@ def generate(
 def probe_adherence(pipe: StableDiffusionPipeline, guidance: float, steps: int) -> dict:
     """Fully-right share of the held-out captions over 4 seeds each (96 images), and of every 6th trained caption
     (24): a cheap curve along training, on seeds the final evaluation does not use."""
-    from voltacache.shapes.checker import check
-
-    held = [c.caption for c in dataset.HELD_OUT] * 4
-    trained = [c.caption for c in dataset.TRAIN[::6]]
-    images = generate(pipe, held + trained, guidance, steps, first_seed=5000)
-    ok = [check(image, caption)["all_ok"] for image, caption in zip(images, held + trained)]
-    return {"held_out": float(np.mean(ok[: len(held)])), "trained": float(np.mean(ok[len(held) :]))}
+    captions = [(c.caption, True) for c in dataset.HELD_OUT] * 4 + [(c.caption, False) for c in dataset.TRAIN[::6]]
+    report = score(generate(pipe, [c for c, _ in captions], guidance, steps, first_seed=5000), captions)
+    return {split: report[split]["all_ok"] for split in ("held_out", "trained")}
 
 
 def score(images: np.ndarray, captions: list[tuple[str, bool]]) -> dict:
