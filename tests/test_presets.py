@@ -1,7 +1,10 @@
+import json
+
 import numpy as np
+import pytest
 import torch
 
-from voltacache.presets import component_config, random_pipeline
+from voltacache.presets import TRAINED, component_config, random_pipeline
 
 
 def generate(pipe, seed):
@@ -10,12 +13,20 @@ def generate(pipe, seed):
     ).images[0]
 
 
-def test_tiny_keeps_sd15_block_types():
+@pytest.mark.parametrize("preset", ["tiny", "shapes"])
+def test_small_presets_keep_sd15_block_types(preset):
     for component in ("unet", "vae"):
-        sd15, tiny = component_config(component, "sd15"), component_config(component, "tiny")
+        sd15, small = component_config(component, "sd15"), component_config(component, preset)
         for key in ("down_block_types", "up_block_types"):
-            assert sd15[key] == tiny[key]
+            assert sd15[key] == small[key]
     assert component_config("unet", "sd15")["block_out_channels"] == [320, 640, 1280, 1280]
+
+
+def test_shapes_latent_width_agrees_across_unet_vae_and_shipped_weights():
+    vae, unet = component_config("vae", "shapes"), component_config("unet", "shapes")
+    assert unet["in_channels"] == unet["out_channels"] == vae["latent_channels"]
+    shipped = {name: json.loads((TRAINED["shapes"] / name / "config.json").read_text()) for name in ("vae", "unet")}
+    assert shipped["vae"]["latent_channels"] == shipped["unet"]["in_channels"] == vae["latent_channels"]
 
 
 def test_same_seed_same_weights_and_image(tiny_pipe):

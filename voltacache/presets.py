@@ -46,7 +46,15 @@ TINY = {
         "projection_dim": 64,
     },
 }
-PRESETS = {"tiny": TINY, "sd15": {}, "shapes": TINY}
+# The trained preset's latent has 8 channels, not SD 1.5's 4: with 4, the tiny VAE codes each palette color
+# by context and decodes unseen (color, background) pairs wrong (75% right, against 99% with 8; see
+# docs/benchmarks.md), which would cap held-out adherence below what the U-Net can do.
+LATENT_CHANNELS = 8
+SHAPES = TINY | {
+    "unet": TINY["unet"] | {"in_channels": LATENT_CHANNELS, "out_channels": LATENT_CHANNELS},
+    "vae": TINY["vae"] | {"latent_channels": LATENT_CHANNELS},
+}
+PRESETS = {"tiny": TINY, "sd15": {}, "shapes": SHAPES}
 # Presets with trained weights: fp16 safetensors, one diffusers folder per component
 TRAINED = {"shapes": Path(str(resources.files("voltacache") / "weights" / "shapes"))}
 
