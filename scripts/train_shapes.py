@@ -375,7 +375,7 @@ def plot_losses(log: dict, probes: list[dict], path: Path) -> None:
         for split in ("trained", "held_out"):
             ax.plot(steps, [100 * p[split] for p in probes], marker="o", label=split.replace("_", "-"))
         ax.set_ylim(0, 100)
-        ax.set_title("fully right (%), EMA U-Net, probe seeds")
+        ax.set_title("fully right (%), U-Net as it would ship, probe seeds")
         ax.set_xlabel("step")
         ax.legend()
     fig.tight_layout()
