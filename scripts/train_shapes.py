@@ -43,6 +43,7 @@ from voltacache.tokenizer import clip_tokenizer
 REPO = Path(__file__).resolve().parent.parent
 WEIGHTS_DIR = REPO / "voltacache" / "weights" / "shapes"
 PROGRESS = {"mininterval": 5.0, "dynamic_ncols": True}  # a log file, not a terminal: few redraws
+UNET_LR, POLISH_LR = 1e-3, 5e-4
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,8 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--polish-steps",
         type=int,
         default=300,
-        help="then restart from the EMA average and train this many steps more with the LR falling from 5e-4 to 0; "
-        "these weights ship (0: the EMA average ships)",
+        help=f"then restart from the EMA average and train this many steps more with the LR falling from "
+        f"{POLISH_LR:g} to 0; these weights ship (0: the EMA average ships)",
     )
     p.add_argument("--unet-batch", type=int, default=128)
     p.add_argument("--warmup", type=int, default=100)
@@ -81,7 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--probe-every",
         type=int,
         default=500,
-        help="every N U-Net steps, score the EMA model on the held-out captions (4 seeds each) for the curve; 0: off",
+        help="every N U-Net steps, score the U-Net as it would ship on the held-out captions (4 seeds each) for the "
+        "curve; 0: off",
     )
     p.add_argument("--pool-per-combo", type=int, default=64, help="rendered images per trained caption")
     p.add_argument("--guidance", type=float, nargs="+", default=[5.0, 3.0, 7.5], help="first one is the headline")
@@ -157,7 +159,7 @@ def set_scaling_factor(vae: AutoencoderKL, seed: int) -> dict:
 
 
 def random_text_encoder(seed: int) -> CLIPTextModel:
-    """CLIP's text encoder at its seeded random init, frozen unless --train-text-encoder trains it."""
+    """CLIP's text encoder at its seeded random init (what --freeze-text-encoder keeps; train_unet copies it)."""
     torch.manual_seed(seed)
     config = {k: v for k, v in component_config("text_encoder", "shapes").items() if k != "architectures"}
     return CLIPTextModel(CLIPTextConfig(**config)).eval().requires_grad_(False)
@@ -251,7 +253,7 @@ def train_unet(
         with torch.no_grad():
             embeddings = text_encoder(ids)[0]
     ema = EMA(models, 0.998)
-    opt = torch.optim.AdamW(models.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(models.parameters(), lr=UNET_LR)
 
     def current() -> tuple[UNet2DConditionModel, CLIPTextModel]:
         """What would ship if training stopped here: the EMA average, or the polished weights once polishing."""
@@ -273,12 +275,13 @@ def train_unet(
             # the LR falling to 0, and fresh Adam moments, settles it.
             polishing = True
             ema.load_into(models)
-            opt = torch.optim.AdamW(models.parameters(), lr=5e-4)
+            opt = torch.optim.AdamW(models.parameters(), lr=POLISH_LR)
+        if polishing:
+            lr = POLISH_LR * (1 - (step - args.unet_steps) / args.polish_steps)
+        else:
+            lr = UNET_LR * min(1.0, (step + 1) / args.warmup)
         for group in opt.param_groups:
-            if polishing:
-                group["lr"] = 5e-4 * (1 - (step - args.unet_steps) / args.polish_steps)
-            else:
-                group["lr"] = 1e-3 * min(1.0, (step + 1) / args.warmup)
+            group["lr"] = lr
         idx = torch.randint(len(labels), (args.unet_batch,), generator=gen)
         latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scaling_factor
         caption = labels[idx]
@@ -412,8 +415,7 @@ def probe_adherence(pipe: StableDiffusionPipeline, guidance: float, steps: int) 
     """Fully-right share of the held-out captions over 4 seeds each (96 images), and of every 5th trained caption
     (29, all three shapes): a cheap curve along training, on seeds the final evaluation does not use."""
     captions = [(c.caption, True) for c in dataset.HELD_OUT] * 4 + [(c.caption, False) for c in dataset.TRAIN[::5]]
-    report = score(generate(pipe, [c for c, _ in captions], guidance, steps, first_seed=5000), captions)
-    return {split: report[split]["all_ok"] for split in ("held_out", "trained")}
+    return fully_right(score(generate(pipe, [c for c, _ in captions], guidance, steps, first_seed=5000), captions))
 
 
 def score(images: np.ndarray, captions: list[tuple[str, bool]]) -> dict:
@@ -431,6 +433,11 @@ def score(images: np.ndarray, captions: list[tuple[str, bool]]) -> dict:
     return summary
 
 
+def fully_right(report: dict) -> dict:
+    """A score() report as the fully-right share per split."""
+    return {split: report[split]["all_ok"] for split in ("held_out", "trained")}
+
+
 @torch.no_grad()
 def reconstruction_adherence(vae: AutoencoderKL, draws: int = 3) -> dict:
     """Fully-right share of freshly drawn images (`draws` per combination) passed through the VAE at its posterior
@@ -438,12 +445,12 @@ def reconstruction_adherence(vae: AutoencoderKL, draws: int = 3) -> dict:
     images, captions = [], []
     for held, combos in ((False, dataset.TRAIN), (True, dataset.HELD_OUT)):
         rng = np.random.default_rng(123)
-        images += [render_combo(c, rng) for c in combos for _ in range(draws)]
-        captions += [(c.caption, held) for c in combos for _ in range(draws)]
+        picks = [c for c in combos for _ in range(draws)]
+        images += [render_combo(c, rng) for c in picks]
+        captions += [(c.caption, held) for c in picks]
     x = to_tensor(np.stack(images))
     recon = torch.cat([vae.decode(vae.encode(chunk).latent_dist.mean).sample for chunk in x.split(64)])
-    report = score(to_uint8(recon), captions)
-    return {split: report[split]["all_ok"] for split in ("trained", "held_out")}
+    return fully_right(score(to_uint8(recon), captions))
 
 
 def contact_sheet(images: np.ndarray, captions: list[tuple[str, bool]], report: dict, path: Path) -> None:
@@ -559,9 +566,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"latent pool: {len(pool[2])} images in {pool_seconds:.0f} s", flush=True)
 
     unet, text_encoder, unet_log = train_unet(args, pool, random_text_encoder(args.seed + 3), vae)
-    unet_losses, unet_seconds, unet_steps = unet_log["losses"], unet_log["seconds"], args.unet_steps
+    unet_losses, unet_seconds = unet_log["losses"], unet_log["seconds"]
     train_seconds = vae_seconds + pool_seconds + unet_seconds  # a reused VAE counts at its recorded time
-    steps = f"{unet_steps} + {args.polish_steps} polishing"
+    steps = f"{args.unet_steps} + {args.polish_steps} polishing"
     print(f"unet: {steps} steps in {unet_seconds / 60:.1f} min; training total {train_seconds / 60:.1f} min")
 
     pipe_dir = args.out / "pipeline"
@@ -577,13 +584,13 @@ def main(argv: list[str] | None = None) -> None:
     record = {
         "command": shlex.join(["python", *sys.argv]),
         "reproduce": f"python scripts/train_shapes.py --seed {args.seed} --vae-steps {len(vae_losses)} "
-        f"--unet-steps {unet_steps} --polish-steps {args.polish_steps} --partial-captions {args.partial_captions:g}"
-        + ("" if args.train_text_encoder else " --freeze-text-encoder"),
+        f"--unet-steps {args.unet_steps} --polish-steps {args.polish_steps} "
+        f"--partial-captions {args.partial_captions:g}" + ("" if args.train_text_encoder else " --freeze-text-encoder"),
         "seed": args.seed,
         "vae_steps": len(vae_losses),
         "vae_reused_from": str(args.vae) if args.vae else None,
         "vae_batch": args.vae_batch,
-        "unet_steps": unet_steps,
+        "unet_steps": args.unet_steps,
         "polish_steps": args.polish_steps,
         "unet_batch": args.unet_batch,
         "text_encoder": "trained jointly" if args.train_text_encoder else "frozen at random init",
