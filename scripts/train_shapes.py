@@ -54,11 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-steps", type=int, default=600)
     p.add_argument("--vae", type=Path, default=None, help="a VAE folder this script wrote: reuse it, skip its training")
     p.add_argument("--vae-batch", type=int, default=32)
-    p.add_argument("--unet-steps", type=int, default=2800, help="steps at constant LR, averaged by the EMA")
+    p.add_argument("--unet-steps", type=int, default=3150, help="steps at constant LR, averaged by the EMA")
     p.add_argument(
         "--polish-steps",
         type=int,
-        default=300,
+        default=450,
         help=f"then restart from the EMA average and train this many steps more with the LR falling from "
         f"{POLISH_LR:g} to 0; these weights ship (0: the EMA average ships)",
     )
@@ -119,13 +119,14 @@ def cosine_lr(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
 def train_vae(args: argparse.Namespace) -> tuple[AutoencoderKL, list[float], float]:
     torch.manual_seed(args.seed)
     vae = AutoencoderKL.from_config(component_config("vae", "shapes"))
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    vae.to(memory_format=torch.channels_last)  # 10% faster steps, as for the U-Net
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, args.vae_steps, 20, floor=0.0))
     rng = np.random.default_rng([args.seed, 1])
     noise = torch.Generator().manual_seed(args.seed + 1)
     losses, start = [], time.perf_counter()
     for _ in tqdm(range(args.vae_steps), desc="vae", **PROGRESS):
-        x = to_tensor(dataset.sample(args.vae_batch, rng)[0])
+        x = to_tensor(dataset.sample(args.vae_batch, rng)[0]).contiguous(memory_format=torch.channels_last)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=noise)).sample
         # KL only keeps the latent near N(0, 1) in scale; at 1e-6 it does not blur the reconstruction.
@@ -135,6 +136,7 @@ def train_vae(args: argparse.Namespace) -> tuple[AutoencoderKL, list[float], flo
         opt.step()
         sched.step()
         losses.append(loss.item())
+    vae.to(memory_format=torch.contiguous_format)  # what save_pretrained and inference expect
     return vae.eval().requires_grad_(False), losses, time.perf_counter() - start
 
 
@@ -218,8 +220,7 @@ class EMA:
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))
-        for s, p in zip(self.shadow, model.parameters()):
-            s.lerp_(p.detach(), 1 - decay)
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in model.parameters()], 1 - decay)
 
     @torch.no_grad()
     def load_into(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -253,7 +254,8 @@ def train_unet(
         with torch.no_grad():
             embeddings = text_encoder(ids)[0]
     ema = EMA(models, 0.998)
-    opt = torch.optim.AdamW(models.parameters(), lr=UNET_LR)
+    # fused: one kernel instead of a loop over ~200 tensors, 6% off each step (so also for the VAE and polishing)
+    opt = torch.optim.AdamW(models.parameters(), lr=UNET_LR, fused=True)
 
     def current() -> tuple[UNet2DConditionModel, CLIPTextModel]:
         """What would ship if training stopped here: the EMA average, or the polished weights once polishing."""
@@ -275,7 +277,7 @@ def train_unet(
             # the LR falling to 0, and fresh Adam moments, settles it.
             polishing = True
             ema.load_into(models)
-            opt = torch.optim.AdamW(models.parameters(), lr=POLISH_LR)
+            opt = torch.optim.AdamW(models.parameters(), lr=POLISH_LR, fused=True)
         if polishing:
             lr = POLISH_LR * (1 - (step - args.unet_steps) / args.polish_steps)
         else:

@@ -16,6 +16,9 @@ from .errors import VoltacacheError
 
 @dataclass
 class GenerateOptions:
+    """The pipeline's keyword arguments as the CLI gives them. Not pipeline.Sampling: that module
+    imports torch and diffusers, which `generate --url` (a Triton client) must not need."""
+
     negative_prompt: str = ""
     steps: int = 50
     guidance: float = 7.5

@@ -8,6 +8,7 @@ from voltacache.cache.embedders import ClipPooledEmbedder, MiniLMEmbedder
 from voltacache.cache.layers import (
     NIRVANA_BANDS,
     CacheConfig,
+    CacheSettings,
     RequestCache,
     checkpoint_steps,
     parse_bands,
@@ -43,6 +44,23 @@ def test_k_follows_the_similarity_band():
 def test_bad_bands_are_refused_by_name(text):
     with pytest.raises(VoltacacheError, match="cache band"):
         parse_bands(text)
+
+
+def test_settings_survive_the_round_trip_through_triton_parameters(tmp_path):
+    """The denoiser rebuilds its cache from the strings in its config.pbtxt: every type comes back."""
+    settings = CacheSettings(
+        str(tmp_path / "index.db"),
+        "minilm",
+        "s3://bucket/prefix",
+        ttl_s=60.5,
+        max_entries=7,
+        semantic_threshold=0.9,
+        bands="0.95:0.25,0.85:0.1",
+    )
+    parameters = settings.parameters()
+    assert all(isinstance(v, str) for v in parameters.values())
+    assert CacheSettings.from_parameters(parameters) == settings
+    assert CacheSettings.from_parameters({}) == CacheSettings()
 
 
 def test_exact_repeat_is_a_semantic_hit(sd, tmp_path):

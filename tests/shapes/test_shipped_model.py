@@ -13,7 +13,7 @@ from voltacache.shapes.dataset import TRAIN, render
 
 runner = CliRunner()
 # trained captions spread over shapes and colors that the shipped weights draw right at their evaluation seed
-# (1000 + caption index): the evaluation misses 9 of the 144, none of these
+# (1000 + caption index); none is among the evaluation's misses, which docs/benchmarks.md names
 CAPTIONS = [TRAIN[i].caption for i in (0, 25, 53, 77, 101, 130)]
 
 

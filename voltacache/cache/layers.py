@@ -18,7 +18,9 @@ bands (up to 50% of the steps) are NIRVANA_BANDS, for `--cache-bands`.
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,21 +156,13 @@ class CacheSettings:
 
     @classmethod
     def from_parameters(cls, values: dict[str, str]) -> CacheSettings:
-        """The inverse of `parameters`."""
-        fields = {
-            "index": str,
-            "embedder": str,
-            "blob_store": str,
-            "ttl_s": float,
-            "policy": str,
-            "max_entries": int,
-            "max_bytes": int,
-            "semantic_threshold": float,
-            "bands": str,
-        }
-        given = {
-            name: convert(values[f"cache_{name}"]) for name, convert in fields.items() if f"cache_{name}" in values
-        }
+        """The inverse of `parameters`: each value converted to its field's type."""
+        types = typing.get_type_hints(cls)
+        given = {}
+        for f in dataclasses.fields(cls):
+            if f"cache_{f.name}" in values:
+                convert = next(t for t in typing.get_args(types[f.name]) or (types[f.name],) if t is not type(None))
+                given[f.name] = convert(values[f"cache_{f.name}"])
         return cls(**given)
 
     def open(self, fingerprint: str, clip_dim: int) -> RequestCache | None:
