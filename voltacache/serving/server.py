@@ -15,6 +15,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,7 +135,9 @@ class TritonServer:
             # A fresh connection each time, closed: an open one holds up the server's shutdown.
             client = http.InferenceServerClient(self.http_url)
             try:
-                if client.is_server_ready():
+                # tritonserver opens its metrics port after the HTTP one: a caller that scrapes
+                # metrics right away must not race it
+                if client.is_server_ready() and self.metrics_answer():
                     return
             except Exception:  # not listening yet
                 pass
@@ -143,6 +146,12 @@ class TritonServer:
             time.sleep(0.25)
         self.stop()
         raise VoltacacheError(f"tritonserver not ready after {timeout:.0f} s{self._log_hint()}")
+
+    def metrics_answer(self) -> bool:
+        if "--allow-metrics=false" in self.extra_args:
+            return True
+        with urllib.request.urlopen(self.metrics_url, timeout=2) as response:
+            return response.status == 200
 
     def _log_hint(self) -> str:
         if not self.log_file or not Path(self.log_file).is_file():
