@@ -131,8 +131,9 @@ def plot(result: dict, path: Path, steps: int) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summary = result["summary"]
-    fig, axes = plt.subplots(1, 2 if result["ks"] else 1, figsize=(11 if result["ks"] else 5.5, 4), squeeze=False)
+    summary, ks = result["summary"], result["ks"]
+    panels = 2 if ks else 1  # the approximate cache's panel only when it was measured
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
     left = axes[0, 0]
     base = summary["uncached"]["adherence_all"] * 100
     for branch, marker in zip(BRANCHES, ("o", "s")):
@@ -144,11 +145,10 @@ def plot(result: dict, path: Path, steps: int) -> Path:
     left.set_ylabel("adherence, all captions (%)")
     left.set_title(f"DeepCache, {steps} DDIM steps")
     left.legend()
-    if not result["ks"]:
+    if not ks:
         return save_figure(fig, path)
     right = axes[0, 1]
     for field in NEIGHBOURS:
-        ks = result["ks"]
         right.plot(
             ks,
             [summary[f"approximate K={k} {field}"]["adherence_all"] * 100 for k in ks],
