@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test test-fast bench lint clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# No tritonserver, Milvus or S3 server and no test marked slow: under two minutes on 2 cores.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not triton and not milvus and not s3 and not slow" tests
 
 bench: setup
 	$(BIN)/pip install -q -e '.[bench]'

@@ -10,9 +10,10 @@ REPO=triton_models/generated/demo
 PROMPT="a red circle on a blue background"
 PORTS=(${DEMO_PORTS:-18000 18001 18002})
 
-$V init-tiny "$DEMO/model" --preset shapes
-$V export --model "$DEMO/model" --out "$DEMO/onnx" --precision fp32   # fp32: what a CPU serves fastest
-$V build --onnx "$DEMO/onnx" --out "$ENGINES"
+# --force: a second `make demo` replaces what the first one wrote (and only that: anything else is refused)
+$V init-tiny "$DEMO/model" --preset shapes --force
+$V export --model "$DEMO/model" --out "$DEMO/onnx" --precision fp32 --force   # fp32: what a CPU serves fastest
+$V build --onnx "$DEMO/onnx" --out "$ENGINES" --force
 $V deploy --engines "$ENGINES" --repo "$REPO"
 
 $V serve --repo "$REPO" --http-port "${PORTS[0]}" --grpc-port "${PORTS[1]}" --metrics-port "${PORTS[2]}" \
@@ -25,7 +26,7 @@ until grep -q "ready" "$DEMO/serve.log"; do
 done
 cat "$DEMO/serve.log"
 
-$V generate --url "127.0.0.1:${PORTS[1]}" "$PROMPT" -o "$DEMO/shapes.png" \
+$V generate --url "127.0.0.1:${PORTS[1]}" "$PROMPT" -o "$DEMO/shapes.png" --force \
   --steps 20 --scheduler ddim --guidance 5 --cache-interval 3 --seed 0 --json
 kill -TERM $SERVER; wait $SERVER || true
 trap - EXIT

@@ -27,7 +27,9 @@ from rich.progress import Progress
 from voltacache.bench import engines_for
 from voltacache.benchmark import machine, save_figure, write_json
 from voltacache.cache.layers import NIRVANA_BANDS, CacheConfig, checkpoint_steps, parse_bands
-from voltacache.pipeline import Sampling, StableDiffusion, Stats, to_uint8
+from voltacache.images import to_uint8
+from voltacache.pipeline import StableDiffusion, Stats
+from voltacache.request import Request
 from voltacache.shapes.checker import check, parse_caption
 from voltacache.shapes.dataset import COLORS, SHAPES, evaluation_captions
 
@@ -64,10 +66,9 @@ class Generator:
         return self.sd.encode_prompt([caption], [""], Stats())[0]
 
     def image(self, caption: str, seed: int, interval=1, start=None, capture=frozenset(), schedule="uniform"):
-        sampling = Sampling(self.steps, self.guidance, seed, "ddim", interval, schedule)
-        latents, _, captured = self.sd.generate_latents(
-            self.embeddings(caption), sampling, start=start, capture=capture
-        )
+        request = Request(caption, steps=self.steps, guidance=self.guidance, seed=seed, scheduler="ddim")
+        request = request.replace(cache_interval=interval, cache_schedule=schedule)
+        latents, _, captured = self.sd.generate_latents(self.embeddings(caption), request, start=start, capture=capture)
         return to_uint8(self.sd.decode_latents(latents, Stats()))[0], captured
 
 

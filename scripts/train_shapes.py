@@ -1,6 +1,6 @@
 """Train the tiny preset on procedural shapes: the real, small text-to-image model that voltacache embeds.
 
-The recipe is the one measured in DESIGN.md Part B, on a 2-core CPU in under 30 minutes: the VAE first, then
+The recipe is the one measured in docs/platform.md, on a 2-core CPU in under 30 minutes: the VAE first, then
 scaling factor = 1/latent std, then the U-Net jointly with CLIP's text encoder from its seeded random init
 (--freeze-text-encoder keeps that init and encodes the ~430 distinct captions once: faster, worse on held-out
 pairs). A probe scores held-out captions along the way (--probe-every). Everything is reproducible from

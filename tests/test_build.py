@@ -3,6 +3,7 @@ import shutil
 
 import numpy as np
 import pytest
+from helpers import cli, listing, one_error_line, snapshot
 
 from voltacache.build import (
     ENGINE_MANIFEST,
@@ -92,3 +93,58 @@ def test_corrupt_manifest_reported(engines_dir, tmp_path):
     (copy / ENGINE_MANIFEST).write_text("{")
     with pytest.raises(VoltacacheError, match="engines.json: corrupt engine manifest"):
         load_engines(copy)
+
+
+def test_failed_build_leaves_the_earlier_engines_whole(onnx_fp32, engines_dir, tmp_path):
+    onnx_copy = shutil.copytree(onnx_fp32, tmp_path / "onnx")
+    third = onnx_copy / f"{COMPONENTS[2]}.onnx"
+    data = third.read_bytes()
+    third.write_bytes(data[: len(data) // 2])  # a torn copy: the first two components build, the third fails
+    engines = copy_engines(engines_dir, tmp_path)
+    before = snapshot(engines)
+    result = cli("build", "--onnx", onnx_copy, "--out", engines, "--backend", "onnxruntime", "--force")
+    one_error_line(result, 1, f"{third}: ONNX Runtime cannot read this ONNX file", "run `voltacache export` again")
+    assert snapshot(engines) == before
+    assert set(load_engines(engines).runners) == set(COMPONENTS)
+    assert listing(tmp_path) == ["engines", "onnx"]
+
+
+def test_build_refuses_earlier_engines_without_force(onnx_fp32, engines_dir, tmp_path):
+    engines = copy_engines(engines_dir, tmp_path)
+    before = snapshot(engines)
+    result = cli("build", "--onnx", onnx_fp32, "--out", engines, "--backend", "onnxruntime")
+    one_error_line(result, 2, f"--out {engines}: holds an earlier engines folder; pass --force")
+    assert snapshot(engines) == before
+
+
+def test_build_force_replaces_earlier_engines(onnx_fp32, engines_dir, tmp_path):
+    engines = copy_engines(engines_dir, tmp_path)
+    (engines / "stale.plan").write_bytes(b"from the earlier build")
+    result = cli("build", "--onnx", onnx_fp32, "--out", engines, "--backend", "onnxruntime", "--force")
+    assert result.exit_code == 0, result.output
+    assert not (engines / "stale.plan").exists()
+    assert set(load_engines(engines).runners) == set(COMPONENTS)
+    assert listing(tmp_path) == ["engines"]
+
+
+def test_build_never_replaces_a_users_folder(onnx_fp32, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = cli("build", "--onnx", onnx_fp32, "--out", out, "--backend", "onnxruntime", "--force")
+    one_error_line(result, 2, f"--out {out}: not an engines folder (no engines.json in it)")
+    assert listing(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    one_error_line(cli("build", "--onnx", onnx_fp32, "--out", onnx_fp32, "--force"), 2, "the same path as --onnx")
+
+
+def test_build_from_a_folder_that_is_not_an_export(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "cat.jpg").write_bytes(b"\xff\xd8")
+    result = cli("build", "--onnx", folder, "--out", tmp_path / "engines")
+    one_error_line(result, 1, f"{folder / 'manifest.json'}: no export manifest", "voltacache export")
+    (folder / "manifest.json").write_text('{"format": 1}')
+    result = cli("build", "--onnx", folder, "--out", tmp_path / "engines")
+    one_error_line(result, 1, f"{folder / 'manifest.json'}: not a voltacache export manifest")
+    one_error_line(cli("build", "--onnx", tmp_path / "nope", "--out", tmp_path / "engines"), 1, "no such folder")
+    assert listing(tmp_path) == ["photos"]

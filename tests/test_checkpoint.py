@@ -112,3 +112,56 @@ def test_corrupt_safetensors_reported_by_name(tmp_path):
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(CheckpointError, match="torn.safetensors: not a readable safetensors"):
         load_pipeline(path)
+
+
+def cut_in_half(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("weights", ["unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"])
+def test_truncated_component_weights_named(tiny_dir, tmp_path, weights):
+    folder = tmp_path / "torn"
+    shutil.copytree(tiny_dir, folder)
+    cut_in_half(folder / weights)
+    with pytest.raises(CheckpointError, match=f"torn/{weights}: corrupt or truncated weights"):
+        load_pipeline(folder)
+
+
+def test_truncated_single_file_named(tiny_pipe, tmp_path):
+    path = save_single_file(tiny_pipe, tmp_path / "tiny.safetensors")
+    cut_in_half(path)
+    with pytest.raises(CheckpointError, match="tiny.safetensors: not a readable safetensors file .*truncated"):
+        load_pipeline(path)
+
+
+def test_cli_export_of_truncated_weights_is_one_line(tiny_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from voltacache.cli import app
+
+    folder = tmp_path / "torn"
+    shutil.copytree(tiny_dir, folder)
+    cut_in_half(folder / "vae" / "diffusion_pytorch_model.safetensors")
+    result = CliRunner().invoke(app, ["export", "--model", str(folder), "--out", str(tmp_path / "onnx")])
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "vae/diffusion_pytorch_model.safetensors: corrupt or truncated weights" in lines[0]
+    assert not (tmp_path / "onnx").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["torn"]
+
+
+def test_single_file_replaced_only_when_ours_and_forced(tiny_pipe, tmp_path):
+    from voltacache.errors import OutputExists
+
+    path = save_single_file(tiny_pipe, tmp_path / "tiny.safetensors")
+    with pytest.raises(OutputExists, match="--single-file .*tiny.safetensors: holds an earlier .*--force"):
+        save_single_file(tiny_pipe, path)
+    save_single_file(tiny_pipe, path, force=True)
+    user = tmp_path / "downloaded.safetensors"
+    save_file({"x": torch.zeros(2)}, str(user))
+    before = user.read_bytes()
+    with pytest.raises(OutputExists, match="downloaded.safetensors: not a single-file checkpoint"):
+        save_single_file(tiny_pipe, user, force=True)
+    assert user.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["downloaded.safetensors", "tiny.safetensors"]

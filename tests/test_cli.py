@@ -33,7 +33,8 @@ def test_init_tiny_writes_loadable_pipeline(tmp_path):
     assert load_pipeline(single, config=tmp_path / "m").vae is not None
 
 
-def test_bad_option_is_one_line_error_exit_1(tmp_path):
+def test_bad_option_is_one_line_error_exit_2(tmp_path):
     result = runner.invoke(app, ["init-tiny", str(tmp_path / "m"), "--preset", "sdxl"])
-    assert result.exit_code == 1
-    assert "--preset 'sdxl'" in result.output
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == ["error: --preset 'sdxl': choose one of tiny, sd15, shapes"]
+    assert not (tmp_path / "m").exists()

@@ -1,6 +1,7 @@
 import numpy as np
 import onnx
 import pytest
+from helpers import cli, one_error_line, snapshot
 from onnx import TensorProto, helper
 
 from voltacache import export
@@ -63,6 +64,9 @@ def test_fp16_opset18_branch0(onnx_fp16_branch0):
     assert shallow["max_error"] <= 5e-2 and shallow["fp16_overflows"] == []
     # branch 0's shallow graph is a fraction of the deep one
     assert len(graph_ops(onnx_fp16_branch0 / "unet_shallow.onnx")[0]) < len(ops) / 4
+    # fp16 goes through disk in scratch folders inside the staging folder: none is left anywhere
+    assert [p.name for p in onnx_fp16_branch0.parent.iterdir()] == [onnx_fp16_branch0.name]
+    assert not any(p.name.startswith(("tmp", ".")) or "probe" in p.name for p in onnx_fp16_branch0.iterdir())
 
 
 def test_export_fails_when_onnx_disagrees(tiny_dir, tmp_path, monkeypatch):
@@ -121,3 +125,73 @@ def test_cli_export_prints_lint(tiny_dir, tmp_path):
         app, ["export", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--precision", "fp32", "--height", "96"]
     )
     assert result.exit_code == 1 and "multiples of 64" in result.output
+
+
+def test_cli_export_refuses_earlier_export_without_force(onnx_fp32, tiny_dir, tmp_path):
+    import shutil
+
+    out = shutil.copytree(onnx_fp32, tmp_path / "onnx")
+    before = snapshot(out)
+    result = cli("export", "--model", tiny_dir, "--out", out, "--precision", "fp32")
+    one_error_line(result, 2, f"--out {out}: holds an earlier export; pass --force")
+    assert snapshot(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["onnx"]
+
+
+def test_cli_export_never_replaces_a_users_folder(tiny_dir, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = cli("export", "--model", tiny_dir, "--out", out, "--force")
+    one_error_line(result, 2, f"--out {out}: not an export (no manifest.json in it)")
+    assert (out / "notes.txt").read_text() == "mine" and [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_cli_export_to_unwritable_out_names_it(tiny_dir, tmp_path):
+    (tmp_path / "file").write_text("mine")
+    one_error_line(
+        cli("export", "--model", tiny_dir, "--out", "/proc/voltacache/onnx"), 2, "--out /proc/voltacache/onnx"
+    )
+    one_error_line(
+        cli("export", "--model", tiny_dir, "--out", tmp_path / "file" / "onnx"), 2, "--out", "Not a directory"
+    )
+    one_error_line(cli("export", "--model", tiny_dir, "--out", tmp_path / "file"), 2, "--out", "a file, not a folder")
+    assert (tmp_path / "file").read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_cli_export_interrupted_leaves_the_earlier_export_whole(onnx_fp32, tiny_dir, tmp_path, monkeypatch):
+    import shutil
+
+    out = shutil.copytree(onnx_fp32, tmp_path / "onnx")
+    before = snapshot(out)
+    written = []
+
+    def export_component(module, spec, feeds, path, options, step):
+        if len(written) == 2:
+            raise KeyboardInterrupt  # Ctrl-C on the third component
+        path.write_bytes(b"new")
+        written.append(path)
+        return {}, {}
+
+    monkeypatch.setattr(export, "export_component", export_component)
+    result = cli("export", "--model", tiny_dir, "--out", out, "--precision", "fp32", "--force")
+    assert result.exit_code == 130, result.output  # (diffusers' own loading bars come before the error)
+    assert [line for line in result.stderr.splitlines() if "error" in line] == ["error: interrupted"], result.stderr
+    assert "Traceback" not in result.output
+    assert written[0].parent.parent == tmp_path and written[0].parent.name.startswith(".onnx.tmp-")
+    assert snapshot(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["onnx"]
+
+
+@pytest.mark.slow  # a second full export: about a minute on 2 cores
+def test_cli_export_force_replaces_an_earlier_export(onnx_fp32, tiny_dir, tmp_path):
+    import shutil
+
+    out = shutil.copytree(onnx_fp32, tmp_path / "onnx")
+    (out / "stale.txt").write_text("from the earlier export")
+    result = cli(
+        "export", "--model", tiny_dir, "--out", out, "--precision", "fp32", "--deepcache-branch", "0", "--force"
+    )
+    assert result.exit_code == 0, result.output
+    assert read_manifest(out)["deepcache_branch"] == "0" and not (out / "stale.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["onnx"]

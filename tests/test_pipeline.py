@@ -46,7 +46,7 @@ def test_equals_diffusers_without_caching(sd, tiny_pipe, scheduler):
 
 
 def test_negative_prompt_and_low_guidance_match_diffusers(sd, tiny_pipe):
-    ours = sd(PROMPT, "blurry", steps=10, guidance=3.0, seed=7, scheduler="ddim").images[0]
+    ours = sd(PROMPT, negative_prompt="blurry", steps=10, guidance=3.0, seed=7, scheduler="ddim").images[0]
     assert levels(ours, diffusers_image(tiny_pipe, "ddim", 7, 10, 3.0, "blurry"))[0] <= MAX_LEVELS
     ours = sd(PROMPT, steps=10, guidance=1.0, seed=7, scheduler="ddim").images[0]
     assert levels(ours, diffusers_image(tiny_pipe, "ddim", 7, 10, 1.0))[0] <= MAX_LEVELS
@@ -110,8 +110,14 @@ class CountingRunner:
         ({"scheduler": "heun"}, "scheduler 'heun'"),
         ({"height": 128}, "static at 64x64"),
         ({"cache_interval": 0}, "cache_interval 0"),
-        ({"init_image": "/nonexistent.png"}, "init image /nonexistent.png: cannot be read"),
-        ({"strength": 0.0}, "strength 0.0"),
+        ({"init_image": "/nonexistent.png"}, "init_image /nonexistent.png: no such file"),
+        ({"init_image": np.zeros((64, 64, 3), np.uint8), "strength": 0.0}, "strength 0.0"),
+        ({"init_image": np.zeros((64, 64, 3), np.uint8), "steps": 2, "strength": 0.4}, "no denoising step"),
+        ({"guidance": 1e30}, "guidance 1e"),
+        ({"seed": 2**63}, "seed 9223372036854775808"),
+        ({"seed": -5}, "seed -5"),
+        ({"negative_prompt": "x" * 5000}, "negative_prompt is 5000 bytes"),
+        ({"cache_mode": "sometimes"}, "cache_mode 'sometimes'"),
     ],
 )
 def test_bad_input_rejected_before_compute(sd, kwargs, message):
@@ -120,6 +126,43 @@ def test_bad_input_rejected_before_compute(sd, kwargs, message):
     with pytest.raises(InvalidRequest, match=message):
         guarded(PROMPT, **kwargs)
     assert sum(r.calls for r in counting.values()) == 0
+
+
+def test_init_image_of_another_size_is_resized(sd):
+    """Any size is resized to the engines' (served alike: the denoiser runs the same code)."""
+    small = np.random.default_rng(3).integers(0, 255, (32, 48, 3), dtype=np.uint8)
+    result = sd(PROMPT, steps=4, seed=2, scheduler="ddim", init_image=small, strength=0.5)
+    assert result.images[0].size == (64, 64) and result.stats.steps == 2
+
+
+def test_pndm_reports_denoising_steps_not_unet_calls(sd):
+    result = sd(PROMPT, steps=20, seed=1, scheduler="pndm")
+    assert result.stats.steps == 20
+    assert result.stats.unet_deep_calls == 21  # PNDM's PLMS warm-up evaluates one timestep twice
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "pndm", "euler", "euler-a", "dpm++2m", "lms"])
+def test_the_documented_maximum_of_steps_schedules_for_every_scheduler(tiny_pipe, scheduler):
+    sched = make_scheduler(scheduler, dict(tiny_pipe.scheduler.config), steps=1000)
+    sched.set_timesteps(1000)
+    assert int(sched.timesteps.max()) <= 999
+    latents = torch.zeros(1, 4, 8, 8)
+    for t in sched.timesteps[:3]:
+        latents = sched.step(torch.zeros_like(latents), t, latents, return_dict=False)[0]
+
+
+@pytest.mark.slow
+def test_a_thousand_steps_generate(sd):
+    assert sd(PROMPT, steps=1000, seed=0, scheduler="ddim", guidance=1.0).stats.steps == 1000
+
+
+def test_other_step_counts_keep_diffusers_schedule(tiny_pipe):
+    for steps in (20, 50, 999):
+        ours = make_scheduler("ddim", dict(tiny_pipe.scheduler.config), steps=steps)
+        theirs = make_scheduler("ddim", dict(tiny_pipe.scheduler.config))
+        ours.set_timesteps(steps)
+        theirs.set_timesteps(steps)
+        assert torch.equal(ours.timesteps, theirs.timesteps)
 
 
 def test_long_prompt_truncated_with_warning(sd):

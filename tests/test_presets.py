@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import listing, one_error_line
 
 from voltacache.presets import TRAINED, component_config, random_pipeline
 
@@ -45,3 +46,52 @@ def test_tiny_makes_a_64px_image(tiny_pipe):
     image = generate(tiny_pipe, 0)
     assert image.shape == (64, 64, 3)
     assert np.isfinite(image).all()
+
+
+def init_tiny(*args):
+    from typer.testing import CliRunner
+
+    from voltacache.cli import app
+
+    return CliRunner().invoke(app, ["init-tiny", *map(str, args)])
+
+
+def test_init_tiny_replaces_its_own_pipeline_only_with_force(tiny_dir, tmp_path):
+    import shutil
+
+    from voltacache.presets import PRESET_MARKER
+
+    out = shutil.copytree(tiny_dir, tmp_path / "tiny")
+    weights = out / "unet" / "diffusion_pytorch_model.safetensors"
+    before = weights.read_bytes()
+    one_error_line(init_tiny(out, "--seed", "3"), 2, f"OUT {out}: holds an earlier pipeline folder; pass --force")
+    assert weights.read_bytes() == before
+    result = init_tiny(out, "--seed", "3", "--force")
+    assert result.exit_code == 0, result.output
+    assert weights.read_bytes() != before and json.loads((out / PRESET_MARKER).read_text())["seed"] == 3
+    assert listing(tmp_path) == ["tiny"]
+
+
+def test_init_tiny_never_replaces_a_downloaded_pipeline(tiny_dir, tmp_path):
+    import shutil
+
+    from voltacache.errors import OutputExists
+    from voltacache.presets import PRESET_MARKER, write_pipeline
+
+    out = shutil.copytree(tiny_dir, tmp_path / "sd15")  # a diffusers folder voltacache did not write
+    (out / PRESET_MARKER).unlink()
+    before = (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    one_error_line(init_tiny(out, "--force"), 2, f"OUT {out}: not a pipeline folder (no {PRESET_MARKER} in it)")
+    with pytest.raises(OutputExists, match="not a pipeline folder"):
+        write_pipeline(out, force=True)
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    assert listing(tmp_path) == ["sd15"]
+
+
+def test_init_tiny_refuses_a_users_single_file_before_writing_anything(tmp_path):
+    single = tmp_path / "model.safetensors"
+    single.write_bytes(b"a user's checkpoint")
+    result = init_tiny(tmp_path / "tiny", "--single-file", single, "--force")
+    one_error_line(result, 2, f"--single-file {single}: not a single-file checkpoint")
+    assert single.read_bytes() == b"a user's checkpoint"
+    assert listing(tmp_path) == ["model.safetensors"]

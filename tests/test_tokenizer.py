@@ -31,7 +31,7 @@ def tokenizer(tmp_path_factory):
 
 
 def test_known_ids(tokenizer):
-    # the ids DESIGN.md measured for CLIP
+    # the ids measured for CLIP (docs/platform.md)
     assert tokenizer("a photo of an astronaut riding a horse").input_ids == [
         49406,
         320,

@@ -52,8 +52,8 @@ def engines_for(model: Path, workdir: Path, size: int, branch: str) -> Path:
     if (engines / "engines.json").is_file() and read_engine_manifest(engines)["export"]["fingerprint"] == fingerprint:
         return engines
     onnx_dir = workdir / f"onnx_{branch}_{size}"
-    export_model(model, onnx_dir, ExportOptions("fp32", 1, size, size, 23, branch))
-    build_engines(onnx_dir, engines, backend="onnxruntime")
+    export_model(model, onnx_dir, ExportOptions("fp32", 1, size, size, 23, branch), force=True)
+    build_engines(onnx_dir, engines, backend="onnxruntime", force=True)
     return engines
 
 

@@ -17,12 +17,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import VoltacacheError, read_json
+from .errors import ExportError, RebuildNeeded, UsageError, VoltacacheError, read_json
 from .export import read_manifest, specs_from_manifest
+from .outputs import json_marker, refuse_overlap, staged_output
 from .runners import OnnxRuntimeRunner, Runner, TensorRTRunner
 from .specs import COMPONENTS, INPUT_IDS
 
 ENGINE_MANIFEST = "engines.json"
+is_engines = json_marker(ENGINE_MANIFEST, "backend", "files", "export")  # a folder `build_engines` wrote
 # Recorded in the manifest and applied by every runtime that loads these engines.
 ORT_SESSION_OPTIONS = {
     "graph_optimization_level": "ORT_ENABLE_ALL",
@@ -34,10 +36,6 @@ ORT_SESSION_OPTIONS = {
 # NCHWc rewrites happen at load time, under ORT_ENABLE_ALL).
 ORT_SAVED_LEVEL = "ORT_ENABLE_EXTENDED"
 TRT_ATOL, TRT_RTOL = 2e-2, 2e-2  # fp16 engine against fp32-io ONNX Runtime on random inputs
-
-
-class RebuildNeeded(VoltacacheError):
-    pass
 
 
 def onnx_stats(onnx_dir: Path) -> dict:
@@ -74,9 +72,9 @@ def choose_backend(requested: str) -> tuple[str, str]:
     if requested == "auto":
         return ("tensorrt", why) if ok else ("onnxruntime", why)
     if requested == "tensorrt" and not ok:
-        raise VoltacacheError(f"--backend tensorrt: {why}")
+        raise UsageError(f"--backend tensorrt: {why}")
     if requested not in ("tensorrt", "onnxruntime"):
-        raise VoltacacheError(f"--backend {requested!r}: use auto, tensorrt or onnxruntime")
+        raise UsageError(f"--backend {requested!r}: use auto, tensorrt or onnxruntime")
     return requested, "requested"
 
 
@@ -105,18 +103,33 @@ def build_engines(
     optimization_level: int = 3,
     progress=None,
     timing_cache: Path | None = None,
+    force: bool = False,
 ) -> dict:
-    """Build one engine per component of the export in `onnx_dir`; returns the engine manifest."""
+    """Build one engine per component of the export in `onnx_dir`; returns the engine manifest.
+
+    The engines are written into a temporary sibling of `out_dir`, renamed into place once every
+    engine is built and checked; earlier engines there are replaced only with `force`, anything
+    else there is refused.
+    """
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
     export = read_manifest(onnx_dir)
     backend, reason = choose_backend(backend)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    refuse_overlap(out_dir, onnx_dir, "--out", "--onnx")
+    with staged_output(out_dir, force=force, ours=is_engines, arg="--out", what="engines folder") as stage:
+        return _build(onnx_dir, stage, export, backend, reason, optimization_level, progress, timing_cache)
+
+
+def _build(onnx_dir: Path, out_dir: Path, export: dict, backend, reason, optimization_level, progress, timing_cache):
     started = time.time()
+    if not (onnx_dir / "tokenizer").is_dir():
+        raise ExportError(f"{onnx_dir / 'tokenizer'}: missing from the export; run `voltacache export` again")
     files = {}
     for name in COMPONENTS:
         if progress:
             progress(name)
-        source = onnx_dir / export["components"][name]["file"]
+        source = onnx_dir / export["components"][name].get("file", f"{name}.onnx")
+        if not source.is_file():
+            raise ExportError(f"{source}: missing from the export; run `voltacache export` again")
         if backend == "tensorrt":
             files[name] = build_tensorrt(
                 source, out_dir, name, export, optimization_level, timing_cache or default_timing_cache()
@@ -144,6 +157,13 @@ def build_engines(
 
 def build_onnxruntime(source: Path, out_dir: Path, name: str) -> str:
     import onnxruntime as ort
+    from onnxruntime.capi.onnxruntime_pybind11_state import (
+        Fail,
+        InvalidArgument,
+        InvalidGraph,
+        InvalidProtobuf,
+        NoSuchFile,
+    )
 
     target = out_dir / f"{name}.onnx"
     options = ort.SessionOptions()
@@ -153,7 +173,12 @@ def build_onnxruntime(source: Path, out_dir: Path, name: str) -> str:
         options.add_session_config_entry(
             "session.optimized_model_external_initializers_file_name", target.name + ".data"
         )
-    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    try:
+        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    except (InvalidProtobuf, InvalidGraph, InvalidArgument, NoSuchFile, Fail) as e:
+        raise ExportError(
+            f"{source}: ONNX Runtime cannot read this ONNX file ({e}); run `voltacache export` again"
+        ) from e
     return target.name
 
 
@@ -161,6 +186,7 @@ def build_tensorrt(
     source: Path, out_dir: Path, name: str, export: dict, optimization_level: int, timing_cache: Path
 ) -> str:
     from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine
+    from polygraphy.exception import PolygraphyException
 
     spec = specs_from_manifest(export)[name]
     profile = Profile()
@@ -168,7 +194,12 @@ def build_tensorrt(
         profile.add(t.name, min=t.shape, opt=t.shape, max=t.shape)
     # fp16 ONNX carries its own types: strongly typed keeps TensorRT from re-deciding precisions.
     strongly_typed = export["precision"] == "fp16"
-    network = NetworkFromOnnxPath(str(source), strongly_typed=strongly_typed)
+    try:  # parsed now, so that a damaged file is told apart from a failed build
+        network = NetworkFromOnnxPath(str(source), strongly_typed=strongly_typed)()
+    except PolygraphyException as e:
+        raise ExportError(
+            f"{source}: TensorRT's ONNX parser cannot read this file ({e}); run `voltacache export` again"
+        ) from e
     config = CreateConfig(
         fp16=not strongly_typed and export["precision"] == "fp16",
         profiles=[profile],

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from .errors import CheckpointError
-from .single_file import checkpoint_family, safetensors_header
+from .single_file import check_safetensors, checkpoint_family
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -48,9 +48,9 @@ def load_pipeline(path: str | Path, allow_pickle: bool = False, config: str | Pa
     if suffix != ".safetensors":
         raise CheckpointError(f"{path}: not a checkpoint (expected a diffusers folder or a .safetensors file)")
     try:
-        keys = safetensors_header(path).keys()
+        keys = check_safetensors(path).keys()
     except (ValueError, OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); download or write it again") from e
     family = checkpoint_family(keys)
     if family is None:
         raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint (no U-Net, VAE and CLIP weights found)")
@@ -81,7 +81,15 @@ def _load_folder(path: Path, allow_pickle: bool):
         raise CheckpointError(f"{path}: missing component folder(s): {', '.join(missing)}")
     for component in ("unet", "vae", "text_encoder"):
         files = list((path / component).iterdir())
-        if any(f.suffix == ".safetensors" for f in files):
+        weights = sorted(f for f in files if f.suffix == ".safetensors")
+        for f in weights:  # a torn download or copy, named here rather than deep inside from_pretrained
+            try:
+                check_safetensors(f)
+            except (ValueError, OSError, UnicodeDecodeError) as e:
+                raise CheckpointError(
+                    f"{f}: corrupt or truncated weights ({e}); download or write this file again"
+                ) from e
+        if weights:
             continue
         pickles = [f.name for f in files if f.suffix in PICKLE_SUFFIXES]
         if not pickles:
@@ -91,13 +99,16 @@ def _load_folder(path: Path, allow_pickle: bool):
                 f"{path / component}: only pickle weights ({', '.join(pickles)}), which can run arbitrary code "
                 "when loaded; pass --allow-pickle if you trust the source"
             )
-    return StableDiffusionPipeline.from_pretrained(
-        path,
-        local_files_only=True,
-        use_safetensors=None if allow_pickle else True,
-        safety_checker=None,
-        requires_safety_checker=False,
-    )
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            path,
+            local_files_only=True,
+            use_safetensors=None if allow_pickle else True,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError, RuntimeError, EOFError) as e:  # a config, weight or tokenizer file diffusers rejects
+        raise CheckpointError(f"{path}: cannot be loaded ({e})") from e
 
 
 def _load_single_file(path: Path, config: str | Path | None):

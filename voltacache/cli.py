@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import typer
@@ -12,7 +13,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from .cache.layers import DEFAULT_BANDS, NIRVANA_BANDS, CacheConfig, CacheSettings
-from .errors import NotBuiltYet, VoltacacheError
+from .errors import UsageError, VoltacacheError
+from .request import MAX_GUIDANCE, MAX_STEPS, Request
+from .schedulers import SCHEDULERS
 
 app = typer.Typer(
     help="Compile Stable Diffusion to ONNX / TensorRT engines and serve it from Triton with caching.",
@@ -24,25 +27,51 @@ app.add_typer(cache_app, name="cache")
 err = Console(stderr=True)
 
 
+DEBUG = {"on": False}  # --debug: let tracebacks through
+# A warning is one line too ("warning: ..."), not Python's two with the source line.
+warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
+
+
+@app.callback()
+def main_options(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of a failure."),
+):
+    """Compile Stable Diffusion to ONNX / TensorRT engines and serve it from Triton with caching."""
+    DEBUG["on"] = debug
+
+
+def fail(message: str, code: int, details: str = "") -> typer.Exit:
+    """One line on stderr (then any details, such as the log lines that say why a server failed)."""
+    print("error: " + " ".join(str(message).split("\n")), file=sys.stderr)
+    if details:
+        print(details, file=sys.stderr)
+    return typer.Exit(code)
+
+
 def user_errors(fn):
-    """Print a VoltacacheError as one line (no traceback); exit 2 for what is not built yet."""
+    """The CLI's edge: every failure is one line on stderr and an exit code (2 usage, 1 failure,
+    130 interrupted); a traceback only with --debug."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except NotBuiltYet as e:
-            err.print(f"[yellow]not built yet:[/] {escape(str(e))}")
-            raise typer.Exit(2) from None
+        except (typer.Exit, typer.Abort):
+            raise
         except VoltacacheError as e:
-            err.print(f"[red]error:[/] {escape(str(e))}")
-            raise typer.Exit(1) from None
+            if DEBUG["on"]:
+                raise
+            raise fail(str(e), e.exit_code, getattr(e, "details", "")) from None
+        except KeyboardInterrupt:
+            if DEBUG["on"]:
+                raise
+            raise fail("interrupted", 130) from None
+        except Exception as e:  # a bug or an unforeseen failure: still one line, the traceback on request
+            if DEBUG["on"]:
+                raise
+            raise fail(f"unexpected {type(e).__name__}: {e} (run with --debug for the traceback)", 1) from None
 
     return wrapper
-
-
-def not_built(what: str, issue: str):
-    raise NotBuiltYet(f"`voltacache {what}` arrives with the {issue} issue")
 
 
 CACHE_THRESHOLD = typer.Option(
@@ -68,18 +97,36 @@ def init_tiny(
     single_file: Path | None = typer.Option(
         None, help="Also write the pipeline as one SD 1.x (LDM layout) .safetensors checkpoint here."
     ),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Replace a pipeline (and --single-file) that init-tiny wrote before; anything else is never replaced.",
+    ),
 ):
     """Write a Stable Diffusion pipeline with SD 1.5's topology: random weights, or the trained shapes model."""
     from .presets import PRESETS, write_pipeline
 
     if preset not in PRESETS:
-        raise VoltacacheError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    write_pipeline(out, preset, seed)
+        raise UsageError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    if single_file:
+        from .outputs import check_target
+        from .single_file import is_our_single_file
+
+        # refused before anything is written
+        check_target(
+            single_file,
+            force=force,
+            ours=is_our_single_file,
+            arg="--single-file",
+            what="single-file checkpoint",
+            file=True,
+        )
+    write_pipeline(out, preset, seed, force=force)
     if single_file:
         from .checkpoint import load_pipeline
         from .single_file import save_single_file
 
-        save_single_file(load_pipeline(out), single_file)
+        save_single_file(load_pipeline(out), single_file, force=force)
         err.print(f"single file: {single_file}")
     print(out)
 
@@ -101,6 +148,12 @@ def export(
         None, help="diffusers config folder for a single-file checkpoint (default SD 1.5)."
     ),
     allow_pickle: bool = typer.Option(False, help="Load .ckpt/.bin/.pt checkpoints (pickle can run arbitrary code)."),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Replace an export already in --out (it stays until the new one is complete); "
+        "a folder voltacache did not write is never replaced.",
+    ),
 ):
     """Export CLIP, the U-Net split at the DeepCache point, and the VAE to ONNX, validated and linted."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -115,19 +168,27 @@ def export(
         TextColumn("{task.fields[stage]:<9}"),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=err) as bars:
-        tasks = {c: bars.add_task(c, total=len(STAGES), stage="waiting", start=False) for c in COMPONENTS}
+    # The bars appear when the work starts (a refused --out or a bad checkpoint is one line on stderr),
+    # on a terminal only: a log gets the report below.
+    bars = Progress(*columns, console=err, disable=not err.is_terminal)
+    tasks = {c: bars.add_task(c, total=len(STAGES), stage="waiting", start=False) for c in COMPONENTS}
 
-        def progress(component, stage):
-            task = tasks[component]
-            bars.start_task(task)
-            for other in COMPONENTS[: COMPONENTS.index(component)]:
-                bars.update(tasks[other], completed=len(STAGES), stage="done")
-            bars.update(task, completed=STAGES.index(stage), stage=stage)
+    def progress(component, stage):
+        bars.start()
+        task = tasks[component]
+        bars.start_task(task)
+        for other in COMPONENTS[: COMPONENTS.index(component)]:
+            bars.update(tasks[other], completed=len(STAGES), stage="done")
+        bars.update(task, completed=STAGES.index(stage), stage=stage)
 
-        manifest = export_model(model, out, options, allow_pickle=allow_pickle, config=config, progress=progress)
+    try:
+        manifest = export_model(
+            model, out, options, allow_pickle=allow_pickle, config=config, progress=progress, force=force
+        )
         for task in tasks.values():
             bars.update(task, completed=len(STAGES), stage="done")
+    finally:
+        bars.stop()
     print_export_report(manifest)
     print(out)
 
@@ -154,6 +215,12 @@ def build(
     out: Path = typer.Option(..., help="Folder for the engines and engines.json."),
     backend: str = typer.Option("auto", help="auto (TensorRT where it can run), tensorrt or onnxruntime."),
     optimization_level: int = typer.Option(3, help="TensorRT builder optimization level (0-5)."),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Replace engines already in --out (they stay until the new ones are built and checked); "
+        "a folder voltacache did not write is never replaced.",
+    ),
 ):
     """Build static TensorRT engines (GPU) or optimized ONNX Runtime models (CPU)."""
     from rich.progress import Progress
@@ -162,15 +229,25 @@ def build(
     from .specs import COMPONENTS
 
     chosen, reason = choose_backend(backend)
-    err.print(f"backend: {chosen} ({escape(reason)})")
-    with Progress(console=err) as bars:
-        task = bars.add_task("build", total=len(COMPONENTS))
+    announce = f"backend: {chosen} ({escape(reason)})"
+    # The backend and the bar appear when the work starts (a refused --out or a folder that is no export
+    # is one line on stderr); off a terminal, no bar, and the backend once the build is done.
+    bars = Progress(console=err, disable=not err.is_terminal)
+    task = bars.add_task("build", total=len(COMPONENTS))
 
-        def progress(component):
-            bars.update(task, description=component, completed=COMPONENTS.index(component))
+    def progress(component):
+        if err.is_terminal and not bars.live.is_started:
+            err.print(announce)
+            bars.start()
+        bars.update(task, description=component, completed=COMPONENTS.index(component))
 
-        manifest = build_engines(onnx, out, chosen, optimization_level, progress=progress)
+    try:
+        manifest = build_engines(onnx, out, chosen, optimization_level, progress=progress, force=force)
         bars.update(task, description="done", completed=len(COMPONENTS))
+    finally:
+        bars.stop()
+    if not err.is_terminal:
+        err.print(announce)
     if manifest["export"]["precision"] == "fp16" and chosen == "onnxruntime":
         err.print(
             "[yellow]note:[/] fp16 runs slower than fp32 on ONNX Runtime's CPU provider; export fp32 to serve on CPU"
@@ -182,7 +259,12 @@ def build(
 @user_errors
 def deploy(
     engines: Path = typer.Option(..., help="Folder written by `voltacache build`."),
-    repo: Path = typer.Option(..., help="Model repository to write (replaced if it exists)."),
+    repo: Path = typer.Option(
+        ...,
+        help="Model repository to write: a new or empty folder, or one deploy wrote before, which is generated "
+        "output and is replaced whole once the new one is complete (no --force needed). Any other folder is "
+        "refused, as is one that is, holds or lies inside --engines.",
+    ),
     component_backend: str = typer.Option(
         "python", help="python (ONNX Runtime in a Python model: the CPU server), onnxruntime (NGC) or tensorrt."
     ),
@@ -223,22 +305,37 @@ def serve(
     grpc_port: int = typer.Option(8001),
     metrics_port: int = typer.Option(8002),
     cache_mb: int = typer.Option(256, help="Triton response cache size in MiB (exact duplicate requests)."),
-    log_file: Path | None = typer.Option(None, help="Write tritonserver's log here."),
+    log_file: Path | None = typer.Option(
+        None, help="Write tritonserver's log here (default: a temporary file, kept only if it fails)."
+    ),
 ):
     """Start tritonserver on a model repository; stops cleanly on Ctrl-C or SIGTERM."""
     import signal
-    import threading
+    import time
 
+    from .errors import ServerFailed
     from .serving.server import TritonServer
 
     server = TritonServer(repo, host, http_port, grpc_port, metrics_port, cache_mb * 1024 * 1024, log_file)
-    stop = threading.Event()
+    signals = []  # the handler only records: a lock taken in a signal handler can deadlock the main thread
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda signum, _frame: signals.append(signum))
+    try:
+        server.start(cancelled=lambda: bool(signals))
+    except KeyboardInterrupt:  # start() has stopped all it started
+        name = signal.Signals(signals[0]).name
+        raise fail(f"interrupted by {name} while tritonserver was starting; stopped it", 128 + signals[0]) from None
     with server:
-        err.print(f"tritonserver ready: http {server.http_url}  grpc {server.grpc_url}  metrics {server.metrics_url}")
-        while not stop.is_set() and server.process.poll() is None:
-            stop.wait(0.5)
+        err.print(
+            f"tritonserver ready: http {server.http_url}  grpc {server.grpc_url}  metrics {server.metrics_url}",
+            soft_wrap=True,
+        )
+        for line in server.warnings():
+            err.print(escape(line), style="yellow", soft_wrap=True)
+        while not signals and server.process.poll() is None:
+            time.sleep(0.25)
+    if not signals:
+        raise ServerFailed(f"tritonserver exited by itself (code {server.process.returncode}); the log is {server.log}")
     err.print("tritonserver stopped")
 
 
@@ -250,21 +347,24 @@ def generate(
     engines: Path | None = typer.Option(None, help="Engines folder: generate in process."),
     url: str | None = typer.Option(None, help="HOST:PORT of a voltacache Triton server: generate there."),
     protocol: str = typer.Option("grpc", help="grpc or http (with --url)."),
-    prompts: Path | None = typer.Option(None, help="A file of prompts, one per line (with --url)."),
-    concurrency: int = typer.Option(1, help="Requests in flight at once (with --prompts)."),
-    negative_prompt: str = typer.Option("", help="What the image should not show."),
-    steps: int = typer.Option(50, help="Denoising steps."),
-    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
+    prompts: Path | None = typer.Option(
+        None, help="A file of prompts, one per line; line i (from 0) gets seed + i. Each image is written when done."
+    ),
+    concurrency: int = typer.Option(1, help="Requests in flight at once (with --url; in process they run one by one)."),
+    negative_prompt: str = typer.Option(Request.negative_prompt, help="What the image should not show."),
+    steps: int = typer.Option(Request.steps, help=f"Denoising steps (1-{MAX_STEPS})."),
+    guidance: float = typer.Option(Request.guidance, help=f"Classifier-free guidance scale (0-{MAX_GUIDANCE:g})."),
     seed: int | None = typer.Option(None, help="Seed of the initial latents (default: random, reported)."),
-    scheduler: str = typer.Option("pndm", help="ddim, pndm, euler, euler-a, dpm++2m or lms."),
-    cache_interval: int = typer.Option(1, help="DeepCache: the full U-Net every N steps (1: off)."),
-    cache_schedule: str = typer.Option("uniform", help="DeepCache schedule: uniform or nonuniform (in process)."),
+    scheduler: str = typer.Option(Request.scheduler, help=", ".join(SCHEDULERS) + "."),
+    cache_interval: int = typer.Option(Request.cache_interval, help="DeepCache: the full U-Net every N steps (1 off)."),
+    cache_schedule: str = typer.Option(Request.cache_schedule, help="DeepCache schedule: uniform or nonuniform."),
     height: int | None = typer.Option(None, help="Must equal the engines' static height."),
     width: int | None = typer.Option(None, help="Must equal the engines' static width."),
-    init_image: Path | None = typer.Option(None, help="img2img: start from this image."),
-    strength: float = typer.Option(0.8, help="img2img: how much of the schedule to run (0-1]."),
+    init_image: Path | None = typer.Option(None, help="img2img: start from this image (resized to the engines' size)."),
+    strength: float = typer.Option(Request.strength, help="img2img: how much of the schedule to run (0-1]."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object per image."),
-    cache: str = typer.Option("on", help="Cross-request cache for this request: on, off or refresh."),
+    force: bool = typer.Option(False, help="Replace image files that exist."),
+    cache: str = typer.Option(Request.cache_mode, help="Cross-request cache for this request: on, off or refresh."),
     cache_index: str | None = typer.Option(
         None, help="In process: the cache index (milvus-lite file or Milvus URL); none: no cache."
     ),
@@ -273,15 +373,23 @@ def generate(
     cache_threshold: float = CACHE_THRESHOLD,
     cache_bands: str = CACHE_BANDS,
 ):
-    """Generate images in process (--engines) or through Triton (--url)."""
-    from .generate import GenerateOptions, generate_in_process, generate_served
+    """Generate images in process (--engines) or through Triton (--url): the same request, the same images."""
+    from .generate import Batch, Prompt, generate_in_process, generate_served, read_prompts
+    from .images import read_image
 
     if (engines is None) == (url is None):
-        raise VoltacacheError("give exactly one of --engines DIR (in process) or --url HOST:PORT (Triton)")
-    texts = read_prompts(prompts) if prompts else ([prompt] if prompt else [])
-    if not texts:
-        raise VoltacacheError("give a prompt, or --prompts FILE")
-    options = GenerateOptions(
+        raise UsageError("give exactly one of --engines DIR (in process) or --url HOST:PORT (Triton)")
+    if prompts is not None and prompt is not None:
+        raise UsageError("give a prompt or --prompts FILE, not both")
+    if engines is not None and concurrency != 1:
+        raise UsageError("--concurrency: in process requests run one at a time; serve them (--url) to run several")
+    if concurrency < 1:
+        raise UsageError(f"--concurrency {concurrency}: at least 1")
+    lines = read_prompts(prompts) if prompts else [Prompt(0, prompt)] if prompt else []
+    if not lines:
+        raise UsageError("give a prompt, or --prompts FILE with at least one line")
+    template = Request(
+        prompt if prompts is None else "(each line's own prompt)",
         negative_prompt,
         steps,
         guidance,
@@ -289,28 +397,52 @@ def generate(
         scheduler,
         cache_interval,
         cache_schedule,
+        read_image(init_image, "--init-image") if init_image else None,
+        strength,
+        cache,
         height,
         width,
-        init_image,
-        strength,
-    )
+    ).check()  # the options once (a file's lines each with its own request)
     if engines is not None:
-        if cache not in ("on", "off", "refresh"):
-            raise VoltacacheError(f"--cache {cache!r}: use on, off or refresh")
-        records = generate_in_process(
-            engines,
-            texts,
-            options,
-            output,
-            CacheSettings(
-                cache_index, cache_embedder, blob_store, semantic_threshold=cache_threshold, bands=cache_bands
-            ),
-            cache,
+        from .build import read_engine_manifest
+
+        per_request = read_engine_manifest(engines)["export"]["batch"]
+        batch = Batch(lines, template, output, per_request, force)
+        settings = CacheSettings(
+            cache_index, cache_embedder, blob_store, semantic_threshold=cache_threshold, bands=cache_bands
         )
+        records = generate_in_process(engines, batch, settings)
     else:
-        records = generate_served(url, protocol, texts, options, output, concurrency, err, cache)
-    for record in records:
-        print(json.dumps(record) if json_output else record["path"])
+        batch = Batch(lines, template, output, served_batch(url, protocol), force)
+        records = generate_served(url, protocol, batch, concurrency)
+    try:
+        for record in records:
+            print(json.dumps(record) if json_output else record["path"], flush=True)
+            if not json_output:
+                err.print(
+                    f"{escape(record['path'])}: seed {record['seed']}, {record['steps_computed']} steps computed, "
+                    f"cache {record['cache']}, {record['seconds']:.2f} s",
+                    soft_wrap=True,
+                )
+    except KeyboardInterrupt:
+        raise fail(f"interrupted: {batch.written} of {len(batch.paths)} images written (kept)", 130) from None
+    for failure in batch.failures:
+        print(f"error: {failure}", file=sys.stderr)
+    if batch.failures:
+        raise fail(f"{len(batch.failures)} of {len(lines)} prompts failed; the other images are written", 1)
+
+
+def served_batch(url: str, protocol: str) -> int:
+    """Images per request of a deployment (the engines' static batch)."""
+    from .serving.client import Client
+    from .serving.protocol import IMAGES, TXT2IMG
+
+    client = Client(url, protocol)
+    try:
+        metadata = client.client.get_model_metadata(TXT2IMG, **({"as_json": True} if protocol == "grpc" else {}))
+    except Exception as e:
+        raise client.failure(TXT2IMG, str(e)) from None
+    return int(next(o["shape"][0] for o in metadata["outputs"] if o["name"] == IMAGES))
 
 
 @app.command("check-shapes")
@@ -322,26 +454,17 @@ def check_shapes(
     """Read the shape, its color and the background off an image and compare them with the caption."""
     from dataclasses import asdict
 
-    from PIL import Image
-
+    from . import images
     from .shapes.checker import compare, read_image
 
-    if not image.is_file():
-        raise VoltacacheError(f"{image}: no such image")
-    reading = read_image(Image.open(image))
+    reading = read_image(images.read_image(image, "IMAGE"))
     try:
         verdict = compare(reading, caption) | {"read": asdict(reading)}
     except ValueError as e:
-        raise VoltacacheError(str(e)) from None
+        raise UsageError(f"CAPTION: {e}") from None
     print(json.dumps(verdict))
     if not verdict["all_ok"]:
         raise typer.Exit(1)
-
-
-def read_prompts(path: Path) -> list[str]:
-    if not path.is_file():
-        raise VoltacacheError(f"{path}: no such prompts file")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
 @app.command()
@@ -389,15 +512,20 @@ def bench(
     print(f"results: {cfg.out}; figures: {', '.join(result['figures'])}")
 
 
-def _open_store(index: str, blob_store: str | None, embedder: str, dim: int):
-    from .cache.layers import open_request_cache
+def _open_store(index: str, blob_store: str | None, embedder: str | None):
+    """The store of the cache the index holds (embedder and width read from the index), or None."""
+    from .cache.admin import open_existing
 
-    return open_request_cache(index, blob_store, embedder, "", dim).store
+    return open_existing(index, blob_store, embedder)
 
 
 CACHE_INDEX = typer.Option(..., "--cache-index", help="The cache index: milvus-lite file or Milvus server URL.")
 CACHE_EMBEDDER = typer.Option("clip", help="Which embedder's entries: clip or minilm.")
-CACHE_DIM = typer.Option(768, help="CLIP embedding width of the model (768 for SD 1.5, 64 for the tiny preset).")
+CACHE_CHOICE = typer.Option(
+    None,
+    "--embedder",
+    help="Which cache, when the index holds several: clip, minilm, or NAME:DIM (e.g. clip:768).",
+)
 BLOB_STORE = typer.Option(None, help="Blob folder or s3://bucket/prefix (default: beside a file index).")
 
 
@@ -405,37 +533,88 @@ BLOB_STORE = typer.Option(None, help="Blob folder or s3://bucket/prefix (default
 @user_errors
 def cache_stats(
     index: str = CACHE_INDEX,
-    embedder: str = CACHE_EMBEDDER,
-    dim: int = CACHE_DIM,
+    embedder: str | None = CACHE_CHOICE,
     blob_store: str | None = BLOB_STORE,
 ):
     """Entries, bytes, hits and evictions of the cache."""
-    print(json.dumps(_open_store(index, blob_store, embedder, dim).stats(), indent=2))
+    from .cache.admin import empty_stats
+
+    store = _open_store(index, blob_store, embedder)
+    if store is None:
+        print(json.dumps(empty_stats(index), indent=2))
+        return
+    with store:
+        print(json.dumps(store.stats(), indent=2))
 
 
 @cache_app.command("clear")
 @user_errors
 def cache_clear(
     index: str = CACHE_INDEX,
-    embedder: str = CACHE_EMBEDDER,
-    dim: int = CACHE_DIM,
+    embedder: str | None = CACHE_CHOICE,
     blob_store: str | None = BLOB_STORE,
+    force: bool = typer.Option(
+        False, help="Also on an index that cannot be read: set it aside (<index>.corrupt-<time>) and remove its blobs."
+    ),
 ):
-    """Remove every entry and blob."""
-    _open_store(index, blob_store, embedder, dim).clear()
-    err.print("cache cleared")
+    """Remove every entry and blob; prints how many entries it removed."""
+    from .cache.admin import clear
+
+    report = clear(index, blob_store, embedder, force)
+    print(json.dumps(report))
+    if report.get("repaired"):
+        err.print(
+            f"cache cleared: {escape(index)} could not be read and was set aside as {escape(report['set_aside'])}; "
+            f"a fresh index started, {report['blobs_removed']} blobs removed",
+            soft_wrap=True,
+        )
+    else:
+        err.print(f"cache cleared: removed {report['removed']} entries", soft_wrap=True)
 
 
 @cache_app.command("purge-expired")
 @user_errors
 def cache_purge(
     index: str = CACHE_INDEX,
-    embedder: str = CACHE_EMBEDDER,
-    dim: int = CACHE_DIM,
+    embedder: str | None = CACHE_CHOICE,
     blob_store: str | None = BLOB_STORE,
 ):
     """Remove entries past their TTL and blobs no entry points at."""
-    print(json.dumps({"purged": _open_store(index, blob_store, embedder, dim).purge_expired()}))
+    store = _open_store(index, blob_store, embedder)
+    if store is None:
+        print(json.dumps({"purged": 0}))
+        return
+    with store:
+        print(json.dumps({"purged": store.purge_expired()}))
+
+
+@cache_app.command("repair")
+@user_errors
+def cache_repair(
+    index: str = CACHE_INDEX,
+    blob_store: str | None = BLOB_STORE,
+    purge_blobs: bool = typer.Option(
+        False, help="Also remove the blobs (the set-aside index still points at them; kept by default)."
+    ),
+):
+    """A milvus-lite index that no longer opens: set it aside as <index>.corrupt-<time> (never deleted)
+    and start a fresh one. An index that reads back is left as it is."""
+    from .cache.admin import repair
+
+    report = repair(index, blob_store, purge_blobs)
+    print(json.dumps(report))
+    if not report["repaired"]:
+        err.print(f"{escape(index)} reads back: nothing to repair", soft_wrap=True)
+        return
+    blobs = (
+        f"{report['blobs_removed']} blobs removed"
+        if purge_blobs
+        else f"{report['blobs_kept']} blobs kept for it (`cache purge-expired` removes them)"
+    )
+    err.print(
+        f"repaired: {escape(index)} set aside as {escape(report['set_aside'])}; a fresh index started; {blobs}",
+        soft_wrap=True,
+    )
 
 
 @cache_app.command("warm")
@@ -446,19 +625,29 @@ def cache_warm(
     index: str = CACHE_INDEX,
     embedder: str = CACHE_EMBEDDER,
     blob_store: str | None = BLOB_STORE,
-    steps: int = typer.Option(50),
-    guidance: float = typer.Option(7.5),
-    scheduler: str = typer.Option("pndm"),
+    steps: int = typer.Option(Request.steps),
+    guidance: float = typer.Option(Request.guidance),
+    scheduler: str = typer.Option(Request.scheduler),
+    seed: int | None = typer.Option(None, help="Seed of the first prompt (line i gets seed + i); default random."),
     out: Path = typer.Option(Path("build/warm/img.png"), help="Where the generated images go."),
+    force: bool = typer.Option(False, help="Replace image files that exist."),
 ):
     """Generate and store the prompts of a file (refresh mode: each is computed and stored)."""
-    from .generate import GenerateOptions, generate_in_process
+    from .build import read_engine_manifest
+    from .generate import Batch, generate_in_process, read_prompts
 
-    options = GenerateOptions(steps=steps, guidance=guidance, scheduler=scheduler)
-    records = generate_in_process(
-        engines, read_prompts(prompts), options, out, CacheSettings(index, embedder, blob_store), "refresh"
-    )
+    lines = read_prompts(prompts)
+    if not lines:
+        raise UsageError(f"--prompts {prompts}: no prompt in it")
+    template = Request("(each line's own prompt)", steps=steps, guidance=guidance, seed=seed, scheduler=scheduler)
+    template = template.replace(cache_mode="refresh").check()
+    batch = Batch(lines, template, out, read_engine_manifest(engines)["export"]["batch"], force)
+    records = list(generate_in_process(engines, batch, CacheSettings(index, embedder, blob_store)))
+    for failure in batch.failures:
+        print(f"error: {failure}", file=sys.stderr)
     err.print(f"warmed {len(records)} entries")
+    if batch.failures:
+        raise typer.Exit(1)
 
 
 def main():

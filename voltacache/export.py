@@ -1,6 +1,6 @@
 """Export every component to ONNX, validate it against PyTorch, lint it for TensorRT, write manifest.json.
 
-Recipe measured on these machines (DESIGN.md Part B): `torch.onnx.export(dynamo=True)`; opset 23
+Recipe measured on these machines (docs/platform.md): `torch.onnx.export(dynamo=True)`; opset 23
 turns each scaled_dot_product_attention into one ONNX `Attention` node, opset 18 leaves
 MatMul/Softmax/MatMul for TensorRT < 10.14 to fuse; FP16 through onnxruntime's
 `OnnxModel.convert_float_to_float16(keep_io_types=True)` (graph inputs and outputs stay fp32, so
@@ -25,6 +25,7 @@ import torch
 
 from .components import torch_modules
 from .errors import ExportError, read_json
+from .outputs import json_marker, refuse_overlap, staged_output
 from .specs import (
     COMPONENTS,
     CONTEXT,
@@ -43,6 +44,7 @@ from .trt_lint import lint
 from .unet_split import shallow_layer_count
 
 MANIFEST = "manifest.json"
+is_export = json_marker(MANIFEST, "format", "fingerprint", "components")  # a folder `export_model` wrote
 # Max abs error against PyTorch fp32, relative to max(1, max |reference|). Measured: fp32 ~1e-6;
 # fp16 ~3e-3 on random weights, whose activations are wider than a trained model's.
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}
@@ -220,6 +222,7 @@ def export_component(module, spec, feeds: dict, path: Path, options: ExportOptio
     overflows = []
     path.with_name(path.name + ".data").unlink(missing_ok=True)
     if options.precision == "fp16":
+        # beside the output, in the export's staging folder: removed with it if the export fails
         with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
             # Each stage goes through disk: protobuf keeps replaced weights in its arena until the
             # whole message dies, so a model is dropped as soon as its file is written.
@@ -281,15 +284,29 @@ def _weight_bytes(program) -> int:
 
 
 def export_model(
-    model_path: Path, out_dir: Path, options: ExportOptions, allow_pickle=False, config=None, progress=None
+    model_path: Path,
+    out_dir: Path,
+    options: ExportOptions,
+    allow_pickle=False,
+    config=None,
+    progress=None,
+    force: bool = False,
 ) -> dict:
     """Export all components of the checkpoint at `model_path` into `out_dir`; returns the manifest.
 
-    `progress(component, stage)` is called as each component enters each of STAGES.
+    `progress(component, stage)` is called as each component enters each of STAGES. Everything is
+    written into a temporary sibling of `out_dir`, renamed into place once the export succeeded; an
+    earlier export there is replaced only with `force`, anything else there is refused.
     """
+    options.check()
+    refuse_overlap(out_dir, model_path, "--out", "--model")
+    with staged_output(out_dir, force=force, ours=is_export, arg="--out", what="export") as stage:
+        return _export(Path(model_path), stage, options, allow_pickle, config, progress)
+
+
+def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickle, config, progress) -> dict:
     from .checkpoint import load_pipeline
 
-    options.check()
     started = time.time()
     pipe = load_pipeline(model_path, allow_pickle=allow_pickle, config=config)
     try:
@@ -304,7 +321,6 @@ def export_model(
     except ValueError as e:
         raise ExportError(str(e)) from e
     modules = torch_modules(pipe, shallow)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(options.seed)
     feeds = {name: random_inputs(spec, geometry, rng) for name, spec in specs.items()}
     # The shallow step is checked on the deep feature of the same step, as it runs in the pipeline.
@@ -386,7 +402,19 @@ def _versions() -> dict:
 
 
 def read_manifest(onnx_dir: Path) -> dict:
-    return read_json(Path(onnx_dir) / MANIFEST, "export manifest", "run `voltacache export` again", ExportError)
+    """The manifest of an export folder; anything else is refused with the file named."""
+    onnx_dir = Path(onnx_dir)
+    if not onnx_dir.is_dir():
+        raise ExportError(f"{onnx_dir}: no such folder; give the folder `voltacache export` wrote")
+    path = onnx_dir / MANIFEST
+    remedy = "give the folder `voltacache export` wrote, or run `voltacache export` again"
+    manifest = read_json(path, "export manifest", remedy, ExportError)
+    components = manifest.get("components") if isinstance(manifest, dict) else None
+    missing = [name for name in COMPONENTS if not isinstance((components or {}).get(name), dict)]
+    if not isinstance(components, dict) or missing or "precision" not in manifest:
+        what = f"no entry for {', '.join(missing)}" if isinstance(components, dict) and missing else "not one"
+        raise ExportError(f"{path}: not a voltacache export manifest ({what}); {remedy}")
+    return manifest
 
 
 def specs_from_manifest(manifest: dict) -> dict[str, ComponentSpec]:

@@ -1,35 +1,58 @@
-"""`voltacache generate`: the same request in process or through Triton, the same JSON record out."""
+"""`voltacache generate`: the same requests in process or through Triton, the same records out.
+
+A batch (`--prompts FILE`) keeps its work: each image is written (to a temporary sibling, then
+renamed) as soon as it is done and its record yielded at once; a failed line is reported and the
+others go on; on Ctrl-C what is finished stays on disk. Prompt i of the file (counting from 0) gets
+seed + i, in process and served alike.
+"""
 
 from __future__ import annotations
 
+import os
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-from .cache.layers import CacheSettings
-from .errors import VoltacacheError
+from .errors import InvalidRequest, OutputExists, ServerFailed, UsageError, VoltacacheError
+from .request import Request
 
 
 @dataclass
-class GenerateOptions:
-    """The pipeline's keyword arguments as the CLI gives them. Not pipeline.Sampling: that module
-    imports torch and diffusers, which `generate --url` (a Triton client) must not need."""
+class Prompt:
+    """One line of a prompts file (or the one prompt of the command line)."""
 
-    negative_prompt: str = ""
-    steps: int = 50
-    guidance: float = 7.5
-    seed: int | None = None
-    scheduler: str = "pndm"
-    cache_interval: int = 1
-    cache_schedule: str = "uniform"
-    height: int | None = None
-    width: int | None = None
-    init_image: Path | None = None
-    strength: float = 0.8
+    line: int  # 1-based line in the file; 0 for a prompt given on the command line
+    text: str
+
+
+@dataclass
+class Failure:
+    prompt: Prompt
+    message: str
+
+    def __str__(self) -> str:
+        where = f"line {self.prompt.line}" if self.prompt.line else "the prompt"
+        return f"{where} ({self.prompt.text[:40]!r}): {self.message}"
+
+
+def read_prompts(path: Path) -> list[Prompt]:
+    """Non-empty lines of a UTF-8 text file, with their line numbers."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"--prompts {path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"--prompts {path}: is a folder; give a text file with one prompt per line") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--prompts {path}: not UTF-8 text (byte {e.start}); give one prompt per line") from None
+    return [Prompt(i + 1, line.strip()) for i, line in enumerate(text.splitlines()) if line.strip()]
+
+
+def requests_for(prompts: list[Prompt], template: Request) -> list[Request]:
+    """One request per prompt; prompt i gets the template's seed + i (a random seed when it has none)."""
+    seed = template.seed
+    return [template.replace(prompt=p.text, seed=None if seed is None else seed + i) for i, p in enumerate(prompts)]
 
 
 def output_paths(output: Path, count: int) -> list[Path]:
@@ -38,142 +61,129 @@ def output_paths(output: Path, count: int) -> list[Path]:
     return [output.with_name(f"{output.stem}_{i + 1}{output.suffix}") for i in range(count)]
 
 
-def record(
-    path: Path,
-    prompt: str,
-    options: GenerateOptions,
-    seed: int,
-    deep: int,
-    shallow: int,
-    steps: int,
-    seconds: float,
-    **extra,
-) -> dict:
+def check_outputs(paths: list[Path], force: bool) -> None:
+    """Refuse before any compute: a folder, an unknown image format, or a file that exists (without --force)."""
+    from PIL import Image
+
+    first = paths[0]
+    if first.is_dir():
+        raise UsageError(f"-o {first}: is a folder; name an image file, such as {first / 'out.png'}")
+    if first.suffix.lower() not in Image.registered_extensions():
+        raise UsageError(f"-o {first}: {first.suffix or 'no extension'} is not an image format; use .png or .jpg")
+    existing = [p for p in paths if p.exists()]
+    if existing and not force:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise OutputExists(f"-o {existing[0]}: exists{more}; pass --force to replace, or name another file")
+
+
+def save(image, path: Path) -> None:
+    """Write beside the target, then rename: a half-written image never takes the name."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(staging)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def record(path: Path, request: Request, result, **extra) -> dict:
+    """The JSON record of one image, the same in process and served."""
     return {
         "path": str(path),
-        "prompt": prompt,
-        "seed": seed,
-        "steps": options.steps,
-        "scheduler": options.scheduler,
-        "guidance": options.guidance,
-        "cache_interval": options.cache_interval,
-        "unet_deep_calls": deep,
-        "unet_shallow_calls": shallow,
-        "steps_computed": steps,
-        "seconds": round(seconds, 4),
+        "prompt": request.prompt,
+        "seed": result.seed,
+        "steps": request.steps,
+        "scheduler": request.scheduler,
+        "guidance": request.guidance,
+        "cache_interval": request.cache_interval,
+        "unet_deep_calls": result.unet_deep_calls,
+        "unet_shallow_calls": result.unet_shallow_calls,
+        "steps_computed": result.steps_computed,
+        "seconds": round(result.seconds, 4),
+        "cache": result.cache,
+        "similarity": round(result.similarity, 4),
         **extra,
     }
 
 
-def save(images, paths) -> None:
-    for image, path in zip(images, paths):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(path)
+class Batch:
+    """The images of a list of prompts: where each goes, and what failed."""
+
+    def __init__(self, prompts: list[Prompt], template: Request, output: Path, per_request: int, force: bool):
+        self.prompts, self.requests = prompts, requests_for(prompts, template)
+        self.paths = output_paths(output, len(prompts) * per_request)
+        self.per_request = per_request
+        self.failures: list[Failure] = []
+        self.written = 0
+        check_outputs(self.paths, force)
+
+    def finish(self, index: int, images, result, **extra):
+        """Write request `index`'s images; yields their records."""
+        targets = self.paths[index * self.per_request : (index + 1) * self.per_request]
+        for image, path in zip(images, targets):
+            save(image, path)
+            self.written += 1
+            yield record(path, self.requests[index], result, **extra)
+
+    def fail(self, index: int, error: Exception) -> None:
+        self.failures.append(Failure(self.prompts[index], str(error)))
 
 
-def generate_in_process(
-    engines: Path,
-    prompts: list[str],
-    options: GenerateOptions,
-    output: Path,
-    cache: CacheSettings = CacheSettings(),
-    cache_mode: str = "on",
-) -> list[dict]:
-    from .pipeline import InvalidRequest, StableDiffusion
+def generate_in_process(engines: Path, batch: Batch, cache_settings=None):
+    """Yield records as images are written, one request at a time."""
+    from .cache.layers import CacheSettings, open_cache
+    from .pipeline import StableDiffusion
 
     pipe = StableDiffusion.from_engines(engines)
-    request_cache = cache.open(pipe.export["fingerprint"], pipe.export["geometry"]["text_hidden"])
-    paths = iter(output_paths(output, len(prompts) * pipe.batch))
-    records = []
-    for prompt in prompts:
-        kwargs = asdict(options)
+    if pipe.batch != batch.per_request:
+        raise VoltacacheError(f"--engines {engines}: engines of batch {pipe.batch}, expected {batch.per_request}")
+    # a cache that cannot be opened is reported once; the images come all the same
+    cache = open_cache(
+        cache_settings or CacheSettings(), pipe.export["fingerprint"], pipe.export["geometry"]["text_hidden"]
+    )
+    for index, request in enumerate(batch.requests):
         try:
-            result = pipe(prompt, **kwargs, cache=request_cache, cache_mode=cache_mode)
+            result = pipe(request, cache=cache)
         except InvalidRequest as e:
-            raise VoltacacheError(str(e)) from e
-        targets = [next(paths) for _ in result.images]
-        save(result.images, targets)
+            batch.fail(index, e)
+            continue
         stats = result.stats
-        records += [
-            record(
-                path,
-                prompt,
-                options,
-                result.seed,
-                stats.unet_deep_calls,
-                stats.unet_shallow_calls,
-                stats.steps,
-                result.seconds,
-                component_seconds={k: round(v, 4) for k, v in stats.seconds.items()},
-                cache=result.cache,
-                similarity=round(result.similarity, 4),
-            )
-            for path in targets
-        ]
-    return records
+        components = {k: round(v, 4) for k, v in stats.seconds.items()}
+        yield from batch.finish(index, result.images, result.report(), component_seconds=components)
 
 
-def generate_served(
-    url: str,
-    protocol: str,
-    prompts: list[str],
-    options: GenerateOptions,
-    output: Path,
-    concurrency: int,
-    console,
-    cache_mode: str = "on",
-) -> list[dict]:
-    from rich.progress import Progress
-
+def generate_served(url: str, protocol: str, batch: Batch, concurrency: int):
+    """Yield records as responses arrive, `concurrency` requests in flight. The workers are daemon
+    threads: on Ctrl-C the caller stops reading and the process ends without waiting for them."""
     from .serving.client import Client
 
-    if options.cache_schedule != "uniform" or options.height or options.width:
-        raise VoltacacheError("through Triton: the uniform DeepCache schedule at the engines' size")
-    init = np.asarray(Image.open(options.init_image).convert("RGB")) if options.init_image else None
-    client_options = dict(
-        negative_prompt=options.negative_prompt,
-        steps=options.steps,
-        guidance=options.guidance,
-        scheduler=options.scheduler,
-        cache_interval=options.cache_interval,
-        init_image=init,
-        strength=options.strength,
-        cache=cache_mode,
-    )
-    clients = {}
+    Client(url, protocol)  # a malformed URL or protocol fails here, once, not in every worker
+    todo, done = queue.Queue(), queue.Queue()
+    for item in enumerate(batch.requests):
+        todo.put(item)
 
-    def one(index_prompt):
-        index, prompt = index_prompt
-        client = clients.setdefault(threading.get_ident(), Client(url, protocol))  # one channel per thread
-        seed = options.seed + index if options.seed is not None else None
-        return prompt, client.generate(prompt, seed=seed, **client_options)
+    def work():
+        client = Client(url, protocol)  # one channel per thread
+        while True:
+            try:
+                index, request = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                done.put((index, client.generate(request), None))
+            except VoltacacheError as e:
+                done.put((index, None, e))
 
-    results = []
-    with Progress(console=console, transient=len(prompts) == 1) as bars:
-        task = bars.add_task("generating", total=len(prompts))
-        with ThreadPoolExecutor(max(1, concurrency)) as pool:
-            for result in pool.map(one, enumerate(prompts)):
-                results.append(result)
-                bars.advance(task)
-    batch = results[0][1].images.shape[0]
-    paths = iter(output_paths(output, len(prompts) * batch))
-    records = []
-    for prompt, served in results:
-        targets = [next(paths) for _ in range(batch)]
-        save(served.images, targets)
-        records += [
-            record(
-                path,
-                prompt,
-                options,
-                served.seed,
-                served.unet_deep_calls,
-                served.unet_shallow_calls,
-                served.steps_computed,
-                served.seconds,
-                cache=served.cache,
-                similarity=round(served.similarity, 4),
-            )
-            for path in targets
-        ]
-    return records
+    for _ in range(max(1, min(concurrency, len(batch.requests)))):
+        threading.Thread(target=work, daemon=True).start()
+    for _ in batch.requests:
+        index, served, error = done.get()
+        if error is not None:
+            batch.fail(index, error)
+            if isinstance(error, ServerFailed):  # the server is gone: the rest would fail alike
+                raise error
+            continue
+        yield from batch.finish(index, served.images, served)

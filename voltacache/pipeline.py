@@ -8,9 +8,7 @@ feature live in local variables of one call: nothing is shared between requests.
 from __future__ import annotations
 
 import hashlib
-import math
 import time
-import warnings
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +18,10 @@ import torch
 from PIL import Image
 
 from .deepcache import full_steps
-from .errors import VoltacacheError
-from .schedulers import SCHEDULERS, make_scheduler
+from .errors import InvalidRequest
+from .images import fit_image, read_image, to_uint8, to_unit_range
+from .request import Images, Request, denoising_steps
+from .schedulers import make_scheduler
 from .specs import (
     CONTEXT,
     DEEP_FEATURE,
@@ -41,18 +41,14 @@ from .specs import (
     VAE_DECODER,
     VAE_ENCODER,
 )
+from .tokenizer import token_ids
 
-MAX_STEPS = 1000
 TEXT_MEMO_SIZE = 256
-
-
-class InvalidRequest(VoltacacheError):
-    """A request rejected before any compute; the message names the argument."""
 
 
 @dataclass
 class Stats:
-    steps: int = 0
+    steps: int = 0  # denoising steps computed (not U-Net calls: PNDM calls it once more than its steps)
     text_memo_hits: int = 0
     unet_deep_calls: int = 0
     unet_shallow_calls: int = 0
@@ -65,35 +61,6 @@ class Stats:
         return out
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """How one request samples: checked once, then carried through every stage."""
-
-    steps: int = 50
-    guidance: float = 7.5
-    seed: int | None = None
-    scheduler: str = "pndm"
-    cache_interval: int = 1
-    cache_schedule: str = "uniform"
-    strength: float = 0.8  # img2img only
-
-    def check(self) -> None:
-        """Reject a bad value before any compute, naming the argument."""
-        steps, guidance, interval, strength = self.steps, self.guidance, self.cache_interval, self.strength
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
-            raise InvalidRequest(f"steps {steps!r}: must be an integer from 1 to {MAX_STEPS}")
-        if not isinstance(guidance, (int, float, np.floating)) or not math.isfinite(guidance):
-            raise InvalidRequest(f"guidance {guidance!r}: must be a finite number")
-        if self.scheduler not in SCHEDULERS:
-            raise InvalidRequest(f"scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
-        if not isinstance(interval, (int, np.integer)) or not 1 <= interval <= MAX_STEPS:
-            raise InvalidRequest(f"cache_interval {interval!r}: must be an integer from 1 to {MAX_STEPS}")
-        if self.cache_schedule not in ("uniform", "nonuniform"):
-            raise InvalidRequest(f"cache_schedule {self.cache_schedule!r}: use uniform or nonuniform")
-        if not (isinstance(strength, (int, float, np.floating)) and 0.0 < strength <= 1.0):
-            raise InvalidRequest(f"strength {strength!r}: must be in (0, 1]")
-
-
 @dataclass
 class Generation:
     images: list
@@ -103,6 +70,21 @@ class Generation:
     seconds: float = 0.0
     cache: str = "off"  # semantic | approximate | miss | off
     similarity: float = 0.0
+
+    def report(self) -> Images:
+        """The request's result as every path reports it (pixels stacked, the counts from the stats)."""
+        pixels = np.stack([np.asarray(image) for image in self.images])
+        stats = self.stats
+        return Images(
+            pixels,
+            self.seed,
+            stats.unet_deep_calls,
+            stats.unet_shallow_calls,
+            stats.steps,
+            self.seconds,
+            self.cache,
+            self.similarity,
+        )
 
 
 class StableDiffusion:
@@ -126,80 +108,68 @@ class StableDiffusion:
         engines = load_engines(engine_dir, cuda_graph=cuda_graph)
         return cls(engines.runners, engines.export, CLIPTokenizer.from_pretrained(Path(engine_dir) / "tokenizer"))
 
-    def __call__(
-        self,
-        prompt,
-        negative_prompt="",
-        steps: int = 50,
-        guidance: float = 7.5,
-        seed: int | None = None,
-        scheduler: str = "pndm",
-        cache_interval: int = 1,
-        cache_schedule: str = "uniform",
-        height: int | None = None,
-        width: int | None = None,
-        init_image=None,
-        strength: float = 0.8,
-        cache=None,
-        cache_mode: str = "on",
-    ) -> Generation:
-        """`cache`: a voltacache.cache.layers.RequestCache; `cache_mode` on, off or refresh (regenerate
-        and store, never serve)."""
+    def __call__(self, request: Request | str, /, *, cache=None, **fields) -> Generation:
+        """`sd("a cat", steps=20, seed=1)` or `sd(Request(...))`: the fields of voltacache.request.Request.
+        `init_image` may be a path, a PIL image or uint8 pixels. `cache`: a
+        voltacache.cache.layers.RequestCache, consulted as the request's `cache_mode` says."""
         started = time.perf_counter()
         # 1. Check inputs before any compute
-        prompts, negatives = self.check_prompts(prompt, negative_prompt)
-        sampling = Sampling(steps, guidance, seed, scheduler, cache_interval, cache_schedule, strength)
-        sampling.check()
-        self.check_size(height, width)
-        image = load_image(init_image, self.width, self.height) if init_image is not None else None
+        if "init_image" in fields and fields["init_image"] is not None:
+            fields["init_image"] = read_image(fields["init_image"])
+        request = request.replace(**fields) if isinstance(request, Request) else Request(request, **fields)
+        self.check(request)
         stats = Stats()
 
         # 2. Encode the prompt (negative first, as diffusers concatenates them); an exact repeat skips the
         # encoder unless every cache is off
-        embeddings, pooled = self.encode_prompt(prompts, negatives, stats, memo=cache_mode != "off")
+        prompts, negatives = self.prompts(request)
+        embeddings, pooled = self.encode_prompt(prompts, negatives, stats, memo=request.cache_mode != "off")
 
         # 3-7. Cache lookup, timesteps, latents, denoising, decoding
-        result = self.generate_images(prompts, negatives, embeddings, pooled, sampling, image, stats, cache, cache_mode)
+        result = self.generate_images(request, embeddings, pooled, stats, cache)
         result.images = [Image.fromarray(x) for x in result.images]
         result.seconds = time.perf_counter() - started
         return result
 
-    def generate_images(
-        self,
-        prompts,
-        negatives,
-        embeddings,
-        pooled,
-        sampling: Sampling,
-        image=None,
-        stats=None,
-        cache=None,
-        cache_mode="on",
-    ) -> Generation:
+    def check(self, request: Request) -> None:
+        """The request's own checks, then what these engines can do."""
+        request.check()
+        if (request.height or self.height) != self.height or (request.width or self.width) != self.width:
+            raise InvalidRequest(
+                f"size {request.width or self.width}x{request.height or self.height}: these engines are static at "
+                f"{self.width}x{self.height}; export and build for another size"
+            )
+
+    def prompts(self, request: Request) -> tuple[list[str], list[str]]:
+        """The prompt and negative prompt once per image of the engines' batch."""
+        return [request.prompt] * self.batch, [request.negative_prompt] * self.batch
+
+    def generate_images(self, request: Request, embeddings, pooled, stats=None, cache=None) -> Generation:
         """Text embeddings -> uint8 images, through the cross-request cache: what the Triton denoiser runs."""
         stats = stats if stats is not None else Stats()
+        prompts, negatives = self.prompts(request)
         pooled_prompt = pooled[len(prompts) :]
+        image = to_unit_range(fit_image(request.init_image, self.width, self.height)) if request.img2img else None
 
         # 3. Cross-request cache: a stored image, or a stored latent K steps in. An init image and its
         # strength are part of the scope, and K counts the steps this request would run.
-        use_cache = cache is not None and cache_mode != "off"
-        steps = sampling.steps
-        run_steps = denoising_steps(steps, sampling.strength if image is not None else None)
+        use_cache = cache is not None and request.cache_mode != "off"
+        run_steps = denoising_steps(request.steps, request.strength if request.img2img else None)
         decision = None
         if use_cache:
             vector = cache.embedder.embed(prompts[0], pooled_prompt[0])
             scope = cache.scope(
                 size=(self.height, self.width),
-                steps=steps,
-                guidance=float(sampling.guidance),
-                scheduler=sampling.scheduler,
+                steps=request.steps,
+                guidance=float(request.guidance),
+                scheduler=request.scheduler,
                 negative=negatives[0],
-                interval=sampling.cache_interval,
-                schedule=sampling.cache_schedule,
+                interval=request.cache_interval,
+                schedule=request.cache_schedule,
                 batch=self.batch,
-                **({} if image is None else {"init": fingerprint(image), "strength": float(sampling.strength)}),
+                **({"init": fingerprint(image), "strength": float(request.strength)} if request.img2img else {}),
             )
-            decision = cache.lookup(vector, scope, run_steps, sampling.seed) if cache_mode == "on" else None
+            decision = cache.lookup(vector, scope, run_steps, request.seed) if request.cache_mode == "on" else None
             if decision is not None and decision.layer == "semantic":
                 return Generation(
                     decision.image, decision.seed, stats, pooled_prompt, 0.0, "semantic", decision.similarity
@@ -208,9 +178,7 @@ class StableDiffusion:
         capture = cache.checkpoints(run_steps) if use_cache and start is None else set()
 
         # 4-6. Timesteps, latents, denoising
-        latents, seed, checkpoints = self.generate_latents(
-            embeddings, sampling, image, stats, start=start, capture=capture
-        )
+        latents, seed, checkpoints = self.generate_latents(embeddings, request, image, stats, start, capture)
 
         # 7. Decode, and remember the result for later requests
         images = to_uint8(self.decode_latents(latents, stats))
@@ -221,21 +189,22 @@ class StableDiffusion:
             cache.remember(vector, scope, seed, run_steps, images, checkpoints)
         return Generation(images, seed, stats, pooled_prompt, 0.0, layer, similarity)
 
-    def generate_latents(self, embeddings, sampling: Sampling, image=None, stats=None, start=None, capture=frozenset()):
+    def generate_latents(self, embeddings, request: Request, image=None, stats=None, start=None, capture=frozenset()):
         """Text embeddings -> final latents (the part of generate_images between the cache and the VAE).
 
-        `start`: (latent, K) from the approximate cache: begin K steps in. `capture`: the step counts
-        after which to keep a copy of the latents (for the cache). Returns latents, seed and captures.
+        `image`: the init image as the VAE encoder takes it (img2img). `start`: (latent, K) from the
+        approximate cache: begin K steps in. `capture`: the step counts after which to keep a copy of
+        the latents (for the cache). Returns latents, seed and captures.
         """
         stats = stats if stats is not None else Stats()
-        seed = random_seed() if sampling.seed is None else int(sampling.seed)
+        seed = random_seed() if request.seed is None else int(request.seed)
         generator = torch.Generator("cpu").manual_seed(seed)
 
         # 3. Prepare timesteps
-        sched = make_scheduler(sampling.scheduler, self.scheduler_config)
+        sched = make_scheduler(request.scheduler, self.scheduler_config, request.steps)
         skipped = start[1] if start is not None else 0
-        strength = sampling.strength if image is not None else None
-        timesteps = self.prepare_timesteps(sched, sampling.steps, strength, skipped)
+        strength = request.strength if image is not None else None
+        timesteps = self.prepare_timesteps(sched, request.steps, strength, skipped)
 
         # 4. Prepare latents: from the seed, from the encoded init image noised to the first timestep,
         # or from a cached latent K steps in
@@ -245,45 +214,21 @@ class StableDiffusion:
             latents = self.prepare_latents(sched, generator, timesteps, image, stats)
 
         # 5. Denoise, the full U-Net on DeepCache's refresh steps and the shallow one in between
-        refresh = full_steps(len(timesteps), sampling.cache_interval, sampling.cache_schedule)
+        refresh = full_steps(len(timesteps), request.cache_interval, request.cache_schedule)
         captured = {}
         latents = self.denoise(
             latents,
             embeddings,
             sched,
             timesteps,
-            sampling.guidance,
+            request.guidance,
             refresh,
             generator,
             stats,
             on_step=lambda n, x: captured.update({n: x.numpy().copy()}) if n in capture else None,
         )
+        stats.steps += denoising_steps(request.steps, strength) - skipped
         return latents, seed, captured
-
-    def check_prompts(self, prompt, negative_prompt) -> tuple[list[str], list[str]]:
-        prompts = [prompt] * self.batch if isinstance(prompt, str) else list(prompt)
-        negatives = [negative_prompt] * self.batch if isinstance(negative_prompt, str) else list(negative_prompt)
-        if len(prompts) != self.batch or len(negatives) != self.batch:
-            raise InvalidRequest(f"prompt: the engines take {self.batch} prompt(s) per call, got {len(prompts)}")
-        if not all(isinstance(p, str) for p in prompts + negatives):
-            raise InvalidRequest("prompt and negative_prompt must be text")
-        return prompts, negatives
-
-    def check_size(self, height=None, width=None) -> None:
-        if (height or self.height) != self.height or (width or self.width) != self.width:
-            raise InvalidRequest(
-                f"size {width or self.width}x{height or self.height}: these engines are static at "
-                f"{self.width}x{self.height}; export and build for another size"
-            )
-
-    def tokenize(self, texts: list[str]) -> np.ndarray:
-        length = self.tokenizer.model_max_length
-        for text in texts:
-            n = len(self.tokenizer(text).input_ids)
-            if n > length:
-                warnings.warn(f"prompt of {n} tokens truncated to CLIP's {length}: {text[:60]!r}...", stacklevel=3)
-        ids = self.tokenizer(texts, padding="max_length", max_length=length, truncation=True).input_ids
-        return np.asarray(ids, dtype=np.int32)
 
     def encode_prompt(self, prompts, negatives, stats: Stats, memo: bool = True):
         key = tuple(negatives + prompts)
@@ -291,7 +236,7 @@ class StableDiffusion:
             self.text_memo.move_to_end(key)
             stats.text_memo_hits += 1
             return self.text_memo[key]
-        ids = self.tokenize(negatives + prompts)
+        ids = token_ids(self.tokenizer, negatives + prompts)
         out = stats.timed(TEXT_ENCODER, self.runners[TEXT_ENCODER], {INPUT_IDS: ids})
         self.text_memo[key] = out[TEXT_EMBEDDINGS], out[POOLED_EMBEDDING]
         if len(self.text_memo) > TEXT_MEMO_SIZE:
@@ -345,7 +290,6 @@ class StableDiffusion:
             uncond, cond = torch.from_numpy(out[NOISE_PRED]).chunk(2)
             noise = uncond + guidance * (cond - uncond) if guidance > 1 else cond
             latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
-            stats.steps += 1
             if on_step is not None:
                 on_step(i + 1, latents)
         return latents
@@ -354,11 +298,6 @@ class StableDiffusion:
         """Latents -> float image in [-1, 1], NCHW."""
         feeds = {LATENT: (latents / self.scaling_factor).numpy().astype(np.float32)}
         return stats.timed(VAE_DECODER, self.runners[VAE_DECODER], feeds)[IMAGE]
-
-
-def denoising_steps(steps: int, strength: float | None) -> int:
-    """How many of `steps` a request runs: all of them, or img2img's strength share."""
-    return steps if strength is None else min(int(steps * strength), steps)
 
 
 def fingerprint(array: np.ndarray) -> str:
@@ -375,22 +314,3 @@ def step_kwargs(scheduler, generator) -> dict:
 
     params = set(inspect.signature(scheduler.step).parameters)
     return {k: v for k, v in {"eta": 0.0, "generator": generator}.items() if k in params}
-
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """[-1, 1] NCHW -> uint8 NHWC, rounded as diffusers' image processor does."""
-    image = np.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
-    return (image * 255).round().astype(np.uint8)
-
-
-def load_image(source, width: int, height: int) -> np.ndarray:
-    """An init image (path or PIL) as the [-1, 1] NCHW batch of one the VAE encoder takes."""
-    try:
-        image = source if isinstance(source, Image.Image) else Image.open(source)
-        image = image.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise InvalidRequest(f"init image {source}: cannot be read ({e})") from e
-    if image.size != (width, height):
-        image = image.resize((width, height), resample=Image.LANCZOS)
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    return (array * 2 - 1).transpose(2, 0, 1)[None]

@@ -3,7 +3,7 @@ or from the weights we trained and ship.
 
 `sd15` is the real SD 1.5 architecture (the configs shipped in voltacache/configs/sd15);
 `tiny` keeps every block type, cross-attention and the CLIP text model, at small widths, so the
-whole pipeline makes a 64x64 image in a few seconds on a CPU (DESIGN.md Part B);
+whole pipeline makes a 64x64 image in a few seconds on a CPU (docs/platform.md);
 `shapes` is `tiny` trained on captioned shapes (scripts/train_shapes.py): images that show what the
 prompt asks, so quality under caching can be measured.
 """
@@ -106,9 +106,31 @@ def assemble(unet, vae, text_encoder) -> StableDiffusionPipeline:
     )
 
 
-def write_pipeline(out_dir: Path, preset: str = "tiny", seed: int = 0) -> Path:
+# Written beside model_index.json by `write_pipeline`: what marks the folder as ours to replace (a
+# downloaded diffusers folder has a model_index.json too, and must never be replaced).
+PRESET_MARKER = "voltacache_preset.json"
+
+
+def is_written_pipeline(folder: Path) -> bool:
+    """Whether `folder` is a pipeline `write_pipeline` wrote."""
+    from .outputs import json_marker
+
+    return (Path(folder) / "model_index.json").is_file() and json_marker(PRESET_MARKER, "preset")(folder)
+
+
+is_written_pipeline.marker = PRESET_MARKER
+
+
+def write_pipeline(out_dir: Path, preset: str = "tiny", seed: int = 0, force: bool = False, arg: str = "OUT") -> Path:
     """Write a diffusers-format folder (safetensors weights) that from_pretrained loads offline: the
-    preset's trained weights, or random ones from the seed."""
-    pipe = trained_pipeline(preset) if preset in TRAINED else random_pipeline(preset, seed)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
+    preset's trained weights, or random ones from the seed.
+
+    Written into a temporary sibling and renamed into place when complete; an existing folder is
+    replaced only with `force` and only when this function wrote it (voltacache_preset.json)."""
+    from .outputs import staged_output
+
+    with staged_output(out_dir, force=force, ours=is_written_pipeline, arg=arg, what="pipeline folder") as stage:
+        pipe = trained_pipeline(preset) if preset in TRAINED else random_pipeline(preset, seed)
+        pipe.save_pretrained(stage, safe_serialization=True)
+        (stage / PRESET_MARKER).write_text(json.dumps({"preset": preset, "seed": seed}, indent=2))
     return out_dir

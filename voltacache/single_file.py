@@ -25,8 +25,7 @@ FAMILY_KEYS = [
 UNET, VAE, CLIP = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 
 
-def safetensors_header(path: Path) -> dict:
-    """The JSON header of a .safetensors file: tensor names, dtypes, shapes; no tensor is read."""
+def _read_header(path: Path) -> tuple[int, dict]:
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
@@ -34,7 +33,45 @@ def safetensors_header(path: Path) -> dict:
         (n,) = struct.unpack("<Q", raw)
         if n > 100_000_000:
             raise ValueError("header length is implausible: not a safetensors file")
-        return json.loads(f.read(n))
+        raw = f.read(n)
+        if len(raw) != n:
+            raise ValueError("file ends inside its header: truncated")
+        header = json.loads(raw)
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    return n, header
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a .safetensors file: tensor names, dtypes, shapes; no tensor is read."""
+    return _read_header(path)[1]
+
+
+def check_safetensors(path: Path) -> dict:
+    """The header of a .safetensors file whose size is what its header describes; a torn or padded
+    file raises ValueError (OSError if it cannot be read). No tensor is read."""
+    n, header = _read_header(path)
+    try:
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError) as e:
+        raise ValueError(f"header has no valid data_offsets ({e})") from e
+    expected, size = 8 + n + end, Path(path).stat().st_size
+    if size < expected:
+        raise ValueError(f"truncated: {size} bytes, its header describes {expected}")
+    if size > expected:
+        raise ValueError(f"{size - expected} bytes past the end its header describes")
+    return header
+
+
+MARKER = {"written_by": "voltacache"}  # in the metadata of every single file `save_single_file` wrote
+
+
+def is_our_single_file(path: Path) -> bool:
+    try:
+        metadata = safetensors_header(path).get("__metadata__") or {}
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(metadata, dict) and all(metadata.get(k) == v for k, v in MARKER.items())
 
 
 def checkpoint_family(keys) -> str | None:
@@ -115,8 +152,13 @@ def _rename(state_dict: dict, modules: dict[str, tuple[str, dict]], prefix: str)
     return out
 
 
-def save_single_file(pipe, path: Path) -> Path:
-    """Write an SD 1.x diffusers pipeline as one LDM-layout .safetensors checkpoint."""
+def save_single_file(pipe, path: Path, force: bool = False, arg: str = "--single-file") -> Path:
+    """Write an SD 1.x diffusers pipeline as one LDM-layout .safetensors checkpoint.
+
+    Written beside `path` and renamed into place when complete; an existing file is replaced only
+    with `force` and only when this function wrote it (its metadata says so)."""
+    from .outputs import staged_output
+
     state = {}
     state.update(_rename(pipe.unet.state_dict(), _unet_modules(pipe.unet.config), UNET))
     state.update(_rename(pipe.vae.state_dict(), _vae_modules(pipe.vae.config), VAE))
@@ -124,5 +166,9 @@ def save_single_file(pipe, path: Path) -> Path:
     state.update(
         {CLIP + "text_model." + k.removeprefix("text_model."): v for k, v in pipe.text_encoder.state_dict().items()}
     )
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    tensors = {k: v.contiguous() for k, v in state.items()}
+    with staged_output(
+        path, force=force, ours=is_our_single_file, arg=arg, what="single-file checkpoint", file=True
+    ) as stage:
+        save_file(tensors, str(stage), metadata={"format": "pt", **MARKER})
     return path

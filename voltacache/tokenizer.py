@@ -9,14 +9,16 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import warnings
 from pathlib import Path
 
+import numpy as np
 from transformers import CLIPTokenizer
 
 from .errors import VoltacacheError
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
-MAX_LENGTH = 77  # CLIP's context; without it in the saved config truncation overflows (DESIGN Part B)
+MAX_LENGTH = 77  # CLIP's context; without it in the saved config truncation overflows (docs/platform.md)
 # openai/CLIP keeps the first 49152 - 256 - 2 merges: 256 byte tokens + merges + 2 specials = 49408.
 N_MERGES = 49152 - 256 - 2
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -67,3 +69,15 @@ def clip_tokenizer(cache_dir: Path | None = None) -> CLIPTokenizer:
     if not (cache_dir / "tokenizer_config.json").is_file():
         write_tokenizer_files(cache_dir)
     return CLIPTokenizer.from_pretrained(cache_dir)
+
+
+def token_ids(tokenizer, texts: list[str]) -> np.ndarray:
+    """CLIP's ids, padded and truncated to its context, as the text encoder takes them (in process and
+    in the Triton tokenizer alike); a longer prompt is truncated with a warning, as diffusers does."""
+    length = tokenizer.model_max_length
+    for text in texts:
+        n = len(tokenizer(text).input_ids)
+        if n > length:
+            warnings.warn(f"prompt of {n} tokens truncated to CLIP's {length}: {text[:60]!r}...", stacklevel=3)
+    ids = tokenizer(texts, padding="max_length", max_length=length, truncation=True).input_ids
+    return np.asarray(ids, dtype=np.int32)

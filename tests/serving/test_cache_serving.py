@@ -9,6 +9,8 @@ from voltacache.serving.server import TritonServer
 
 from .test_triton import metric
 
+pytestmark = pytest.mark.triton  # cached_server starts its own tritonserver
+
 REQUEST = dict(steps=10, scheduler="ddim", seed=1)
 
 

@@ -1,5 +1,6 @@
 import pytest
 from google.protobuf import text_format
+from helpers import cli, listing, one_error_line, snapshot
 from tritonclient.grpc import model_config_pb2 as mc
 
 from voltacache.errors import VoltacacheError
@@ -36,7 +37,8 @@ def test_configs_follow_the_specs(triton_repo, engines_dir):
 def test_ensembles_wire_existing_models_with_response_cache(triton_repo):
     for name in (p.TXT2IMG, p.IMG2IMG):
         config = read_config(triton_repo, name)
-        assert config.platform == "ensemble" and config.response_cache.enable
+        # the response cache sits on the denoiser, so that postprocess can report a hit (protocol.py)
+        assert config.platform == "ensemble" and not config.response_cache.enable
         steps = [s.model_name for s in config.ensemble_scheduling.step]
         assert steps == [p.TOKENIZER, "text_encoder", p.DENOISER, p.POSTPROCESS]
         produced = {i.name for i in config.input}
@@ -46,7 +48,7 @@ def test_ensembles_wire_existing_models_with_response_cache(triton_repo):
         assert {o.name for o in config.output} <= produced
     denoiser = read_config(triton_repo, p.DENOISER)
     assert {i.name for i in denoiser.input if i.optional} == {p.INIT_IMAGE, p.STRENGTH}
-    assert denoiser.instance_group[0].count == 2
+    assert denoiser.instance_group[0].count == 2 and denoiser.response_cache.enable
 
 
 def test_onnxruntime_backend_option(engines_dir, tmp_path):
@@ -58,3 +60,72 @@ def test_onnxruntime_backend_option(engines_dir, tmp_path):
 def test_tensorrt_backend_needs_tensorrt_engines(engines_dir, tmp_path):
     with pytest.raises(VoltacacheError, match="holds onnxruntime engines"):
         deploy(engines_dir, tmp_path / "repo", component_backend="tensorrt")
+
+
+def test_a_folder_holding_a_users_file_is_refused(engines_dir, tmp_path):
+    from voltacache.errors import OutputExists
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExists, match=r"--repo .*repo: not a model repository \(no voltacache.json"):
+        deploy(engines_dir, repo)
+    one_error_line(cli("deploy", "--engines", engines_dir, "--repo", repo), 2, f"--repo {repo}: not a model repository")
+    assert listing(repo) == ["notes.txt"] and (repo / "notes.txt").read_text() == "mine"
+    assert listing(tmp_path) == ["repo"]
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "containing"])
+def test_a_repository_overlapping_the_engines_is_refused(engines_dir, tmp_path, where):
+    import shutil
+
+    from voltacache.build import load_engines
+
+    engines = shutil.copytree(engines_dir, tmp_path / "parent" / "engines")
+    before = snapshot(engines)
+    repo = {"same": engines, "inside": engines / "repo", "containing": tmp_path / "parent"}[where]
+    message = {"same": "the same path as --engines", "inside": "inside --engines", "containing": "contains --engines"}
+    one_error_line(cli("deploy", "--engines", engines, "--repo", repo), 2, f"--repo {repo}: {message[where]}")
+    with pytest.raises(VoltacacheError, match=message[where]):
+        deploy(engines, repo)
+    assert snapshot(engines) == before
+    assert set(load_engines(engines).runners) == set(COMPONENTS)
+    assert listing(tmp_path / "parent") == ["engines"]
+
+
+def test_deploying_twice_replaces_its_own_repository(engines_dir, tmp_path):
+    repo = deploy(engines_dir, tmp_path / "repo")
+    (repo / "stale").mkdir()
+    result = cli("deploy", "--engines", engines_dir, "--repo", repo, "--component-backend", "onnxruntime")
+    assert result.exit_code == 0, result.output
+    assert read_config(repo, "unet_deep").backend == "onnxruntime" and not (repo / "stale").exists()
+    assert {d.name for d in repo.iterdir() if d.is_dir()} == MODELS
+    assert listing(tmp_path) == ["repo"]
+
+
+def test_a_failed_deploy_leaves_the_earlier_repository_whole(engines_dir, tmp_path, monkeypatch):
+    from voltacache.serving import deploy as deploy_module
+
+    repo = deploy(engines_dir, tmp_path / "repo")
+    before = snapshot(repo)
+    calls = []
+
+    def install_adapter(folder, adapter):
+        calls.append(folder)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(deploy_module, "install_adapter", install_adapter)
+    with pytest.raises(OSError, match="No space left"):
+        deploy(engines_dir, repo)
+    assert calls[0].parent.name.startswith(".repo.tmp-")
+    assert snapshot(repo) == before
+    assert listing(tmp_path) == ["repo"]
+
+
+def test_a_cache_inside_the_repository_is_refused(engines_dir, tmp_path):
+    from voltacache.cache.layers import CacheSettings
+
+    with pytest.raises(VoltacacheError, match="--cache .*cache.db: inside --repo"):
+        deploy(engines_dir, tmp_path / "repo", cache=CacheSettings(str(tmp_path / "repo" / "cache.db")))
+    assert listing(tmp_path) == []

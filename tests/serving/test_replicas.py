@@ -10,22 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import MILVUS_PORTS
 
 from voltacache.serving.client import Client
 from voltacache.serving.deploy import CacheSettings, deploy
 from voltacache.serving.server import TritonServer
 
-MILVUS_PORTS = (
-    "etcd",
-    "root-coord",
-    "proxy-internal",
-    "query-coord",
-    "query-node",
-    "index-coord",
-    "index-node",
-    "data-coord",
-    "data-node",
-)
+pytestmark = [pytest.mark.triton, pytest.mark.milvus, pytest.mark.s3]  # two tritonservers of its own
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +66,11 @@ def test_result_through_replica_a_is_a_hit_on_replica_b(engines_dir, milvus_serv
         first = Client(a.grpc_url).generate("a lighthouse on a cliff", steps=6, seed=5, scheduler="ddim")
         second = Client(b.grpc_url).generate("a lighthouse on a cliff", steps=6, seed=5, scheduler="ddim")
         refreshed = Client(b.grpc_url).generate(
-            "a lighthouse on a cliff", steps=6, seed=5, scheduler="ddim", cache="refresh"
+            "a lighthouse on a cliff", steps=6, seed=5, scheduler="ddim", cache_mode="refresh"
         )
-        off = Client(a.grpc_url).generate("a lighthouse on a cliff", steps=6, seed=5, scheduler="ddim", cache="off")
+        off = Client(a.grpc_url).generate(
+            "a lighthouse on a cliff", steps=6, seed=5, scheduler="ddim", cache_mode="off"
+        )
     assert (first.cache, first.steps_computed) == ("miss", 6)
     assert (second.cache, second.steps_computed, second.unet_deep_calls) == ("semantic", 0, 0)
     assert second.similarity > 0.999 and second.seed == 5

@@ -1,11 +1,29 @@
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from voltacache.errors import VoltacacheError
+from voltacache.errors import ServerFailed
 from voltacache.serving.server import TritonServer
+
+pytestmark = pytest.mark.triton  # tritonserver, started here or through `voltacache serve`
+
+# A model that logs what a degraded denoiser logs (its cache cannot be opened), then loads as usual.
+WARNING_MODEL = """import triton_python_backend_utils as pb_utils
+
+from voltacache.serving.python_models import PostprocessModel
+
+
+class TritonPythonModel(PostprocessModel):
+    def initialize(self, args):
+        pb_utils.Logger.log_warn("voltacache warning: test cache cannot be opened; serving without it")
+        super().initialize(args)
+"""
 
 
 def group_alive(pgid: int) -> bool:
@@ -16,52 +34,162 @@ def group_alive(pgid: int) -> bool:
         return False
 
 
+def shm_regions(prefix: str) -> list:
+    return sorted(Path("/dev/shm").glob(f"{prefix}*"))
+
+
+def serve_command(repo, ports, *extra) -> list:
+    options = [f"--{name.replace('_', '-')}={port}" for name, port in ports.items()]
+    return [sys.executable, "-m", "voltacache", "serve", f"--repo={repo}", *options, *extra]
+
+
+def serve_fails(repo, ports, timeout=60) -> tuple[subprocess.CompletedProcess, float, int]:
+    """Run `voltacache serve` to its end: (result, seconds it took, its pid)."""
+    began = time.monotonic()
+    process = subprocess.Popen(serve_command(repo, ports), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # it started a server: stop it, and all it started
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+        raise
+    result = subprocess.CompletedProcess(process.args, process.returncode, out, err)
+    return result, time.monotonic() - began, process.pid
+
+
+def one_error_line(result) -> str:
+    """The `error:` line, checked to be the first line on stderr and the only one."""
+    lines = result.stderr.splitlines()
+    assert lines and lines[0].startswith("error: "), result.stderr
+    assert sum(line.startswith("error:") for line in lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.triton
 def test_stop_leaves_no_process(triton_repo, tmp_path, ports):
     repo = shutil.copytree(triton_repo, tmp_path / "repo")
     server = TritonServer(repo, **ports).start()
     pgid = server.process.pid
+    assert shm_regions(server.shm_prefix)  # the stubs use this server's own prefix
+    assert server.log.is_file()  # no log_file: a temporary one all the same
     server.stop()
     assert server.process.returncode is not None
     assert not group_alive(pgid)  # tritonserver and every Python-backend stub are gone
+    assert not shm_regions(server.shm_prefix)
+    assert not server.log.exists()  # a clean stop leaves no temporary log behind
 
 
+@pytest.mark.triton
 def test_broken_model_fails_with_the_log(triton_repo, tmp_path, ports):
     repo = shutil.copytree(triton_repo, tmp_path / "repo")
     (repo / "postprocess" / "1" / "model.py").write_text("raise RuntimeError('broken adapter')\n")
     server = TritonServer(repo, log_file=tmp_path / "log.txt", **ports)
-    with pytest.raises(VoltacacheError, match="tritonserver exited.*log"):
+    with pytest.raises(ServerFailed, match="model 'postprocess' failed to load.*log") as failure:
         server.start()
+    assert "broken adapter" in failure.value.details
     assert not group_alive(server.process.pid)
+    assert not shm_regions(server.shm_prefix)
 
 
-def test_sigterm_to_serve_stops_everything(triton_repo, tmp_path, ports):
-    import subprocess
-    import sys
-    import time
+def test_serve_refuses_a_missing_repository(tmp_path, ports):
+    result, seconds, _ = serve_fails(tmp_path / "missing", ports)
+    assert result.returncode == 2
+    assert f"--repo {tmp_path / 'missing'}: no such folder" in one_error_line(result)
+    assert seconds < 10
 
+
+@pytest.mark.parametrize("remove_marker", [False, True], ids=["empty", "not-deployed"])
+def test_serve_refuses_a_folder_not_written_by_deploy(triton_repo, tmp_path, ports, remove_marker):
+    """An empty folder would start a server ready with no models; a Triton repository that deploy did
+    not write would serve without what voltacache needs."""
+    if remove_marker:
+        repo = shutil.copytree(triton_repo, tmp_path / "repo")
+        (repo / "voltacache.json").unlink()
+    else:
+        repo = tmp_path / "repo"
+        repo.mkdir()
+    result, seconds, _ = serve_fails(repo, ports)
+    assert result.returncode == 2
+    line = one_error_line(result)
+    assert f"--repo {repo} is not a repository written by `voltacache deploy`" in line
+    assert seconds < 10
+
+
+@pytest.mark.parametrize("busy", ["http_port", "grpc_port", "metrics_port"])
+def test_serve_refuses_a_busy_port(triton_repo, ports, busy):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ports[busy]))
+        taken.listen()
+        result, seconds, _ = serve_fails(triton_repo, ports)
+    option = "--" + busy.replace("_", "-")
+    assert result.returncode == 2
+    assert one_error_line(result) == f"error: {option} {ports[busy]} is in use on 127.0.0.1; pick another"
+    assert seconds < 10
+
+
+@pytest.mark.triton
+def test_serve_names_the_model_that_failed_to_load(triton_repo, tmp_path, ports):
     repo = shutil.copytree(triton_repo, tmp_path / "repo")
+    (repo / "postprocess" / "1" / "model.py").write_text("raise RuntimeError('broken adapter')\n")
+    result, seconds, pid = serve_fails(repo, ports, timeout=120)  # no --log-file
+    assert result.returncode == 1
+    line = one_error_line(result)
+    assert "model 'postprocess' failed to load" in line
+    log = Path(line.rsplit("the log is ", 1)[1])
+    assert log.is_file()  # kept, since it failed
+    log.unlink()
+    details = result.stderr.splitlines()[1:]
+    assert any("failed to load 'postprocess'" in d and "broken adapter" in d for d in details), result.stderr
+    assert not any("Timeout" in d or "unloaded" in d for d in details)  # the reasons, not the shutdown
+    assert not shm_regions(f"voltacache{pid}_")
+    print(f"the error after {seconds:.1f} s")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_during_the_start_stops_at_once(triton_repo, tmp_path, ports, sig):
+    repo = shutil.copytree(triton_repo, tmp_path / "repo")
+    serve = subprocess.Popen(serve_command(repo, ports), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    # mid-start: the first stubs are up, the models not all loaded
+    while not shm_regions(f"voltacache{serve.pid}_") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert shm_regions(f"voltacache{serve.pid}_"), "no stub started"
+    (tritonserver,) = children(serve.pid)
+    began = time.monotonic()
+    serve.send_signal(sig)
+    assert serve.wait(30) == 128 + sig
+    print(f"{sig.name}: exited after {time.monotonic() - began:.1f} s")
+    assert time.monotonic() - began < 10
+    _, err = serve.communicate()
+    assert err.splitlines() == [f"error: interrupted by {sig.name} while tritonserver was starting; stopped it"]
+    assert not group_alive(tritonserver)
+    assert not shm_regions(f"voltacache{serve.pid}_")
+
+
+@pytest.mark.triton
+def test_sigterm_to_serve_stops_everything(triton_repo, tmp_path, ports):
+    repo = shutil.copytree(triton_repo, tmp_path / "repo")
+    (repo / "postprocess" / "1" / "model.py").write_text(WARNING_MODEL)
     p = ports
-    cmd = [
-        sys.executable,
-        "-m",
-        "voltacache",
-        "serve",
-        "--repo",
-        str(repo),
-        "--http-port",
-        str(p["http_port"]),
-        "--grpc-port",
-        str(p["grpc_port"]),
-        "--metrics-port",
-        str(p["metrics_port"]),
-    ]
-    serve = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    serve = subprocess.Popen(serve_command(repo, ports), stderr=subprocess.PIPE, text=True)
     line = ""
     deadline = time.monotonic() + 120
     while "ready" not in line and time.monotonic() < deadline:
         line = serve.stderr.readline()
-    assert "ready" in line
-    assert f"127.0.0.1:{p['grpc_port']}" in line + serve.stderr.readline()
+    assert "ready" in line and f"127.0.0.1:{p['grpc_port']}" in line  # one line, however wide
+    (tritonserver,) = children(serve.pid)
     serve.send_signal(signal.SIGTERM)
     assert serve.wait(60) == 0
-    assert "stopped" in serve.stderr.read()
+    rest = serve.stderr.read().splitlines()
+    # what the models warned of while loading is shown, once, before the stop
+    assert rest == ["voltacache warning: test cache cannot be opened; serving without it", "tritonserver stopped"]
+    assert not group_alive(tritonserver)
+    assert not shm_regions(f"voltacache{serve.pid}_")

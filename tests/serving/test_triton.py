@@ -36,19 +36,27 @@ def valid(prompt=PROMPT, **overrides):
         p.SEED: np.array([1], np.int64),
         p.SCHEDULER: np.array([b"ddim"], dtype=object),
         p.CACHE_INTERVAL: np.array([2], np.int32),
+        p.CACHE_SCHEDULE: np.array([b"uniform"], dtype=object),
         p.CACHE: np.array([b"on"], dtype=object),
     }
     values.update(overrides)
     return {k: v for k, v in values.items() if v is not None}
 
 
-@pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_served_image_equals_in_process(triton, sd, protocol):
+@pytest.mark.parametrize("protocol, seed, schedule", [("grpc", 11, "uniform"), ("http", 12, "nonuniform")])
+def test_served_image_equals_in_process(triton, sd, protocol, seed, schedule):
     url = triton.grpc_url if protocol == "grpc" else triton.http_url
-    served = Client(url, protocol).generate(PROMPT, steps=12, seed=11, scheduler="ddim", cache_interval=3)
-    local = sd(PROMPT, steps=12, seed=11, scheduler="ddim", cache_interval=3)
+    request = dict(steps=12, seed=seed, scheduler="ddim", cache_interval=3, cache_schedule=schedule)
+    served = Client(url, protocol).generate(PROMPT, **request)
+    local = sd(PROMPT, **request)
     assert np.array_equal(served.images[0], np.asarray(local.images[0]))
-    assert (served.unet_deep_calls, served.unet_shallow_calls, served.steps_computed) == (4, 8, 12)
+    stats = local.stats
+    assert (served.unet_deep_calls, served.unet_shallow_calls, served.steps_computed) == (
+        stats.unet_deep_calls,
+        stats.unet_shallow_calls,
+        12,
+    )
+    assert served.unet_deep_calls == (4 if schedule == "uniform" else stats.unet_deep_calls)
 
 
 def test_img2img_served_equals_in_process(triton, sd):
@@ -87,6 +95,9 @@ BAD_REQUESTS = {
     "unknown scheduler": valid(**{p.SCHEDULER: np.array([b"heun-9000"], dtype=object)}),
     "zero cache interval": valid(**{p.CACHE_INTERVAL: np.array([0], np.int32)}),
     "unknown cache mode": valid(**{p.CACHE: np.array([b"sometimes"], dtype=object)}),
+    "huge guidance": valid(**{p.GUIDANCE: np.array([1e30], np.float32)}),
+    "negative seed": valid(**{p.SEED: np.array([-5], np.int64)}),
+    "control characters": valid("a\x00b"),
 }
 
 
@@ -125,13 +136,48 @@ def test_metrics_count_unet_calls(triton):
     assert metric(triton, "voltacache_steps_total", "denoiser") == before["voltacache_steps_total"] + 10
 
 
-def test_exact_duplicate_is_a_response_cache_hit(triton):
+def test_exact_duplicate_is_a_response_cache_hit_and_says_so(triton):
     client = Client(triton.grpc_url)
-    hits = metric(triton, "nv_cache_num_hits_per_model", p.TXT2IMG)
+    hits = metric(triton, "nv_cache_num_hits_per_model", p.DENOISER)
     first = client.generate("a cached request", steps=6, seed=99, scheduler="ddim")
     second = client.generate("a cached request", steps=6, seed=99, scheduler="ddim")
-    assert np.array_equal(first.images, second.images)
-    assert metric(triton, "nv_cache_num_hits_per_model", p.TXT2IMG) == hits + 1
+    assert np.array_equal(first.images, second.images) and first.seed == second.seed == 99
+    assert metric(triton, "nv_cache_num_hits_per_model", p.DENOISER) == hits + 1
+    assert (first.cache, first.steps_computed, first.unet_deep_calls) == ("off", 6, 6)  # no cross-request cache here
+    assert (second.cache, second.steps_computed, second.unet_deep_calls, second.similarity) == ("exact", 0, 0, 1.0)
+    assert metric(triton, "voltacache_cache_requests_total", p.POSTPROCESS, layer="exact") >= 1
+
+
+@pytest.mark.parametrize("mode", ["off", "refresh"])
+def test_cache_off_or_refresh_is_never_answered_from_the_response_cache(triton, mode):
+    client = Client(triton.grpc_url)
+    hits = metric(triton, "nv_cache_num_hits_per_model", p.DENOISER)
+    results = [client.generate(f"an uncached {mode} request", steps=3, seed=5, cache_mode=mode) for _ in range(2)]
+    assert metric(triton, "nv_cache_num_hits_per_model", p.DENOISER) == hits
+    assert [r.steps_computed for r in results] == [3, 3]
+
+
+def test_random_seeds_are_drawn_by_the_server_and_never_repeat(triton):
+    client = Client(triton.grpc_url)
+    seeds = {client.generate("a random request", steps=2, scheduler="ddim").seed for _ in range(2)}
+    assert len(seeds) == 2
+
+
+def test_init_image_of_another_size_is_resized_as_in_process(triton, sd):
+    init = np.random.default_rng(2).integers(0, 255, (128, 96, 3), dtype=np.uint8)
+    served = Client(triton.grpc_url).generate(PROMPT, steps=6, seed=3, scheduler="ddim", init_image=init, strength=0.5)
+    local = sd(PROMPT, steps=6, seed=3, scheduler="ddim", init_image=init, strength=0.5)
+    assert np.array_equal(served.images[0], np.asarray(local.images[0]))
+
+
+def test_same_prompt_limit_served_and_in_process(triton, sd):
+    long = "a " * 3000  # 6000 bytes
+    with pytest.raises(VoltacacheError, match="prompt is 6000 bytes"):
+        sd(long, steps=2)
+    with pytest.raises(VoltacacheError, match="prompt is 6000 bytes"):
+        Client(triton.grpc_url).generate(long, steps=2)  # checked at the edge
+    with pytest.raises(VoltacacheError, match="PROMPT|prompt"):  # and again by the server, for any client
+        Client(triton.grpc_url).infer(p.TXT2IMG, valid(long), [p.IMAGES])
 
 
 def test_server_binds_loopback_only(triton):

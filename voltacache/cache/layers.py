@@ -14,20 +14,36 @@ quality on the trained shapes model (scripts/eval_shapes_quality.py): starting a
 its neighbour's latent costs at most 2 points of adherence at K = 20% of the steps, and 3 to 12
 points at 30%. Hence 20% from 0.90 and 10% from 0.80; nothing is reused below 0.80. NIRVANA's own
 bands (up to 50% of the steps) are NIRVANA_BANDS, for `--cache-bands`.
+
+The cache is an accelerator: `open_cache` reports an index or blob store that cannot be opened
+once, through a `warn` callable, and returns None (generation goes on without it); a
+`RequestCache` whose store fails mid-way reports it once the same way, and the request goes on as
+a miss, without storing. Settings that cannot work are refused when `CacheSettings` is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import math
+import sys
+import time
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 
-from ..errors import VoltacacheError
-from .store import NO_SEED, CacheStore, Hit, scope_key
+from ..errors import BadConfiguration
+from .embedders import EMBEDDERS
+from .policies import POLICIES
+from .store import NO_SEED, CacheStore, Hit, default_blob_store, is_lite_index, is_server, reason, scope_key
+
+INDEX_OPTION = "--cache-index"  # `deploy` calls it --cache
+INDEX_SCHEMES = ("http", "https", "tcp")
+RETRY_AFTER_S = 30.0  # after a failed lookup or store, the cache is skipped this long before it is tried again
 
 IMAGE, LATENT = "image", "latent"
 MODES = ("on", "off", "refresh")
@@ -45,9 +61,13 @@ def parse_bands(text: str) -> tuple[tuple[float, float], ...]:
         try:
             similarity, fraction = (float(x) for x in item.split(":"))
         except ValueError:
-            raise VoltacacheError(f"cache band {item!r}: write SIMILARITY:FRACTION, e.g. 0.90:0.2") from None
+            raise BadConfiguration(
+                f"--cache-bands: cache band {item!r}: write SIMILARITY:FRACTION, e.g. 0.90:0.2"
+            ) from None
         if not (0 < similarity <= 1 and 0 < fraction < 1):
-            raise VoltacacheError(f"cache band {item!r}: similarity in (0, 1], fraction of the steps in (0, 1)")
+            raise BadConfiguration(
+                f"--cache-bands: cache band {item!r}: similarity in (0, 1], fraction of the steps in (0, 1)"
+            )
         bands.append((similarity, fraction))
     return tuple(sorted(bands, reverse=True))
 
@@ -102,19 +122,23 @@ def open_request_cache(
     fingerprint: str,
     clip_dim: int,
     config: CacheConfig = CacheConfig(),
+    warn: Callable[[str], None] | None = None,
     **store_options,
 ) -> RequestCache:
-    """The cache for one model: index URI (a milvus-lite file path or a server URL) and blob store
-    (a folder, default beside a file index, or s3://bucket/prefix)."""
+    """The cache for one model: index URI (a milvus-lite path or a server URL) and blob store
+    (a folder, default beside a milvus-lite index, or s3://bucket/prefix). Raises CacheUnavailable
+    when the index or blob store cannot be opened; `open_cache` is the forgiving entry point."""
     from .embedders import make_embedder
 
     embedder = make_embedder(embedder_name, clip_dim)
     if blobs is None:
-        if "://" in index:
-            raise ValueError("a Milvus server index needs --blob-store (a shared folder or s3://bucket/prefix)")
-        blobs = str(Path(index).with_suffix("")) + "-blobs"
+        if is_server(index):
+            raise BadConfiguration(
+                f"{INDEX_OPTION} {index}: a Milvus server index needs --blob-store (a shared folder or s3://bucket/prefix)"
+            )
+        blobs = default_blob_store(index)
     store = CacheStore(index, blobs, dim=embedder.dim, embedder=embedder.name, **store_options)
-    return RequestCache(store, embedder, fingerprint, config)
+    return RequestCache(store, embedder, fingerprint, config, warn)
 
 
 @dataclass
@@ -133,6 +157,63 @@ class CacheSettings:
     max_bytes: int | None = None
     semantic_threshold: float = CacheConfig.semantic_threshold
     bands: str = DEFAULT_BANDS
+
+    def __post_init__(self):
+        """Refuse, naming the option, what cannot work: here, not when a server loads the settings."""
+        if isinstance(self.index, str) and self.index.strip().lower() in ("", "off", "none"):
+            self.index = None
+        if self.policy not in POLICIES:
+            raise BadConfiguration(f"--cache-policy {self.policy!r}: choose one of {', '.join(POLICIES)}")
+        if self.embedder not in EMBEDDERS:
+            raise BadConfiguration(f"--cache-embedder {self.embedder!r}: choose one of {', '.join(EMBEDDERS)}")
+        parse_bands(self.bands)
+        if not (0 < self.semantic_threshold <= 1):
+            raise BadConfiguration(f"--cache-threshold {self.semantic_threshold}: a cosine similarity in (0, 1]")
+        if not (self.ttl_s > 0 and math.isfinite(self.ttl_s)):
+            raise BadConfiguration(f"--cache-ttl {self.ttl_s}: seconds an entry may be served, more than 0")
+        for name in ("max_entries", "max_bytes"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value > 0):
+                raise BadConfiguration(f"--cache-{name.replace('_', '-')} {value}: a positive whole number, or none")
+        if self.index is not None:
+            self._check_locations()
+
+    def _check_locations(self):
+        index, blobs = str(self.index), self.blob_store
+        where = f"{INDEX_OPTION} {index} (deploy: --cache)"
+        if is_server(index):
+            url = urlparse(index)
+            if url.scheme.lower() not in INDEX_SCHEMES or not url.hostname:
+                raise BadConfiguration(
+                    f"{where}: a Milvus server URL is http://HOST:PORT (or https://, tcp://); "
+                    "a local index is a path ending in .db"
+                )
+            if not blobs:
+                raise BadConfiguration(
+                    f"{where}: a Milvus server index needs --blob-store (a folder every replica sees, "
+                    "or s3://bucket/prefix)"
+                )
+        else:
+            path = Path(index)
+            if path.suffix != ".db":
+                raise BadConfiguration(
+                    f"{where}: a milvus-lite index is a path ending in .db, e.g. {path.stem or 'cache'}.db"
+                )
+            if path.is_dir() and not is_lite_index(path) and any(path.iterdir()):
+                raise BadConfiguration(
+                    f"{where}: an existing folder that is not a milvus-lite index; name a new path ending in .db"
+                )
+            for parent in path.parents:
+                if parent.exists():
+                    if not parent.is_dir():
+                        raise BadConfiguration(f"{where}: {parent} is a file, not a folder")
+                    break
+        blobs = blobs or (None if is_server(index) else default_blob_store(index))
+        if blobs and "://" in blobs and not blobs.startswith("s3://"):
+            raise BadConfiguration(f"--blob-store {blobs}: a folder or s3://bucket/prefix")
+        if blobs and "://" not in blobs and Path(blobs).exists() and not Path(blobs).is_dir():
+            option = "--blob-store" if self.blob_store else f"{where}: its blob folder"
+            raise BadConfiguration(f"{option} {blobs}: an existing file, not a folder; name a folder")
 
     def parameters(self) -> dict[str, str]:
         """As Triton model-config parameters (strings; local paths made absolute)."""
@@ -162,27 +243,95 @@ class CacheSettings:
         for f in dataclasses.fields(cls):
             if f"cache_{f.name}" in values:
                 convert = next(t for t in typing.get_args(types[f.name]) or (types[f.name],) if t is not type(None))
-                given[f.name] = convert(values[f"cache_{f.name}"])
+                try:
+                    given[f.name] = convert(values[f"cache_{f.name}"])
+                except ValueError:
+                    raise BadConfiguration(
+                        f"parameter cache_{f.name} {values[f'cache_{f.name}']!r}: not a {convert.__name__}; "
+                        "redeploy with `voltacache deploy`"
+                    ) from None
         return cls(**given)
 
-    def open(self, fingerprint: str, clip_dim: int) -> RequestCache | None:
-        """The cache for one model, or None when it is off."""
+    def open(self, fingerprint: str, clip_dim: int, warn: Callable[[str], None] | None = None) -> RequestCache | None:
+        """The cache for one model, or None when it is off; CacheUnavailable when it cannot be opened
+        (`open_cache` reports that and goes on without it)."""
         if self.index is None:
             return None
         options = dict(ttl_s=self.ttl_s, policy=self.policy, max_entries=self.max_entries, max_bytes=self.max_bytes)
         config = CacheConfig(self.semantic_threshold, parse_bands(self.bands))
-        return open_request_cache(self.index, self.blob_store, self.embedder, fingerprint, clip_dim, config, **options)
+        return open_request_cache(
+            self.index, self.blob_store, self.embedder, fingerprint, clip_dim, config, warn, **options
+        )
+
+
+def warn_on_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def unavailable_warning(index: str, error: BaseException, during: str = "") -> str:
+    why = f"{during} failed ({reason(error)})" if during else reason(error)
+    return f"voltacache warning: cache {index} unavailable: {why}; generating without it"
+
+
+def open_cache(
+    settings: CacheSettings, fingerprint: str, clip_dim: int, warn: Callable[[str], None] = warn_on_stderr
+) -> RequestCache | None:
+    """The request cache the settings name, or None: when it is off, or when it cannot be opened
+    (corrupt or unreadable index, Milvus server not answering within a few seconds, blob store not
+    readable, milvus-lite index open in another process). That failure is reported once, as one
+    line through `warn` ("voltacache warning: cache ... unavailable: ...; generating without it"),
+    and the returned cache reports its own later failures through the same `warn`."""
+    if settings.index is None:
+        return None
+    try:
+        return settings.open(fingerprint, clip_dim, warn)
+    except Exception as e:  # an accelerator: whatever failed, generation goes on without it
+        warn(unavailable_warning(settings.index, e))
+        return None
 
 
 class RequestCache:
-    def __init__(self, store: CacheStore, embedder, fingerprint: str, config: CacheConfig = CacheConfig()):
+    """Lookups and stores for one model. Both fail soft: an exception in the store (index or blob
+    store gone, server down) is reported once through `warn`, the lookup answers a miss and the
+    store is skipped; for RETRY_AFTER_S after a failure the store is not tried (a server that does
+    not answer costs one timeout per interval, not one per request). After it works again, a new
+    failure is reported again."""
+
+    def __init__(
+        self,
+        store: CacheStore,
+        embedder,
+        fingerprint: str,
+        config: CacheConfig = CacheConfig(),
+        warn: Callable[[str], None] | None = None,
+    ):
         self.store, self.embedder, self.fingerprint, self.config = store, embedder, fingerprint, config
-        self.counts = {"semantic": 0, "approximate": 0, "miss": 0, "steps_skipped": 0}
+        self.warn = warn or warn_on_stderr
+        self.counts = {"semantic": 0, "approximate": 0, "miss": 0, "steps_skipped": 0, "errors": 0}
+        self.failed_at: float | None = None  # monotonic time of the last failure, None while it works
 
     def scope(self, **params) -> str:
         return scope_key(self.fingerprint, **params)
 
+    def _soft(self, during: str, action: Callable, fallback):
+        if self.failed_at is not None and time.monotonic() - self.failed_at < RETRY_AFTER_S:
+            return fallback
+        try:
+            result = action()
+        except Exception as e:
+            self.counts["errors"] += 1
+            if self.failed_at is None:
+                self.warn(unavailable_warning(self.store.uri, e, during))
+            self.failed_at = time.monotonic()
+            return fallback
+        self.failed_at = None
+        return result
+
     def lookup(self, vector, scope: str, steps: int, seed: int | None) -> Decision:
+        """A semantic hit, an approximate start or a miss; a miss too when the store fails."""
+        return self._soft("a lookup", lambda: self._lookup(vector, scope, steps, seed), Decision("miss"))
+
+    def _lookup(self, vector, scope: str, steps: int, seed: int | None) -> Decision:
         semantic = self._best(self.store.search(vector, scope, IMAGE, seed=seed, limit=1))
         if semantic and semantic.similarity >= self.config.semantic_threshold:
             data = self.store.payload(semantic)
@@ -224,7 +373,11 @@ class RequestCache:
         return checkpoint_steps(steps, self.config)
 
     def remember(self, vector, scope: str, seed: int, steps: int, image: np.ndarray, latents: dict[int, np.ndarray]):
-        """Store a finished generation: its image (L1) and its checkpoint latents (L2)."""
+        """Store a finished generation: its image (L1) and its checkpoint latents (L2); nothing when
+        the store fails."""
+        self._soft("storing", lambda: self._remember(vector, scope, seed, steps, image, latents), None)
+
+    def _remember(self, vector, scope: str, seed: int, steps: int, image: np.ndarray, latents: dict[int, np.ndarray]):
         entry = dict(vector=vector, scope=scope)
         self.store.put_many(
             [dict(entry, kind=IMAGE, payload=to_bytes(image), seed=seed, step=steps, benefit=steps)]

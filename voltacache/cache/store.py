@@ -7,17 +7,28 @@ of the generation parameters; a search only ever sees entries of its own scope, 
 Crash consistency: the blob is written (atomically) before the index row, and a row is only
 served if its blob exists and matches its key. A crash between the two leaves an orphan blob,
 which `purge` removes; it never leaves a row pointing at a torn blob.
+
+One process at a time on a milvus-lite index (a folder, `cache.db/`): milvus-lite locks it, and so
+do we, earlier and with a clearer message, through an exclusive `flock` on the sibling
+`<index>.lock`, held while any store of this process has the index open. Several processes
+(replicas, servers) share a cache through a Milvus server URL instead.
+
+Every failure to open or read the index or the blob store is a `CacheUnavailable` whose message
+names the index and what to do; a server URL that does not answer fails within CONNECT_TIMEOUT_S.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import BadConfiguration, CacheUnavailable, VoltacacheError
 from .blobs import CorruptBlob, open_blob_store
 from .policies import POLICIES, victims
 
@@ -28,6 +39,9 @@ QUERY_PAGE = 1000
 # milvus-lite has no MVCC timestamp to give the iterator, which then warns on every scan
 logging.getLogger("pymilvus.client.iterator.query_iterator").setLevel(logging.ERROR)
 LOW_WATER = 0.95  # eviction brings the cache down to this share of its capacity
+CONNECT_TIMEOUT_S = 3.0  # a Milvus server URL that does not answer: unavailable after this long
+SERVER_CALL_TIMEOUT_S = 10.0  # each call to a Milvus server (pymilvus would otherwise retry for minutes)
+LOCK_SUFFIX = ".lock"
 FIELDS = [
     "id",
     "scope",
@@ -61,6 +75,184 @@ def low_water(capacity: int | None) -> int | None:
     return None if capacity is None else capacity - int(capacity * (1 - LOW_WATER))
 
 
+def is_server(index_uri) -> bool:
+    """A Milvus server URL (http://, https://, tcp://), not a milvus-lite path."""
+    return "://" in str(index_uri)
+
+
+def default_blob_store(index_uri: str) -> str:
+    """The blob folder beside a milvus-lite index: cache.db -> cache-blobs."""
+    return str(Path(index_uri).with_suffix("")) + "-blobs"
+
+
+def collection_name(embedder: str, dim: int) -> str:
+    return f"{COLLECTION_PREFIX}{embedder}_{dim}"
+
+
+def parse_collection(name: str) -> tuple[str, int] | None:
+    """voltacache_clip_768 -> ("clip", 768); None for a collection that is not a voltacache cache."""
+    if not name.startswith(COLLECTION_PREFIX):
+        return None
+    embedder, _, dim = name[len(COLLECTION_PREFIX) :].rpartition("_")
+    return (embedder, int(dim)) if embedder and dim.isdigit() else None
+
+
+def is_lite_index(path) -> bool:
+    """A folder milvus-lite wrote (its LOCK file or its collections folder)."""
+    path = Path(path)
+    return path.is_dir() and ((path / "LOCK").is_file() or (path / "collections").is_dir())
+
+
+def unavailable(index_uri: str, detail: str) -> CacheUnavailable:
+    """`cache index X: detail`; `.index` and `.detail` let a caller reword it (a warning)."""
+    detail = " ".join(str(detail).split())
+    error = CacheUnavailable(f"cache index {index_uri}: {detail}")
+    error.index, error.detail = index_uri, detail
+    return error
+
+
+def reason(error: BaseException, limit: int = 200) -> str:
+    """One line saying why, from a pymilvus / milvus-lite / OS exception (the detail of ours, whole)."""
+    if getattr(error, "detail", None):
+        return error.detail
+    if callable(getattr(error, "code", None)) and callable(getattr(error, "details", None)):  # a grpc.RpcError
+        code = getattr(error.code(), "name", str(error.code()))
+        if code == "DEADLINE_EXCEEDED":
+            return "no answer before the deadline"
+        return f"{code}: {error.details()}"
+    text = getattr(error, "message", None) or str(error) or type(error).__name__
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def quiet_milvus() -> None:
+    """pymilvus logs every failed call with its traceback and milvus-lite logs its own; we report
+    each failure once, as one line, ourselves."""
+    for name in ("pymilvus", "pymilvus.milvus_client", "pymilvus.bulk_writer", "milvus_lite"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def connect(index_uri: str, timeout: float = CONNECT_TIMEOUT_S):
+    """A MilvusClient on a milvus-lite path or a server URL, or a CacheUnavailable saying why not."""
+    import pymilvus
+
+    quiet_milvus()
+    try:
+        return pymilvus.MilvusClient(str(index_uri), timeout=timeout)
+    except Exception as e:
+        if is_server(index_uri):
+            raise unavailable(
+                index_uri, f"no Milvus server answers within {timeout:g} s ({reason(e)}); start it, or check the URL"
+            ) from e
+        raise unavailable(index_uri, unreadable(index_uri, e, connecting=True)) from e
+
+
+def unreadable(index_uri: str, error: BaseException, connecting: bool = False) -> str:
+    """Why a milvus-lite index did not open, and the fix. `connecting`: milvus-lite could not even
+    start on it (then another process may hold milvus-lite's own lock)."""
+    path = Path(index_uri)
+    if path.is_file():
+        why = "it is a file, not a milvus-lite index folder: corrupt, or written by milvus-lite 2"
+    elif connecting and lite_lock_held(path):  # a process that did not take our lock
+        return in_use(index_uri)
+    else:
+        why = f"cannot be read ({reason(error)})"
+    return f"{why}; `voltacache cache repair --cache-index {index_uri}` sets it aside and starts a fresh one"
+
+
+def lite_lock_held(path: Path) -> bool:
+    """Whether another process holds milvus-lite's own lock (`<index>/LOCK`): asked only after an
+    open failed, when no milvus-lite server of this process holds it."""
+    import fcntl
+
+    try:
+        fd = os.open(path / "LOCK", os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def in_use(index_uri: str, holder: str = "") -> str:
+    return (
+        f"open in another process{holder}; a milvus-lite index serves one process at a time: stop that one, "
+        "or give every process one Milvus server URL (and one --blob-store)"
+    )
+
+
+# -- one process per milvus-lite index ----------------------------------------------------------
+
+_HELD: dict[str, list] = {}  # lock file -> [fd, stores of this process holding it]
+_HELD_GUARD = threading.Lock()
+
+
+def lock_path(index_uri: str) -> str:
+    return os.path.realpath(index_uri) + LOCK_SUFFIX
+
+
+def lock_index(index_uri: str) -> str:
+    """Hold `<index>.lock` exclusively (shared by the stores of this process, as milvus-lite shares
+    its server); another process holding it: CacheUnavailable at once. Returns the key to release."""
+    import fcntl
+
+    key = lock_path(index_uri)
+    with _HELD_GUARD:
+        if key in _HELD:
+            _HELD[key][1] += 1
+            return key
+        try:
+            fd = os.open(key, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as e:
+            raise unavailable(index_uri, f"cannot create its lock file {key} ({e.strerror or e})") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            try:
+                pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            except OSError:
+                pid = ""
+            os.close(fd)
+            raise unavailable(index_uri, in_use(index_uri, f" (pid {pid})" if pid.isdigit() else "")) from e
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD[key] = [fd, 1]
+        return key
+
+
+def holds(key: str) -> int:
+    """How many stores of this process hold the lock."""
+    with _HELD_GUARD:
+        return _HELD[key][1] if key in _HELD else 0
+
+
+def unlock_index(key: str, index_uri: str) -> None:
+    """Release one hold; the last one also stops this process' milvus-lite server on the index."""
+    with _HELD_GUARD:
+        entry = _HELD.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] > 0:
+            return
+        del _HELD[key]
+        release_lite_server(index_uri)
+        os.close(entry[0])  # releases the flock
+
+
+def release_lite_server(index_uri: str) -> None:
+    """milvus-lite keeps one in-process server per path until exit, holding the folder: stop it."""
+    try:
+        from milvus_lite.server_manager import server_manager_instance
+    except ImportError:
+        return
+    server_manager_instance.release_server(str(index_uri))
+
+
 class CacheStore:
     def __init__(
         self,
@@ -74,34 +266,74 @@ class CacheStore:
         seed: int | None = None,
         clock=time.time,
         embedder: str = "clip",
+        connect_timeout: float = CONNECT_TIMEOUT_S,
     ):
-        from pymilvus import MilvusClient
-
+        """Opens (creating what is missing) the index and the blob store; CacheUnavailable when either
+        cannot be opened or read, another process holds the milvus-lite index, or a server URL does
+        not answer within `connect_timeout`. `close()` (or `with`) releases the index."""
         if policy not in POLICIES:
-            raise ValueError(f"unknown eviction policy {policy!r}; choose one of {', '.join(POLICIES)}")
+            raise BadConfiguration(f"--cache-policy {policy!r}: choose one of {', '.join(POLICIES)}")
         self.uri = str(index_uri)
-        if "://" not in self.uri:
-            Path(self.uri).parent.mkdir(parents=True, exist_ok=True)
-        self.client = MilvusClient(self.uri)
         # one collection per embedder (their vectors are not comparable), each with its own blobs
-        self.collection = f"{COLLECTION_PREFIX}{embedder}_{dim}"
-        blobs = str(blobs)
-        self.blobs = open_blob_store(f"{blobs.rstrip('/')}/{self.collection}")
+        self.collection = collection_name(embedder, dim)
         self.dim, self.ttl_s, self.policy = dim, ttl_s, policy
+        self.call = {"timeout": SERVER_CALL_TIMEOUT_S} if is_server(self.uri) else {}
+        self.client, self._lock = None, None
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self.rng, self.clock = random.Random(seed), clock
         self.evictions = 0
         self.bytes_written = 0
         self.unflushed = 0
         self.bytes_at_scan, self.bytes_written_at_scan = None, 0
-        self._ensure_collection()
+        try:
+            if not is_server(self.uri):
+                try:
+                    Path(self.uri).parent.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise unavailable(self.uri, f"cannot create its folder ({e.strerror or e})") from e
+                self._lock = lock_index(self.uri)
+            try:
+                self.blobs = open_blob_store(f"{str(blobs).rstrip('/')}/{self.collection}")
+            except VoltacacheError as e:
+                raise unavailable(self.uri, str(e)) from e
+            self.client = connect(self.uri, connect_timeout)
+            try:
+                self._ensure_collection()
+            except Exception as e:
+                if is_server(self.uri):
+                    raise unavailable(self.uri, f"the Milvus server failed ({reason(e)})") from e
+                raise unavailable(self.uri, unreadable(self.uri, e)) from e
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the index (its lock, and this process' milvus-lite server on it once no store
+        uses it); the store cannot be used after."""
+        client, self.client = self.client, None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:
+                pass
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            unlock_index(lock, self.uri)
+
+    def __enter__(self) -> CacheStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _ensure_collection(self):
         from pymilvus import DataType, MilvusClient
 
-        if self.client.has_collection(self.collection):
+        # a cheap first call, on a short deadline: a server that stopped answering fails the open in seconds
+        answers = {"timeout": CONNECT_TIMEOUT_S} if self.call else {}
+        if self.client.has_collection(self.collection, **answers):
             # a file a killed process left behind reopens released: searching it needs a load
-            self.client.load_collection(self.collection)
+            self.client.load_collection(self.collection, **self.call)
             return
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
@@ -115,7 +347,9 @@ class CacheStore:
             schema.add_field(name, DataType.DOUBLE)
         index = self.client.prepare_index_params()
         index.add_index("vector", index_type="FLAT", metric_type="COSINE")
-        self.client.create_collection(self.collection, schema=schema, index_params=index, consistency_level="Strong")
+        self.client.create_collection(
+            self.collection, schema=schema, index_params=index, consistency_level="Strong", **self.call
+        )
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -155,22 +389,22 @@ class CacheStore:
                     "benefit": float(item.get("benefit", 0.0)),
                 }
             )
-        self.client.upsert(self.collection, rows)
+        self.client.upsert(self.collection, rows, **self.call)
         self.unflushed += len(rows)
         if self.unflushed >= FLUSH_ROWS:
             # searches scan unsealed rows slowly (milvus-lite: 2.3 s at 10k rows, 30 ms once flushed)
-            self.client.flush(self.collection)
+            self.client.flush(self.collection, **self.call)
             self.unflushed = 0
         self.enforce_capacity()
         return [row["id"] for row in rows]
 
     def touch(self, hit: Hit) -> None:
         """Count a hit (frequency and recency feed LFU, LRU and LCBFU)."""
-        rows = self.client.get(self.collection, ids=[hit.id], output_fields=["*"])
+        rows = self.client.get(self.collection, ids=[hit.id], output_fields=["*"], **self.call)
         if rows:
             row = dict(rows[0])
             row["hits"], row["last_access"] = int(row["hits"]) + 1, self.clock()
-            self.client.upsert(self.collection, [row])
+            self.client.upsert(self.collection, [row], **self.call)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -180,7 +414,12 @@ class CacheStore:
         if seed is not None:
             expr += f" and seed == {int(seed)}"
         result = self.client.search(
-            self.collection, data=[[float(x) for x in vector]], limit=limit, filter=expr, output_fields=FIELDS[1:]
+            self.collection,
+            data=[[float(x) for x in vector]],
+            limit=limit,
+            filter=expr,
+            output_fields=FIELDS[1:],
+            **self.call,
         )
         return [Hit(h["id"], float(h["distance"]), dict(h["entity"], id=h["id"])) for h in result[0]]
 
@@ -191,7 +430,7 @@ class CacheStore:
         except CorruptBlob:
             data = None
         if data is None:
-            self.client.delete(self.collection, ids=[hit.id])
+            self.client.delete(self.collection, ids=[hit.id], **self.call)
         return data
 
     # -- housekeeping ------------------------------------------------------------------------
@@ -199,7 +438,7 @@ class CacheStore:
     def entries(self) -> list[dict]:
         """Every row, paged (a plain query stops at Milvus' result window of 16,384 rows)."""
         iterator = self.client.query_iterator(
-            self.collection, batch_size=QUERY_PAGE, filter='id != ""', output_fields=FIELDS
+            self.collection, batch_size=QUERY_PAGE, filter='id != ""', output_fields=FIELDS, **self.call
         )
         rows = []
         try:
@@ -210,17 +449,16 @@ class CacheStore:
         return rows
 
     def count(self) -> int:
-        result = self.client.query(self.collection, filter="", output_fields=["count(*)"])
+        result = self.client.query(self.collection, filter="", output_fields=["count(*)"], **self.call)
         return int(result[0]["count(*)"])
 
     def remove(self, entries: list[dict]) -> None:
         if not entries:
             return
-        self.client.delete(self.collection, ids=[e["id"] for e in entries])
+        self.client.delete(self.collection, ids=[e["id"] for e in entries], **self.call)
         blobs = sorted({e["blob"] for e in entries})
-        still_used = {
-            r["blob"] for r in self.client.query(self.collection, filter=f"blob in {blobs!r}", output_fields=["blob"])
-        }
+        used = self.client.query(self.collection, filter=f"blob in {blobs!r}", output_fields=["blob"], **self.call)
+        still_used = {r["blob"] for r in used}
         for blob in set(blobs) - still_used:
             self.blobs.delete(blob)
 
@@ -256,10 +494,13 @@ class CacheStore:
         torn = self.blobs.drop_temporaries()
         return len(expired) + len(orphans) + torn
 
-    def clear(self) -> None:
-        self.client.drop_collection(self.collection)
+    def clear(self) -> int:
+        """Remove every entry and blob of this collection; returns how many entries there were."""
+        removed = self.count()
+        self.client.drop_collection(self.collection, **self.call)
         self.blobs.clear()
         self._ensure_collection()
+        return removed
 
     def stats(self) -> dict:
         entries = self.entries()

@@ -3,43 +3,37 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
-import numpy as np
-
-from ..errors import VoltacacheError
-from ..pipeline import random_seed
+from ..errors import InvalidRequest, ServerFailed, UsageError, VoltacacheError
+from ..images import read_image
+from ..request import Images, Request
 from . import protocol as p
 
 TRITON_CLIENT_DTYPES = {"float32": "FP32", "int32": "INT32", "int64": "INT64", "uint8": "UINT8", "object": "BYTES"}
 
 
-@dataclass
-class ServedImage:
-    images: np.ndarray  # uint8 (batch, height, width, 3)
-    seed: int
-    unet_deep_calls: int
-    unet_shallow_calls: int
-    steps_computed: int
-    seconds: float
-    cache: str = "off"
-    similarity: float = 0.0
-
-
 class Client:
+    """A voltacache deployment seen from any program: `Client(url).generate("a cat", steps=20)`."""
+
     def __init__(self, url: str, protocol: str = "grpc", timeout_s: float = 600):
         if protocol == "grpc":
             import tritonclient.grpc as triton
         elif protocol == "http":
             import tritonclient.http as triton
         else:
-            raise VoltacacheError(f"--protocol {protocol!r}: use grpc or http")
-        self.triton, self.protocol, self.timeout_s = triton, protocol, timeout_s
+            raise UsageError(f"--protocol {protocol!r}: use grpc or http")
+        self.url, self.triton, self.protocol, self.timeout_s = url, triton, protocol, timeout_s
         kwargs = {"network_timeout": timeout_s, "connection_timeout": timeout_s} if protocol == "http" else {}
-        self.client = triton.InferenceServerClient(url, **kwargs)
+        try:
+            self.client = triton.InferenceServerClient(url, **kwargs)
+        except Exception as e:  # tritonclient raises plain exceptions for a malformed URL
+            raise UsageError(f"--url {url!r}: not a HOST:PORT address ({e})") from None
+        self.image_size = None  # (height, width) the deployment serves, asked once when a request names a size
 
     def infer(self, model: str, values: dict, outputs: list[str]) -> dict:
         """Send `values` (name -> numpy array) to `model`; the named outputs as numpy arrays."""
+        from tritonclient.utils import InferenceServerException
+
         inputs = []
         for name, value in values.items():
             dtype = "BYTES" if value.dtype == object else TRITON_CLIENT_DTYPES[str(value.dtype)]
@@ -50,47 +44,34 @@ class Client:
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         try:
             result = self.client.infer(model, inputs, outputs=requested, **kwargs)
-        except self.triton_error() as e:
-            raise VoltacacheError(f"{model}: {e.message() if hasattr(e, 'message') else e}") from e
+        except InferenceServerException as e:
+            raise self.failure(model, e.message() or str(e)) from None
+        except OSError as e:  # HTTP: refused, reset, unreachable
+            raise self.failure(model, str(e)) from None
         return {n: result.as_numpy(n) for n in outputs}
 
-    def triton_error(self):
-        from tritonclient.utils import InferenceServerException
+    def failure(self, model: str, message: str) -> VoltacacheError:
+        """A server that cannot be reached, or the server's own answer to a bad request."""
+        unreachable = ("failed to connect", "connection refused", "unavailable", "errno 111", "name resolution")
+        if any(word in message.lower() for word in unreachable):
+            return ServerFailed(
+                f"--url {self.url}: no voltacache server answers over {self.protocol} ({message.splitlines()[0]}); "
+                "start one with `voltacache serve`"
+            )
+        return VoltacacheError(f"{model}: {message}")
 
-        return InferenceServerException
-
-    def generate(
-        self,
-        prompt: str,
-        negative_prompt: str = "",
-        steps: int = 50,
-        guidance: float = 7.5,
-        seed: int | None = None,
-        scheduler: str = "pndm",
-        cache_interval: int = 1,
-        init_image: np.ndarray | None = None,
-        strength: float = 0.8,
-        cache: str = "on",
-    ) -> ServedImage:
-        seed = random_seed() if seed is None else seed  # explicit, so the response cache never repeats a "random" image
-        values = {
-            p.PROMPT: np.array([prompt.encode()], dtype=object),
-            p.NEGATIVE_PROMPT: np.array([negative_prompt.encode()], dtype=object),
-            p.STEPS: np.array([steps], np.int32),
-            p.GUIDANCE: np.array([guidance], np.float32),
-            p.SEED: np.array([seed], np.int64),
-            p.SCHEDULER: np.array([scheduler.encode()], dtype=object),
-            p.CACHE_INTERVAL: np.array([cache_interval], np.int32),
-            p.CACHE: np.array([cache.encode()], dtype=object),
-        }
-        model = p.TXT2IMG
-        if init_image is not None:
-            model = p.IMG2IMG
-            values[p.INIT_IMAGE] = np.ascontiguousarray(init_image, dtype=np.uint8)
-            values[p.STRENGTH] = np.array([strength], np.float32)
+    def generate(self, request: Request | str, /, **fields) -> Images:
+        """`generate("a cat", steps=20, seed=1)` or `generate(Request(...))`, checked here and again in
+        the server. `init_image` may be a path, a PIL image or uint8 pixels of any size."""
+        if fields.get("init_image") is not None:
+            fields["init_image"] = read_image(fields["init_image"])
+        request = request.replace(**fields) if isinstance(request, Request) else Request(request, **fields)
+        request.check()
+        if request.height is not None or request.width is not None:
+            self.check_size(request)
         started = time.perf_counter()
-        out = self.infer(model, values, [t.name for t in p.STATS] + [p.IMAGES])
-        return ServedImage(
+        out = self.infer(request.model, request.to_triton(), [t.name for t in p.STATS] + [p.IMAGES])
+        return Images(
             images=out[p.IMAGES],
             seed=int(out[p.SEED_USED][0]),
             unet_deep_calls=int(out[p.UNET_DEEP_CALLS][0]),
@@ -100,3 +81,20 @@ class Client:
             cache=out[p.CACHE_LAYER][0].decode(),
             similarity=float(out[p.SIMILARITY][0]),
         )
+
+    def check_size(self, request: Request) -> None:
+        """The deployment's engines are static: a request for another size is refused as in process."""
+        if self.image_size is None:
+            as_json = {"as_json": True} if self.protocol == "grpc" else {}
+            try:
+                metadata = self.client.get_model_metadata(p.TXT2IMG, **as_json)
+            except Exception as e:
+                raise self.failure(p.TXT2IMG, str(e)) from None
+            shape = next(o["shape"] for o in metadata["outputs"] if o["name"] == p.IMAGES)  # batch, h, w, 3
+            self.image_size = int(shape[1]), int(shape[2])
+        height, width = self.image_size
+        if (request.height or height, request.width or width) != (height, width):
+            raise InvalidRequest(
+                f"size {request.width or width}x{request.height or height}: these engines are static at "
+                f"{width}x{height}; export and build for another size"
+            )

@@ -8,6 +8,7 @@ written: a config Triton would reject never reaches the disk.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 from importlib import resources
@@ -18,7 +19,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from ..build import read_engine_manifest
 from ..cache.layers import CacheSettings
-from ..errors import VoltacacheError
+from ..errors import UsageError, VoltacacheError
+from ..outputs import json_marker, refuse_overlap, staged_output
 from ..specs import COMPONENTS, TEXT_ENCODER, ComponentSpec
 from . import protocol as p
 
@@ -33,6 +35,8 @@ TRITON_DTYPES = {
 # Which adapter in triton_models/ serves each Python model.
 ADAPTERS = {p.TOKENIZER: "tokenizer", p.DENOISER: "denoiser", p.POSTPROCESS: "postprocess"}
 COMPONENT_BACKENDS = ("python", "onnxruntime", "tensorrt")
+MARKER = "voltacache.json"  # written last, at the root of every repository `deploy` wrote
+is_repository = json_marker(MARKER, "engines", "component_backend")
 
 
 def tensors(items, optional=()):
@@ -65,20 +69,23 @@ def ensemble_config(spec: ComponentSpec, steps: list[tuple[str, dict, dict]]) ->
         config.ensemble_scheduling.step.append(
             mc.ModelEnsembling.Step(model_name=model, model_version=-1, input_map=inputs, output_map=outputs)
         )
-    config.response_cache.enable = True  # an exact duplicate request is answered from Triton's cache
     return config
 
 
 def ensemble_steps(specs: dict, img2img: bool) -> list:
-    """tokenizer -> text_encoder -> denoiser (BLS: U-Nets, VAE) -> postprocess, wired by tensor name."""
+    """tokenizer -> text_encoder -> denoiser (BLS: U-Nets, VAE) -> postprocess, wired by tensor name.
+
+    The denoiser's outputs reach postprocess under a prefix: postprocess reports them, or, for a
+    response from Triton's cache, an exact hit with nothing computed (serving/protocol.py)."""
     same = lambda items: {t.name: t.name for t in items}  # noqa: E731
-    text_encoder, denoiser = specs[TEXT_ENCODER], specs[p.DENOISER]
+    text_encoder, denoiser, postprocess = specs[TEXT_ENCODER], specs[p.DENOISER], specs[p.POSTPROCESS]
     denoiser_inputs = [t for t in denoiser.inputs if img2img or t.name not in p.OPTIONAL_INPUTS[p.DENOISER]]
+    denoised = {t.name: p.DENOISED + t.name for t in denoiser.outputs if t.name != p.COMPUTED_NS}
     return [
         (p.TOKENIZER, same(specs[p.TOKENIZER].inputs), same(specs[p.TOKENIZER].outputs)),
         (TEXT_ENCODER, same(text_encoder.inputs), same(text_encoder.outputs)),
-        (p.DENOISER, same(denoiser_inputs), same(denoiser.outputs)),
-        (p.POSTPROCESS, same(specs[p.POSTPROCESS].inputs), same(specs[p.POSTPROCESS].outputs)),
+        (p.DENOISER, same(denoiser_inputs), {**same(denoiser.outputs), **denoised}),
+        (p.POSTPROCESS, {**same(postprocess.inputs), **denoised}, same(postprocess.outputs)),
     ]
 
 
@@ -104,17 +111,33 @@ def deploy(
     cache: CacheSettings = CacheSettings(),
 ) -> Path:
     """Write the repository; returns its path. `component_backend`: python (ONNX Runtime in a Python
-    model: the CPU server), onnxruntime (the NGC container's backend) or tensorrt (.plan engines)."""
+    model: the CPU server), onnxruntime (the NGC container's backend) or tensorrt (.plan engines).
+
+    `repo` must be new, empty, or a repository `deploy` wrote (voltacache.json at its root): that one
+    is generated output and is replaced whole, once the new one is complete. Anything else there is
+    refused, as is a repository that is, holds or lies inside the engines folder.
+    """
     engines, repo = Path(engines), Path(repo)
+    refuse_overlap(repo, engines, "--repo", "--engines", inside=True)
     manifest = read_engine_manifest(engines)
     if component_backend not in COMPONENT_BACKENDS:
-        raise VoltacacheError(f"--component-backend {component_backend!r}: use one of {', '.join(COMPONENT_BACKENDS)}")
+        raise UsageError(f"--component-backend {component_backend!r}: use one of {', '.join(COMPONENT_BACKENDS)}")
     if (component_backend == "tensorrt") != (manifest["backend"] == "tensorrt"):
-        raise VoltacacheError(f"--component-backend {component_backend}: {engines} holds {manifest['backend']} engines")
+        raise UsageError(f"--component-backend {component_backend}: {engines} holds {manifest['backend']} engines")
+    for option, where in (("--cache", cache.index), ("--blob-store", cache.blob_store)):
+        if where and "://" not in where and Path(os.path.abspath(repo)) in Path(os.path.abspath(where)).parents:
+            raise UsageError(
+                f"{option} {where}: inside --repo {repo}, which a new deploy replaces whole; keep the cache outside it"
+            )
+    with staged_output(repo, force=True, ours=is_repository, arg="--repo", what="model repository") as stage:
+        _write_repository(engines, stage, manifest, component_backend, denoiser_instances, cache)
+    return repo
+
+
+def _write_repository(
+    engines: Path, repo: Path, manifest: dict, component_backend: str, denoiser_instances: int, cache: CacheSettings
+) -> None:
     specs = p.serving_specs(manifest["export"])
-    if repo.exists():
-        shutil.rmtree(repo)
-    repo.mkdir(parents=True)
     for name in COMPONENTS:
         folder, source = repo / name, engines / manifest["files"][name]
         if component_backend == "python":
@@ -140,13 +163,13 @@ def deploy(
         instances = denoiser_instances if name == p.DENOISER else 1
         config = python_config(specs[name], engines, instances)
         if name == p.DENOISER:
+            config.response_cache.enable = True  # an exact repeat is answered from Triton's cache
             for key, value in cache.parameters().items():
                 config.parameters[key].string_value = value
         write_config(repo / name, config)
         install_adapter(repo / name, adapter)
     write_config(repo / p.TXT2IMG, ensemble_config(specs[p.TXT2IMG], ensemble_steps(specs, img2img=False)))
     write_config(repo / p.IMG2IMG, ensemble_config(specs[p.IMG2IMG], ensemble_steps(specs, img2img=True)))
-    (repo / "voltacache.json").write_text(
+    (repo / MARKER).write_text(
         json.dumps({"engines": str(engines.resolve()), "component_backend": component_backend}, indent=2)
     )
-    return repo

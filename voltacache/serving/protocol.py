@@ -1,11 +1,22 @@
 """The request and response of the txt2img / img2img ensembles, and the models between them.
 
-Like voltacache.specs for the engines: the model repository writer, the Python models and the
-client all read tensor names, dtypes and shapes from here.
+Like voltacache.specs for the engines: the model repository writer, the Python models, the client
+and `voltacache.request.Request` read tensor names, dtypes and shapes from here.
+
+Triton's response cache sits on the denoiser, not on the ensemble, so that a hit can be reported:
+the tokenizer stamps when the request arrived (RECEIVED_NS), the denoiser when it computed its
+response (COMPUTED_NS), and postprocess, which runs for every request, sees a response older than
+its request and reports it as `exact` with nothing computed. A request that must not be answered
+from that cache (cache off or refresh, or a seed the server draws) gets a fresh RESPONSE_KEY.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InvalidRequest
 from ..specs import IMAGE, INPUT_IDS, TEXT_EMBEDDINGS, ComponentSpec, Geometry, TensorSpec, component_specs
 
 # Request tensors (what a client sends).
@@ -16,8 +27,9 @@ GUIDANCE = "GUIDANCE"
 SEED = "SEED"  # -1: the server draws one (and reports it)
 SCHEDULER = "SCHEDULER"
 CACHE_INTERVAL = "CACHE_INTERVAL"
+CACHE_SCHEDULE = "CACHE_SCHEDULE"
 CACHE = "CACHE"  # on | off | refresh: the cross-request cache for this request
-INIT_IMAGE = "INIT_IMAGE"
+INIT_IMAGE = "INIT_IMAGE"  # uint8 (height, width, 3), any size: resized to the engines' size
 STRENGTH = "STRENGTH"
 # Response tensors.
 IMAGES = "IMAGES"
@@ -25,8 +37,13 @@ SEED_USED = "SEED_USED"
 UNET_DEEP_CALLS = "UNET_DEEP_CALLS"
 UNET_SHALLOW_CALLS = "UNET_SHALLOW_CALLS"
 STEPS_COMPUTED = "STEPS_COMPUTED"
-CACHE_LAYER = "CACHE_LAYER"  # semantic | approximate | miss | off
+CACHE_LAYER = "CACHE_LAYER"  # exact | semantic | approximate | miss | off
 SIMILARITY = "SIMILARITY"
+# Between the models of the ensemble.
+RECEIVED_NS = "RECEIVED_NS"
+COMPUTED_NS = "COMPUTED_NS"
+RESPONSE_KEY = "RESPONSE_KEY"  # 0: the denoiser's response may come from Triton's cache
+DENOISED = "denoised."  # prefix of the denoiser's outputs inside the ensemble, before postprocess
 
 # Model names in the repository.
 TOKENIZER = "tokenizer"
@@ -35,7 +52,6 @@ POSTPROCESS = "postprocess"
 TXT2IMG = "txt2img"
 IMG2IMG = "img2img"
 
-MAX_PROMPT_BYTES = 4096  # a prompt is at most 77 tokens; far beyond that is a client bug or abuse
 RANDOM_SEED = -1
 
 
@@ -43,14 +59,51 @@ def scalar(name: str, dtype: str) -> TensorSpec:
     return TensorSpec(name, dtype, (1,))
 
 
-PARAMETERS = (
-    scalar(STEPS, "int32"),
-    scalar(GUIDANCE, "float32"),
-    scalar(SEED, "int64"),
-    scalar(SCHEDULER, "object"),
-    scalar(CACHE_INTERVAL, "int32"),
-    scalar(CACHE, "object"),
+@dataclass(frozen=True)
+class RequestTensor:
+    """One field of voltacache.request.Request on the wire."""
+
+    field: str
+    tensor: TensorSpec
+    img2img_only: bool = False
+
+    def encode(self, value) -> np.ndarray:
+        if self.field == "seed" and value is None:
+            value = RANDOM_SEED
+        if self.tensor.dtype == "object":
+            return np.array([value.encode("utf-8")], dtype=object)
+        if self.tensor.shape == (1,):
+            return np.array([value], dtype=self.tensor.dtype)
+        return np.ascontiguousarray(value, dtype=self.tensor.dtype)
+
+    def decode(self, array: np.ndarray):
+        if self.tensor.shape != (1,):
+            return array
+        value = array.reshape(-1)[0]
+        if self.tensor.dtype == "object":
+            raw = value if isinstance(value, bytes) else str(value).encode()
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InvalidRequest(f"{self.tensor.name} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        value = value.item()
+        return None if self.field == "seed" and value == RANDOM_SEED else value
+
+
+REQUEST_TENSORS = (
+    RequestTensor("prompt", scalar(PROMPT, "object")),
+    RequestTensor("negative_prompt", scalar(NEGATIVE_PROMPT, "object")),
+    RequestTensor("steps", scalar(STEPS, "int32")),
+    RequestTensor("guidance", scalar(GUIDANCE, "float32")),
+    RequestTensor("seed", scalar(SEED, "int64")),
+    RequestTensor("scheduler", scalar(SCHEDULER, "object")),
+    RequestTensor("cache_interval", scalar(CACHE_INTERVAL, "int32")),
+    RequestTensor("cache_schedule", scalar(CACHE_SCHEDULE, "object")),
+    RequestTensor("cache_mode", scalar(CACHE, "object")),
+    RequestTensor("init_image", TensorSpec(INIT_IMAGE, "uint8", (-1, -1, 3)), img2img_only=True),
+    RequestTensor("strength", scalar(STRENGTH, "float32"), img2img_only=True),
 )
+IMG2IMG_INPUTS = {t.tensor.name for t in REQUEST_TENSORS if t.img2img_only}
 STATS = (
     scalar(SEED_USED, "int64"),
     scalar(UNET_DEEP_CALLS, "int32"),
@@ -69,24 +122,19 @@ def serving_specs(export: dict) -> dict[str, ComponentSpec]:
     embeddings, pooled = engines["text_encoder"].outputs
     image = engines["vae_decoder"].outputs[0]
     pixels = TensorSpec(IMAGES, "uint8", (export["batch"], export["height"], export["width"], 3))
-    init_image = TensorSpec(INIT_IMAGE, "uint8", (export["height"], export["width"], 3))
-    prompts = (scalar(PROMPT, "object"), scalar(NEGATIVE_PROMPT, "object"))
+    request = tuple(t.tensor for t in REQUEST_TENSORS)
+    txt2img = tuple(t for t in request if t.name not in IMG2IMG_INPUTS)
+    received, computed, key = scalar(RECEIVED_NS, "int64"), scalar(COMPUTED_NS, "int64"), scalar(RESPONSE_KEY, "int64")
     assert ids.name == INPUT_IDS and embeddings.name == TEXT_EMBEDDINGS and image.name == IMAGE
     return {
         **engines,
-        TOKENIZER: ComponentSpec(TOKENIZER, prompts, (ids,)),
+        TOKENIZER: ComponentSpec(TOKENIZER, txt2img, (ids, received, key)),
         # the denoiser decodes itself (BLS into vae_decoder), so a cached image skips the decode
-        DENOISER: ComponentSpec(
-            DENOISER,
-            (*prompts, embeddings, pooled, *PARAMETERS, init_image, scalar(STRENGTH, "float32")),
-            (image, *STATS),
-        ),
-        POSTPROCESS: ComponentSpec(POSTPROCESS, (image,), (pixels,)),
-        TXT2IMG: ComponentSpec(TXT2IMG, (*prompts, *PARAMETERS), (pixels, *STATS)),
-        IMG2IMG: ComponentSpec(
-            IMG2IMG, (*prompts, *PARAMETERS, init_image, scalar(STRENGTH, "float32")), (pixels, *STATS)
-        ),
+        DENOISER: ComponentSpec(DENOISER, (*request, embeddings, pooled, key), (image, *STATS, computed)),
+        POSTPROCESS: ComponentSpec(POSTPROCESS, (image, *STATS, computed, received), (pixels, *STATS)),
+        TXT2IMG: ComponentSpec(TXT2IMG, txt2img, (pixels, *STATS)),
+        IMG2IMG: ComponentSpec(IMG2IMG, request, (pixels, *STATS)),
     }
 
 
-OPTIONAL_INPUTS = {DENOISER: {INIT_IMAGE, STRENGTH}}
+OPTIONAL_INPUTS = {DENOISER: IMG2IMG_INPUTS}

@@ -8,13 +8,15 @@ with runners that are BLS calls into unet_deep / unet_shallow / vae_encoder / va
 from __future__ import annotations
 
 import json
+import secrets
 import time
 import traceback
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import VoltacacheError
+from ..errors import InvalidRequest, VoltacacheError
+from ..request import Request
 from ..specs import ComponentSpec
 from . import protocol as p
 
@@ -23,10 +25,6 @@ def pb():
     import triton_python_backend_utils as pb_utils  # only exists inside the Python-backend stub
 
     return pb_utils
-
-
-class BadRequest(VoltacacheError):
-    pass
 
 
 class PythonModel:
@@ -54,7 +52,7 @@ class PythonModel:
                     for t in self.spec.outputs
                 ]
                 responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
-            except (BadRequest, VoltacacheError, ValueError, UnicodeDecodeError) as e:
+            except VoltacacheError as e:  # the request's fault, or a failure it names: say so and serve on
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.spec.name}: {e}")))
             except Exception as e:  # keep serving; the log keeps the traceback
                 pb_utils.Logger.log_error(traceback.format_exc())
@@ -70,36 +68,38 @@ class PythonModel:
         tensor = pb().get_input_tensor_by_name(request, name)
         if tensor is None:
             if required:
-                raise BadRequest(f"missing input {name}")
+                raise InvalidRequest(f"missing input {name}")
             return None
         return tensor.as_numpy()
 
-    def text(self, request, name) -> str:
-        raw = self.input(request, name).reshape(-1)[0]
-        raw = raw if isinstance(raw, bytes) else str(raw).encode()
-        if len(raw) > p.MAX_PROMPT_BYTES:
-            raise BadRequest(f"{name} is {len(raw)} bytes; at most {p.MAX_PROMPT_BYTES}")
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise BadRequest(f"{name} is not valid UTF-8 ({e.reason} at byte {e.start})") from e
+    def request(self, request) -> Request:
+        """The request's tensors as a checked Request (the edge checked it too; a server checks again)."""
+        return Request.from_triton(lambda name: self.input(request, name, required=False)).check()
 
 
 class TokenizerModel(PythonModel):
+    """Checks the request, tokenizes it, stamps its arrival and says whether the denoiser's answer may
+    come from Triton's response cache (serving/protocol.py)."""
+
     def setup(self):
         from transformers import CLIPTokenizer
 
-        from ..pipeline import StableDiffusion
-
-        tokenizer = CLIPTokenizer.from_pretrained(self.engines / "tokenizer")
-        self.pipeline = StableDiffusion({}, self.export, tokenizer)
+        self.tokenizer = CLIPTokenizer.from_pretrained(self.engines / "tokenizer")
+        self.batch = self.export["batch"]
 
     def run(self, request):
-        prompt, negative = self.text(request, p.PROMPT), self.text(request, p.NEGATIVE_PROMPT)
-        if not prompt.strip():
-            raise BadRequest("PROMPT is empty")
-        prompts, negatives = self.pipeline.check_prompts(prompt, negative)
-        return {self.spec.outputs[0].name: self.pipeline.tokenize(negatives + prompts)}
+        from ..specs import INPUT_IDS
+        from ..tokenizer import token_ids
+
+        request = self.request(request)
+        cacheable = request.cache_mode == "on" and request.seed is not None
+        return {
+            INPUT_IDS: token_ids(
+                self.tokenizer, [request.negative_prompt] * self.batch + [request.prompt] * self.batch
+            ),
+            p.RECEIVED_NS: np.array([time.monotonic_ns()], np.int64),
+            p.RESPONSE_KEY: np.array([0 if cacheable else secrets.randbits(62) + 1], np.int64),
+        }
 
 
 class ComponentModel(PythonModel):
@@ -135,6 +135,7 @@ class BlsRunner:
 
 class DenoiserModel(PythonModel):
     def setup(self):
+        from ..cache.layers import CacheSettings, open_cache
         from ..pipeline import StableDiffusion
         from ..specs import UNET_DEEP, UNET_SHALLOW, VAE_DECODER, VAE_ENCODER
 
@@ -142,55 +143,23 @@ class DenoiserModel(PythonModel):
         runners = {name: BlsRunner(specs[name]) for name in (UNET_DEEP, UNET_SHALLOW, VAE_ENCODER, VAE_DECODER)}
         self.pipeline = StableDiffusion(runners, self.export, tokenizer=None)
         # the cross-request cache named by the deployment (voltacache deploy --cache), or None
-        from ..cache.layers import CacheSettings
-
+        # (reported once in the server's log, where `voltacache serve` shows it, and served without)
         settings = CacheSettings.from_parameters(self.parameters)
-        self.cache = settings.open(self.export["fingerprint"], self.export["geometry"]["text_hidden"])
-        self.metrics = DenoiserMetrics(pb())
+        fingerprint, dim = self.export["fingerprint"], self.export["geometry"]["text_hidden"]
+        self.cache = open_cache(settings, fingerprint, dim, warn=pb().Logger.log_warn)
+        self.metrics = Metrics(pb(), self.spec.name)
 
     def run(self, request):
-        from PIL import Image
-
-        from ..pipeline import Sampling, Stats, load_image
+        from ..pipeline import Stats
         from ..specs import IMAGE, POOLED_EMBEDDING, TEXT_EMBEDDINGS
 
         started = time.perf_counter()
-        seed = int(self.input(request, p.SEED)[0])
-        strength = self.input(request, p.STRENGTH, required=False)
-        sampling = Sampling(
-            steps=int(self.input(request, p.STEPS)[0]),
-            guidance=float(self.input(request, p.GUIDANCE)[0]),
-            seed=None if seed == p.RANDOM_SEED else seed,
-            scheduler=self.text(request, p.SCHEDULER),
-            cache_interval=int(self.input(request, p.CACHE_INTERVAL)[0]),
-            strength=float(strength[0]) if strength is not None else Sampling.strength,
-        )
-        sampling.check()
-        mode = self.text(request, p.CACHE)
-        pixels = self.input(request, p.INIT_IMAGE, required=False)
-        if mode not in ("on", "off", "refresh"):
-            raise BadRequest(f"CACHE {mode!r}: use on, off or refresh")
-        image = (
-            load_image(Image.fromarray(pixels), self.pipeline.width, self.pipeline.height)
-            if pixels is not None
-            else None
-        )
-        prompts, negatives = self.pipeline.check_prompts(
-            self.text(request, p.PROMPT), self.text(request, p.NEGATIVE_PROMPT)
-        )
         stats = Stats()
-        result = self.pipeline.generate_images(
-            prompts,
-            negatives,
-            self.input(request, TEXT_EMBEDDINGS),
-            self.input(request, POOLED_EMBEDDING),
-            sampling,
-            image=image,
-            stats=stats,
-            cache=self.cache,
-            cache_mode=mode,
-        )
-        self.metrics.record(stats, time.perf_counter() - started, result, self.cache)
+        embeddings, pooled = self.input(request, TEXT_EMBEDDINGS), self.input(request, POOLED_EMBEDDING)
+        request = self.request(request)
+        self.pipeline.check(request)
+        result = self.pipeline.generate_images(request, embeddings, pooled, stats, self.cache)
+        self.metrics.record(stats, time.perf_counter() - started, result.cache, self.cache)
         return {
             # back to [-1, 1] for postprocess, exactly: it rounds every level to itself
             IMAGE: (result.images.astype(np.float32) / np.float32(127.5) - 1).transpose(0, 3, 1, 2),
@@ -200,14 +169,15 @@ class DenoiserModel(PythonModel):
             p.STEPS_COMPUTED: np.array([stats.steps], np.int32),
             p.CACHE_LAYER: np.array([result.cache.encode()], dtype=object),
             p.SIMILARITY: np.array([result.similarity], np.float32),
+            p.COMPUTED_NS: np.array([time.monotonic_ns()], np.int64),
         }
 
 
-class DenoiserMetrics:
+class Metrics:
     """Custom Prometheus counters on Triton's metrics port."""
 
-    def __init__(self, pb_utils):
-        self.pb_utils = pb_utils
+    def __init__(self, pb_utils, model: str):
+        self.pb_utils, self.model = pb_utils, model
         self.families = {}  # a family must outlive its metrics
         self.metrics = {}
         self.last = {}
@@ -219,10 +189,17 @@ class DenoiserMetrics:
             )
         key = (name, tuple(sorted(labels.items())))
         if key not in self.metrics:
-            self.metrics[key] = self.families[name].Metric(labels={"model": "denoiser", **labels})
+            self.metrics[key] = self.families[name].Metric(labels={"model": self.model, **labels})
         return self.metrics[key]
 
-    def record(self, stats, seconds: float, result, cache) -> None:
+    def cache_request(self, layer: str) -> None:
+        self.counter(
+            "voltacache_cache_requests_total",
+            "Requests by cache layer (exact, semantic, approximate, miss, off)",
+            layer=layer,
+        ).increment(1)
+
+    def record(self, stats, seconds: float, layer: str, cache) -> None:
         self.counter("voltacache_requests_total", "Requests denoised").increment(1)
         self.counter("voltacache_unet_deep_calls_total", "Full U-Net calls (DeepCache refresh steps)").increment(
             stats.unet_deep_calls
@@ -232,11 +209,7 @@ class DenoiserMetrics:
         )
         self.counter("voltacache_steps_total", "Denoising steps computed").increment(stats.steps)
         self.counter("voltacache_step_seconds_total", "Seconds spent in denoising steps").increment(seconds)
-        self.counter(
-            "voltacache_cache_requests_total",
-            "Requests by cache layer (semantic, approximate, miss, off)",
-            layer=result.cache,
-        ).increment(1)
+        self.cache_request(layer)
         if cache is not None:  # the cache counts totals; the counters move by what changed since
             totals = {
                 ("voltacache_cache_steps_skipped_total", "Denoising steps the caches saved"): cache.counts[
@@ -251,8 +224,26 @@ class DenoiserMetrics:
 
 
 class PostprocessModel(PythonModel):
+    """uint8 pixels, and the denoiser's report, or for a response Triton's cache gave the denoiser
+    (computed before this request arrived) an exact hit with nothing computed."""
+
+    def setup(self):
+        self.metrics = Metrics(pb(), self.spec.name)
+
     def run(self, request):
-        from ..pipeline import to_uint8
+        from ..images import to_uint8
         from ..specs import IMAGE
 
-        return {p.IMAGES: to_uint8(self.input(request, IMAGE))}
+        stats = {t.name: self.input(request, t.name) for t in p.STATS}
+        if self.input(request, p.COMPUTED_NS)[0] < self.input(request, p.RECEIVED_NS)[0]:
+            stats.update(
+                {
+                    p.UNET_DEEP_CALLS: np.array([0], np.int32),
+                    p.UNET_SHALLOW_CALLS: np.array([0], np.int32),
+                    p.STEPS_COMPUTED: np.array([0], np.int32),
+                    p.CACHE_LAYER: np.array([b"exact"], dtype=object),
+                    p.SIMILARITY: np.array([1.0], np.float32),
+                }
+            )
+            self.metrics.cache_request("exact")
+        return {p.IMAGES: to_uint8(self.input(request, IMAGE)), **stats}

@@ -1,6 +1,6 @@
 """Start and stop tritonserver: a `tritonserver` on PATH (the NGC container) or the CPU build pytriton bundles.
 
-The bundled build needs three things (DESIGN.md Part B): a backend folder holding the Python-backend
+The bundled build needs three things (docs/platform.md): a backend folder holding the Python-backend
 stub built for this venv's Python, the bundled libraries and this Python's LIBDIR on
 LD_LIBRARY_PATH (else the stub loads the system's older libpython), and the venv's bin first on
 PATH (else the models cannot import numpy or voltacache).
@@ -8,20 +8,36 @@ PATH (else the models cannot import numpy or voltacache).
 
 from __future__ import annotations
 
+import errno
+import itertools
+import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
-from ..errors import VoltacacheError
+from ..errors import ServerFailed, UsageError, VoltacacheError
 
 READY_TIMEOUT_S = 120
+MARKER = "voltacache.json"  # what `voltacache deploy` writes at the repository root
+WARNING = "voltacache warning:"  # what a model logs when it serves in a degraded way
+_numbers = itertools.count(1)
+_LOG_LINE = re.compile(r"^([IWE])\d{4} \S+\s+\d+ [^\]]*\] (.*)$")
+# A model that will not load (its files, or its config); fatal with --exit-on-error.
+_FAILED_LOAD = re.compile(r"(?:failed to load|Poll failed for model directory) '([^']+)'")
+# Logged as an error by every start of the CPU build: never the reason a start failed.
+_NOISE = ("CudaDriverHelper has not been initialized",)
 
 
 def _pytriton_dir() -> Path:
@@ -64,9 +80,59 @@ def server_environment() -> dict:
     return env
 
 
+def preflight(repo: Path, host: str, ports: dict[str, int]) -> None:
+    """Refuse in milliseconds what tritonserver would fail on only after loading models, or not at
+    all: an empty folder is a repository it serves, ready, with no models."""
+    repo = Path(repo)
+    if not repo.is_dir():
+        raise UsageError(f"--repo {repo}: no such folder; write one with `voltacache deploy`")
+    if not (repo / MARKER).is_file():
+        raise UsageError(
+            f"--repo {repo} is not a repository written by `voltacache deploy` (no {MARKER}); "
+            "pass the folder `voltacache deploy --repo` wrote"
+        )
+    taken = {}
+    for option, port in ports.items():
+        if port in taken:
+            raise UsageError(f"{option} {port} is also the {taken[port]}; pick another")
+        taken[port] = option
+        try:
+            family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        except socket.gaierror as e:
+            raise UsageError(f"--host {host}: {e.strerror}") from None
+        with socket.socket(family, kind) as probe:
+            # As tritonserver binds: a port the last server left in TIME_WAIT is free. Without
+            # SO_REUSEPORT, which gRPC sets: a second server would share the port of a running one.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise UsageError(f"{option} {port} is in use on {host}; pick another") from None
+                raise UsageError(f"{option} {port} on --host {host}: cannot bind ({e.strerror})") from None
+
+
+def _message(line: str) -> tuple[str, str]:
+    """(severity, message) of a tritonserver log line, its quoted message unescaped; ("", line) for
+    anything else written to the log (the stubs' own output)."""
+    match = _LOG_LINE.match(line)
+    if not match:
+        return "", line
+    severity, text = match.groups()
+    if len(text) > 1 and text[0] == text[-1] == '"':
+        try:
+            text = json.loads(text, strict=False)
+        except ValueError:
+            pass
+    return severity, text
+
+
 @dataclass
 class TritonServer:
-    """A tritonserver process on a model repository; a context manager that always stops it."""
+    """A tritonserver process on a model repository; a context manager that always stops it.
+
+    Its log goes to `log_file`, else to a temporary file removed after a clean stop and kept (and
+    named in the error) when it fails."""
 
     repo: Path
     host: str = "127.0.0.1"
@@ -78,6 +144,11 @@ class TritonServer:
     exit_timeout_s: int = 10  # how long a stop waits for in-flight requests and open connections
     extra_args: list = field(default_factory=list)
     process: subprocess.Popen | None = None
+    # Python-backend shared-memory regions are /dev/shm/<prefix>*: one prefix per server, so that
+    # cleaning up after a server touches no other server's regions.
+    shm_prefix: str = field(init=False, default_factory=lambda: f"voltacache{os.getpid()}_{next(_numbers)}_")
+    log: Path | None = field(init=False, default=None)
+    _log_start: int = field(init=False, default=0)  # a --log-file is appended to: read this run only
 
     @property
     def http_url(self) -> str:
@@ -111,27 +182,52 @@ class TritonServer:
             "--exit-on-error=true",
             f"--exit-timeout-secs={self.exit_timeout_s}",
             "--log-verbose=0",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
         if backends:
             cmd += [f"--backend-directory={backends}", f"--cache-directory={backends.parent / 'caches'}"]
         return cmd + list(self.extra_args), env
 
-    def start(self, timeout: float = READY_TIMEOUT_S) -> TritonServer:
+    def start(self, timeout: float = READY_TIMEOUT_S, cancelled: Callable[[], bool] = lambda: False) -> TritonServer:
+        """Start and wait until it serves. A failed start leaves nothing running and raises
+        ServerFailed with the log lines that say why as `details`. Once `cancelled()` (a signal
+        came) the start stops at once and raises KeyboardInterrupt."""
+        ports = {"--http-port": self.http_port, "--grpc-port": self.grpc_port, "--metrics-port": self.metrics_port}
+        preflight(self.repo, self.host, ports)
         cmd, env = self.command()
-        log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
-        # Its own process group, so stop() reaches the Python-backend stubs too.
-        self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.wait_ready(timeout)
+        if self.log_file:
+            self.log = Path(self.log_file)
+            self._log_start = self.log.stat().st_size if self.log.is_file() else 0
+        else:
+            handle, name = tempfile.mkstemp(prefix="voltacache-tritonserver-", suffix=".log")
+            os.close(handle)
+            self.log = Path(name)
+        with open(self.log, "ab") as log:
+            # Its own process group, so a stop reaches the Python-backend stubs too.
+            self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self.wait_ready(timeout, cancelled)
+        except KeyboardInterrupt:  # cancelled, or a Ctrl-C where Python's own handler is on
+            self.kill()
+            self._drop_log()  # nothing failed: the user stopped it
+            raise
         return self
 
-    def wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float, cancelled: Callable[[], bool] = lambda: False) -> None:
         import tritonclient.http as http
 
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
+            if cancelled():
+                raise KeyboardInterrupt("tritonserver start interrupted")
             if self.process.poll() is not None:
-                self.stop()  # stubs of models that did load may outlive it
-                raise VoltacacheError(f"tritonserver exited with code {self.process.returncode}{self._log_hint()}")
+                self.fail(f"tritonserver exited with code {self.process.returncode}")
+            # --exit-on-error: a model that failed to load ends the start, but only once every
+            # other model has loaded and been unloaded again (half a minute here). End it now.
+            if any(_FAILED_LOAD.search(text) for _, text in self.log_messages("E")):
+                self.fail("tritonserver did not start")
+            if time.monotonic() > deadline:
+                self.fail(f"tritonserver not ready after {timeout:.0f} s")
             # A fresh connection each time, closed: an open one holds up the server's shutdown.
             client = http.InferenceServerClient(self.http_url)
             try:
@@ -144,8 +240,6 @@ class TritonServer:
             finally:
                 client.close()
             time.sleep(0.25)
-        self.stop()
-        raise VoltacacheError(f"tritonserver not ready after {timeout:.0f} s{self._log_hint()}")
 
     def metrics_answer(self) -> bool:
         if "--allow-metrics=false" in self.extra_args:
@@ -153,15 +247,42 @@ class TritonServer:
         with urllib.request.urlopen(self.metrics_url, timeout=2) as response:
             return response.status == 200
 
-    def _log_hint(self) -> str:
-        if not self.log_file or not Path(self.log_file).is_file():
-            return ""
-        tail = Path(self.log_file).read_text(errors="replace").strip().splitlines()[-15:]
-        return f"; the log ({self.log_file}) ends:\n" + "\n".join(tail)
+    def log_messages(self, severity: str | None = None) -> list[tuple[str, str]]:
+        """This run's complete log lines as (severity, message); only those of `severity` if given."""
+        if self.log is None or not self.log.is_file():
+            return []
+        with open(self.log, "rb") as f:
+            f.seek(self._log_start)
+            lines = f.read().decode(errors="replace").split("\n")[:-1]  # the last one may be half written
+        messages = [_message(line) for line in lines]
+        return [m for m in messages if severity is None or m[0] == severity]
+
+    def warnings(self) -> list[str]:
+        """The `voltacache warning:` lines the models logged while loading, each once."""
+        found = [text[text.index(WARNING) :].splitlines()[0] for _, text in self.log_messages() if WARNING in text]
+        return list(dict.fromkeys(found))
+
+    def fail(self, cause: str) -> NoReturn:
+        """Stop what started and raise: the models that failed to load, else `cause`; the errors
+        tritonserver logged (else the log's last lines) as the details."""
+        self.kill()
+        errors = [text for _, text in self.log_messages("E") if not any(n in text for n in _NOISE)]
+        failed = list(dict.fromkeys(m.group(1) for m in map(_FAILED_LOAD.search, errors) if m))
+        last = [text for _, text in self.log_messages("") if text.startswith("error: ")]
+        if failed:
+            cause = f"tritonserver did not start: {'models' if len(failed) > 1 else 'model'} "
+            cause += f"{', '.join(map(repr, failed))} failed to load"
+        elif last:  # tritonserver's own last word, when it exited by itself
+            cause += f" ({last[-1].removeprefix('error: ')})"
+        error = ServerFailed(f"{cause}; the log is {self.log}")
+        error.details = "\n".join(errors or [text for _, text in self.log_messages()][-15:])
+        raise error
 
     def stop(self, timeout: float = 30) -> None:
+        """Stop gracefully: in-flight requests finish, the models unload."""
         if self.process is None:
             return
+        stopped_by_us = self.process.poll() is None
         # SIGTERM to tritonserver alone: it unloads its models and stops their stubs itself (a
         # stub killed under it makes it wait out its exit timeout). Then nothing of the group survives.
         self.process.terminate()
@@ -169,6 +290,19 @@ class TritonServer:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             pass
+        self.kill(timeout)
+        if stopped_by_us:  # not a failure, even when unloading outlasted the exit timeout (exit code 1)
+            self._drop_log()
+
+    def _drop_log(self) -> None:
+        if not self.log_file and self.log is not None:
+            self.log.unlink(missing_ok=True)
+
+    def kill(self, timeout: float = 30) -> None:
+        """End the whole process group now (a failed or interrupted start: nothing to drain, and a
+        SIGTERM would wait for the models still loading), then remove its shared memory."""
+        if self.process is None:
+            return
         try:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -181,8 +315,11 @@ class TritonServer:
             try:
                 os.killpg(self.process.pid, 0)
             except ProcessLookupError:
-                return
+                break
             time.sleep(0.05)
+        # A killed stub (or tritonserver) never unlinks its regions: they would hold memory until reboot.
+        for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+            region.unlink(missing_ok=True)
 
     def __enter__(self):
         return self.start() if self.process is None else self

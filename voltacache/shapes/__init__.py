@@ -2,5 +2,5 @@
 
 `dataset` draws "a {color} {shape} on a {background} background" images; `checker` reads color, shape and
 background back out of an image by plain image analysis, so prompt adherence is measured without a learned
-model (DESIGN.md Part B).
+model (docs/platform.md).
 """

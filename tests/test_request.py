@@ -1,0 +1,94 @@
+"""The one request type: its checks, its wire format, and that the client side needs no torch."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from voltacache.errors import InvalidRequest
+from voltacache.request import MAX_PROMPT_BYTES, Request
+from voltacache.serving import protocol as p
+
+
+def test_defaults_are_written_once_and_check():
+    request = Request("a cat").check()
+    assert (request.steps, request.guidance, request.scheduler, request.cache_mode) == (50, 7.5, "pndm", "on")
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"prompt": ""}, "prompt is empty"),
+        ({"prompt": "   "}, "prompt is empty"),
+        ({"prompt": "x" * (MAX_PROMPT_BYTES + 1)}, f"prompt is {MAX_PROMPT_BYTES + 1} bytes"),
+        ({"prompt": "caf\udce9"}, "not valid UTF-8"),  # a binary argv byte, as Python decodes it
+        ({"prompt": "a\x00b"}, "control characters"),
+        ({"prompt": b"bytes"}, "must be text"),
+        ({"steps": 0}, "steps 0"),
+        ({"steps": 1001}, "steps 1001"),
+        ({"steps": True}, "steps True"),
+        ({"guidance": 1e30}, "guidance 1e"),
+        ({"guidance": -1.0}, "guidance -1"),
+        ({"guidance": float("nan")}, "guidance nan"),
+        ({"seed": 2**63}, "seed"),
+        ({"seed": -1}, "seed -1"),
+        ({"scheduler": "heun"}, "scheduler 'heun'"),
+        ({"cache_interval": 0}, "cache_interval 0"),
+        ({"cache_schedule": "random"}, "cache_schedule 'random'"),
+        ({"cache_mode": "always"}, "cache_mode 'always'"),
+        ({"height": 3}, "height 3"),
+        ({"init_image": np.zeros((8, 8), np.uint8)}, "init_image: must be uint8"),
+        ({"init_image": np.zeros((8, 8, 3), np.float32)}, "init_image: must be uint8"),
+        ({"init_image": np.zeros((5000, 8, 3), np.uint8)}, "each side at most"),
+        ({"init_image": np.zeros((8, 8, 3), np.uint8), "strength": 1.5}, "strength 1.5"),
+        ({"init_image": np.zeros((8, 8, 3), np.uint8), "steps": 1, "strength": 0.5}, "no denoising step"),
+    ],
+)
+def test_bad_fields_are_refused_by_name(fields, message):
+    with pytest.raises(InvalidRequest, match=message):
+        Request(**{"prompt": "a cat", **fields}).check()
+
+
+@pytest.mark.parametrize("img2img", [False, True])
+def test_triton_round_trip(img2img):
+    image = np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8) if img2img else None
+    request = Request(
+        "a cat", "blurry", 12, 5.0, 7, "euler", 3, "nonuniform", image, 0.5, "refresh", None, None
+    ).check()
+    tensors = request.to_triton()
+    assert set(tensors) == {t.tensor.name for t in p.REQUEST_TENSORS if img2img or not t.img2img_only}
+    assert tensors[p.PROMPT].dtype == object and tensors[p.STEPS].dtype == np.int32
+    back = Request.from_triton(tensors.get)
+    sent = request if img2img else request.replace(strength=Request.strength)  # txt2img sends no strength
+    assert back == sent  # every field but the pixels
+    assert (back.init_image is None) == (not img2img)
+    if img2img:
+        assert np.array_equal(back.init_image, image)
+    assert request.model == (p.IMG2IMG if img2img else p.TXT2IMG)
+
+
+def test_random_seed_travels_as_minus_one():
+    tensors = Request("a cat").to_triton()
+    assert tensors[p.SEED][0] == p.RANDOM_SEED
+    assert Request.from_triton(tensors.get).seed is None
+
+
+def test_from_triton_names_what_is_wrong():
+    tensors = Request("a cat").to_triton()
+    with pytest.raises(InvalidRequest, match="missing input STEPS"):
+        Request.from_triton({k: v for k, v in tensors.items() if k != p.STEPS}.get)
+    tensors[p.PROMPT] = np.array([b"\xff\xfe"], dtype=object)
+    with pytest.raises(InvalidRequest, match="PROMPT is not valid UTF-8"):
+        Request.from_triton(tensors.get)
+
+
+def test_client_and_light_models_import_without_torch():
+    code = (
+        "import sys\n"
+        "import voltacache.request, voltacache.serving.client, voltacache.serving.python_models\n"
+        "import voltacache.tokenizer, voltacache.images, voltacache.generate\n"
+        "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules, "
+        "[m for m in ('torch', 'diffusers') if m in sys.modules]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

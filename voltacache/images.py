@@ -1,0 +1,46 @@
+"""Images in and out, numpy and PIL only (no torch): read by the CLI, the pipeline and the Triton models alike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InvalidRequest
+
+
+def read_image(source, name: str = "init_image") -> np.ndarray:
+    """An image file, PIL image or array as uint8 (height, width, 3) RGB; an unreadable one is refused by name."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(source, np.ndarray):
+        return source
+    try:
+        image = source if isinstance(source, Image.Image) else Image.open(Path(source))
+        return np.asarray(image.convert("RGB"))
+    except FileNotFoundError:
+        raise InvalidRequest(f"{name} {source}: no such file") from None
+    except IsADirectoryError:
+        raise InvalidRequest(f"{name} {source}: is a folder, not an image file") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise InvalidRequest(f"{name} {source}: not a readable image ({e})") from None
+
+
+def fit_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """An init image at the engines' size: resized with Lanczos where it differs (in process and served alike)."""
+    from PIL import Image
+
+    if image.shape[:2] == (height, width):
+        return image
+    return np.asarray(Image.fromarray(image).resize((width, height), resample=Image.LANCZOS))
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """[-1, 1] NCHW -> uint8 NHWC, rounded as diffusers' image processor does."""
+    image = np.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+    return (image * 255).round().astype(np.uint8)
+
+
+def to_unit_range(image: np.ndarray) -> np.ndarray:
+    """uint8 (height, width, 3) -> the [-1, 1] NCHW batch of one the VAE encoder takes."""
+    return (image.astype(np.float32) / 255.0 * 2 - 1).transpose(2, 0, 1)[None]

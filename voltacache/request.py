@@ -1,0 +1,171 @@
+"""One generation request, the same everywhere: the CLI, the in-process pipeline, the Triton client
+and the Triton denoiser all carry a `Request`. Its defaults are written here once; `check()` runs at
+the edge (CLI, client, pipeline) and again in the server; `to_triton()` / `from_triton()` are built
+from the protocol's tensor table (voltacache.serving.protocol.REQUEST_TENSORS).
+
+Torch-free on purpose: `generate --url` and the tokenizer/postprocess models import it without
+torch or diffusers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import InvalidRequest
+from .schedulers import SCHEDULERS
+
+MAX_STEPS = 1000  # the trained schedule's length: every scheduler runs up to it
+MAX_GUIDANCE = 50.0  # useful values are 1-15; far beyond it the image saturates to black
+MAX_PROMPT_BYTES = 4096  # CLIP reads 77 tokens; kilobytes more are a client bug or abuse
+MAX_SEED = 2**63 - 1  # SEED is an int64 on the wire
+MAX_IMAGE_SIDE = 4096  # an init image is resized to the engines' size; larger is refused before decoding it
+CACHE_SCHEDULES = ("uniform", "nonuniform")
+CACHE_MODES = ("on", "off", "refresh")  # the cross-request cache for this request; refresh: regenerate, store
+
+
+@dataclass(frozen=True)
+class Request:
+    """What one generation asks for. `seed` None: drawn (and reported); `height`/`width` None: the
+    engines' static size (anything else is refused); `init_image`: uint8 (height, width, 3) of any
+    size, resized to the engines' size, for img2img."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 50
+    guidance: float = 7.5
+    seed: int | None = None
+    scheduler: str = "pndm"
+    cache_interval: int = 1  # DeepCache: the full U-Net every N steps (1: off)
+    cache_schedule: str = "uniform"
+    init_image: np.ndarray | None = field(default=None, compare=False, repr=False)
+    strength: float = 0.8  # img2img: the share of the schedule that runs
+    cache_mode: str = "on"
+    height: int | None = None
+    width: int | None = None
+
+    @property
+    def img2img(self) -> bool:
+        return self.init_image is not None
+
+    def replace(self, **changes) -> Request:
+        return dataclasses.replace(self, **changes)
+
+    def check(self) -> Request:
+        """Refuse a bad value before any compute, naming the field and what is allowed; returns self."""
+        for name in ("prompt", "negative_prompt"):
+            check_text(name, getattr(self, name))
+        if not self.prompt.strip():
+            raise InvalidRequest("prompt is empty: say what the image should show")
+        check_int("steps", self.steps, 1, MAX_STEPS)
+        check_number("guidance", self.guidance, 0.0, MAX_GUIDANCE)
+        if self.seed is not None:
+            check_int("seed", self.seed, 0, MAX_SEED)
+        check_choice("scheduler", self.scheduler, SCHEDULERS)
+        check_int("cache_interval", self.cache_interval, 1, MAX_STEPS)
+        check_choice("cache_schedule", self.cache_schedule, CACHE_SCHEDULES)
+        check_choice("cache_mode", self.cache_mode, CACHE_MODES)
+        for name in ("height", "width"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 8, MAX_IMAGE_SIDE)
+        if self.img2img:
+            check_number("strength", self.strength, 0.0, 1.0)
+            if self.strength == 0 or denoising_steps(self.steps, self.strength) == 0:
+                raise InvalidRequest(
+                    f"strength {self.strength}: leaves no denoising step out of {self.steps}; raise it or the steps"
+                )
+            check_image("init_image", self.init_image)
+        return self
+
+    def to_triton(self) -> dict[str, np.ndarray]:
+        """The request as the ensemble's input tensors (txt2img leaves out the img2img ones)."""
+        from .serving.protocol import REQUEST_TENSORS
+
+        return {
+            t.tensor.name: t.encode(getattr(self, t.field))
+            for t in REQUEST_TENSORS
+            if self.img2img or not t.img2img_only
+        }
+
+    @classmethod
+    def from_triton(cls, get) -> Request:
+        """The inverse of `to_triton`: `get(tensor name)` gives a numpy array, or None when absent."""
+        from .serving.protocol import REQUEST_TENSORS
+
+        values = {}
+        for t in REQUEST_TENSORS:
+            array = get(t.tensor.name)
+            if array is None:
+                if t.img2img_only:
+                    continue
+                raise InvalidRequest(f"missing input {t.tensor.name}")
+            values[t.field] = t.decode(array)
+        return cls(**values)
+
+    @property
+    def model(self) -> str:
+        """The ensemble that serves it."""
+        from .serving.protocol import IMG2IMG, TXT2IMG
+
+        return IMG2IMG if self.img2img else TXT2IMG
+
+
+@dataclass
+class Images:
+    """What one request gave back, in process or served: uint8 (batch, height, width, 3) and how it was made."""
+
+    images: np.ndarray
+    seed: int
+    unet_deep_calls: int
+    unet_shallow_calls: int
+    steps_computed: int
+    seconds: float
+    cache: str = "off"  # exact | semantic | approximate | miss | off
+    similarity: float = 0.0
+
+
+def denoising_steps(steps: int, strength: float | None) -> int:
+    """How many of `steps` a request runs: all of them, or img2img's strength share (diffusers' rule)."""
+    return steps if strength is None else min(int(steps * strength), steps)
+
+
+def check_text(name: str, value) -> None:
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{name} must be text, got {type(value).__name__}")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"{name} is not valid UTF-8 text (binary data?)") from None
+    if size > MAX_PROMPT_BYTES:
+        raise InvalidRequest(
+            f"{name} is {size} bytes; at most {MAX_PROMPT_BYTES} (CLIP reads the first 77 tokens anyway)"
+        )
+    if any(ord(c) < 32 and c not in "\t\n\r" for c in value):
+        raise InvalidRequest(f"{name} contains control characters (binary data?)")
+
+
+def check_int(name: str, value, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise InvalidRequest(f"{name} {value!r}: must be an integer from {low} to {high}")
+
+
+def check_number(name: str, value, low: float, high: float) -> None:
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or not low <= value <= high:
+        raise InvalidRequest(f"{name} {value!r}: must be a number from {low:g} to {high:g}")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise InvalidRequest(f"{name} {value!r}: choose one of {', '.join(choices)}")
+
+
+def check_image(name: str, image) -> None:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        shape = getattr(image, "shape", None)
+        raise InvalidRequest(f"{name}: must be uint8 (height, width, 3) RGB pixels, got {shape}")
+    if not (1 <= image.shape[0] <= MAX_IMAGE_SIDE and 1 <= image.shape[1] <= MAX_IMAGE_SIDE):
+        raise InvalidRequest(f"{name} is {image.shape[1]}x{image.shape[0]}; each side at most {MAX_IMAGE_SIDE}")
