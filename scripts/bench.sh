@@ -23,3 +23,10 @@ $V bench --model build/bench/tiny_model --workdir build/bench/tiny --size 64 --s
 [ -f build/sd15/model/model_index.json ] || $V init-tiny build/sd15/model --preset sd15
 $V bench --model build/sd15/model --workdir build/bench/sd15 --size 256 --steps 20 --repeats "${SD15_REPEATS:-3}" \
   --name bench_sd15
+
+# int8 U-Nets: quality on the shapes model, then speed side by side with fp32 on the SD 1.5 architecture
+.venv/bin/python scripts/eval_int8_quality.py --model build/shapes/model
+$V bench --model build/sd15/model --workdir build/bench/sd15 --size 256 --steps 20 --repeats 1 --intervals 1,3 \
+  --deepcache-intervals 3 --branches 0 --triton-branches "" --precisions fp32,int8 --name bench_sd15_int8
+.venv/bin/python scripts/bench_int8.py --fp32 build/bench/sd15/engines_0_256 \
+  --int8 "$(ls -d build/bench/sd15/engines_0_256_int8_* | head -1)"

@@ -186,13 +186,18 @@ def main():
     figure = plot(result, args.figure, args.steps)
     config = {k: str(v) for k, v in vars(args).items()}
     write_json(args.out, {"machine": machine(), "config": config, "seconds": time.perf_counter() - started, **result})
-    print(f"{'config':<32} {'trained':>8} {'held-out':>9} {'all':>6} {'drop':>6} {'PSNR dB':>8}")
-    for name, s in result["summary"].items():
+    print_summary(result["summary"])
+    print(f"figure: {figure}\nresults: {args.out}")
+
+
+def print_summary(summary: dict) -> None:
+    width = max(map(len, summary)) + 2
+    print(f"{'config':<{width}} {'trained':>8} {'held-out':>9} {'all':>6} {'drop':>6} {'PSNR dB':>8}")
+    for name, s in summary.items():
         print(
-            f"{name:<32} {s['adherence_trained']:8.1%} {s['adherence_held_out']:9.1%} {s['adherence_all']:6.1%} "
+            f"{name:<{width}} {s['adherence_trained']:8.1%} {s['adherence_held_out']:9.1%} {s['adherence_all']:6.1%} "
             f"{s['drop_points']:6.1f} {s['psnr_db']:8.1f}"
         )
-    print(f"figure: {figure}\nresults: {args.out}")
 
 
 if __name__ == "__main__":

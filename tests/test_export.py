@@ -24,7 +24,10 @@ def graph_ops(path):
 
 def test_manifest_describes_every_file(onnx_fp32, tiny_dir):
     manifest = read_manifest(onnx_fp32)
-    assert manifest["fingerprint"] == model_fingerprint(tiny_dir)
+    assert manifest["model_fingerprint"] == model_fingerprint(tiny_dir)
+    # what the images depend on: the weights and how they were compiled
+    assert manifest["fingerprint"] == ExportOptions(precision="fp32").fingerprint(model_fingerprint(tiny_dir))
+    assert manifest["fingerprint"] != ExportOptions(precision="fp16").fingerprint(model_fingerprint(tiny_dir))
     assert {"torch", "diffusers", "onnx", "onnxruntime"} <= manifest["versions"].keys()
     for name in COMPONENTS:
         entry = manifest["components"][name]

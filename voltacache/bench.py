@@ -20,8 +20,12 @@ import numpy as np
 
 from .benchmark import machine, write_json
 from .errors import VoltacacheError
+from .quantize import Calibration
 
 PROMPT = "a photo of an astronaut riding a horse, highly detailed"
+# Speed does not depend on what int8 was calibrated on: a short calibration keeps the SD 1.5 export
+# within minutes (quality is measured on the shapes model, scripts/eval_shapes_quality.py).
+BENCH_CALIBRATION = {"int8": Calibration(prompts=(PROMPT, "a red circle on a blue background"), steps=4)}
 
 
 @dataclass
@@ -40,19 +44,27 @@ class BenchConfig:
     figures: Path = Path("docs/figures")
     seed: int = 0
     name: str = "bench"
+    precisions: tuple = ("fp32",)  # voltacache's engines: fp32, and int8 U-Nets (contenders "voltacache-int8")
 
 
-def engines_for(model: Path, workdir: Path, size: int, branch: str) -> Path:
-    """fp32 engines for one DeepCache branch, exported and built once per workdir and model."""
+def engines_for(
+    model: Path, workdir: Path, size: int, branch: str, precision: str = "fp32", calibration: Calibration | None = None
+) -> Path:
+    """Engines for one DeepCache branch and precision (fp32, or int8 U-Nets calibrated on `calibration`,
+    default Calibration()), exported and built once per workdir, model and calibration."""
     from .build import build_engines, read_engine_manifest
     from .export import ExportOptions, export_model, model_fingerprint
 
-    engines = workdir / f"engines_{branch}_{size}"
-    fingerprint = model_fingerprint(model)
-    if (engines / "engines.json").is_file() and read_engine_manifest(engines)["export"]["fingerprint"] == fingerprint:
-        return engines
-    onnx_dir = workdir / f"onnx_{branch}_{size}"
-    export_model(model, onnx_dir, ExportOptions("fp32", 1, size, size, 23, branch), force=True)
+    options = ExportOptions(precision, 1, size, size, 23, branch, calibration=calibration)
+    options.check()
+    suffix = "" if precision == "fp32" else f"_{precision}_{options.calibration.id}"
+    engines = workdir / f"engines_{branch}_{size}{suffix}"
+    if (engines / "engines.json").is_file():
+        export = read_engine_manifest(engines)["export"]
+        if export.get("fingerprint") == options.fingerprint(model_fingerprint(model)):
+            return engines
+    onnx_dir = workdir / f"onnx_{branch}_{size}{suffix}"
+    export_model(model, onnx_dir, options, force=True)
     build_engines(onnx_dir, engines, backend="onnxruntime", force=True)
     return engines
 
@@ -157,29 +169,29 @@ def build_contenders(cfg: BenchConfig, stack) -> list[Contender]:
                 )
             )
     for branch in cfg.branches:
-        engines = engines_for(cfg.model, cfg.workdir, cfg.size, branch)
-        local = StableDiffusion.from_engines(engines)
+        for precision in cfg.precisions:
+            kind = "voltacache" if precision == "fp32" else f"voltacache-{precision}"
+            calibration = BENCH_CALIBRATION.get(precision)
+            engines = engines_for(cfg.model, cfg.workdir, cfg.size, branch, precision, calibration)
+            local = StableDiffusion.from_engines(engines)
 
-        def local_run(seed, n, local=local):
-            result = local(PROMPT, seed=seed, cache_interval=n, **request)
-            return {
-                "unet_deep_calls": result.stats.unet_deep_calls,
-                "unet_shallow_calls": result.stats.unet_shallow_calls,
-                "component_seconds": dict(result.stats.seconds),
-            }
+            def local_run(seed, n, local=local):
+                result = local(PROMPT, seed=seed, cache_interval=n, **request)
+                return {
+                    "unet_deep_calls": result.stats.unet_deep_calls,
+                    "unet_shallow_calls": result.stats.unet_shallow_calls,
+                    "component_seconds": dict(result.stats.seconds),
+                }
 
-        for n in cfg.intervals:
-            if n == 1 and branch != cfg.branches[0]:
-                continue  # N = 1 never runs the shallow model: the same work on every branch
-            contenders.append(
-                Contender(
-                    f"voltacache N={n} branch={branch}",
-                    "voltacache",
-                    n,
-                    branch,
-                    lambda seed, n=n, f=local_run: f(seed, n),
+            for n in cfg.intervals:
+                if n == 1 and branch != cfg.branches[0]:
+                    continue  # N = 1 never runs the shallow model: the same work on every branch
+                contenders.append(
+                    Contender(
+                        f"{kind} N={n} branch={branch}", kind, n, branch, lambda seed, n=n, f=local_run: f(seed, n)
+                    )
                 )
-            )
+        engines = engines_for(cfg.model, cfg.workdir, cfg.size, branch)
         if branch in cfg.triton_branches:
             repo = deploy(engines, cfg.workdir / f"repo_{branch}_{cfg.size}")
             server = stack.enter_context(TritonServer(repo, http_port=_port(), grpc_port=_port(), metrics_port=_port()))
@@ -234,6 +246,7 @@ def report(cfg: BenchConfig, contenders: list[Contender]) -> dict:
     for c in contenders:
         anchor = f"deepcache N={c.interval} branch={c.branch}"
         own_n1 = f"{c.kind} N=1 branch={cfg.branches[0]}"
+        fp32 = c.name.replace("voltacache-int8", "voltacache", 1)
         rows.append(
             {
                 "name": c.name,
@@ -245,6 +258,8 @@ def report(cfg: BenchConfig, contenders: list[Contender]) -> dict:
                 "speedup_vs_diffusers": base / median[c.name],
                 "speedup_vs_deepcache_same_n": median[anchor] / median[c.name] if anchor in median else None,
                 "speedup_vs_own_n1": median[own_n1] / median[c.name] if own_n1 in median else None,
+                "speedup_vs_fp32": median[fp32] / median[c.name] if fp32 in median and fp32 != c.name else None,
+                **per_call(c.stats),
                 "peak_rss_gb": c.peak_rss / 1e9,
                 **c.stats,
             }
@@ -256,6 +271,16 @@ def report(cfg: BenchConfig, contenders: list[Contender]) -> dict:
     }
     cfg_json = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
     return {"config": cfg_json, "machine": machine(), "rows": rows, "triton_overhead": triton_overhead}
+
+
+def per_call(stats: dict) -> dict:
+    """Seconds per deep and per shallow U-Net call, from a run's component times and call counts."""
+    seconds = stats.get("component_seconds", {})
+    return {
+        f"{unet}_s_per_call": seconds[unet] / stats[f"{unet}_calls"]
+        for unet in ("unet_deep", "unet_shallow")
+        if stats.get(f"{unet}_calls") and unet in seconds
+    }
 
 
 def plot(result: dict, figures: Path, name: str) -> list[Path]:
@@ -272,7 +297,7 @@ def plot(result: dict, figures: Path, name: str) -> list[Path]:
         points = sorted(
             (r["interval"], r["speedup_vs_diffusers"])
             for r in rows
-            if r["kind"] == kind and (r["branch"] == branch or r["interval"] == 1 and kind == "voltacache")
+            if r["kind"] == kind and (r["branch"] == branch or r["interval"] == 1 and kind.startswith("voltacache"))
         )
         points = [(1, 1.0), *points] if kind == "deepcache" else points
         ax.plot(*zip(*points), marker="o", label=f"{kind} (branch {branch})")
@@ -319,12 +344,18 @@ def main(cfg: BenchConfig, console=None) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = [f"{'contender':<32} {'s/image':>9} {'vs diffusers':>12} {'vs DeepCache':>12} {'vs own N=1':>10}"]
+    lines = [
+        f"{'contender':<37} {'s/image':>9} {'vs diffusers':>12} {'vs DeepCache':>12} {'vs own N=1':>10} "
+        f"{'vs fp32':>8} {'deep s/call':>11} {'shallow s/call':>14}"
+    ]
     for r in result["rows"]:
         fmt = lambda v: f"{v:.2f}x" if v else "-"  # noqa: E731
+        sec = lambda v: f"{v:.3f}" if v else "-"  # noqa: E731
         lines.append(
-            f"{r['name']:<32} {r['median_s']:>9.3f} {fmt(r['speedup_vs_diffusers']):>12} "
-            f"{fmt(r['speedup_vs_deepcache_same_n']):>12} {fmt(r['speedup_vs_own_n1']):>10}"
+            f"{r['name']:<37} {r['median_s']:>9.3f} {fmt(r['speedup_vs_diffusers']):>12} "
+            f"{fmt(r['speedup_vs_deepcache_same_n']):>12} {fmt(r['speedup_vs_own_n1']):>10} "
+            f"{fmt(r.get('speedup_vs_fp32')):>8} {sec(r.get('unet_deep_s_per_call')):>11} "
+            f"{sec(r.get('unet_shallow_s_per_call')):>14}"
         )
     for name, overhead in result["triton_overhead"].items():
         lines.append(f"Triton overhead {name}: {overhead * 100:+.1f}%")

@@ -35,7 +35,9 @@ ORT_SESSION_OPTIONS = {
 # The saved model is optimized only as far as stays portable across CPUs (layout-specific
 # NCHWc rewrites happen at load time, under ORT_ENABLE_ALL).
 ORT_SAVED_LEVEL = "ORT_ENABLE_EXTENDED"
-TRT_ATOL, TRT_RTOL = 2e-2, 2e-2  # fp16 engine against fp32-io ONNX Runtime on random inputs
+# An engine against ONNX Runtime on the same ONNX, random inputs (atol = rtol): fp16 kernels against fp32-io
+# ONNX Runtime; int8 against ONNX Runtime's own int8 kernels, which fuse and round differently.
+TRT_TOLERANCE = {"fp16": 2e-2, "fp32": 2e-2, "int8": 1e-1}
 
 
 def onnx_stats(onnx_dir: Path) -> dict:
@@ -192,8 +194,11 @@ def build_tensorrt(
     profile = Profile()
     for t in spec.inputs:
         profile.add(t.name, min=t.shape, opt=t.shape, max=t.shape)
-    # fp16 ONNX carries its own types: strongly typed keeps TensorRT from re-deciding precisions.
-    strongly_typed = export["precision"] == "fp16"
+    # fp16 ONNX carries its own types: strongly typed keeps TensorRT from re-deciding precisions. An int8
+    # export is explicitly quantized (QDQ): TensorRT takes its scales as they are (no calibrator at build
+    # time) and runs what is left unquantized in fp16.
+    precision = export["precision"]
+    strongly_typed = precision == "fp16"
     try:  # parsed now, so that a damaged file is told apart from a failed build
         network = NetworkFromOnnxPath(str(source), strongly_typed=strongly_typed)()
     except PolygraphyException as e:
@@ -201,7 +206,8 @@ def build_tensorrt(
             f"{source}: TensorRT's ONNX parser cannot read this file ({e}); run `voltacache export` again"
         ) from e
     config = CreateConfig(
-        fp16=not strongly_typed and export["precision"] == "fp16",
+        fp16=not strongly_typed and precision in ("fp16", "int8"),
+        int8=precision == "int8",
         profiles=[profile],
         builder_optimization_level=optimization_level,
         # one timing cache for every build on this machine: tactic timings carry over between engines
@@ -210,11 +216,11 @@ def build_tensorrt(
     target = out_dir / f"{name}.plan"
     timing_cache.parent.mkdir(parents=True, exist_ok=True)
     SaveEngine(EngineFromNetwork(network, config=config, save_timing_cache=str(timing_cache)), str(target))()
-    compare_with_onnxruntime(target, source, spec)
+    compare_with_onnxruntime(target, source, spec, TRT_TOLERANCE[precision])
     return target.name
 
 
-def compare_with_onnxruntime(plan: Path, source: Path, spec) -> None:
+def compare_with_onnxruntime(plan: Path, source: Path, spec, tolerance: float = 2e-2) -> None:
     """polygraphy's Comparator: the engine and ONNX Runtime on the same random inputs."""
     from polygraphy.backend.common import BytesFromPath
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
@@ -224,8 +230,8 @@ def compare_with_onnxruntime(plan: Path, source: Path, spec) -> None:
     loader = DataLoader(val_range={INPUT_IDS: (0, 49407)}, iterations=2)
     runners = [TrtRunner(EngineFromBytes(BytesFromPath(str(plan)))), OnnxrtRunner(SessionFromOnnx(str(source)))]
     results = Comparator.run(runners, data_loader=loader)
-    if not bool(Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=TRT_ATOL, rtol=TRT_RTOL))):
-        raise VoltacacheError(f"{plan.name}: TensorRT output differs from ONNX Runtime beyond atol/rtol {TRT_ATOL}")
+    if not bool(Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=tolerance, rtol=tolerance))):
+        raise VoltacacheError(f"{plan.name}: TensorRT output differs from ONNX Runtime beyond atol/rtol {tolerance}")
 
 
 @dataclass
@@ -264,7 +270,23 @@ def check_compatible(manifest: dict, engine_dir: Path) -> None:
     if not onnx_dir.is_dir() or onnx_stats(onnx_dir) == manifest.get("onnx_stats"):
         return  # the export was moved away (engines stand alone), or is untouched since the build
     if onnx_fingerprint(onnx_dir) != manifest["onnx_fingerprint"]:
+        built_on, now_on = calibration_id(manifest["export"]), calibration_id(onnx_dir)
+        if built_on != now_on:
+            raise RebuildNeeded(
+                f"{engine_dir}: built from U-Nets calibrated on set {built_on or '(none: not int8)'}; the export "
+                f"in {onnx_dir} is calibrated on {now_on or '(none: not int8)'}; rebuild with `voltacache build`"
+            )
         raise RebuildNeeded(f"{engine_dir}: the ONNX files in {onnx_dir} changed since the build; rebuild")
+
+
+def calibration_id(export: dict | Path) -> str | None:
+    """The id of the calibration set an export's int8 U-Nets were calibrated on (None: not int8, or unreadable)."""
+    if isinstance(export, Path):
+        try:
+            export = read_manifest(export)
+        except VoltacacheError:
+            return None
+    return (export.get("calibration") or {}).get("id")
 
 
 def load_engines(engine_dir: Path, cuda_graph: bool = False, components=COMPONENTS) -> Engines:

@@ -136,7 +136,15 @@ def init_tiny(
 def export(
     model: Path = typer.Option(..., help="diffusers folder or single SD 1.x .safetensors checkpoint."),
     out: Path = typer.Option(..., help="Folder for the ONNX files and manifest.json."),
-    precision: str = typer.Option("fp16", help="fp16 (weights and compute) or fp32 (what a CPU serves)."),
+    precision: str = typer.Option(
+        "fp16",
+        help="fp16 (weights and compute), fp32 (what a CPU serves) or int8 (the U-Nets calibrated and quantized, "
+        "QDQ: ONNX Runtime's int8 kernels on CPU, an explicitly quantized TensorRT engine on GPU).",
+    ),
+    calibration_prompts: Path | None = typer.Option(
+        None, help="int8: a file of prompts, one per line, whose denoising trajectories calibrate the U-Nets."
+    ),
+    calibration_steps: int | None = typer.Option(None, help="int8: DDIM steps per calibration prompt (default 10)."),
     batch: int = typer.Option(1, help="Images per call (the U-Net sees 2x: classifier-free guidance)."),
     height: int | None = typer.Option(None, help="Image height in pixels (default: the model's native size)."),
     width: int | None = typer.Option(None, help="Image width in pixels (default: the model's native size)."),
@@ -161,7 +169,12 @@ def export(
     from .export import STAGES, ExportOptions, export_model
     from .specs import COMPONENTS
 
-    options = ExportOptions(precision, batch, height, width, opset, deepcache_branch)
+    calibration = None
+    if calibration_prompts is not None or calibration_steps is not None:
+        from .quantize import Calibration
+
+        calibration = Calibration.from_file(calibration_prompts, calibration_steps or Calibration.steps)
+    options = ExportOptions(precision, batch, height, width, opset, deepcache_branch, calibration=calibration)
     columns = (
         TextColumn("{task.description:<13}"),
         BarColumn(),
@@ -197,13 +210,19 @@ def print_export_report(manifest: dict):
     from rich.table import Table
 
     table = Table(title=f"{manifest['precision']} opset {manifest['opset']}, branch {manifest['deepcache_branch']}")
-    for column in ("component", "max error", "tolerance", "Attention nodes", "TensorRT lint"):
+    for column in ("component", "max error", "tolerance", "int8 vs fp32", "Attention nodes", "TensorRT lint"):
         table.add_column(column)
     for name, entry in manifest["components"].items():
         lint = entry["tensorrt_lint"]
         verdict = f"ok ({lint['target']})" if lint["ok"] else "; ".join(lint["problems"])
+        int8 = f"{entry['int8_error']:.2e}" if "int8_error" in entry else "-"
         table.add_row(
-            name, f"{entry['max_error']:.2e}", f"{entry['tolerance']:.0e}", str(entry["attention_nodes"]), verdict
+            name,
+            f"{entry['max_error']:.2e}",
+            f"{entry['tolerance']:.0e}",
+            int8,
+            str(entry["attention_nodes"]),
+            verdict,
         )
     err.print(table)
 
@@ -479,6 +498,7 @@ def bench(
     deepcache_intervals: str = typer.Option("2,3,5", help="DeepCache helper intervals."),
     branches: str = typer.Option("block,0", help="DeepCache branches to compare."),
     triton_branches: str = typer.Option("block", help="Branches also served through Triton ('' for none)."),
+    precisions: str = typer.Option("fp32", help="voltacache's precisions: fp32, int8 (quantized U-Nets) or both."),
     name: str = typer.Option("bench", help="Name of the JSON and the figures."),
     out: Path | None = typer.Option(None, help="JSON results (default docs/results/NAME.json)."),
     figures: Path = typer.Option(Path("docs/figures"), help="Folder for the PNG plots."),
@@ -506,6 +526,7 @@ def bench(
         out or Path(f"docs/results/{name}.json"),
         figures,
         name=name,
+        precisions=names(precisions),
     )
     result = main(cfg, console=err)
     print(table(result))

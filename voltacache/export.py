@@ -10,6 +10,7 @@ every runtime binds the same float32 buffers whatever the precision).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import gc
 import hashlib
@@ -26,6 +27,7 @@ import torch
 from .components import torch_modules
 from .errors import ExportError, read_json
 from .outputs import json_marker, refuse_overlap, staged_output
+from .quantize import Calibration
 from .specs import (
     COMPONENTS,
     CONTEXT,
@@ -48,6 +50,7 @@ is_export = json_marker(MANIFEST, "format", "fingerprint", "components")  # a fo
 # Max abs error against PyTorch fp32, relative to max(1, max |reference|). Measured: fp32 ~1e-6;
 # fp16 ~3e-3 on random weights, whose activations are wider than a trained model's.
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}
+PRECISIONS = ("fp16", "fp32", "int8")  # int8: the U-Nets quantized (voltacache.quantize), the rest fp32
 EXTERNAL_DATA_BYTES = 1_800_000_000
 PROBE_CHUNK = 400  # protobuf's 2 GB limit, with room for the graph itself
 
@@ -61,10 +64,28 @@ class ExportOptions:
     opset: int = 23
     deepcache_branch: str = "block"
     seed: int = 0
+    calibration: Calibration | None = None  # int8: what the U-Nets are calibrated on (default: Calibration())
 
     def check(self):
-        if self.precision not in TOLERANCE:
-            raise ExportError(f"--precision {self.precision!r}: use fp16 or fp32")
+        if self.precision not in PRECISIONS:
+            raise ExportError(f"--precision {self.precision!r}: use fp16, fp32 or int8")
+        if self.precision == "int8":
+            self.calibration = self.calibration or Calibration()
+            self.calibration.check()
+        elif self.calibration is not None:
+            raise ExportError("--calibration-prompts / --calibration-steps: only with --precision int8")
+
+    @property
+    def graph_precision(self) -> str:
+        """The precision the graphs are exported in, before any quantization."""
+        return "fp32" if self.precision == "int8" else self.precision
+
+    def fingerprint(self, model: str) -> str:
+        """What the images depend on: the weights, and how they were compiled (a cache entry of one
+        export is never served for another)."""
+        calibration = self.calibration.id if self.calibration else ""
+        text = f"{model}|{self.precision}|{calibration}|{self.opset}|{self.deepcache_branch}"
+        return hashlib.sha256(text.encode()).hexdigest()
         if self.opset not in (18, 23):
             raise ExportError(f"--opset {self.opset}: use 23 (fused Attention) or 18 (unfused, TensorRT < 10.14)")
 
@@ -197,7 +218,7 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
     onnx.save_model(model, str(path), save_as_external_data=external, location=data.name if external else None)
 
 
-STAGES = ("export", "precision", "validate", "lint")
+STAGES = ("export", "precision", "validate", "lint", "quantize")
 
 
 def export_component(module, spec, feeds: dict, path: Path, options: ExportOptions, step=lambda stage: None):
@@ -309,6 +330,7 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
 
     started = time.time()
     pipe = load_pipeline(model_path, allow_pickle=allow_pickle, config=config)
+    weights = model_fingerprint(model_path)
     try:
         shallow = shallow_layer_count(pipe.unet, options.deepcache_branch)
     except ValueError as e:
@@ -330,20 +352,28 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
     }
 
     entries, outputs = {}, {}
+    graphs = dataclasses.replace(options, precision=options.graph_precision, calibration=None)
     for name in COMPONENTS:
         step = functools.partial(progress, name) if progress else (lambda stage: None)
         path = out_dir / f"{name}.onnx"
-        entries[name], outputs[name] = export_component(modules[name], specs[name], feeds[name], path, options, step)
+        entries[name], outputs[name] = export_component(modules[name], specs[name], feeds[name], path, graphs, step)
     for name, errors in split_errors(modules, pipe.unet, out_dir, feeds[UNET_DEEP], outputs[UNET_DEEP]).items():
         entries[name]["unsplit_error"] = errors
-        if errors["torch"] != 0.0 or not errors["onnx"] <= TOLERANCE[options.precision]:
+        if errors["torch"] != 0.0 or not errors["onnx"] <= TOLERANCE[graphs.precision]:
             raise ExportError(f"{name} does not reproduce the unsplit U-Net: {errors}")
+    if options.precision == "int8":
+        from .quantize import quantize_unets
+
+        for name, entry in quantize_unets(pipe, modules, specs, out_dir, options.calibration, progress).items():
+            entries[name].update(entry)
 
     manifest = {
         "format": 1,
         "source": str(model_path),
-        "fingerprint": model_fingerprint(model_path),
+        "model_fingerprint": weights,
+        "fingerprint": options.fingerprint(weights),
         "precision": options.precision,
+        "calibration": options.calibration.to_json() if options.calibration else None,
         "opset": options.opset,
         "batch": options.batch,
         "height": height,

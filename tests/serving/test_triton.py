@@ -193,3 +193,11 @@ def test_same_prompt_other_seed_skips_the_text_encoder(triton):
         client.generate("a memoized prompt", steps=2, seed=seed, scheduler="ddim")
     assert metric(triton, "nv_cache_num_hits_per_model", "text_encoder") == hits + 2
     assert metric(triton, "nv_inference_exec_count", "text_encoder") == encoded + 1
+
+
+def test_another_size_is_refused_as_in_process(triton, sd):
+    from voltacache.errors import InvalidRequest
+
+    for generate in (sd, Client(triton.grpc_url).generate, Client(triton.http_url, "http").generate):
+        with pytest.raises(InvalidRequest, match="static at 64x64"):
+            generate(PROMPT, steps=2, height=128)
