@@ -12,25 +12,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # a test that reaches for the hub fails inst
 # it gets the marker (triton, milvus or s3), and `make test-fast` leaves it out.
 # Tests that start a server of their own carry the marker explicitly (pytestmark in their module).
 SERVER_FIXTURES = {"triton": "triton", "milvus_server": "milvus", "s3_endpoint": "s3"}
-# The slowest tests that start no server, each 2 s or more on 2 cores (--durations, the machine shared
-# with other jobs): marked `slow`, so `make test-fast` stays under two minutes; `make test` runs them.
-# Listed here by node id (a parametrized test: all its cases) rather than in their modules, which
-# change under other hands; a renamed test drops out of this list silently, so rename it here too.
-SLOW = {
-    "tests/test_export.py::test_fp16_opset18_branch0": "a second full export, fp16 at opset 18: ~40",
-    "tests/shapes/test_shipped_model.py::test_images_follow_their_captions": "4.5",
-    "tests/test_export.py::test_export_fails_when_onnx_disagrees": "3.5",
-    "tests/cache/test_store.py::test_eviction_scans_once_per_low_water_gap_and_pages_past_a_query_window": "3.2",
-    "tests/cache/test_cli_cache.py::test_generate_reports_the_cache_layer": "3.1",
-    "tests/cache/test_availability.py::test_unreachable_server_is_reported_within_seconds": "3.0 (silent)",
-    "tests/test_request.py::test_client_and_light_models_import_without_torch": "2.5, a fresh Python",
-    "tests/cache/test_cli_cache.py::test_cache_stats_purge_clear": "2.4",
-    "tests/test_checkpoint.py::test_single_file_against_shipped_sd15_configs_reports_shape_mismatch": "2.4",
-    "tests/cache/test_cli_maintenance.py::test_an_index_with_several_caches_needs_embedder": "2.4",
-    "tests/cache/test_cli_maintenance.py::test_repair_purge_blobs_and_clear_force": "2.4",
-    "tests/cache/test_cli_maintenance.py::test_corrupt_index_error_is_one_line_on_the_real_stderr": "2.1",
-    "tests/test_cli.py::test_init_tiny_writes_loadable_pipeline": "2.1",
-}
+# The slowest tests that start no server (2 s or more here) carry `@pytest.mark.slow` in their modules:
+# `make test-fast` leaves them out to stay under two minutes; `make test` runs them.
 
 
 def pytest_collection_modifyitems(config, items):
@@ -38,8 +21,6 @@ def pytest_collection_modifyitems(config, items):
         for fixture, marker in SERVER_FIXTURES.items():
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(marker)
-        if item.nodeid.split("[")[0] in SLOW:
-            item.add_marker("slow")
 
 
 @pytest.fixture(scope="session")

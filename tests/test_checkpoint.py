@@ -30,6 +30,7 @@ def test_single_file_round_trip(tiny_dir, tiny_pipe, tmp_path):
     assert loaded.tokenizer("a photo").input_ids == [49406, 320, 1125, 49407]
 
 
+@pytest.mark.slow
 def test_single_file_against_shipped_sd15_configs_reports_shape_mismatch(tiny_pipe, tmp_path):
     # tiny weights against SD 1.5's configs: a clear error naming the file, not a crash deep in diffusers
     path = save_single_file(tiny_pipe, tmp_path / "tiny.safetensors")

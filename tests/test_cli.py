@@ -23,6 +23,7 @@ def test_every_subcommand_has_help(name):
     assert "Usage" in result.output
 
 
+@pytest.mark.slow
 def test_init_tiny_writes_loadable_pipeline(tmp_path):
     from voltacache.checkpoint import load_pipeline
 

@@ -54,6 +54,7 @@ def test_split_matches_unsplit(onnx_fp32):
         assert components[name]["unsplit_error"]["onnx"] <= 1e-4
 
 
+@pytest.mark.slow
 def test_fp16_opset18_branch0(onnx_fp16_branch0):
     manifest = read_manifest(onnx_fp16_branch0)
     assert manifest["precision"] == "fp16" and manifest["deepcache_branch"] == "0"
@@ -72,6 +73,7 @@ def test_fp16_opset18_branch0(onnx_fp16_branch0):
     assert not any(p.name.startswith(("tmp", ".")) or "probe" in p.name for p in onnx_fp16_branch0.iterdir())
 
 
+@pytest.mark.slow
 def test_export_fails_when_onnx_disagrees(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(export.TOLERANCE, "fp32", 0.0)
     with pytest.raises(ExportError, match="text_encoder.onnx: ONNX Runtime differs from PyTorch"):

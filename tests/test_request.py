@@ -83,6 +83,7 @@ def test_from_triton_names_what_is_wrong():
         Request.from_triton(tensors.get)
 
 
+@pytest.mark.slow
 def test_client_and_light_models_import_without_torch():
     code = (
         "import sys\n"

@@ -144,6 +144,7 @@ def test_corrupt_index_is_reported_once_and_skipped(how, tmp_path):
 
 
 @pytest.mark.parametrize("server", ["refused", "silent"])
+@pytest.mark.slow
 def test_unreachable_server_is_reported_within_seconds(server, tmp_path):
     with socket.socket() as silent:  # accepts connections, never answers
         silent.bind(("127.0.0.1", 0))

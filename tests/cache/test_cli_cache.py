@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from voltacache.cli import app
@@ -32,6 +33,7 @@ def generate(engines_dir, tmp_path, prompt, *extra):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_generate_reports_the_cache_layer(engines_dir, tmp_path):
     first = generate(engines_dir, tmp_path, "a quiet harbour")
     second = generate(engines_dir, tmp_path, "a quiet harbour")
@@ -41,6 +43,7 @@ def test_generate_reports_the_cache_layer(engines_dir, tmp_path):
     assert second["similarity"] > 0.99
 
 
+@pytest.mark.slow
 def test_cache_stats_purge_clear(engines_dir, tmp_path):
     """The tiny model's cache is 64-wide: the commands read that from the index (no --dim)."""
     generate(engines_dir, tmp_path, "a quiet harbour")

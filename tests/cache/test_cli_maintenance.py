@@ -59,6 +59,7 @@ def test_a_768_wide_cache_stats_purge_clear(tmp_path):
     assert not [p for p in blobs.rglob("*") if p.is_file()]
 
 
+@pytest.mark.slow
 def test_an_index_with_several_caches_needs_embedder(tmp_path):
     index, blobs = str(tmp_path / "cache.db"), tmp_path / "cache-blobs"
     for dim, name, entries in ((64, "clip", 1), (768, "clip", 2), (384, "minilm", 3)):
@@ -115,6 +116,7 @@ def test_repair_sets_a_corrupt_index_aside_and_starts_a_fresh_one(how, tmp_path)
     assert ok(cache("purge-expired", "--cache-index", index)) == {"purged": len(blobs)}  # orphans now
 
 
+@pytest.mark.slow
 def test_repair_purge_blobs_and_clear_force(tmp_path):
     index = make_index(tmp_path)
     corrupt(index, "truncated")
@@ -131,6 +133,7 @@ def test_repair_purge_blobs_and_clear_force(tmp_path):
     assert report["blobs_removed"] == 2 and report["blobs_kept"] == 0
 
 
+@pytest.mark.slow
 def test_corrupt_index_error_is_one_line_on_the_real_stderr(tmp_path):
     """pymilvus and milvus-lite log tracebacks of their own: none reach the user."""
     index = make_index(tmp_path)

@@ -114,6 +114,7 @@ def test_identical_images_of_different_prompts_are_two_entries(store):
     assert store.stats()["entries"] == 2 and len(store.blobs.keys()) == 1
 
 
+@pytest.mark.slow
 def test_eviction_scans_once_per_low_water_gap_and_pages_past_a_query_window(tmp_path, clock):
     store = CacheStore(str(tmp_path / "i.db"), tmp_path / "b", dim=16, max_entries=2000, policy="fifo", clock=clock)
     for batch in range(3):

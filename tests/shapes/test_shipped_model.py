@@ -32,6 +32,7 @@ def test_shipped_weights_are_small_fp16():
     assert len(files) == 3 and sum(f.stat().st_size for f in files) <= 20 * 2**20
 
 
+@pytest.mark.slow
 def test_images_follow_their_captions(shapes_model):
     pipe = load_pipeline(shapes_model)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
