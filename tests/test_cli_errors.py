@@ -63,6 +63,7 @@ CASES = {
         1,
         "no voltacache server answers",
     ),
+    "cache index with --url": (GENERATE + ["--url", "{d}", "--cache-index", "{t}/c.db"], 2, "only in process"),
     "unknown protocol": (GENERATE + ["--url", "{d}", "--protocol", "smtp", "-o", "{t}/a.png"], 2, "--protocol"),
     "check-shapes on a non-image": (
         ["check-shapes", "{t}/not-an-image.png", "a red circle on a blue background"],

@@ -400,6 +400,11 @@ def generate(
         raise UsageError("give exactly one of --engines DIR (in process) or --url HOST:PORT (Triton)")
     if prompts is not None and prompt is not None:
         raise UsageError("give a prompt or --prompts FILE, not both")
+    if url is not None and (cache_index is not None or blob_store is not None):
+        raise UsageError(
+            "--cache-index / --blob-store: only in process (--engines); a server's cache is set by `voltacache deploy "
+            "--cache`, and --cache on|off|refresh chooses it per request"
+        )
     if engines is not None and concurrency != 1:
         raise UsageError("--concurrency: in process requests run one at a time; serve them (--url) to run several")
     if concurrency < 1:
