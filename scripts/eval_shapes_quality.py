@@ -63,7 +63,7 @@ class Generator:
         self.sd, self.guidance, self.steps = sd, guidance, steps
 
     def embeddings(self, caption: str):
-        return self.sd.encode_prompt([caption], [""], Stats())[0]
+        return self.sd.encode_prompt(Request(caption), Stats())[0]
 
     def image(self, caption: str, seed: int, interval=1, start=None, capture=frozenset(), schedule="uniform"):
         request = Request(caption, steps=self.steps, guidance=self.guidance, seed=seed, scheduler="ddim")

@@ -437,7 +437,10 @@ def generate(
         )
         records = generate_in_process(engines, batch, settings)
     else:
-        batch = Batch(lines, template, output, served_batch(url, protocol), force)
+        from .serving.client import Client
+
+        per_request, _, _ = Client(url, protocol).image_shape()
+        batch = Batch(lines, template, output, per_request, force)
         records = generate_served(url, protocol, batch, concurrency)
     try:
         for record in records:
@@ -454,19 +457,6 @@ def generate(
         print(f"error: {failure}", file=sys.stderr)
     if batch.failures:
         raise fail(f"{len(batch.failures)} of {len(lines)} prompts failed; the other images are written", 1)
-
-
-def served_batch(url: str, protocol: str) -> int:
-    """Images per request of a deployment (the engines' static batch)."""
-    from .serving.client import Client
-    from .serving.protocol import IMAGES, TXT2IMG
-
-    client = Client(url, protocol)
-    try:
-        metadata = client.client.get_model_metadata(TXT2IMG, **({"as_json": True} if protocol == "grpc" else {}))
-    except Exception as e:
-        raise client.failure(TXT2IMG, str(e)) from None
-    return int(next(o["shape"][0] for o in metadata["outputs"] if o["name"] == IMAGES))
 
 
 @app.command("check-shapes")

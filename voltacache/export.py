@@ -66,11 +66,14 @@ class ExportOptions:
     seed: int = 0
     calibration: Calibration | None = None  # int8: what the U-Nets are calibrated on (default: Calibration())
 
+    def __post_init__(self):
+        if self.precision == "int8" and self.calibration is None:
+            self.calibration = Calibration()
+
     def check(self):
         if self.precision not in PRECISIONS:
             raise ExportError(f"--precision {self.precision!r}: use fp16, fp32 or int8")
         if self.precision == "int8":
-            self.calibration = self.calibration or Calibration()
             self.calibration.check()
         elif self.calibration is not None:
             raise ExportError("--calibration-prompts / --calibration-steps: only with --precision int8")

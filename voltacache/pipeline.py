@@ -19,7 +19,7 @@ from PIL import Image
 
 from .deepcache import full_steps
 from .errors import InvalidRequest
-from .images import fit_image, read_image, to_uint8, to_unit_range
+from .images import fit_image, to_uint8, to_unit_range
 from .request import Images, Request, denoising_steps
 from .schedulers import make_scheduler
 from .specs import (
@@ -114,16 +114,13 @@ class StableDiffusion:
         voltacache.cache.layers.RequestCache, consulted as the request's `cache_mode` says."""
         started = time.perf_counter()
         # 1. Check inputs before any compute
-        if "init_image" in fields and fields["init_image"] is not None:
-            fields["init_image"] = read_image(fields["init_image"])
-        request = request.replace(**fields) if isinstance(request, Request) else Request(request, **fields)
+        request = Request.of(request, **fields)
         self.check(request)
         stats = Stats()
 
         # 2. Encode the prompt (negative first, as diffusers concatenates them); an exact repeat skips the
         # encoder unless every cache is off
-        prompts, negatives = self.prompts(request)
-        embeddings, pooled = self.encode_prompt(prompts, negatives, stats, memo=request.cache_mode != "off")
+        embeddings, pooled = self.encode_prompt(request, stats)
 
         # 3-7. Cache lookup, timesteps, latents, denoising, decoding
         result = self.generate_images(request, embeddings, pooled, stats, cache)
@@ -134,21 +131,12 @@ class StableDiffusion:
     def check(self, request: Request) -> None:
         """The request's own checks, then what these engines can do."""
         request.check()
-        if (request.height or self.height) != self.height or (request.width or self.width) != self.width:
-            raise InvalidRequest(
-                f"size {request.width or self.width}x{request.height or self.height}: these engines are static at "
-                f"{self.width}x{self.height}; export and build for another size"
-            )
-
-    def prompts(self, request: Request) -> tuple[list[str], list[str]]:
-        """The prompt and negative prompt once per image of the engines' batch."""
-        return [request.prompt] * self.batch, [request.negative_prompt] * self.batch
+        request.check_size(self.height, self.width)
 
     def generate_images(self, request: Request, embeddings, pooled, stats=None, cache=None) -> Generation:
         """Text embeddings -> uint8 images, through the cross-request cache: what the Triton denoiser runs."""
         stats = stats if stats is not None else Stats()
-        prompts, negatives = self.prompts(request)
-        pooled_prompt = pooled[len(prompts) :]
+        pooled_prompt = pooled[self.batch :]  # the conditional half (request.texts: negatives first)
         image = to_unit_range(fit_image(request.init_image, self.width, self.height)) if request.img2img else None
 
         # 3. Cross-request cache: a stored image, or a stored latent K steps in. An init image and its
@@ -157,13 +145,13 @@ class StableDiffusion:
         run_steps = denoising_steps(request.steps, request.strength if request.img2img else None)
         decision = None
         if use_cache:
-            vector = cache.embedder.embed(prompts[0], pooled_prompt[0])
+            vector = cache.embedder.embed(request.prompt, pooled_prompt[0])
             scope = cache.scope(
                 size=(self.height, self.width),
                 steps=request.steps,
                 guidance=float(request.guidance),
                 scheduler=request.scheduler,
-                negative=negatives[0],
+                negative=request.negative_prompt,
                 interval=request.cache_interval,
                 schedule=request.cache_schedule,
                 batch=self.batch,
@@ -230,13 +218,15 @@ class StableDiffusion:
         stats.steps += denoising_steps(request.steps, strength) - skipped
         return latents, seed, captured
 
-    def encode_prompt(self, prompts, negatives, stats: Stats, memo: bool = True):
-        key = tuple(negatives + prompts)
+    def encode_prompt(self, request: Request, stats: Stats):
+        """(embeddings, pooled) of request.texts; the memo is skipped when the request turns every cache off."""
+        key = tuple(request.texts(self.batch))
+        memo = request.cache_mode != "off"
         if memo and key in self.text_memo:  # an exact repeat: the text encoder's output is a pure function of the ids
             self.text_memo.move_to_end(key)
             stats.text_memo_hits += 1
             return self.text_memo[key]
-        ids = token_ids(self.tokenizer, negatives + prompts)
+        ids = token_ids(self.tokenizer, list(key))
         out = stats.timed(TEXT_ENCODER, self.runners[TEXT_ENCODER], {INPUT_IDS: ids})
         self.text_memo[key] = out[TEXT_EMBEDDINGS], out[POOLED_EMBEDDING]
         if len(self.text_memo) > TEXT_MEMO_SIZE:

@@ -84,6 +84,7 @@ def trajectories(pipe, modules: dict, specs: dict, calibration: Calibration) -> 
     import torch
 
     from .export import run_torch
+    from .request import Request
     from .schedulers import make_scheduler
     from .specs import TEXT_ENCODER, UNET_DEEP
     from .tokenizer import token_ids
@@ -93,7 +94,7 @@ def trajectories(pipe, modules: dict, specs: dict, calibration: Calibration) -> 
     latent_shape = (batch, *deep_spec.inputs[0].shape[1:])
     deep_feeds, shallow_feeds = [], []
     for index, prompt in enumerate(calibration.prompts):
-        ids = token_ids(pipe.tokenizer, [""] * batch + [prompt] * batch)
+        ids = token_ids(pipe.tokenizer, Request(prompt).texts(batch))
         context = run_torch(modules[TEXT_ENCODER], specs[TEXT_ENCODER], {INPUT_IDS: ids})[TEXT_EMBEDDINGS]
         scheduler = make_scheduler(calibration.scheduler, dict(pipe.scheduler.config), calibration.steps)
         scheduler.set_timesteps(calibration.steps)

@@ -54,6 +54,29 @@ class Request:
     def replace(self, **changes) -> Request:
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def of(cls, request: Request | str, **fields) -> Request:
+        """`Request.of("a cat", steps=20)` or `Request.of(request, seed=3)`, as the pipeline and the client
+        take it; `init_image` may be a path, a PIL image or uint8 pixels."""
+        if fields.get("init_image") is not None:
+            from .images import read_image
+
+            fields["init_image"] = read_image(fields["init_image"])
+        return request.replace(**fields) if isinstance(request, Request) else cls(request, **fields)
+
+    def texts(self, batch: int) -> list[str]:
+        """What the text encoder reads for `batch` images: the negative prompts first, then the prompts, as
+        diffusers concatenates them (the U-Net's guidance pair is unconditional, then conditional)."""
+        return [self.negative_prompt] * batch + [self.prompt] * batch
+
+    def check_size(self, height: int, width: int) -> None:
+        """Engines are static at height x width: a request for another size is refused (in process and served)."""
+        if (self.height or height, self.width or width) != (height, width):
+            raise InvalidRequest(
+                f"size {self.width or width}x{self.height or height}: these engines are static at "
+                f"{width}x{height}; export and build for another size"
+            )
+
     def check(self) -> Request:
         """Refuse a bad value before any compute, naming the field and what is allowed; returns self."""
         for name in ("prompt", "negative_prompt"):

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import time
 
-from ..errors import InvalidRequest, ServerFailed, UsageError, VoltacacheError
-from ..images import read_image
+from ..errors import ServerFailed, UsageError, VoltacacheError
 from ..request import Images, Request
 from . import protocol as p
 
@@ -28,7 +27,7 @@ class Client:
             self.client = triton.InferenceServerClient(url, **kwargs)
         except Exception as e:  # tritonclient raises plain exceptions for a malformed URL
             raise UsageError(f"--url {url!r}: not a HOST:PORT address ({e})") from None
-        self.image_size = None  # (height, width) the deployment serves, asked once when a request names a size
+        self.shape = None  # (batch, height, width) the deployment serves: image_shape()
 
     def infer(self, model: str, values: dict, outputs: list[str]) -> dict:
         """Send `values` (name -> numpy array) to `model`; the named outputs as numpy arrays."""
@@ -63,12 +62,10 @@ class Client:
     def generate(self, request: Request | str, /, **fields) -> Images:
         """`generate("a cat", steps=20, seed=1)` or `generate(Request(...))`, checked here and again in
         the server. `init_image` may be a path, a PIL image or uint8 pixels of any size."""
-        if fields.get("init_image") is not None:
-            fields["init_image"] = read_image(fields["init_image"])
-        request = request.replace(**fields) if isinstance(request, Request) else Request(request, **fields)
-        request.check()
+        request = Request.of(request, **fields).check()
         if request.height is not None or request.width is not None:
-            self.check_size(request)
+            _, height, width = self.image_shape()
+            request.check_size(height, width)
         started = time.perf_counter()
         out = self.infer(request.model, request.to_triton(), [t.name for t in p.STATS] + [p.IMAGES])
         return Images(
@@ -82,19 +79,14 @@ class Client:
             similarity=float(out[p.SIMILARITY][0]),
         )
 
-    def check_size(self, request: Request) -> None:
-        """The deployment's engines are static: a request for another size is refused as in process."""
-        if self.image_size is None:
+    def image_shape(self) -> tuple[int, int, int]:
+        """(batch, height, width) of the deployment's images (its engines are static), asked once."""
+        if self.shape is None:
             as_json = {"as_json": True} if self.protocol == "grpc" else {}
             try:
                 metadata = self.client.get_model_metadata(p.TXT2IMG, **as_json)
             except Exception as e:
                 raise self.failure(p.TXT2IMG, str(e)) from None
             shape = next(o["shape"] for o in metadata["outputs"] if o["name"] == p.IMAGES)  # batch, h, w, 3
-            self.image_size = int(shape[1]), int(shape[2])
-        height, width = self.image_size
-        if (request.height or height, request.width or width) != (height, width):
-            raise InvalidRequest(
-                f"size {request.width or width}x{request.height or height}: these engines are static at "
-                f"{width}x{height}; export and build for another size"
-            )
+            self.shape = int(shape[0]), int(shape[1]), int(shape[2])
+        return self.shape

@@ -35,8 +35,7 @@ TRITON_DTYPES = {
 # Which adapter in triton_models/ serves each Python model.
 ADAPTERS = {p.TOKENIZER: "tokenizer", p.DENOISER: "denoiser", p.POSTPROCESS: "postprocess"}
 COMPONENT_BACKENDS = ("python", "onnxruntime", "tensorrt")
-MARKER = "voltacache.json"  # written last, at the root of every repository `deploy` wrote
-is_repository = json_marker(MARKER, "engines", "component_backend")
+is_repository = json_marker(p.REPOSITORY_MARKER, "engines", "component_backend")
 
 
 def tensors(items, optional=()):
@@ -170,6 +169,6 @@ def _write_repository(
         install_adapter(repo / name, adapter)
     write_config(repo / p.TXT2IMG, ensemble_config(specs[p.TXT2IMG], ensemble_steps(specs, img2img=False)))
     write_config(repo / p.IMG2IMG, ensemble_config(specs[p.IMG2IMG], ensemble_steps(specs, img2img=True)))
-    (repo / MARKER).write_text(
+    (repo / p.REPOSITORY_MARKER).write_text(
         json.dumps({"engines": str(engines.resolve()), "component_backend": component_backend}, indent=2)
     )

@@ -53,6 +53,7 @@ TXT2IMG = "txt2img"
 IMG2IMG = "img2img"
 
 RANDOM_SEED = -1
+REPOSITORY_MARKER = "voltacache.json"  # written last at the root of every repository `voltacache deploy` wrote
 
 
 def scalar(name: str, dtype: str) -> TensorSpec:

@@ -94,9 +94,7 @@ class TokenizerModel(PythonModel):
         request = self.request(request)
         cacheable = request.cache_mode == "on" and request.seed is not None
         return {
-            INPUT_IDS: token_ids(
-                self.tokenizer, [request.negative_prompt] * self.batch + [request.prompt] * self.batch
-            ),
+            INPUT_IDS: token_ids(self.tokenizer, request.texts(self.batch)),
             p.RECEIVED_NS: np.array([time.monotonic_ns()], np.int64),
             p.RESPONSE_KEY: np.array([0 if cacheable else secrets.randbits(62) + 1], np.int64),
         }

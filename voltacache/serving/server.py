@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import NoReturn
 
 from ..errors import ServerFailed, UsageError, VoltacacheError
+from .protocol import REPOSITORY_MARKER
 
 READY_TIMEOUT_S = 120
-MARKER = "voltacache.json"  # what `voltacache deploy` writes at the repository root
 WARNING = "voltacache warning:"  # what a model logs when it serves in a degraded way
 _numbers = itertools.count(1)
 _LOG_LINE = re.compile(r"^([IWE])\d{4} \S+\s+\d+ [^\]]*\] (.*)$")
@@ -86,9 +86,9 @@ def preflight(repo: Path, host: str, ports: dict[str, int]) -> None:
     repo = Path(repo)
     if not repo.is_dir():
         raise UsageError(f"--repo {repo}: no such folder; write one with `voltacache deploy`")
-    if not (repo / MARKER).is_file():
+    if not (repo / REPOSITORY_MARKER).is_file():
         raise UsageError(
-            f"--repo {repo} is not a repository written by `voltacache deploy` (no {MARKER}); "
+            f"--repo {repo} is not a repository written by `voltacache deploy` (no {REPOSITORY_MARKER}); "
             "pass the folder `voltacache deploy --repo` wrote"
         )
     taken = {}
