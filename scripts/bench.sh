@@ -11,6 +11,8 @@ $V bench --model build/bench/tiny_model --workdir build/bench/tiny --size 64 --s
 
 .venv/bin/python scripts/bench_serving.py --engines build/bench/tiny/engines_block_64 --steps 20 --repeats 9 \
   --out docs/results/serving_tiny.json
+# serving throughput at 1-16 concurrent clients: the step-batching denoiser against per-request denoisers
+.venv/bin/python scripts/bench_throughput.py --engines build/bench/tiny/engines_block_64 --steps 10,20 --label tiny
 
 # the cross-request cache: a prompt workload (cache on vs off) and hit latency at 10k / 100k entries
 .venv/bin/python scripts/bench_cache_workload.py --engines build/bench/tiny/engines_block_64 --requests 240 --steps 50
@@ -30,3 +32,7 @@ $V bench --model build/sd15/model --workdir build/bench/sd15 --size 256 --steps 
   --deepcache-intervals 3 --branches 0 --triton-branches "" --precisions fp32,int8 --name bench_sd15_int8
 .venv/bin/python scripts/bench_int8.py --fp32 build/bench/sd15/engines_0_256 \
   --int8 "$(ls -d build/bench/sd15/engines_0_256_int8_* | head -1)"
+
+# serving throughput on the SD 1.5 architecture (fewer requests: about 15 s per image here)
+.venv/bin/python scripts/bench_throughput.py --engines build/bench/sd15/engines_0_256 --concurrency 1,2,4,8 \
+  --requests 8 --steps 4,8 --warmup 2 --label sd15_256

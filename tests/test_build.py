@@ -14,7 +14,7 @@ from voltacache.build import (
     tensorrt_available,
 )
 from voltacache.errors import VoltacacheError
-from voltacache.specs import COMPONENTS, UNET_DEEP
+from voltacache.specs import COMPONENTS, ROWS, UNET_DEEP
 
 TRT_OK, TRT_WHY = tensorrt_available()
 
@@ -32,6 +32,15 @@ def test_onnxruntime_manifest(engines_dir, onnx_fp32):
     for name in COMPONENTS:
         assert (engines_dir / manifest["files"][name]).is_file()
     assert manifest["export"]["components"][UNET_DEEP]["inputs"][0]["shape"] == [2, 4, 8, 8]
+    assert manifest["export"]["batch_sizes"] == [1, 2, 4, 8]
+
+
+def test_onnxruntime_model_keeps_the_dynamic_rows(engines_dir):
+    import onnx
+
+    for name in COMPONENTS:
+        graph = onnx.load(str(engines_dir / f"{name}.onnx"), load_external_data=False).graph
+        assert {v.type.tensor_type.shape.dim[0].dim_param for v in [*graph.input, *graph.output]} == {ROWS}
 
 
 def test_auto_says_which_backend_and_why():
@@ -53,12 +62,14 @@ def test_tensorrt_engines_match_onnxruntime(onnx_fp32, engines_dir, tmp_path):
     assert manifest["versions"]["compute_capability"]
     trt = load_engines(trt_dir, cuda_graph=True).runners
     ort = load_engines(engines_dir).runners
-    feeds = {
-        t.name: np.random.default_rng(0).standard_normal(t.shape).astype(t.dtype) for t in trt[UNET_DEEP].spec.inputs
-    }
-    a, b = trt[UNET_DEEP].infer(feeds), ort[UNET_DEEP].infer(feeds)
-    for name in a:
-        np.testing.assert_allclose(a[name], b[name], atol=2e-2, rtol=2e-2)
+    assert trt[UNET_DEEP].sizes == (1, 2, 4, 8) and len(trt[UNET_DEEP].contexts) == 4
+    for n in (1, 3, 9):  # a profile's size, padded up to one, split above the largest
+        spec = trt[UNET_DEEP].spec.for_images(n)
+        feeds = {t.name: np.random.default_rng(n).standard_normal(t.shape).astype(t.dtype) for t in spec.inputs}
+        a, b = trt[UNET_DEEP].infer(feeds), ort[UNET_DEEP].infer(feeds)
+        for name in a:
+            assert a[name].shape == b[name].shape
+            np.testing.assert_allclose(a[name], b[name], atol=2e-2, rtol=2e-2)
 
 
 def test_engines_from_another_runtime_version_are_refused(engines_dir, tmp_path):
@@ -68,6 +79,23 @@ def test_engines_from_another_runtime_version_are_refused(engines_dir, tmp_path)
     (copy / ENGINE_MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(RebuildNeeded, match="onnxruntime 0.0.1.*rebuild"):
         load_engines(copy)
+
+
+def test_engines_from_before_step_batching_are_refused(engines_dir, onnx_fp32, tmp_path):
+    copy = copy_engines(engines_dir, tmp_path)
+    manifest = json.loads((copy / ENGINE_MANIFEST).read_text())
+    del manifest["export"]["batch_sizes"]
+    (copy / ENGINE_MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(RebuildNeeded, match="before step batching .*run `voltacache export` again"):
+        load_engines(copy)
+    # and an export from before is not built
+    old = shutil.copytree(onnx_fp32, tmp_path / "onnx")
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["batch_sizes"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    result = cli("build", "--onnx", old, "--out", tmp_path / "new", "--backend", "onnxruntime")
+    one_error_line(result, 1, "exported before step batching", "run `voltacache export` again")
+    assert listing(tmp_path) == ["engines", "onnx"]
 
 
 def test_changed_onnx_is_refused(onnx_fp32, tmp_path):

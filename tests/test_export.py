@@ -7,7 +7,7 @@ from onnx import TensorProto, helper
 from voltacache import export
 from voltacache.errors import ExportError
 from voltacache.export import ExportOptions, export_model, fp16_overflows, model_fingerprint, read_manifest
-from voltacache.specs import COMPONENTS, UNET_DEEP, UNET_SHALLOW
+from voltacache.specs import COMPONENTS, ROWS, UNET_DEEP, UNET_SHALLOW
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +29,16 @@ def test_manifest_describes_every_file(onnx_fp32, tiny_dir):
     assert manifest["fingerprint"] == ExportOptions(precision="fp32").fingerprint(model_fingerprint(tiny_dir))
     assert manifest["fingerprint"] != ExportOptions(precision="fp16").fingerprint(model_fingerprint(tiny_dir))
     assert {"torch", "diffusers", "onnx", "onnxruntime"} <= manifest["versions"].keys()
+    assert manifest["batch"] == 1 and manifest["batch_sizes"] == [1, 2, 4, 8]
     for name in COMPONENTS:
         entry = manifest["components"][name]
         model = onnx.load(str(onnx_fp32 / entry["file"]))
         onnx.checker.check_model(model, full_check=True)
         declared = {t["name"]: tuple(t["shape"]) for t in entry["inputs"] + entry["outputs"]}
         for value in [*model.graph.input, *model.graph.output]:
-            assert tuple(d.dim_value for d in value.type.tensor_type.shape.dim) == declared[value.name]
+            # the manifest holds the shapes at --batch; the graph leaves the rows dynamic
+            rows, *rest = value.type.tensor_type.shape.dim
+            assert rows.dim_param == ROWS and tuple(d.dim_value for d in rest) == declared[value.name][1:]
         assert entry["max_error"] <= entry["tolerance"] == 1e-4
         assert entry["tensorrt_lint"]["ok"], entry["tensorrt_lint"]
 
@@ -83,8 +86,46 @@ def test_export_fails_when_onnx_disagrees(tiny_dir, tmp_path, monkeypatch):
 def test_bad_options(tiny_dir, tmp_path):
     with pytest.raises(ExportError, match="--precision"):
         export_model(tiny_dir, tmp_path, ExportOptions(precision="int4"))
+    with pytest.raises(ExportError, match="--opset 17"):
+        export_model(tiny_dir, tmp_path, ExportOptions(opset=17))
     with pytest.raises(ExportError, match="multiples of 64"):
         export_model(tiny_dir, tmp_path, ExportOptions(height=100))
+    with pytest.raises(ExportError, match="--batch-sizes 1,2: use positive multiples of --batch 2"):
+        export_model(tiny_dir, tmp_path, ExportOptions(batch=2, batch_sizes=(1, 2)))
+    with pytest.raises(ExportError, match="--batch-sizes 0,1"):
+        export_model(tiny_dir, tmp_path, ExportOptions(batch_sizes=(1, 0)))
+
+
+def test_batch_sizes_default_to_multiples_of_the_batch():
+    assert ExportOptions().batch_sizes == (1, 2, 4, 8)
+    assert ExportOptions(batch=2).batch_sizes == (2, 4, 8, 16)
+    assert ExportOptions(batch_sizes=(4, 1, 2, 4)).batch_sizes == (1, 2, 4)  # sorted, unique
+    assert export.parse_batch_sizes("1,2,4,8") == (1, 2, 4, 8)
+
+
+def test_cli_export_refuses_bad_batch_sizes(tiny_dir, tmp_path):
+    for value in ("1,two", "1,,2", ""):
+        one_error_line(
+            cli("export", "--model", tiny_dir, "--out", tmp_path / "o", "--batch-sizes", value), 1, "--batch-sizes"
+        )
+    one_error_line(
+        cli("export", "--model", tiny_dir, "--out", tmp_path / "o", "--batch", "2", "--batch-sizes", "2,3"),
+        1,
+        "--batch-sizes 2,3: use positive multiples of --batch 2",
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_export_from_before_step_batching_is_refused(onnx_fp32, tmp_path):
+    import json
+    import shutil
+
+    old = shutil.copytree(onnx_fp32, tmp_path / "onnx")
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["batch_sizes"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match="exported before step batching .*run `voltacache export` again"):
+        read_manifest(old)
 
 
 def test_fp16_overflow_is_detected(tmp_path):

@@ -3,8 +3,12 @@ import pytest
 from voltacache.specs import (
     COMPONENTS,
     DEEP_FEATURE,
+    ROWS_PER_IMAGE,
+    SAMPLE,
+    TIMESTEP,
     UNET_DEEP,
     UNET_SHALLOW,
+    VAE_DECODER,
     ComponentSpec,
     Geometry,
     component_specs,
@@ -23,6 +27,19 @@ def test_shapes_follow_batch_and_size(geometry):
     deep = {t.name: t.shape for t in specs[UNET_DEEP].outputs}
     assert deep[DEEP_FEATURE] == (6, 64, 16, 8)  # guidance doubles the batch; latents are 1/8 of the image
     assert specs[UNET_SHALLOW].inputs[-1] == specs[UNET_DEEP].outputs[-1]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8])
+def test_every_tensor_has_its_rows_per_image_at_any_number_of_images(geometry, n):
+    one, specs = component_specs(geometry, 1, 64, 64), component_specs(geometry, n, 64, 64)
+    for name, spec in specs.items():
+        assert spec.rows_per_image == ROWS_PER_IMAGE[name] and spec.images == n
+        assert spec == one[name].for_images(n) == specs[name].for_images(n)
+        for t in (*spec.inputs, *spec.outputs):
+            assert t.shape[0] == n * ROWS_PER_IMAGE[name]
+    shapes = {t.name: t.shape for t in specs[UNET_DEEP].inputs}
+    assert shapes[TIMESTEP] == (2 * n,) and shapes[SAMPLE][0] == 2 * n  # a timestep per row
+    assert specs[VAE_DECODER].inputs[0].shape == (n, 4, 8, 8)
 
 
 def test_size_must_fit_the_unet(geometry):

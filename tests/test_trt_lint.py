@@ -2,6 +2,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from voltacache import trt_lint
+from voltacache.specs import ROWS
 
 
 def write(tmp_path, nodes, inputs, outputs, name="m.onnx"):
@@ -23,6 +24,26 @@ def test_reports_unsupported_op_and_dynamic_dims(tmp_path):
     assert report.unsupported_ops == {"Unique": 1}
     assert "x[0]=batch" in report.dynamic_dims
     assert "Unique x1" in report.summary()
+
+
+def test_only_the_leading_rows_dimension_may_be_dynamic(tmp_path):
+    # the engine builder fixes `rows` with one profile per batch size; any other dynamic dimension it cannot
+    path = write(
+        tmp_path,
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [ROWS, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [ROWS, 4])],
+    )
+    assert trt_lint.lint(path).ok
+    path = write(
+        tmp_path,
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [ROWS, ROWS])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [ROWS, ROWS])],
+        name="inner.onnx",
+    )
+    report = trt_lint.lint(path)
+    assert report.dynamic_dims == ["x[1]=rows", "y[1]=rows"] and not report.ok
 
 
 def test_attention_needs_tensorrt_10_14(tmp_path):

@@ -11,6 +11,7 @@ Each round runs every contender once, in turn; medians over rounds are compared.
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -236,7 +237,68 @@ def run(cfg: BenchConfig, progress=None) -> dict:
                 contender.peak_rss = max(contender.peak_rss, rss.peak)
                 if progress:
                     progress(contender.name)
-    return report(cfg, contenders)
+    result = report(cfg, contenders)
+    result["batch_sizes"] = {
+        f"{branch} {precision}": batch_size_times(
+            engines_for(cfg.model, cfg.workdir, cfg.size, branch, precision, BENCH_CALIBRATION.get(precision)),
+            cfg.repeats,
+        )
+        for branch in cfg.branches
+        for precision in cfg.precisions
+    }
+    result["step_batching_plan"] = {
+        engines: {n: step_batching_plan(times, n, cfg.steps) for n in cfg.intervals}
+        for engines, times in result["batch_sizes"].items()
+    }
+    return result
+
+
+def step_batching_plan(times: dict, interval: int, steps: int) -> dict:
+    """U-Net images per second a step-batching server would reach with `occupancy` requests in flight,
+    from measured per-size call times. The requests are evenly staggered: in tick j, those whose step
+    is a refresh step (one in N) share one unet_deep call and the rest one unet_shallow call, and
+    every request advances one of its `steps`; tick times are averaged over the N phases. A call
+    runs at the smallest built size that holds it (what a TensorRT engine pads to; ONNX Runtime runs
+    exactly n, so for it this is an upper bound on time)."""
+
+    def call(name, images):
+        if images == 0:
+            return 0.0
+        built = sorted(int(n) for n in times[name])
+        size = next((n for n in built if n >= images), built[-1])
+        return times[name][size] * math.ceil(images / size) if size < images else times[name][size]
+
+    plan = {}
+    for occupancy in sorted(int(n) for n in times["unet_deep"]):
+        ticks = []
+        for phase in range(interval):
+            deep = sum(1 for i in range(occupancy) if (i + phase) % interval == 0)
+            ticks.append(call("unet_deep", deep) + call("unet_shallow", occupancy - deep))
+        plan[occupancy] = occupancy / (float(np.mean(ticks)) * steps)
+    return plan
+
+
+def batch_size_times(engines: Path, repeats: int) -> dict:
+    """Seconds per U-Net call at each batch size the engines were built for (what step batching packs
+    requests into): {component: {images: median seconds}}. On a GPU these are the TensorRT profiles'
+    times, the input of the throughput plan in docs/benchmarks.md."""
+    from .build import load_engines
+    from .specs import UNET_DEEP, UNET_SHALLOW
+
+    loaded = load_engines(engines, components=(UNET_DEEP, UNET_SHALLOW))
+    times = {}
+    for name, runner in loaded.runners.items():
+        times[name] = {}
+        for images in loaded.export["batch_sizes"]:
+            feeds = {t.name: t.zeros() for t in runner.spec.for_images(images).inputs}
+            runner.infer(feeds)  # warm-up: first-call allocations and kernel choices
+            seconds = []
+            for _ in range(max(repeats, 3)):
+                started = time.perf_counter()
+                runner.infer(feeds)
+                seconds.append(time.perf_counter() - started)
+            times[name][images] = float(np.median(seconds))
+    return times
 
 
 def report(cfg: BenchConfig, contenders: list[Contender]) -> dict:
@@ -359,4 +421,12 @@ def table(result: dict) -> str:
         )
     for name, overhead in result["triton_overhead"].items():
         lines.append(f"Triton overhead {name}: {overhead * 100:+.1f}%")
+    for engines, components in result.get("batch_sizes", {}).items():
+        for component, times in components.items():
+            per_image = ", ".join(f"{n}: {s / n:.3f}" for n, s in times.items())
+            lines.append(f"{component} ({engines}) s per image by batch size: {per_image}")
+    for engines, by_interval in result.get("step_batching_plan", {}).items():
+        for n, plan in by_interval.items():
+            rates = ", ".join(f"{b} in flight: {r:.2f}" for b, r in plan.items())
+            lines.append(f"step batching plan ({engines}, N={n}), U-Net images/s: {rates}")
     return "\n".join(lines)

@@ -146,6 +146,11 @@ def export(
     ),
     calibration_steps: int | None = typer.Option(None, help="int8: DDIM steps per calibration prompt (default 10)."),
     batch: int = typer.Option(1, help="Images per call (the U-Net sees 2x: classifier-free guidance)."),
+    batch_sizes: str | None = typer.Option(
+        None,
+        help="Images per engine call the engines serve, comma-separated multiples of --batch, e.g. 1,2,4,8 "
+        "(the default: --batch x 1,2,4,8); a server runs many requests' steps in one call.",
+    ),
     height: int | None = typer.Option(None, help="Image height in pixels (default: the model's native size)."),
     width: int | None = typer.Option(None, help="Image width in pixels (default: the model's native size)."),
     opset: int = typer.Option(23, help="23: fused ONNX Attention (TensorRT >= 10.14); 18: unfused, TensorRT fuses it."),
@@ -166,7 +171,7 @@ def export(
     """Export CLIP, the U-Net split at the DeepCache point, and the VAE to ONNX, validated and linted."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .export import STAGES, ExportOptions, export_model
+    from .export import STAGES, ExportOptions, export_model, parse_batch_sizes
     from .specs import COMPONENTS
 
     calibration = None
@@ -174,7 +179,10 @@ def export(
         from .quantize import Calibration
 
         calibration = Calibration.from_file(calibration_prompts, calibration_steps or Calibration.steps)
-    options = ExportOptions(precision, batch, height, width, opset, deepcache_branch, calibration=calibration)
+    sizes = parse_batch_sizes(batch_sizes) if batch_sizes is not None else None
+    options = ExportOptions(
+        precision, batch, height, width, opset, deepcache_branch, calibration=calibration, batch_sizes=sizes
+    )
     columns = (
         TextColumn("{task.description:<13}"),
         BarColumn(),
@@ -287,7 +295,14 @@ def deploy(
     component_backend: str = typer.Option(
         "python", help="python (ONNX Runtime in a Python model: the CPU server), onnxruntime (NGC) or tensorrt."
     ),
-    denoiser_instances: int = typer.Option(2, help="Denoiser instances: requests denoised in parallel."),
+    step_batching: bool = typer.Option(
+        True,
+        help="One denoiser batches the U-Net steps of every request in flight (requests join and leave at step "
+        "boundaries). --no-step-batching: --denoiser-instances denoisers, one request each.",
+    ),
+    denoiser_instances: int | None = typer.Option(
+        None, help="With --no-step-batching: denoiser instances, requests denoised in parallel (default 2)."
+    ),
     cache: str = typer.Option("off", help="Cross-request cache index: off, a milvus-lite file, or a Milvus URL."),
     cache_embedder: str = typer.Option("clip", help="clip (the pipeline's pooled output) or minilm."),
     blob_store: str | None = typer.Option(None, help="Blob folder or s3://bucket/prefix (needed with a Milvus URL)."),
@@ -312,7 +327,7 @@ def deploy(
         cache_threshold,
         cache_bands,
     )
-    print(write_repository(engines, repo, component_backend, denoiser_instances, settings))
+    print(write_repository(engines, repo, component_backend, denoiser_instances, settings, step_batching))
 
 
 @app.command()

@@ -1,7 +1,9 @@
 """Export every component to ONNX, validate it against PyTorch, lint it for TensorRT, write manifest.json.
 
-Recipe measured on these machines (docs/platform.md): `torch.onnx.export(dynamo=True)`; opset 23
-turns each scaled_dot_product_attention into one ONNX `Attention` node, opset 18 leaves
+Recipe measured on these machines (docs/platform.md): `torch.onnx.export(dynamo=True)`, traced at
+`batch` images with the leading (row) dimension of every input and output left dynamic, so one
+graph serves every size in `batch_sizes` (a server runs many requests' U-Net steps in one call);
+opset 23 turns each scaled_dot_product_attention into one ONNX `Attention` node, opset 18 leaves
 MatMul/Softmax/MatMul for TensorRT < 10.14 to fuse; FP16 through onnxruntime's
 `OnnxModel.convert_float_to_float16(keep_io_types=True)` (graph inputs and outputs stay fp32, so
 every runtime binds the same float32 buffers whatever the precision).
@@ -34,6 +36,7 @@ from .specs import (
     DEEP_FEATURE,
     INPUT_IDS,
     NOISE_PRED,
+    ROWS,
     SAMPLE,
     TIMESTEP,
     UNET_DEEP,
@@ -53,6 +56,7 @@ TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}
 PRECISIONS = ("fp16", "fp32", "int8")  # int8: the U-Nets quantized (voltacache.quantize), the rest fp32
 EXTERNAL_DATA_BYTES = 1_800_000_000
 PROBE_CHUNK = 400  # protobuf's 2 GB limit, with room for the graph itself
+SIZE_STEPS = (1, 2, 4, 8)  # default engine sizes, in multiples of --batch
 
 
 @dataclass
@@ -65,14 +69,26 @@ class ExportOptions:
     deepcache_branch: str = "block"
     seed: int = 0
     calibration: Calibration | None = None  # int8: what the U-Nets are calibrated on (default: Calibration())
+    # images per engine call the engines are built for (sorted, unique); default batch x SIZE_STEPS
+    batch_sizes: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.precision == "int8" and self.calibration is None:
             self.calibration = Calibration()
+        if self.batch_sizes is None:
+            self.batch_sizes = tuple(self.batch * k for k in SIZE_STEPS)
+        self.batch_sizes = tuple(sorted(set(self.batch_sizes)))
 
     def check(self):
         if self.precision not in PRECISIONS:
             raise ExportError(f"--precision {self.precision!r}: use fp16, fp32 or int8")
+        if self.opset not in (18, 23):
+            raise ExportError(f"--opset {self.opset}: use 23 (fused Attention) or 18 (unfused, TensorRT < 10.14)")
+        if self.batch < 1:
+            raise ExportError(f"--batch {self.batch}: use 1 or more images per request")
+        if not self.batch_sizes or any(n < 1 or n % self.batch for n in self.batch_sizes):
+            sizes = ",".join(map(str, self.batch_sizes))
+            raise ExportError(f"--batch-sizes {sizes}: use positive multiples of --batch {self.batch}, e.g. 1,2,4,8")
         if self.precision == "int8":
             self.calibration.check()
         elif self.calibration is not None:
@@ -86,11 +102,18 @@ class ExportOptions:
     def fingerprint(self, model: str) -> str:
         """What the images depend on: the weights, and how they were compiled (a cache entry of one
         export is never served for another)."""
+        # Shapes are not in it (nor batch_sizes): a row's result does not depend on how many rows share its call.
         calibration = self.calibration.id if self.calibration else ""
         text = f"{model}|{self.precision}|{calibration}|{self.opset}|{self.deepcache_branch}"
         return hashlib.sha256(text.encode()).hexdigest()
-        if self.opset not in (18, 23):
-            raise ExportError(f"--opset {self.opset}: use 23 (fused Attention) or 18 (unfused, TensorRT < 10.14)")
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """`--batch-sizes 1,2,4,8` -> (1, 2, 4, 8); ExportOptions.check judges the numbers."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ExportError(f"--batch-sizes {text!r}: give image counts separated by commas, e.g. 1,2,4,8") from None
 
 
 def model_fingerprint(path: Path) -> str:
@@ -240,8 +263,11 @@ def export_component(module, spec, feeds: dict, path: Path, options: ExportOptio
             opset_version=options.opset,
             input_names=spec.input_names,
             output_names=spec.output_names,
+            # DYNAMIC, not a named Dim: torch.export refuses a named Dim traced at size 1 (one VAE row)
+            dynamic_shapes=tuple({0: torch.export.Dim.DYNAMIC} for _ in args),
             verbose=False,
         )
+    name_rows(program, path)
     step("precision")
     overflows = []
     path.with_name(path.name + ".data").unlink(missing_ok=True)
@@ -290,6 +316,17 @@ def export_component(module, spec, feeds: dict, path: Path, options: ExportOptio
     report = lint(path)
     entry["tensorrt_lint"] = {"target": report.tensorrt, "ok": report.ok, "problems": report.problems}
     return entry, outputs
+
+
+def name_rows(program, path: Path) -> None:
+    """Name the exporter's symbol for the leading dimension ROWS, and refuse a graph where it came out fixed."""
+    values = [*program.model.graph.inputs, *program.model.graph.outputs]
+    program.rename_axes({v.shape[0].value: ROWS for v in values if not isinstance(v.shape[0], int)})
+    fixed = [v.name for v in values if v.shape[0] != ROWS]
+    if fixed:
+        raise ExportError(
+            f"{path.name}: the exporter fixed the row dimension of {', '.join(fixed)}; it must stay dynamic"
+        )
 
 
 def release_memory() -> None:
@@ -379,6 +416,7 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
         "calibration": options.calibration.to_json() if options.calibration else None,
         "opset": options.opset,
         "batch": options.batch,
+        "batch_sizes": list(options.batch_sizes),
         "height": height,
         "width": width,
         "deepcache_branch": options.deepcache_branch,
@@ -434,6 +472,14 @@ def _versions() -> dict:
     }
 
 
+# Graphs from before step batching have a fixed row dimension: engines built from them cannot serve batched steps.
+BEFORE_STEP_BATCHING = "exported before step batching (static batch); run `voltacache export` again"
+
+
+def exported_for_step_batching(manifest: dict) -> bool:
+    return bool(manifest.get("batch_sizes"))
+
+
 def read_manifest(onnx_dir: Path) -> dict:
     """The manifest of an export folder; anything else is refused with the file named."""
     onnx_dir = Path(onnx_dir)
@@ -447,6 +493,8 @@ def read_manifest(onnx_dir: Path) -> dict:
     if not isinstance(components, dict) or missing or "precision" not in manifest:
         what = f"no entry for {', '.join(missing)}" if isinstance(components, dict) and missing else "not one"
         raise ExportError(f"{path}: not a voltacache export manifest ({what}); {remedy}")
+    if not exported_for_step_batching(manifest):
+        raise ExportError(f"{path}: {BEFORE_STEP_BATCHING}")
     return manifest
 
 

@@ -87,12 +87,76 @@ class Generation:
         )
 
 
+@dataclass
+class Work:
+    """One request's denoising in flight: its scheduler, latents, DeepCache feature and step index,
+    and what its cache entry needs. `StableDiffusion.step` advances many works together; nothing in
+    here is shared between requests."""
+
+    request: Request
+    embeddings: np.ndarray
+    scheduler: object
+    timesteps: torch.Tensor
+    latents: torch.Tensor
+    refresh: set
+    generator: torch.Generator
+    seed: int
+    stats: Stats
+    capture: set
+    captured: dict = field(default_factory=dict)
+    deep: np.ndarray | None = None
+    index: int = 0
+    # the cross-request cache's part (set by StableDiffusion.begin)
+    pooled: np.ndarray | None = None
+    run_steps: int = 0
+    cache: object = None
+    vector: np.ndarray | None = None
+    scope: dict | None = None
+    decision: object = None
+
+    def __post_init__(self):
+        self.extra = step_kwargs(self.scheduler, self.generator)
+
+    @property
+    def done(self) -> bool:
+        return self.index >= len(self.timesteps)
+
+    @property
+    def full(self) -> bool:
+        """Whether this step runs the full U-Net (a DeepCache refresh step, or no feature yet)."""
+        return self.deep is None or self.index in self.refresh
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        """This step's U-Net rows: the guidance pair (unconditional, then conditional), a timestep per row."""
+        t = self.timesteps[self.index]
+        sample = self.scheduler.scale_model_input(torch.cat([self.latents] * 2), t).numpy().astype(np.float32)
+        feeds = {SAMPLE: sample, TIMESTEP: np.full(len(sample), float(t), np.float32), CONTEXT: self.embeddings}
+        return feeds if self.full else {**feeds, DEEP_FEATURE: self.deep}
+
+    def advance(self, noise_pred: np.ndarray, deep_feature: np.ndarray | None = None) -> None:
+        """Guidance, then the scheduler's step; keeps a refreshed deep feature and the latents the cache asks for."""
+        if deep_feature is not None:
+            self.deep = deep_feature
+            self.stats.unet_deep_calls += 1
+        else:
+            self.stats.unet_shallow_calls += 1
+        uncond, cond = torch.from_numpy(noise_pred).chunk(2)
+        guidance = self.request.guidance
+        noise = uncond + guidance * (cond - uncond) if guidance > 1 else cond
+        t = self.timesteps[self.index]
+        self.latents = self.scheduler.step(noise, t, self.latents, **self.extra, return_dict=False)[0]
+        self.index += 1
+        if self.index in self.capture:
+            self.captured[self.index] = self.latents.numpy().copy()
+
+
 class StableDiffusion:
     def __init__(self, runners: dict, export: dict, tokenizer):
         self.runners = runners
         self.export = export
         self.tokenizer = tokenizer
         self.batch, self.height, self.width = export["batch"], export["height"], export["width"]
+        self.batch_sizes = export["batch_sizes"]  # images per engine call the engines were built for
         self.vae_scale = export["geometry"]["vae_scale"]
         self.latent_channels = export["geometry"]["latent_channels"]
         self.scaling_factor = export["scaling_factor"]
@@ -134,7 +198,18 @@ class StableDiffusion:
         request.check_size(self.height, self.width)
 
     def generate_images(self, request: Request, embeddings, pooled, stats=None, cache=None) -> Generation:
-        """Text embeddings -> uint8 images, through the cross-request cache: what the Triton denoiser runs."""
+        """Text embeddings -> uint8 images, through the cross-request cache: what the Triton denoiser runs.
+
+        One request is the step batcher's work with a batch of one: begin, step until done, finish."""
+        work = self.begin(request, embeddings, pooled, stats, cache)
+        if isinstance(work, Generation):
+            return work
+        self.run(work)
+        return self.finish([work])[0]
+
+    def begin(self, request: Request, embeddings, pooled, stats=None, cache=None) -> Work | Generation:
+        """Steps 3-4 for one request: the cache lookup, then its timesteps and first latents (a Work to
+        step), or the finished Generation when the semantic cache answers it."""
         stats = stats if stats is not None else Stats()
         pooled_prompt = pooled[self.batch :]  # the conditional half (request.texts: negatives first)
         image = to_unit_range(fit_image(request.init_image, self.width, self.height)) if request.img2img else None
@@ -143,7 +218,7 @@ class StableDiffusion:
         # strength are part of the scope, and K counts the steps this request would run.
         use_cache = cache is not None and request.cache_mode != "off"
         run_steps = denoising_steps(request.steps, request.strength if request.img2img else None)
-        decision = None
+        decision = vector = scope = None
         if use_cache:
             vector = cache.embedder.embed(request.prompt, pooled_prompt[0])
             scope = cache.scope(
@@ -164,25 +239,18 @@ class StableDiffusion:
                 )
         start = (decision.latent, decision.start_step) if decision is not None and decision.latent is not None else None
         capture = cache.checkpoints(run_steps) if use_cache and start is None else set()
-
-        # 4-6. Timesteps, latents, denoising
-        latents, seed, checkpoints = self.generate_latents(embeddings, request, image, stats, start, capture)
-
-        # 7. Decode, and remember the result for later requests
-        images = to_uint8(self.decode_latents(latents, stats))
-        layer, similarity = "off", 0.0
+        work = self.start_denoising(embeddings, request, image, stats, start, capture)
+        work.pooled, work.run_steps = pooled_prompt, run_steps
         if use_cache:
-            layer = decision.layer if decision is not None else "miss"
-            similarity = decision.similarity if decision is not None else 0.0
-            cache.remember(vector, scope, seed, run_steps, images, checkpoints)
-        return Generation(images, seed, stats, pooled_prompt, 0.0, layer, similarity)
+            work.cache, work.vector, work.scope, work.decision = cache, vector, scope, decision
+        return work
 
-    def generate_latents(self, embeddings, request: Request, image=None, stats=None, start=None, capture=frozenset()):
-        """Text embeddings -> final latents (the part of generate_images between the cache and the VAE).
+    def start_denoising(self, embeddings, request: Request, image=None, stats=None, start=None, capture=frozenset()):
+        """Timesteps and first latents of one request, as a Work that `step` advances.
 
         `image`: the init image as the VAE encoder takes it (img2img). `start`: (latent, K) from the
         approximate cache: begin K steps in. `capture`: the step counts after which to keep a copy of
-        the latents (for the cache). Returns latents, seed and captures.
+        the latents (for the cache).
         """
         stats = stats if stats is not None else Stats()
         seed = random_seed() if request.seed is None else int(request.seed)
@@ -201,22 +269,81 @@ class StableDiffusion:
         else:
             latents = self.prepare_latents(sched, generator, timesteps, image, stats)
 
-        # 5. Denoise, the full U-Net on DeepCache's refresh steps and the shallow one in between
+        # DeepCache: the full U-Net on its refresh steps, the shallow one on the cached feature in between
         refresh = full_steps(len(timesteps), request.cache_interval, request.cache_schedule)
-        captured = {}
-        latents = self.denoise(
-            latents,
-            embeddings,
-            sched,
-            timesteps,
-            request.guidance,
-            refresh,
-            generator,
-            stats,
-            on_step=lambda n, x: captured.update({n: x.numpy().copy()}) if n in capture else None,
-        )
         stats.steps += denoising_steps(request.steps, strength) - skipped
-        return latents, seed, captured
+        return Work(request, embeddings, sched, timesteps, latents, refresh, generator, seed, stats, set(capture))
+
+    def generate_latents(self, embeddings, request: Request, image=None, stats=None, start=None, capture=frozenset()):
+        """Text embeddings -> final latents, seed and captured latents (generate_images without cache and VAE)."""
+        work = self.start_denoising(embeddings, request, image, stats, start, capture)
+        self.run(work)
+        return work.latents, work.seed, work.captured
+
+    def run(self, work: Work) -> None:
+        """Step one work to its end (the step batcher steps many together instead)."""
+        while not work.done:
+            for _, error in self.step([work]):
+                raise error
+
+    def step(self, works: list[Work]) -> list[tuple[Work, Exception]]:
+        """5. One denoising step of every work: one unet_deep call over those on a DeepCache refresh step
+        and one unet_shallow call over the rest, each work's rows side by side (its guidance pair together).
+
+        A call that fails is retried work by work, so that one bad request fails alone; returns the
+        works that failed, with why (the others have stepped)."""
+        deep, shallow = [w for w in works if w.full], [w for w in works if not w.full]
+        return self._step_group(UNET_DEEP, deep) + self._step_group(UNET_SHALLOW, shallow)
+
+    def _step_group(self, name: str, works: list[Work]) -> list[tuple[Work, Exception]]:
+        try:
+            return self._step(name, works)
+        except Exception as e:
+            if len(works) == 1:
+                return [(works[0], e)]
+        failed = []
+        for work in works:
+            try:
+                failed += self._step(name, [work])
+            except Exception as e:
+                failed.append((work, e))
+        return failed
+
+    def _step(self, name: str, works: list[Work]) -> list[tuple[Work, Exception]]:
+        if not works:
+            return []
+        feeds = [w.feeds() for w in works]
+        started = time.perf_counter()
+        out = self.runners[name].infer({k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
+        seconds = time.perf_counter() - started
+        rows = np.cumsum([len(f[SAMPLE]) for f in feeds])[:-1]
+        noise = np.split(out[NOISE_PRED], rows)
+        deep = np.split(out[DEEP_FEATURE], rows) if DEEP_FEATURE in out else [None] * len(works)
+        failed = []
+        for work, noise_pred, feature in zip(works, noise, deep):
+            work.stats.seconds[name] += seconds
+            try:
+                work.advance(noise_pred, feature)
+            except Exception as e:
+                failed.append((work, e))
+        return failed
+
+    def finish(self, works: list[Work]) -> list[Generation]:
+        """6-7. Decode the finished works in one VAE call, and remember each result for later requests."""
+        latents = torch.cat([w.latents for w in works])
+        started = time.perf_counter()
+        images = to_uint8(self.decode_latents(latents, Stats()))
+        seconds = time.perf_counter() - started
+        results = []
+        for work, pixels in zip(works, np.split(images, len(works))):
+            work.stats.seconds[VAE_DECODER] += seconds
+            layer, similarity = "off", 0.0
+            if work.cache is not None:
+                layer = work.decision.layer if work.decision is not None else "miss"
+                similarity = work.decision.similarity if work.decision is not None else 0.0
+                work.cache.remember(work.vector, work.scope, work.seed, work.run_steps, pixels, work.captured)
+            results.append(Generation(pixels, work.seed, work.stats, work.pooled, 0.0, layer, similarity))
+        return results
 
     def encode_prompt(self, request: Request, stats: Stats):
         """(embeddings, pooled) of request.texts; the memo is skipped when the request turns every cache off."""
@@ -257,32 +384,6 @@ class StableDiffusion:
         latents = (mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)) * self.scaling_factor
         noise = torch.randn(shape, generator=generator, dtype=torch.float32)
         return scheduler.add_noise(latents, noise, timesteps[:1].repeat(self.batch))
-
-    def denoise(
-        self, latents, embeddings, scheduler, timesteps, guidance, refresh, generator, stats: Stats, on_step=None
-    ):
-        extra = step_kwargs(scheduler, generator)
-        deep = None
-        for i, t in enumerate(timesteps):
-            model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
-            feeds = {
-                SAMPLE: model_input.numpy().astype(np.float32),
-                TIMESTEP: np.array([float(t)], dtype=np.float32),
-                CONTEXT: embeddings,
-            }
-            if i in refresh or deep is None:
-                out = stats.timed(UNET_DEEP, self.runners[UNET_DEEP], feeds)
-                deep = out[DEEP_FEATURE]
-                stats.unet_deep_calls += 1
-            else:
-                out = stats.timed(UNET_SHALLOW, self.runners[UNET_SHALLOW], {**feeds, DEEP_FEATURE: deep})
-                stats.unet_shallow_calls += 1
-            uncond, cond = torch.from_numpy(out[NOISE_PRED]).chunk(2)
-            noise = uncond + guidance * (cond - uncond) if guidance > 1 else cond
-            latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
-            if on_step is not None:
-                on_step(i + 1, latents)
-        return latents
 
     def decode_latents(self, latents: torch.Tensor, stats: Stats) -> np.ndarray:
         """Latents -> float image in [-1, 1], NCHW."""

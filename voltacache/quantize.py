@@ -90,7 +90,7 @@ def trajectories(pipe, modules: dict, specs: dict, calibration: Calibration) -> 
     from .tokenizer import token_ids
 
     deep_spec = specs[UNET_DEEP]
-    batch = deep_spec.inputs[0].shape[0] // 2
+    batch = deep_spec.images
     latent_shape = (batch, *deep_spec.inputs[0].shape[1:])
     deep_feeds, shallow_feeds = [], []
     for index, prompt in enumerate(calibration.prompts):
@@ -102,7 +102,8 @@ def trajectories(pipe, modules: dict, specs: dict, calibration: Calibration) -> 
         latents = torch.randn(latent_shape, generator=generator) * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             sample = scheduler.scale_model_input(torch.cat([latents] * 2), t)
-            feeds = {SAMPLE: sample.numpy(), TIMESTEP: np.array([float(t)], np.float32), CONTEXT: context}
+            timestep = np.full(len(sample), float(t), np.float32)  # one per row, as the graphs take it
+            feeds = {SAMPLE: sample.numpy(), TIMESTEP: timestep, CONTEXT: context}
             out = run_torch(modules[UNET_DEEP], deep_spec, feeds)
             deep_feeds.append(feeds)
             shallow_feeds.append({**feeds, DEEP_FEATURE: out[DEEP_FEATURE]})

@@ -1,9 +1,12 @@
 """One runner interface, `infer(dict of arrays) -> dict of arrays`, for every backend.
 
 Like polygraphy's TrtRunner / OnnxrtRunner: the pipeline, the Triton models and the benchmarks
-hold runners and never care which backend is behind them. Every runner checks its feeds against
-its component spec before running, so a wrong name, shape or dtype is a clear error, not a crash
-inside a kernel.
+hold runners and never care which backend is behind them. A call holds any number n >= 1 of
+images (n x spec.rows_per_image rows per tensor), so a server can run many requests' steps in
+one call. Every runner checks its feeds against its component spec for n images before running,
+so a wrong name, shape or dtype is a clear error, not a crash inside a kernel. Above the largest
+size the engine was built for, a call is split into several; an engine that runs only its built
+sizes (TensorRT) gets the rest padded with zero rows, and the padding sliced off its outputs.
 """
 
 from __future__ import annotations
@@ -17,35 +20,99 @@ from .errors import VoltacacheError
 from .specs import ComponentSpec
 
 
+def plan_calls(n: int, sizes: tuple[int, ...], pad: bool) -> list[tuple[int, int, int]]:
+    """How n images run on an engine built for `sizes` images per call: (first image, images, size
+    it runs at) per call. Calls of the largest size while more remain, then one call for the rest,
+    at the smallest size that holds it when the engine pads, at exactly the rest when it does not.
+    No sizes: any n in one call."""
+    if not sizes:
+        return [(0, n, n)]
+    largest, start, calls = max(sizes), 0, []
+    while n - start > largest:
+        calls.append((start, largest, largest))
+        start += largest
+    rest = n - start
+    calls.append((start, rest, min(s for s in sizes if s >= rest) if pad else rest))
+    return calls
+
+
+def pad_rows(value: np.ndarray, rows: int) -> np.ndarray:
+    """`value` with zero rows appended up to `rows` (itself when it has them)."""
+    if len(value) == rows:
+        return value
+    padded = np.zeros((rows, *value.shape[1:]), value.dtype)
+    padded[: len(value)] = value
+    return padded
+
+
 class Runner:
-    spec: ComponentSpec
+    spec: ComponentSpec  # shapes for the export's batch; a call may hold any number of images
+    sizes: tuple[int, ...] = ()  # images per call the engine was built for; () runs any number in one call
+    pads = False  # whether a call runs at one of `sizes` exactly, zero rows filling it up
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.check(feeds)
-        return self._infer(feeds)
+        n, rows = self.check(feeds), self.spec.rows_per_image
+        parts = []
+        for start, count, size in plan_calls(n, self.sizes, self.pads):
+            part = slice(start * rows, (start + count) * rows)
+            chunk = {k: pad_rows(feeds[k][part], size * rows) for k in self.spec.input_names}
+            parts.append({k: v[: count * rows] for k, v in self._infer(chunk).items()})
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([p[k] for p in parts]) for k in self.spec.output_names}
 
-    def check(self, feeds: dict[str, np.ndarray]) -> None:
-        for t in self.spec.inputs:
+    def check(self, feeds: dict[str, np.ndarray]) -> int:
+        """The number of images in `feeds`, each input checked against the spec for that many."""
+        spec, per_image, n = self.spec, self.spec.rows_per_image, 0
+        for i, t in enumerate(spec.inputs):
             if t.name not in feeds:
-                raise VoltacacheError(f"{self.spec.name}: missing input {t.name!r}")
+                raise VoltacacheError(f"{spec.name}: missing input {t.name!r}")
             value = feeds[t.name]
-            if tuple(value.shape) != t.shape or value.dtype != np.dtype(t.dtype):
-                got, expected = f"{value.dtype}{list(value.shape)}", f"{t.dtype}{list(t.shape)}"
-                raise VoltacacheError(f"{self.spec.name}: input {t.name!r} is {got}, expected {expected}")
+            if not n and value.ndim == len(t.shape) and len(value) and len(value) % per_image == 0:
+                n = len(value) // per_image  # the first input tells how many images the call holds
+                shapes = spec.for_images(n)
+            if n:
+                shape = shapes.inputs[i].shape
+                expected = f"{t.dtype}{list(shape)} ({n} images)"
+            else:
+                shape = None
+                dims = [f"{per_image}n" if per_image > 1 else "n", *map(str, t.shape[1:])]
+                expected = f"{t.dtype}[{', '.join(dims)}] (n >= 1 images)"
+            if tuple(value.shape) != shape or value.dtype != np.dtype(t.dtype):
+                raise VoltacacheError(
+                    f"{spec.name}: input {t.name!r} is {value.dtype}{list(value.shape)}, expected {expected}"
+                )
+        return n
 
     def _infer(self, feeds):
+        """Run one call whose feeds hold one of `sizes` images (any number when there are none)."""
         raise NotImplementedError
 
 
 class OnnxRuntimeRunner(Runner):
-    """An ONNX Runtime session on the optimized model written at build time."""
+    """An ONNX Runtime session on the optimized model written at build time.
 
-    def __init__(self, path: Path, spec: ComponentSpec, session_options: dict | None = None, providers=None):
+    The graph's row dimension is dynamic: a call runs exactly its n images, never padded, since on
+    a CPU the compute grows with the rows and padding would only cost. `sizes` only splits calls
+    above the largest size (memory stays what the export was sized for).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        spec: ComponentSpec,
+        session_options: dict | None = None,
+        providers=None,
+        sizes: tuple[int, ...] = (),
+    ):
         import onnxruntime as ort
 
-        self.spec = spec
+        self.spec, self.sizes = spec, tuple(sizes)
         options = ort.SessionOptions()
         for key, value in (session_options or {}).items():
+            if key.startswith("session."):  # a session config entry (onnxruntime_session_options_config_keys.h)
+                options.add_session_config_entry(key, str(value))
+                continue
             if key == "graph_optimization_level":
                 value = getattr(ort.GraphOptimizationLevel, value)
             setattr(options, key, value)
@@ -60,7 +127,7 @@ class OnnxRuntimeRunner(Runner):
 
 
 class TorchRunner(Runner):
-    """The PyTorch reference: the same modules the exporter exported.
+    """The PyTorch reference: the same modules the exporter exported, any number of images per call.
 
     On a GPU with flash-attn installed, diffusers' attention dispatcher runs its kernels.
     """
@@ -82,46 +149,73 @@ class TorchRunner(Runner):
 
 
 class TensorRTRunner(Runner):
-    """A TensorRT engine with device buffers bound once; optional CUDA graph replay of the whole engine.
+    """A TensorRT plan with one static optimization profile per size (profile i runs sizes[i] images).
 
-    Static shapes make both possible: every call copies into the same input buffers, runs, and
-    copies out of the same output buffers, so the captured graph stays valid.
+    Each profile gets its own execution context (TensorRT lets two contexts of one engine never
+    share a profile), bound once to its input shapes and device buffers, and optionally captured
+    as a CUDA graph: every call of a size copies into the same buffers, so its graph stays valid.
+    The contexts run one at a time on one stream, so they share one block of activation memory and
+    one buffer per tensor, sized for the largest profile (a smaller profile uses the first rows).
     """
 
-    def __init__(self, plan: Path, spec: ComponentSpec, cuda_graph: bool = False):
+    pads = True  # static profiles: a call runs at a built size
+
+    def __init__(self, plan: Path, spec: ComponentSpec, sizes: tuple[int, ...], cuda_graph: bool = False):
         import tensorrt as trt
         import torch
 
-        self.spec = spec
+        self.spec, self.sizes = spec, tuple(sizes)
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = runtime.deserialize_cuda_engine(Path(plan).read_bytes())
         if self.engine is None:
             raise VoltacacheError(f"{plan}: TensorRT cannot deserialize it (corrupt, or built by another version)")
-        self.context = self.engine.create_execution_context()
+        if self.engine.num_optimization_profiles != len(self.sizes):
+            raise VoltacacheError(
+                f"{plan}: {self.engine.num_optimization_profiles} optimization profiles for batch sizes "
+                f"{list(self.sizes)}; rebuild with `voltacache build`"
+            )
         self.stream = torch.cuda.Stream()
-        self.buffers = {}
-        for t in (*spec.inputs, *spec.outputs):
-            dtype = getattr(torch, t.dtype)
-            self.buffers[t.name] = torch.empty(t.shape, dtype=dtype, device="cuda")
-            self.context.set_tensor_address(t.name, self.buffers[t.name].data_ptr())
-        self.graph = None
+        largest = spec.for_images(max(self.sizes))
+        self.buffers = {
+            t.name: torch.empty(t.shape, dtype=getattr(torch, t.dtype), device="cuda")
+            for t in (*largest.inputs, *largest.outputs)
+        }
+        self.memory = torch.empty(self.engine.device_memory_size_v2, dtype=torch.uint8, device="cuda")
+        self.contexts, self.graphs = {}, {}
+        for index, size in enumerate(self.sizes):
+            self.contexts[size] = self._context(trt, index, spec.for_images(size))
+        self.stream.synchronize()
         if cuda_graph:
-            self._run()  # warm up outside capture: TensorRT allocates lazily on the first run
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, stream=self.stream):
-                self.context.execute_async_v3(self.stream.cuda_stream)
+            for size, context in self.contexts.items():
+                self._run(context)  # warm up outside capture: TensorRT allocates lazily on the first run
+                self.graphs[size] = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graphs[size], stream=self.stream):
+                    context.execute_async_v3(self.stream.cuda_stream)
 
-    def _run(self):
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
+    def _context(self, trt, index: int, shapes: ComponentSpec):
+        context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        context.set_device_memory(self.memory.data_ptr(), self.memory.numel())
+        ok = context.set_optimization_profile_async(index, self.stream.cuda_stream)
+        ok = ok and all(context.set_input_shape(t.name, t.shape) for t in shapes.inputs)
+        if not ok:
+            raise VoltacacheError(f"{self.spec.name}: the engine has no profile {index} for {shapes.images} images")
+        for t in (*shapes.inputs, *shapes.outputs):
+            context.set_tensor_address(t.name, self.buffers[t.name].data_ptr())
+        return context
+
+    def _run(self, context):
+        if not context.execute_async_v3(self.stream.cuda_stream):
             raise VoltacacheError(f"{self.spec.name}: TensorRT execution failed")
 
     def _infer(self, feeds):
         import torch
 
+        rows = len(feeds[self.spec.input_names[0]])
+        size = rows // self.spec.rows_per_image
         with torch.cuda.stream(self.stream):
             for name in self.spec.input_names:
-                self.buffers[name].copy_(torch.from_numpy(feeds[name]), non_blocking=True)
-            self.graph.replay() if self.graph is not None else self._run()
-            out = {n: self.buffers[n].cpu().numpy() for n in self.spec.output_names}
+                self.buffers[name][:rows].copy_(torch.from_numpy(feeds[name]), non_blocking=True)
+            self.graphs[size].replay() if size in self.graphs else self._run(self.contexts[size])
+            out = {n: self.buffers[n][:rows].cpu().numpy() for n in self.spec.output_names}
         self.stream.synchronize()
         return out

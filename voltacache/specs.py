@@ -1,13 +1,16 @@
 """One spec per component: tensor names, dtypes and static shapes for a (batch, height, width).
 
 The exporter, the engine builder, the Triton config writer and the runtime all read these specs;
-a tensor name or shape is written here and nowhere else. `batch` is the number of images: the
-text encoder and the U-Net see 2 x batch (classifier-free guidance: negative and positive prompt).
+a tensor name or shape is written here and nowhere else. `batch` is the number of images. Every
+tensor's leading dimension is its rows: ROWS_PER_IMAGE of them per image (the text encoder and
+the U-Nets see the classifier-free guidance pair, negative and positive prompt, so 2; the VAE 1).
+The ONNX graphs keep that dimension dynamic (named ROWS), so one engine serves several numbers
+of images; `ComponentSpec.for_images(n)` gives the static shapes of one call with n images.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -33,6 +36,11 @@ VAE_DECODER = "vae_decoder"
 VAE_ENCODER = "vae_encoder"
 COMPONENTS = (TEXT_ENCODER, UNET_DEEP, UNET_SHALLOW, VAE_DECODER, VAE_ENCODER)
 
+# Rows of every input and output per image: the guidance pair for CLIP and the U-Nets (a timestep
+# per row too), one row for the VAE.
+ROWS_PER_IMAGE = {TEXT_ENCODER: 2, UNET_DEEP: 2, UNET_SHALLOW: 2, VAE_DECODER: 1, VAE_ENCODER: 1}
+ROWS = "rows"  # the name of the dynamic leading dimension in the ONNX graphs
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -57,6 +65,24 @@ class ComponentSpec:
     @property
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
+
+    @property
+    def rows_per_image(self) -> int:
+        return ROWS_PER_IMAGE[self.name]
+
+    @property
+    def images(self) -> int:
+        """The number of images these shapes hold."""
+        return self.inputs[0].shape[0] // self.rows_per_image
+
+    def for_images(self, n: int) -> ComponentSpec:
+        """The same tensors for a call with n images: every leading dimension is n x rows_per_image."""
+        rows = n * self.rows_per_image
+
+        def resized(tensors):
+            return tuple(replace(t, shape=(rows, *t.shape[1:])) for t in tensors)
+
+        return replace(self, inputs=resized(self.inputs), outputs=resized(self.outputs))
 
     def to_json(self) -> dict:
         return {"inputs": [asdict(t) for t in self.inputs], "outputs": [asdict(t) for t in self.outputs]}
@@ -108,22 +134,24 @@ def component_specs(g: Geometry, batch: int, height: int, width: int) -> dict[st
     m = g.size_multiple
     if height % m or width % m or height <= 0 or width <= 0 or batch < 1:
         raise ValueError(f"size {height}x{width}, batch {batch}: height and width must be positive multiples of {m}")
-    cfg, lh, lw = 2 * batch, height // g.vae_scale, width // g.vae_scale
+    # written for one image, then scaled: the rows of each tensor come from ROWS_PER_IMAGE alone
+    pair, one = ROWS_PER_IMAGE[UNET_DEEP], ROWS_PER_IMAGE[VAE_DECODER]
+    lh, lw = height // g.vae_scale, width // g.vae_scale
     latents = (g.latent_channels, lh, lw)
-    sample = TensorSpec(SAMPLE, "float32", (cfg, *latents))
-    timestep = TensorSpec(TIMESTEP, "float32", (1,))
-    context = TensorSpec(CONTEXT, "float32", (cfg, g.text_length, g.text_hidden))
-    noise = TensorSpec(NOISE_PRED, "float32", (cfg, *latents))
-    deep = TensorSpec(DEEP_FEATURE, "float32", (cfg, g.deep_channels, lh, lw))
-    image = TensorSpec(IMAGE, "float32", (batch, 3, height, width))
-    latent = TensorSpec(LATENT, "float32", (batch, *latents))
+    sample = TensorSpec(SAMPLE, "float32", (pair, *latents))
+    timestep = TensorSpec(TIMESTEP, "float32", (pair,))
+    context = TensorSpec(CONTEXT, "float32", (pair, g.text_length, g.text_hidden))
+    noise = TensorSpec(NOISE_PRED, "float32", (pair, *latents))
+    deep = TensorSpec(DEEP_FEATURE, "float32", (pair, g.deep_channels, lh, lw))
+    image = TensorSpec(IMAGE, "float32", (one, 3, height, width))
+    latent = TensorSpec(LATENT, "float32", (one, *latents))
     specs = [
         ComponentSpec(
             TEXT_ENCODER,
-            (TensorSpec(INPUT_IDS, "int32", (cfg, g.text_length)),),
+            (TensorSpec(INPUT_IDS, "int32", (pair, g.text_length)),),
             (
                 TensorSpec(TEXT_EMBEDDINGS, "float32", context.shape),
-                TensorSpec(POOLED_EMBEDDING, "float32", (cfg, g.text_hidden)),
+                TensorSpec(POOLED_EMBEDDING, "float32", (pair, g.text_hidden)),
             ),
         ),
         ComponentSpec(UNET_DEEP, (sample, timestep, context), (noise, deep)),
@@ -135,4 +163,4 @@ def component_specs(g: Geometry, batch: int, height: int, width: int) -> dict[st
             (TensorSpec(LATENT_MEAN, "float32", latent.shape), TensorSpec(LATENT_STD, "float32", latent.shape)),
         ),
     ]
-    return {s.name: s for s in specs}
+    return {s.name: s.for_images(batch) for s in specs}

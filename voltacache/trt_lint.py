@@ -1,5 +1,8 @@
 """TensorRT readiness, checked without TensorRT: supported ops, static shapes, the 2 GB protobuf limit.
 
+Static but for the leading dimension of graph inputs and outputs named `specs.ROWS`: the engine
+builder fixes it with one optimization profile per batch size.
+
 The operator list is the ONNX-TensorRT parser's support matrix (onnx-tensorrt docs/operators.md at
 the 10.1 GA release, the ops marked Y), plus the ONNX `Attention` op (opset 23), which the parser
 accepts from TensorRT 10.14 on (its release notes). Older TensorRT fuses the unfused form
@@ -12,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
+
+from .specs import ROWS
 
 TARGET_TENSORRT = "10.14"
 PROTOBUF_LIMIT = 2 * 1024**3
@@ -49,7 +54,7 @@ class LintReport:
 
     def summary(self) -> str:
         if self.ok:
-            return f"{self.file}: ready for TensorRT {self.tensorrt} (all ops supported, static shapes)"
+            return f"{self.file}: ready for TensorRT {self.tensorrt} (all ops supported, static shapes but {ROWS})"
         return f"{self.file}: " + "; ".join(self.problems)
 
 
@@ -69,13 +74,16 @@ def lint(path: Path, tensorrt: str = TARGET_TENSORRT) -> LintReport:
             report.unsupported_ops[key] = report.unsupported_ops.get(key, 0) + 1
     for value in [*model.graph.input, *model.graph.output]:
         for i, dim in enumerate(value.type.tensor_type.shape.dim):
+            if i == 0 and dim.dim_param == ROWS:
+                continue  # one profile per batch size fixes it
             if not dim.HasField("dim_value") or dim.dim_value <= 0:
                 report.dynamic_dims.append(f"{value.name}[{i}]={dim.dim_param or '?'}")
     if report.unsupported_ops:
         ops = ", ".join(f"{op} x{n}" for op, n in sorted(report.unsupported_ops.items()))
         report.problems.append(f"ops TensorRT {tensorrt} does not support: {ops}")
     if report.dynamic_dims:
-        report.problems.append(f"dynamic dimensions (engines are static): {', '.join(report.dynamic_dims)}")
+        dims = ", ".join(report.dynamic_dims)
+        report.problems.append(f"dynamic dimensions besides the leading {ROWS} (profiles fix only that one): {dims}")
     if path.stat().st_size >= PROTOBUF_LIMIT:
         report.problems.append(f"{path.stat().st_size / 1e9:.2f} GB in one protobuf: save the weights as external data")
     return report

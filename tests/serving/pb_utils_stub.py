@@ -3,7 +3,8 @@
 
 It covers what those models use, with the real module's names and call shapes (Python backend of
 Triton 2.51): Tensor, InferenceRequest (a BLS request whose exec() runs a model registered here, in
-this process), InferenceResponse, TritonError, get_input_tensor_by_name, get_output_tensor_by_name,
+this process; its response sender and cancellation flag), InferenceResponse, TritonError,
+get_input_tensor_by_name, get_output_tensor_by_name,
 Logger and MetricFamily / Metric. Tensors are copied at every hand-over, as Triton copies them between
 processes, so a model cannot alias another's buffers.
 
@@ -101,6 +102,14 @@ class InferenceRequest:
         self._inputs = list(inputs)
         self._request_id = request_id
         self._kwargs = kwargs  # correlation_id, flags, timeout, parameters, ...: accepted, unused here
+        self.sender = ResponseSender()
+        self.cancelled = False  # a test sets it: the client went away
+
+    def get_response_sender(self) -> ResponseSender:
+        return self.sender
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled
 
     def inputs(self) -> list[Tensor]:
         return self._inputs
@@ -140,6 +149,26 @@ class InferenceRequest:
             )
         names = self._requested or list(outputs)
         return InferenceResponse(output_tensors=[Tensor(n, np.asarray(outputs[n])) for n in names])
+
+
+TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+
+
+class ResponseSender:
+    """What a model that answers later (from its own thread) sends: `responses`, and `finished` once
+    a response came with the FINAL flag; a second FINAL is an error, as in Triton."""
+
+    def __init__(self):
+        self.responses: list[InferenceResponse] = []
+        self.finished = threading.Event()
+
+    def send(self, response: InferenceResponse | None = None, flags: int = 0) -> None:
+        if self.finished.is_set():
+            raise TritonModelException("the response sender already sent its final response")
+        if response is not None:
+            self.responses.append(response)
+        if flags & TRITONSERVER_RESPONSE_COMPLETE_FINAL:
+            self.finished.set()
 
 
 def get_input_tensor_by_name(request: InferenceRequest, name: str) -> Tensor | None:

@@ -18,7 +18,7 @@ REQUEST = dict(steps=10, scheduler="ddim", seed=1)
 def cached_server(engines_dir, tmp_path_factory, new_port):
     root = tmp_path_factory.mktemp("cache-serving")
     settings = CacheSettings(index=str(root / "cache.db"), embedder="minilm", max_entries=1000)
-    repo = deploy(engines_dir, root / "repo", denoiser_instances=1, cache=settings)
+    repo = deploy(engines_dir, root / "repo", cache=settings)
     with TritonServer(repo, http_port=new_port(), grpc_port=new_port(), metrics_port=new_port()) as server:
         yield server
 
@@ -56,3 +56,29 @@ def test_paraphrase_served_subject_change_never_served_similar_starts_k_in(cache
         assert after[layer] - before[layer] == made
     skipped = sum(10 - r.steps_computed for r in results)
     assert metric(cached_server, "voltacache_cache_steps_skipped_total") - skipped_before == skipped
+
+
+def test_concurrent_requests_share_one_milvus_lite_file_and_the_layers_hold(cached_server):
+    """The step batcher is one process: the milvus-lite file no longer limits the deployment to one
+    request at a time, and misses stored while others run are found by the requests after them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = ["a lighthouse on a cliff", "a red tractor in a field", "a bowl of ramen", "a snowy mountain hut"]
+    before = metric(cached_server, "voltacache_tick_images_total", call="deep")
+    calls = metric(cached_server, "voltacache_tick_calls_total", call="deep")
+
+    def generate(prompt, mode="on"):
+        return Client(cached_server.grpc_url).generate(prompt, cache_mode=mode, **REQUEST)
+
+    with ThreadPoolExecutor(len(prompts)) as pool:  # refresh: computed and stored, never from Triton's cache
+        first = list(pool.map(lambda prompt: generate(prompt, "refresh"), prompts))
+    assert [r.cache for r in first] == ["miss"] * len(prompts)
+    # they ran together: more images than deep calls
+    assert metric(cached_server, "voltacache_tick_images_total", call="deep") - before > (
+        metric(cached_server, "voltacache_tick_calls_total", call="deep") - calls
+    )
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        second = list(pool.map(generate, prompts))
+    for stored, hit in zip(first, second):
+        assert (hit.cache, hit.steps_computed, hit.seed) == ("semantic", 0, stored.seed)
+        assert (hit.images == stored.images).all()

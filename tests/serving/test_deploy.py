@@ -6,7 +6,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from voltacache.errors import VoltacacheError
 from voltacache.serving import protocol as p
 from voltacache.serving.deploy import deploy
-from voltacache.specs import COMPONENTS
+from voltacache.specs import COMPONENTS, TEXT_ENCODER
 
 MODELS = {*COMPONENTS, p.TOKENIZER, p.DENOISER, p.POSTPROCESS, p.TXT2IMG, p.IMG2IMG}
 
@@ -27,11 +27,29 @@ def test_configs_follow_the_specs(triton_repo, engines_dir):
 
     export = json.loads((engines_dir / "engines.json").read_text())["export"]
     specs = p.serving_specs(export)
+
+    def expected(tensors, name):
+        if name == TEXT_ENCODER:  # Triton's dynamic batcher stacks requests along the rows: dims without them
+            return [(t.name, list(t.shape[1:])) for t in tensors]
+        if name in COMPONENTS:  # the engines run any number of images: the rows are -1
+            return [(t.name, [-1, *t.shape[1:]]) for t in tensors]
+        return [(t.name, list(t.shape)) for t in tensors]
+
     for name in MODELS:
         config = read_config(triton_repo, name)
-        assert config.name == name and config.max_batch_size == 0
-        assert [(i.name, list(i.dims)) for i in config.input] == [(t.name, list(t.shape)) for t in specs[name].inputs]
-        assert [(o.name, list(o.dims)) for o in config.output] == [(t.name, list(t.shape)) for t in specs[name].outputs]
+        batching = 2 * max(export["batch_sizes"]) if name == TEXT_ENCODER else 0
+        assert config.name == name and config.max_batch_size == batching
+        assert config.HasField("dynamic_batching") == (name == TEXT_ENCODER)
+        assert [(i.name, list(i.dims)) for i in config.input] == expected(specs[name].inputs, name)
+        assert [(o.name, list(o.dims)) for o in config.output] == expected(specs[name].outputs, name)
+
+
+def test_without_step_batching_the_repository_is_per_request(engines_dir, tmp_path):
+    repo = deploy(engines_dir, tmp_path / "repo", step_batching=False, denoiser_instances=3)
+    denoiser = read_config(repo, p.DENOISER)
+    assert denoiser.instance_group[0].count == 3 and denoiser.parameters[p.STEP_BATCHING].string_value == "off"
+    text_encoder = read_config(repo, TEXT_ENCODER)
+    assert text_encoder.max_batch_size == 0 and not text_encoder.HasField("dynamic_batching")
 
 
 def test_ensembles_wire_existing_models_with_response_cache(triton_repo):
@@ -48,7 +66,9 @@ def test_ensembles_wire_existing_models_with_response_cache(triton_repo):
         assert {o.name for o in config.output} <= produced
     denoiser = read_config(triton_repo, p.DENOISER)
     assert {i.name for i in denoiser.input if i.optional} == {p.INIT_IMAGE, p.STRENGTH}
-    assert denoiser.instance_group[0].count == 2 and denoiser.response_cache.enable
+    # one denoiser batches the steps of every request in flight, behind Triton's response cache
+    assert denoiser.instance_group[0].count == 1 and denoiser.response_cache.enable
+    assert denoiser.parameters[p.STEP_BATCHING].string_value == "on"
 
 
 def test_onnxruntime_backend_option(engines_dir, tmp_path):
@@ -129,3 +149,9 @@ def test_a_cache_inside_the_repository_is_refused(engines_dir, tmp_path):
     with pytest.raises(VoltacacheError, match="--cache .*cache.db: inside --repo"):
         deploy(engines_dir, tmp_path / "repo", cache=CacheSettings(str(tmp_path / "repo" / "cache.db")))
     assert listing(tmp_path) == []
+
+
+def test_denoiser_instances_need_no_step_batching(engines_dir, tmp_path):
+    result = cli("deploy", "--engines", engines_dir, "--repo", tmp_path / "repo", "--denoiser-instances", "3")
+    one_error_line(result, 2, "--denoiser-instances 3", "--no-step-batching")
+    assert not (tmp_path / "repo").exists()

@@ -366,3 +366,50 @@ def test_a_failed_bls_call_fails_that_request_only(models, specs, sd, monkeypatc
     (response,) = models[p.DENOISER].execute([make_request(inputs)])  # the model serves on
     served = step(models[p.POSTPROCESS], specs[p.POSTPROCESS], {**t, **outputs(response)})
     assert np.array_equal(served[p.IMAGES][0], np.asarray(sd(request).images[0]))
+
+
+# --- denoiser with step batching (the default deployment): answers from its batcher's thread ---
+
+
+@pytest.fixture(scope="module")
+def batching_denoiser(models, engines_dir, specs):
+    model = load(DenoiserModel, p.DENOISER, engines_dir, specs, **{p.STEP_BATCHING: "on"})
+    yield model
+    model.finalize()
+
+
+def answered(request, timeout=120) -> stub.InferenceResponse:
+    assert request.sender.finished.wait(timeout), "no final response"
+    (response,) = request.sender.responses
+    return response
+
+
+def test_batching_denoiser_answers_each_request_from_shared_unet_calls(models, batching_denoiser, specs, sd):
+    requests = [
+        Request(PROMPT, steps=6, seed=31, scheduler="ddim", cache_interval=3),
+        Request("a red circle on a blue background", steps=5, seed=32, scheduler="euler", cache_interval=2),
+        Request(PROMPT, steps=0, seed=33),  # bad: fails alone, at once
+    ]
+    encoded = [encode(models, specs, r) for r in requests[:2]]
+    bad = {**denoiser_inputs(specs, encoded[0]), p.STEPS: np.array([0], np.int32)}
+    calls = sum(stub.CALLS.get(n, 0) for n in (UNET_DEEP, UNET_SHALLOW))
+    sent = [make_request(denoiser_inputs(specs, t)) for t in encoded] + [make_request(bad)]
+    assert batching_denoiser.execute(sent) is None  # answered later, through each request's sender
+    assert answered(sent[2]).has_error()
+    for request, t, triton_request in zip(requests, encoded, sent):
+        served = step(models[p.POSTPROCESS], specs[p.POSTPROCESS], {**t, **outputs(answered(triton_request))})
+        assert np.array_equal(served[p.IMAGES][0], np.asarray(sd(request).images[0])), request.seed
+    # 11 steps of U-Net work in fewer calls: the two requests shared them
+    assert sum(stub.CALLS.get(n, 0) for n in (UNET_DEEP, UNET_SHALLOW)) - calls < 11
+    assert stub.metric_value("voltacache_tick_images_total", model=p.DENOISER, call="deep") >= 5
+
+
+def test_batching_denoiser_drops_a_cancelled_request(models, batching_denoiser, specs):
+    t = encode(models, specs, Request(PROMPT, steps=400, seed=34, scheduler="ddim"))
+    request = make_request(denoiser_inputs(specs, t))
+    before = stub.metric_value("voltacache_cancelled_requests_total", model=p.DENOISER)
+    batching_denoiser.execute([request])
+    request.cancelled = True  # the client went away
+    response = answered(request, timeout=30)
+    assert response.has_error() and "cancelled" in response.error().message()
+    assert stub.metric_value("voltacache_cancelled_requests_total", model=p.DENOISER) == before + 1

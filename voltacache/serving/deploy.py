@@ -35,27 +35,32 @@ TRITON_DTYPES = {
 # Which adapter in triton_models/ serves each Python model.
 ADAPTERS = {p.TOKENIZER: "tokenizer", p.DENOISER: "denoiser", p.POSTPROCESS: "postprocess"}
 COMPONENT_BACKENDS = ("python", "onnxruntime", "tensorrt")
+DENOISER_INSTANCES = 2  # without step batching: requests denoised in parallel
 is_repository = json_marker(p.REPOSITORY_MARKER, "engines", "component_backend")
 
 
-def tensors(items, optional=()):
-    return [
-        mc.ModelInput(name=t.name, data_type=TRITON_DTYPES[t.dtype], dims=list(t.shape), optional=t.name in optional)
-        for t in items
-    ]
+def dims(t, rows: str) -> list[int]:
+    """`rows`: "static" (the spec's shape), "any" (the first dimension is -1: engines that run any number
+    of images) or "batched" (without it: Triton's dynamic batcher stacks requests along it)."""
+    shape = list(t.shape)
+    return {"static": shape, "any": [-1, *shape[1:]], "batched": shape[1:]}[rows]
 
 
-def model_config(spec: ComponentSpec, **fields) -> mc.ModelConfig:
-    config = mc.ModelConfig(name=spec.name, max_batch_size=0, **fields)
-    config.input.extend(tensors(spec.inputs, p.OPTIONAL_INPUTS.get(spec.name, ())))
+def model_config(spec: ComponentSpec, rows: str = "static", max_batch_size: int = 0, **fields) -> mc.ModelConfig:
+    config = mc.ModelConfig(name=spec.name, max_batch_size=max_batch_size, **fields)
+    optional = p.OPTIONAL_INPUTS.get(spec.name, ())
+    config.input.extend(
+        mc.ModelInput(name=t.name, data_type=TRITON_DTYPES[t.dtype], dims=dims(t, rows), optional=t.name in optional)
+        for t in spec.inputs
+    )
     config.output.extend(
-        mc.ModelOutput(name=t.name, data_type=TRITON_DTYPES[t.dtype], dims=list(t.shape)) for t in spec.outputs
+        mc.ModelOutput(name=t.name, data_type=TRITON_DTYPES[t.dtype], dims=dims(t, rows)) for t in spec.outputs
     )
     return config
 
 
-def python_config(spec: ComponentSpec, engines: Path, instances: int = 1) -> mc.ModelConfig:
-    config = model_config(spec, backend="python")
+def python_config(spec: ComponentSpec, engines: Path, instances: int = 1, **fields) -> mc.ModelConfig:
+    config = model_config(spec, backend="python", **fields)
     config.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=instances))
     config.parameters["engines"].string_value = str(engines.resolve())
     return config
@@ -106,11 +111,16 @@ def deploy(
     engines: Path,
     repo: Path,
     component_backend: str = "python",
-    denoiser_instances: int = 2,
+    denoiser_instances: int | None = None,
     cache: CacheSettings = CacheSettings(),
+    step_batching: bool = True,
 ) -> Path:
     """Write the repository; returns its path. `component_backend`: python (ONNX Runtime in a Python
     model: the CPU server), onnxruntime (the NGC container's backend) or tensorrt (.plan engines).
+
+    `step_batching`: one denoiser batches the U-Net steps of every request in flight
+    (voltacache.batching) and the text encoder batches requests with Triton's dynamic batcher;
+    without it, `denoiser_instances` denoisers (default 2) each run one request at a time.
 
     `repo` must be new, empty, or a repository `deploy` wrote (voltacache.json at its root): that one
     is generated output and is replaced whole, once the new one is complete. Anything else there is
@@ -119,6 +129,11 @@ def deploy(
     engines, repo = Path(engines), Path(repo)
     refuse_overlap(repo, engines, "--repo", "--engines", inside=True)
     manifest = read_engine_manifest(engines)
+    if step_batching and denoiser_instances not in (None, 1):
+        raise UsageError(
+            f"--denoiser-instances {denoiser_instances}: with step batching one denoiser serves every request in "
+            "flight; add --no-step-batching for per-request denoisers"
+        )
     if component_backend not in COMPONENT_BACKENDS:
         raise UsageError(f"--component-backend {component_backend!r}: use one of {', '.join(COMPONENT_BACKENDS)}")
     if (component_backend == "tensorrt") != (manifest["backend"] == "tensorrt"):
@@ -129,22 +144,36 @@ def deploy(
                 f"{option} {where}: inside --repo {repo}, which a new deploy replaces whole; keep the cache outside it"
             )
     with staged_output(repo, force=True, ours=is_repository, arg="--repo", what="model repository") as stage:
-        _write_repository(engines, stage, manifest, component_backend, denoiser_instances, cache)
+        instances = 1 if step_batching else denoiser_instances or DENOISER_INSTANCES
+        _write_repository(engines, stage, manifest, component_backend, instances, cache, step_batching)
     return repo
 
 
 def _write_repository(
-    engines: Path, repo: Path, manifest: dict, component_backend: str, denoiser_instances: int, cache: CacheSettings
+    engines: Path,
+    repo: Path,
+    manifest: dict,
+    component_backend: str,
+    denoiser_instances: int,
+    cache: CacheSettings,
+    step_batching: bool,
 ) -> None:
-    specs = p.serving_specs(manifest["export"])
+    export = manifest["export"]
+    specs = p.serving_specs(export)
     for name in COMPONENTS:
         folder, source = repo / name, engines / manifest["files"][name]
+        # the engines run any number of images (voltacache.runners); the text encoder, fed by the
+        # ensemble one request at a time, has Triton stack concurrent requests into one call
+        batched = step_batching and name == TEXT_ENCODER
+        shape = dict(rows="batched", max_batch_size=2 * max(export["batch_sizes"])) if batched else dict(rows="any")
         if component_backend == "python":
-            config, target = python_config(specs[name], engines), None
+            config, target = python_config(specs[name], engines, **shape), None
         elif component_backend == "tensorrt":
-            config, target = model_config(specs[name], platform="tensorrt_plan"), "model.plan"
+            config, target = model_config(specs[name], platform="tensorrt_plan", **shape), "model.plan"
         else:
-            config, target = model_config(specs[name], backend="onnxruntime"), "model.onnx"
+            config, target = model_config(specs[name], backend="onnxruntime", **shape), "model.onnx"
+        if batched:
+            config.dynamic_batching.SetInParent()
         if name == TEXT_ENCODER:  # the text-embedding memo: the same ids skip the encoder (Triton's LRU cache)
             config.response_cache.enable = True
         write_config(folder, config)
@@ -163,6 +192,7 @@ def _write_repository(
         config = python_config(specs[name], engines, instances)
         if name == p.DENOISER:
             config.response_cache.enable = True  # an exact repeat is answered from Triton's cache
+            config.parameters[p.STEP_BATCHING].string_value = "on" if step_batching else "off"
             for key, value in cache.parameters().items():
                 config.parameters[key].string_value = value
         write_config(repo / name, config)

@@ -53,6 +53,7 @@ TXT2IMG = "txt2img"
 IMG2IMG = "img2img"
 
 RANDOM_SEED = -1
+STEP_BATCHING = "step_batching"  # denoiser parameter: "on" runs voltacache.batching.StepBatcher
 REPOSITORY_MARKER = "voltacache.json"  # written last at the root of every repository `voltacache deploy` wrote
 
 

@@ -7,10 +7,12 @@ with runners that are BLS calls into unet_deep / unet_shallow / vae_encoder / va
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,24 +44,29 @@ class PythonModel:
         pass
 
     def execute(self, requests):
+        return [self.respond(self.run, request) for request in requests]
+
+    def respond(self, outputs: Callable[..., dict], *args):
+        """The response for `outputs(*args)`, or the error response for what it raised."""
         pb_utils = pb()
-        responses = []
-        for request in requests:
-            try:
-                outputs = self.run(request)
-                tensors = [
-                    pb_utils.Tensor(t.name, np.ascontiguousarray(outputs[t.name]).astype(t.dtype))
-                    for t in self.spec.outputs
-                ]
-                responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
-            except VoltacacheError as e:  # the request's fault, or a failure it names: say so and serve on
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.spec.name}: {e}")))
-            except Exception as e:  # keep serving; the log keeps the traceback
-                pb_utils.Logger.log_error(traceback.format_exc())
-                responses.append(
-                    pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.spec.name}: internal error {e!r}"))
-                )
-        return responses
+        try:
+            tensors = outputs(*args)
+        except Exception as e:
+            return self.error_response(e)
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor(t.name, np.ascontiguousarray(tensors[t.name]).astype(t.dtype))
+                for t in self.spec.outputs
+            ]
+        )
+
+    def error_response(self, error: Exception):
+        pb_utils = pb()
+        if isinstance(error, VoltacacheError):  # the request's fault, or a failure it names: say so and serve on
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.spec.name}: {error}"))
+        # keep serving; the log keeps the traceback
+        pb_utils.Logger.log_error("".join(traceback.format_exception(error)))
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.spec.name}: internal error {error!r}"))
 
     def run(self, request) -> dict:
         raise NotImplementedError
@@ -106,10 +113,35 @@ class ComponentModel(PythonModel):
     def setup(self):
         from ..build import load_engines
 
-        self.runner = load_engines(self.engines, components=[self.spec.name]).runners[self.spec.name]
+        self.runner = load_engines(self.engines, components=[self.spec.name], served=True).runners[self.spec.name]
+
+    def execute(self, requests):
+        """Triton's dynamic batcher may hand over several requests: one engine call over all of them."""
+        if len(requests) == 1:
+            return super().execute(requests)
+        feeds = []
+        for request in requests:
+            try:
+                feeds.append(self.feeds(request))
+            except Exception as e:
+                feeds.append(self.error_response(e))
+        good = [f for f in feeds if isinstance(f, dict)]
+        try:
+            out = self.runner.infer({n: np.concatenate([f[n] for f in good]) for n in self.spec.input_names})
+        except Exception:  # answer each on its own, so that the error is told to whom it concerns
+            return super().execute(requests)
+        rows = np.cumsum([len(f[self.spec.input_names[0]]) for f in good])[:-1]
+        parts = iter(zip(*(np.split(out[n], rows) for n in self.spec.output_names)))
+        return [
+            self.respond(lambda: dict(zip(self.spec.output_names, next(parts)))) if isinstance(f, dict) else f
+            for f in feeds
+        ]
+
+    def feeds(self, request) -> dict:
+        return {t.name: self.input(request, t.name) for t in self.spec.inputs}
 
     def run(self, request):
-        return self.runner.infer({t.name: self.input(request, t.name) for t in self.spec.inputs})
+        return self.runner.infer(self.feeds(request))
 
 
 class BlsRunner:
@@ -132,7 +164,15 @@ class BlsRunner:
 
 
 class DenoiserModel(PythonModel):
+    """The pipeline between the text encoder and postprocess, with runners that are BLS calls.
+
+    With step batching (the default deployment) one instance serves every request: `execute` hands
+    each request to a StepBatcher thread and returns; the thread answers through the request's
+    response sender, so Triton's response cache and plain (non-streaming) clients work as before.
+    Without it, each instance denoises one request at a time (`deploy --no-step-batching`)."""
+
     def setup(self):
+        from ..batching import StepBatcher
         from ..cache.layers import CacheSettings, open_cache
         from ..pipeline import StableDiffusion
         from ..specs import UNET_DEEP, UNET_SHALLOW, VAE_DECODER, VAE_ENCODER
@@ -146,25 +186,69 @@ class DenoiserModel(PythonModel):
         fingerprint, dim = self.export["fingerprint"], self.export["geometry"]["text_hidden"]
         self.cache = open_cache(settings, fingerprint, dim, warn=pb().Logger.log_warn)
         self.metrics = Metrics(pb(), self.spec.name)
+        self.batcher = None
+        if self.parameters.get(p.STEP_BATCHING) == "on":
+            self.batcher = StepBatcher(self.pipeline, self.cache, on_tick=self.metrics.tick).start()
 
-    def run(self, request):
-        from ..pipeline import Stats
-        from ..specs import IMAGE, POOLED_EMBEDDING, TEXT_EMBEDDINGS
+    def execute(self, requests):
+        if self.batcher is None:
+            return super().execute(requests)
+        from ..batching import Ticket
 
-        started = time.perf_counter()
-        stats = Stats()
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                inputs = self.inputs(request)
+            except Exception as e:
+                self.send(sender, self.error_response(e))
+                continue
+            # `done` holds the request: Triton frees its tensors once it is answered
+            done = functools.partial(self.answer, sender, request)
+            self.batcher.submit(Ticket(*inputs, done=done, cancelled=request.is_cancelled))
+        return None
+
+    def finalize(self):
+        if self.batcher is not None:
+            self.batcher.close()
+
+    def answer(self, sender, request, result, error) -> None:
+        """The step batcher's `done`: the request's response, from the batcher's thread."""
+        from ..batching import Cancelled
+
+        if isinstance(error, Cancelled):
+            self.metrics.counter("voltacache_cancelled_requests_total", "Requests whose client went away").increment(1)
+        self.send(sender, self.error_response(error) if error is not None else self.respond(self.outputs, result))
+
+    @staticmethod
+    def send(sender, response) -> None:
+        sender.send(response, flags=pb().TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def inputs(self, request):
+        """(checked Request, text embeddings, pooled embedding) of a Triton request."""
+        from ..specs import POOLED_EMBEDDING, TEXT_EMBEDDINGS
+
         embeddings, pooled = self.input(request, TEXT_EMBEDDINGS), self.input(request, POOLED_EMBEDDING)
         request = self.request(request)
         self.pipeline.check(request)
-        result = self.pipeline.generate_images(request, embeddings, pooled, stats, self.cache)
-        self.metrics.record(stats, time.perf_counter() - started, result.cache, self.cache)
+        return request, embeddings, pooled
+
+    def run(self, request):
+        started = time.perf_counter()
+        result = self.pipeline.generate_images(*self.inputs(request), cache=self.cache)
+        result.seconds = time.perf_counter() - started
+        return self.outputs(result)
+
+    def outputs(self, result) -> dict:
+        from ..specs import IMAGE
+
+        self.metrics.record(result.stats, result.seconds, result.cache, self.cache)
         return {
             # back to [-1, 1] for postprocess, exactly: it rounds every level to itself
             IMAGE: (result.images.astype(np.float32) / np.float32(127.5) - 1).transpose(0, 3, 1, 2),
             p.SEED_USED: np.array([result.seed], np.int64),
-            p.UNET_DEEP_CALLS: np.array([stats.unet_deep_calls], np.int32),
-            p.UNET_SHALLOW_CALLS: np.array([stats.unet_shallow_calls], np.int32),
-            p.STEPS_COMPUTED: np.array([stats.steps], np.int32),
+            p.UNET_DEEP_CALLS: np.array([result.stats.unet_deep_calls], np.int32),
+            p.UNET_SHALLOW_CALLS: np.array([result.stats.unet_shallow_calls], np.int32),
+            p.STEPS_COMPUTED: np.array([result.stats.steps], np.int32),
             p.CACHE_LAYER: np.array([result.cache.encode()], dtype=object),
             p.SIMILARITY: np.array([result.similarity], np.float32),
             p.COMPUTED_NS: np.array([time.monotonic_ns()], np.int64),
@@ -196,6 +280,25 @@ class Metrics:
             "Requests by cache layer (exact, semantic, approximate, miss, off)",
             layer=layer,
         ).increment(1)
+
+    def tick(self, tick) -> None:
+        """One step-batcher tick. Occupancy = images / calls per U-Net; queue and tick time as sums
+        (Prometheus: rate(sum) / rate(count))."""
+        self.counter("voltacache_ticks_total", "Step-batcher ticks").increment(1)
+        self.counter("voltacache_tick_seconds_total", "Seconds spent in step-batcher ticks").increment(tick.seconds)
+        for call, images in (("deep", tick.deep_images), ("shallow", tick.shallow_images)):
+            if images:
+                self.counter("voltacache_tick_calls_total", "U-Net calls made by ticks", call=call).increment(1)
+                self.counter(
+                    "voltacache_tick_images_total", "Images in those calls (batch occupancy)", call=call
+                ).increment(images)
+        if tick.queue_seconds:
+            self.counter("voltacache_queued_requests_total", "Requests admitted by ticks").increment(
+                len(tick.queue_seconds)
+            )
+            self.counter(
+                "voltacache_queue_seconds_total", "Seconds requests waited before a tick admitted them"
+            ).increment(sum(tick.queue_seconds))
 
     def record(self, stats, seconds: float, layer: str, cache) -> None:
         self.counter("voltacache_requests_total", "Requests denoised").increment(1)

@@ -1,0 +1,129 @@
+"""Step batching through the real tritonserver (the session's default deployment batches steps):
+concurrent requests with different settings share U-Net calls and each equals its own request served
+alone; a bad one fails alone; a client that goes away frees its slot; the occupancy metrics move by
+what was batched."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from voltacache.errors import VoltacacheError
+from voltacache.request import Request
+from voltacache.serving import protocol as p
+from voltacache.serving.client import Client
+
+from .test_triton import metric
+
+PROMPT = "a photo of an astronaut riding a horse"
+INIT = np.random.default_rng(2).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+MIXED = [
+    dict(steps=8, seed=101, scheduler="ddim"),
+    dict(steps=6, seed=102, scheduler="euler-a", cache_interval=3),
+    dict(steps=7, seed=103, scheduler="dpm++2m", guidance=3.0, cache_interval=2, cache_schedule="nonuniform"),
+    dict(steps=6, seed=104, scheduler="pndm", init_image=INIT, strength=0.7),
+    dict(steps=5, seed=105, scheduler="lms", cache_interval=2, negative_prompt="blurry"),
+]
+# Batched rows run the same ONNX Runtime kernels as a row alone; allowed 1 of 255 levels (measured: 0)
+MAX_LEVELS = 1
+
+
+def served(triton, fields):
+    return Client(triton.grpc_url).generate(PROMPT, cache_mode="off", **fields)
+
+
+def levels(a, b) -> int:
+    return int(np.abs(np.asarray(a, int) - np.asarray(b, int)).max())
+
+
+def unet_images(triton) -> float:
+    return sum(metric(triton, "voltacache_tick_images_total", p.DENOISER, call=c) for c in ("deep", "shallow"))
+
+
+def test_concurrent_mixed_requests_share_calls_and_each_equals_it_served_alone(triton, sd):
+    images, calls = unet_images(triton), metric(triton, "voltacache_tick_calls_total", p.DENOISER)
+    with ThreadPoolExecutor(len(MIXED)) as pool:
+        together = list(pool.map(lambda f: served(triton, f), MIXED))
+    moved_images = unet_images(triton) - images
+    moved_calls = metric(triton, "voltacache_tick_calls_total", p.DENOISER) - calls
+    # every U-Net step of every request is counted once, in fewer calls than steps: they were batched
+    steps = sum(r.unet_deep_calls + r.unet_shallow_calls for r in together)
+    assert moved_images == steps
+    assert moved_calls < steps
+    for fields, result in zip(MIXED, together):
+        alone = served(triton, fields)
+        local = sd(PROMPT, cache_mode="off", **fields)
+        assert levels(result.images, alone.images) <= MAX_LEVELS, fields
+        assert levels(result.images[0], np.asarray(local.images[0])) <= MAX_LEVELS, fields
+        assert (result.unet_deep_calls, result.unet_shallow_calls) == (
+            local.stats.unet_deep_calls,
+            local.stats.unet_shallow_calls,
+        )
+
+
+def test_a_bad_request_among_concurrent_ones_fails_alone(triton, sd):
+    bad = dict(steps=10, seed=7, init_image=INIT, strength=0.01)  # leaves no denoising step
+    jobs = [MIXED[0], bad, MIXED[1]]
+
+    def outcome(fields):
+        try:
+            return served(triton, fields)
+        except VoltacacheError as e:
+            return e
+
+    with ThreadPoolExecutor(3) as pool:
+        first, error, second = pool.map(outcome, jobs)
+    assert isinstance(error, VoltacacheError) and "strength" in str(error)
+    for fields, result in ((MIXED[0], first), (MIXED[1], second)):
+        assert levels(result.images[0], np.asarray(sd(PROMPT, cache_mode="off", **fields).images[0])) <= MAX_LEVELS
+
+
+def test_a_client_that_goes_away_frees_its_slot(triton):
+    """Called on the denoiser itself (as a program holding text embeddings may): a gRPC cancel reaches
+    it and its slot frees at the next step. Through an ensemble, Triton 2.51 checks cancellation only
+    between steps (core PR #263): a request cancelled while the denoiser runs it is not marked, so
+    it runs to its end (docs/robustness.md)."""
+    import tritonclient.grpc as grpc
+
+    client = Client(triton.grpc_url)
+    request = Request(PROMPT, steps=1000, seed=9, scheduler="ddim", cache_mode="off").to_triton()
+    encoded = client.infer(p.TOKENIZER, request, [p.RESPONSE_KEY, "input_ids"])
+    text = client.infer("text_encoder", {"input_ids": encoded["input_ids"]}, ["text_embeddings", "pooled_embedding"])
+    values = {**request, **text, p.RESPONSE_KEY: encoded[p.RESPONSE_KEY]}
+    inputs = []
+    for name, value in values.items():
+        tensor = grpc.InferInput(name, list(value.shape), "BYTES" if value.dtype == object else grpc_dtype(value))
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    cancelled = metric(triton, "voltacache_cancelled_requests_total", p.DENOISER)
+    call = grpc.InferenceServerClient(triton.grpc_url).async_infer(p.DENOISER, inputs, callback=lambda *_: None)
+    deadline = time.monotonic() + 60
+    while not _running(triton):
+        assert time.monotonic() < deadline
+    call.cancel()
+    while metric(triton, "voltacache_cancelled_requests_total", p.DENOISER) == cancelled:
+        assert time.monotonic() < deadline, "the cancelled request kept its slot"
+        time.sleep(0.1)
+    assert not _running(triton)  # nothing left in flight: 1000 steps were not run out
+    assert served(triton, dict(steps=3, seed=5, scheduler="ddim")).steps_computed == 3
+
+
+def _running(triton) -> bool:
+    """Whether the denoiser has a request in flight (a tick ran since the last scrape)."""
+    before = metric(triton, "voltacache_ticks_total", p.DENOISER)
+    time.sleep(0.2)
+    return metric(triton, "voltacache_ticks_total", p.DENOISER) > before
+
+
+def grpc_dtype(value) -> str:
+    from voltacache.serving.client import TRITON_CLIENT_DTYPES
+
+    return TRITON_CLIENT_DTYPES[str(value.dtype)]
+
+
+def test_tick_and_queue_time_are_metrics(triton):
+    served(triton, dict(steps=3, seed=77, scheduler="ddim"))
+    for name in ("voltacache_ticks_total", "voltacache_tick_seconds_total", "voltacache_queue_seconds_total"):
+        assert metric(triton, name, p.DENOISER) > 0, name
