@@ -12,21 +12,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import socket
 import tempfile
 from pathlib import Path
 
-from voltacache.benchmark import alternate, machine, summarize, write_json
+from voltacache.benchmark import alternate, free_port, machine, summarize, write_json
 from voltacache.pipeline import StableDiffusion
 from voltacache.serving.client import Client
 from voltacache.serving.deploy import deploy
 from voltacache.serving.server import TritonServer
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main():

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import tempfile
 import threading
@@ -41,7 +40,7 @@ import tritonclient.grpc as grpcclient
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from voltacache.benchmark import machine, write_json
+from voltacache.benchmark import free_port, machine, write_json
 from voltacache.serving.protocol import REPOSITORY_MARKER
 from voltacache.serving.server import TritonServer
 
@@ -200,12 +199,6 @@ def write_repository(root: Path, args) -> Path:
         (root / name / "config.pbtxt").write_text(text)
     (root / REPOSITORY_MARKER).write_text(json.dumps({"engines": "none", "component_backend": "python"}))
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def drive(url: str, model: str, steps: int, requests: int, concurrency: int, ids) -> dict:

@@ -25,7 +25,6 @@ import math
 import queue
 import random
 import re
-import socket
 import sys
 import tempfile
 import threading
@@ -34,7 +33,7 @@ import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
-from voltacache.benchmark import machine, save_figure, write_json
+from voltacache.benchmark import free_port, machine, save_figure, write_json
 
 MODES = ("off", "on")  # step_batching False / True
 PROMPTS = [
@@ -197,12 +196,6 @@ def table(levels: list[dict]) -> str:
 
 
 # --- the run ---
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(url: str) -> dict:

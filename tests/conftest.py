@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from voltacache.benchmark import free_port
+
 os.environ["HF_HUB_OFFLINE"] = "1"  # a test that reaches for the hub fails instead of hanging
 
 # A test that uses one of these fixtures (directly or through another fixture) starts that server:
@@ -62,14 +64,6 @@ def sd(engines_dir):
     from voltacache.pipeline import StableDiffusion
 
     return StableDiffusion.from_engines(engines_dir)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

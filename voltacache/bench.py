@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .benchmark import machine, write_json
+from .benchmark import free_port, machine, write_json
 from .errors import VoltacacheError
 from .quantize import Calibration
 
@@ -195,7 +195,8 @@ def build_contenders(cfg: BenchConfig, stack) -> list[Contender]:
         engines = engines_for(cfg.model, cfg.workdir, cfg.size, branch)
         if branch in cfg.triton_branches:
             repo = deploy(engines, cfg.workdir / f"repo_{branch}_{cfg.size}")
-            server = stack.enter_context(TritonServer(repo, http_port=_port(), grpc_port=_port(), metrics_port=_port()))
+            ports = dict(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+            server = stack.enter_context(TritonServer(repo, **ports))
             client = Client(server.grpc_url)
 
             def served(seed, n, client=client):
@@ -209,14 +210,6 @@ def build_contenders(cfg: BenchConfig, stack) -> list[Contender]:
                     )
                 )
     return contenders
-
-
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cfg: BenchConfig, progress=None) -> dict:

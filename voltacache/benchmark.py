@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import platform
+import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -46,6 +47,13 @@ def machine() -> dict:
         "cores": os.cpu_count(),
         "python": platform.python_version(),
     }
+
+
+def free_port() -> int:
+    """A loopback port free now, for a server of a benchmark's (or a test's) own."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_json(path: Path, data: dict) -> Path:
