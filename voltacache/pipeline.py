@@ -330,13 +330,11 @@ class StableDiffusion:
 
     def finish(self, works: list[Work]) -> list[Generation]:
         """6-7. Decode the finished works in one VAE call, and remember each result for later requests."""
-        latents = torch.cat([w.latents for w in works])
-        started = time.perf_counter()
-        images = to_uint8(self.decode_latents(latents, Stats()))
-        seconds = time.perf_counter() - started
+        decoding = Stats()
+        images = to_uint8(self.decode_latents(torch.cat([w.latents for w in works]), decoding))
         results = []
         for work, pixels in zip(works, np.split(images, len(works))):
-            work.stats.seconds[VAE_DECODER] += seconds
+            work.stats.seconds[VAE_DECODER] += decoding.seconds[VAE_DECODER]
             layer, similarity = "off", 0.0
             if work.cache is not None:
                 layer = work.decision.layer if work.decision is not None else "miss"

@@ -14,6 +14,7 @@ from voltacache.errors import VoltacacheError
 from voltacache.request import Request
 from voltacache.serving import protocol as p
 from voltacache.serving.client import Client
+from voltacache.specs import INPUT_IDS, POOLED_EMBEDDING, TEXT_EMBEDDINGS, TEXT_ENCODER
 
 from .test_triton import metric
 
@@ -85,20 +86,13 @@ def test_a_client_that_goes_away_frees_its_slot(triton):
     it and its slot frees at the next step. Through an ensemble, Triton 2.51 checks cancellation only
     between steps (core PR #263): a request cancelled while the denoiser runs it is not marked, so
     it runs to its end (docs/robustness.md)."""
-    import tritonclient.grpc as grpc
-
     client = Client(triton.grpc_url)
     request = Request(PROMPT, steps=1000, seed=9, scheduler="ddim", cache_mode="off").to_triton()
-    encoded = client.infer(p.TOKENIZER, request, [p.RESPONSE_KEY, "input_ids"])
-    text = client.infer("text_encoder", {"input_ids": encoded["input_ids"]}, ["text_embeddings", "pooled_embedding"])
-    values = {**request, **text, p.RESPONSE_KEY: encoded[p.RESPONSE_KEY]}
-    inputs = []
-    for name, value in values.items():
-        tensor = grpc.InferInput(name, list(value.shape), "BYTES" if value.dtype == object else grpc_dtype(value))
-        tensor.set_data_from_numpy(value)
-        inputs.append(tensor)
+    encoded = client.infer(p.TOKENIZER, request, [p.RESPONSE_KEY, INPUT_IDS])
+    text = client.infer(TEXT_ENCODER, {INPUT_IDS: encoded[INPUT_IDS]}, [TEXT_EMBEDDINGS, POOLED_EMBEDDING])
+    inputs = client.inputs({**request, **text, p.RESPONSE_KEY: encoded[p.RESPONSE_KEY]})
     cancelled = metric(triton, "voltacache_cancelled_requests_total", p.DENOISER)
-    call = grpc.InferenceServerClient(triton.grpc_url).async_infer(p.DENOISER, inputs, callback=lambda *_: None)
+    call = client.client.async_infer(p.DENOISER, inputs, callback=lambda *_: None)
     deadline = time.monotonic() + 60
     while not _running(triton):
         assert time.monotonic() < deadline
@@ -115,12 +109,6 @@ def _running(triton) -> bool:
     before = metric(triton, "voltacache_ticks_total", p.DENOISER)
     time.sleep(0.2)
     return metric(triton, "voltacache_ticks_total", p.DENOISER) > before
-
-
-def grpc_dtype(value) -> str:
-    from voltacache.serving.client import TRITON_CLIENT_DTYPES
-
-    return TRITON_CLIENT_DTYPES[str(value.dtype)]
 
 
 def test_tick_and_queue_time_are_metrics(triton):

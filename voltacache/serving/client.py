@@ -33,12 +33,7 @@ class Client:
         """Send `values` (name -> numpy array) to `model`; the named outputs as numpy arrays."""
         from tritonclient.utils import InferenceServerException
 
-        inputs = []
-        for name, value in values.items():
-            dtype = "BYTES" if value.dtype == object else TRITON_CLIENT_DTYPES[str(value.dtype)]
-            tensor = self.triton.InferInput(name, list(value.shape), dtype)
-            tensor.set_data_from_numpy(value)
-            inputs.append(tensor)
+        inputs = self.inputs(values)
         requested = [self.triton.InferRequestedOutput(n) for n in outputs]
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         try:
@@ -48,6 +43,16 @@ class Client:
         except OSError as e:  # HTTP: refused, reset, unreachable
             raise self.failure(model, str(e)) from None
         return {n: result.as_numpy(n) for n in outputs}
+
+    def inputs(self, values: dict) -> list:
+        """tritonclient's InferInput for each (name -> numpy array)."""
+        inputs = []
+        for name, value in values.items():
+            dtype = "BYTES" if value.dtype == object else TRITON_CLIENT_DTYPES[str(value.dtype)]
+            tensor = self.triton.InferInput(name, list(value.shape), dtype)
+            tensor.set_data_from_numpy(value)
+            inputs.append(tensor)
+        return inputs
 
     def failure(self, model: str, message: str) -> VoltacacheError:
         """A server that cannot be reached, or the server's own answer to a bad request."""
