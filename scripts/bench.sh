@@ -36,3 +36,10 @@ $V bench --model build/sd15/model --workdir build/bench/sd15 --size 256 --steps 
 # serving throughput on the SD 1.5 architecture (fewer requests: about 15 s per image here)
 .venv/bin/python scripts/bench_throughput.py --engines build/bench/sd15/engines_0_256 --concurrency 1,2,4,8 \
   --requests 8 --steps 4,8 --warmup 2 --label sd15_256
+
+# SDXL (issue 18): the full architecture with random weights (14 GB). Its fp16 export at 512 within this
+# machine's 24 GiB (peak memory and time), then diffusers, DeepCache's helper, voltacache and Triton at
+# 256x256, 10 DDIM steps, each group in a process of its own (the weights fit once, not three times).
+.venv/bin/python scripts/measure_export.py --preset sdxl --size 512 --precision fp16 --out build/export_sdxl
+$V bench --model build/export_sdxl/model --workdir build/bench/sdxl --size 256 --steps 10 --repeats 2 \
+  --intervals 1,3 --deepcache-intervals 3 --branches block --isolate --name bench_sdxl

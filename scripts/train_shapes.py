@@ -318,7 +318,7 @@ def train_unet(
         if args.probe_every and done % args.probe_every == 0:
             probing = time.perf_counter()
             probed_unet, probed_text_encoder = current()
-            pipe = assemble(probed_unet, vae, probed_text_encoder)
+            pipe = assemble("sd15", unet=probed_unet, vae=vae, text_encoder=probed_text_encoder)
             probes.append({"step": done, **probe_adherence(for_evaluation(pipe), args.guidance[0], args.eval_steps)})
             probes[-1]["seconds"] = time.perf_counter() - probing
             start += probes[-1]["seconds"]  # probing is not training time
@@ -343,9 +343,10 @@ def load_for_evaluation(model_dir: Path) -> StableDiffusionPipeline:
         pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch.float32, safety_checker=None)
     else:
         pipe = assemble(
-            UNet2DConditionModel.from_pretrained(model_dir / "unet", torch_dtype=torch.float32),
-            AutoencoderKL.from_pretrained(model_dir / "vae", torch_dtype=torch.float32),
-            CLIPTextModel.from_pretrained(model_dir / "text_encoder", dtype=torch.float32),
+            "sd15",
+            unet=UNet2DConditionModel.from_pretrained(model_dir / "unet", torch_dtype=torch.float32),
+            vae=AutoencoderKL.from_pretrained(model_dir / "vae", torch_dtype=torch.float32),
+            text_encoder=CLIPTextModel.from_pretrained(model_dir / "text_encoder", dtype=torch.float32),
         )
     return for_evaluation(pipe)
 
@@ -574,7 +575,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"unet: {steps} steps in {unet_seconds / 60:.1f} min; training total {train_seconds / 60:.1f} min")
 
     pipe_dir = args.out / "pipeline"
-    assemble(unet, vae, text_encoder).save_pretrained(pipe_dir, safe_serialization=True)
+    assemble("sd15", unet=unet, vae=vae, text_encoder=text_encoder).save_pretrained(pipe_dir, safe_serialization=True)
     weights_bytes = ship_weights(vae, text_encoder, unet, args.weights_dir)
     log = {"vae": vae_losses, "unet": unet_losses}
     (args.out / "losses.json").write_text(json.dumps(log | {"probes": unet_log["probes"]}))

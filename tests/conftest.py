@@ -59,6 +59,31 @@ def engines_dir(onnx_fp32, tmp_path_factory):
     return out
 
 
+def tiny_family(tmp_path_factory, preset: str):
+    """(model folder, engines folder) of a tiny preset of another family, exported in fp32 and built once."""
+    from voltacache.build import build_engines
+    from voltacache.export import ExportOptions, export_model
+    from voltacache.presets import write_pipeline
+
+    root = tmp_path_factory.mktemp(preset)
+    model = write_pipeline(root / "model", preset, seed=0)
+    export_model(model, root / "onnx", ExportOptions(precision="fp32"))
+    build_engines(root / "onnx", root / "engines", backend="onnxruntime")
+    return model, root / "engines"
+
+
+@pytest.fixture(scope="session")
+def sdxl_tiny(tmp_path_factory):
+    """SDXL's topology at tiny widths: two text encoders, size conditioning, a 3-level U-Net."""
+    return tiny_family(tmp_path_factory, "sdxl-tiny")
+
+
+@pytest.fixture(scope="session")
+def sd2_tiny(tmp_path_factory):
+    """SD 2.x at tiny widths: v-prediction, an OpenCLIP-style text encoder, linear-projection attention."""
+    return tiny_family(tmp_path_factory, "sd2-tiny")
+
+
 @pytest.fixture(scope="session")
 def sd(engines_dir):
     from voltacache.pipeline import StableDiffusion

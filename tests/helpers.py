@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 
+PROMPT = "a photo of an astronaut riding a horse"  # the prompt of the parity tests
+
 # Every port a `milvus-server` takes besides its proxy port: a test server needs its own of each.
 MILVUS_PORTS = (
     "etcd",
@@ -48,3 +50,33 @@ def snapshot(folder):
 
 def listing(folder):
     return sorted(p.name for p in folder.iterdir())
+
+
+def diffusers_image(pipe, scheduler, seed, steps=20, guidance=7.5, negative="", pipeline_class=None, **kwargs):
+    """diffusers' own image for PROMPT, from a pipeline of its own over `pipe`'s modules (the shared `pipe`
+    keeps its scheduler). Our empty negative prompt is diffusers' None: SDXL zeros it
+    (force_zeros_for_empty_prompt), SD 1.x/2.x encode "" either way."""
+    import torch
+
+    from voltacache.schedulers import make_scheduler
+
+    components = {**pipe.components, "scheduler": make_scheduler(scheduler, dict(pipe.scheduler.config))}
+    extra = {"add_watermarker": False} if "XL" in type(pipe).__name__ else {}
+    other = (pipeline_class or type(pipe))(**components, **extra)
+    other.set_progress_bar_config(disable=True)
+    return other(
+        PROMPT,
+        negative_prompt=negative or None,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        **kwargs,
+    ).images[0]
+
+
+def levels(a, b):
+    """The largest difference between two uint8 images, in levels, and the share of values that differ."""
+    import numpy as np
+
+    diff = np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int))
+    return diff.max(), (diff > 0).mean()

@@ -86,7 +86,7 @@ def test_engines_from_before_step_batching_are_refused(engines_dir, onnx_fp32, t
     manifest = json.loads((copy / ENGINE_MANIFEST).read_text())
     del manifest["export"]["batch_sizes"]
     (copy / ENGINE_MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(RebuildNeeded, match="before step batching .*run `voltacache export` again"):
+    with pytest.raises(RebuildNeeded, match="older voltacache .*run `voltacache export` again"):
         load_engines(copy)
     # and an export from before is not built
     old = shutil.copytree(onnx_fp32, tmp_path / "onnx")
@@ -94,7 +94,7 @@ def test_engines_from_before_step_batching_are_refused(engines_dir, onnx_fp32, t
     del manifest["batch_sizes"]
     (old / "manifest.json").write_text(json.dumps(manifest))
     result = cli("build", "--onnx", old, "--out", tmp_path / "new", "--backend", "onnxruntime")
-    one_error_line(result, 1, "exported before step batching", "run `voltacache export` again")
+    one_error_line(result, 1, "exported by an older voltacache", "run `voltacache export` again")
     assert listing(tmp_path) == ["engines", "onnx"]
 
 

@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from voltacache.checkpoint import load_pipeline
 from voltacache.errors import CheckpointError
-from voltacache.single_file import save_single_file
+from voltacache.single_file import checkpoint_family, safetensors_header, save_single_file
 
 
 def weights_equal(a, b):
@@ -28,6 +28,50 @@ def test_single_file_round_trip(tiny_dir, tiny_pipe, tmp_path):
     for component in ("unet", "vae", "text_encoder"):
         assert weights_equal(getattr(tiny_pipe, component), getattr(loaded, component)), component
     assert loaded.tokenizer("a photo").input_ids == [49406, 320, 1125, 49407]
+
+
+# preset -> family, pipeline class, scheduler class, prediction type, pad token of each tokenizer
+FAMILY_PRESETS = {
+    "sd2-tiny": ("SD 2.x", "StableDiffusionPipeline", "DDIMScheduler", "v_prediction", {"tokenizer": "!"}),
+    "sdxl-tiny": (
+        "SDXL",
+        "StableDiffusionXLPipeline",
+        "EulerDiscreteScheduler",
+        "epsilon",
+        {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"},
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILY_PRESETS))
+def family_single_file(request, tmp_path_factory):
+    """(preset, its pipeline, a folder of its configs, the single file written from it)."""
+    from voltacache.presets import random_pipeline
+
+    root = tmp_path_factory.mktemp(request.param)
+    pipe = random_pipeline(request.param)
+    pipe.save_pretrained(root / "folder")
+    return request.param, pipe, root / "folder", save_single_file(pipe, root / "model.safetensors")
+
+
+def test_single_file_family_read_from_header(family_single_file):
+    preset, _, _, path = family_single_file
+    assert checkpoint_family(safetensors_header(path)) == FAMILY_PRESETS[preset][0]
+
+
+def test_single_file_round_trip_sd2_and_sdxl(family_single_file):
+    preset, pipe, folder, path = family_single_file
+    _, pipeline_class, scheduler_class, prediction_type, pad_tokens = FAMILY_PRESETS[preset]
+    # the tiny widths are not the shipped configs': read against the preset's own folder
+    loaded = load_pipeline(path, config=folder)
+    assert type(loaded).__name__ == pipeline_class
+    assert type(loaded.scheduler).__name__ == scheduler_class
+    assert loaded.scheduler.config.prediction_type == prediction_type
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if getattr(pipe, component, None) is not None:
+            assert weights_equal(getattr(pipe, component), getattr(loaded, component)), component
+    for name, pad in pad_tokens.items():
+        assert getattr(loaded, name).pad_token == pad, name
 
 
 @pytest.mark.slow
@@ -77,21 +121,29 @@ def test_folder_missing_component(tiny_dir, tmp_path):
         load_pipeline(folder)
 
 
-def test_sdxl_folder_refused(tiny_dir, tmp_path):
+def test_sdxl_folder_without_its_second_encoder_or_a_refiner_is_refused(tiny_dir, tmp_path):
     folder = tmp_path / "xl"
     shutil.copytree(tiny_dir, folder)
     index = json.loads((folder / "model_index.json").read_text())
-    index["_class_name"] = "StableDiffusionXLPipeline"
-    (folder / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match="SDXL"):
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
+    with pytest.raises(CheckpointError, match=r"missing component folder\(s\): text_encoder_2, tokenizer_2$"):
+        load_pipeline(folder)
+    # a refiner: SDXL's img2img pipeline with only the second text encoder
+    (folder / "text_encoder").rename(folder / "text_encoder_2")
+    (folder / "tokenizer").rename(folder / "tokenizer_2")
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLImg2ImgPipeline"}))
+    with pytest.raises(CheckpointError, match="text_encoder, tokenizer .an SDXL refiner.*is not supported"):
+        load_pipeline(folder)
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusion3Pipeline"}))
+    with pytest.raises(CheckpointError, match="a SD3 pipeline .StableDiffusion3Pipeline.; voltacache supports"):
         load_pipeline(folder)
 
 
 @pytest.mark.parametrize(
     "key, family",
     [
-        ("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight", "SDXL"),
         ("model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight", "SD3"),
+        ("double_blocks.0.img_attn.qkv.weight", "Flux"),
     ],
 )
 def test_other_family_single_file_refused(tmp_path, key, family):

@@ -35,7 +35,8 @@ def test_init_tiny_writes_loadable_pipeline(tmp_path):
 
 
 def test_bad_option_is_one_line_error_exit_2(tmp_path):
-    result = runner.invoke(app, ["init-tiny", str(tmp_path / "m"), "--preset", "sdxl"])
+    result = runner.invoke(app, ["init-tiny", str(tmp_path / "m"), "--preset", "sd3"])
     assert result.exit_code == 2
-    assert result.stderr.splitlines() == ["error: --preset 'sdxl': choose one of tiny, sd15, shapes"]
+    presets = "tiny, sd15, shapes, sd2-tiny, sd2, sdxl-tiny, sdxl"
+    assert result.stderr.splitlines() == [f"error: --preset 'sd3': choose one of {presets}"]
     assert not (tmp_path / "m").exists()

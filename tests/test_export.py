@@ -124,7 +124,7 @@ def test_export_from_before_step_batching_is_refused(onnx_fp32, tmp_path):
     manifest = json.loads((old / "manifest.json").read_text())
     del manifest["batch_sizes"]
     (old / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ExportError, match="exported before step batching .*run `voltacache export` again"):
+    with pytest.raises(ExportError, match="exported by an older voltacache .*run `voltacache export` again"):
         read_manifest(old)
 
 
@@ -212,14 +212,15 @@ def test_cli_export_interrupted_leaves_the_earlier_export_whole(onnx_fp32, tiny_
     before = snapshot(out)
     written = []
 
-    def export_component(module, spec, feeds, path, options, step):
+    def trace_component(module, spec, feeds, path, opset, external, step):
         if len(written) == 2:
             raise KeyboardInterrupt  # Ctrl-C on the third component
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"new")
         written.append(path)
-        return {}, {}
+        return {}
 
-    monkeypatch.setattr(export, "export_component", export_component)
+    monkeypatch.setattr(export, "trace_component", trace_component)
     result = cli("export", "--model", tiny_dir, "--out", out, "--precision", "fp32", "--force")
     assert result.exit_code == 130, result.output  # (diffusers' own loading bars come before the error)
     assert [line for line in result.stderr.splitlines() if "error" in line] == ["error: interrupted"], result.stderr

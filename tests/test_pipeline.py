@@ -3,34 +3,15 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import PROMPT, diffusers_image, levels
 from PIL import Image
 
 from voltacache.pipeline import InvalidRequest, StableDiffusion
 from voltacache.schedulers import make_scheduler
 
-PROMPT = "a photo of an astronaut riding a horse"
 # Tolerance against diffusers, fp32 ONNX Runtime vs PyTorch: every channel within 1 of 255 levels,
 # and at most 0.5% of values off by that one level (measured: 0 to 0.03%).
 MAX_LEVELS, MAX_FRACTION = 1, 0.005
-
-
-def diffusers_image(tiny_pipe, scheduler, seed, steps=20, guidance=7.5, negative=""):
-    # a pipeline of its own over the shared modules: the session's tiny_pipe keeps its scheduler
-    pipe = type(tiny_pipe)(
-        **{**tiny_pipe.components, "scheduler": make_scheduler(scheduler, dict(tiny_pipe.scheduler.config))}
-    )
-    return pipe(
-        PROMPT,
-        negative_prompt=negative,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=torch.Generator("cpu").manual_seed(seed),
-    ).images[0]
-
-
-def levels(a, b):
-    diff = np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int))
-    return diff.max(), (diff > 0).mean()
 
 
 def psnr(a, b):
@@ -122,7 +103,7 @@ class CountingRunner:
 )
 def test_bad_input_rejected_before_compute(sd, kwargs, message):
     counting = {name: CountingRunner(r) for name, r in sd.runners.items()}
-    guarded = StableDiffusion(counting, sd.export, sd.tokenizer)
+    guarded = StableDiffusion(counting, sd.export, sd.tokenizers)
     with pytest.raises(InvalidRequest, match=message):
         guarded(PROMPT, **kwargs)
     assert sum(r.calls for r in counting.values()) == 0

@@ -23,6 +23,18 @@ def test_small_presets_keep_sd15_block_types(preset):
     assert component_config("unet", "sd15")["block_out_channels"] == [320, 640, 1280, 1280]
 
 
+@pytest.mark.parametrize("preset, full", [("sd2-tiny", "sd2"), ("sdxl-tiny", "sdxl")])
+def test_family_presets_keep_their_familys_topology(preset, full):
+    small, real = component_config("unet", preset), component_config("unet", full)
+    for key in ("down_block_types", "up_block_types", "use_linear_projection", "addition_embed_type"):
+        assert small.get(key) == real.get(key)
+    assert small["cross_attention_dim"] < real["cross_attention_dim"]
+    pipe = random_pipeline(preset)
+    assert pipe.scheduler.config.prediction_type == ("v_prediction" if full == "sd2" else "epsilon")
+    pads = [pipe.tokenizer.pad_token, getattr(pipe, "tokenizer_2", None) and pipe.tokenizer_2.pad_token]
+    assert pads == (["!", None] if full == "sd2" else ["<|endoftext|>", "!"])
+
+
 def test_shapes_latent_width_agrees_across_unet_vae_and_shipped_weights():
     vae, unet = component_config("vae", "shapes"), component_config("unet", "shapes")
     assert unet["in_channels"] == unet["out_channels"] == vae["latent_channels"]

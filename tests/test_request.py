@@ -43,6 +43,10 @@ def test_defaults_are_written_once_and_check():
         ({"init_image": np.zeros((5000, 8, 3), np.uint8)}, "each side at most"),
         ({"init_image": np.zeros((8, 8, 3), np.uint8), "strength": 1.5}, "strength 1.5"),
         ({"init_image": np.zeros((8, 8, 3), np.uint8), "steps": 1, "strength": 0.5}, "no denoising step"),
+        ({"original_size": (1024,)}, r"original_size \(1024,\): must be two integers"),
+        ({"target_size": (0, 1024)}, "target_size 0: must be an integer from 1 to 16384"),
+        ({"crop_top_left": (-1, 0)}, "crop_top_left -1: must be an integer from 0 to 16384"),
+        ({"original_size": "1024x1024"}, "original_size '1024x1024': must be two integers"),
     ],
 )
 def test_bad_fields_are_refused_by_name(fields, message):
@@ -53,11 +57,13 @@ def test_bad_fields_are_refused_by_name(fields, message):
 @pytest.mark.parametrize("img2img", [False, True])
 def test_triton_round_trip(img2img):
     image = np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8) if img2img else None
+    # SDXL's size conditioning travels when given (here with img2img), and is left out when not
+    sizes = ((1024, 768), (0, 16), (512, 512)) if img2img else (None, None, None)
     request = Request(
-        "a cat", "blurry", 12, 5.0, 7, "euler", 3, "nonuniform", image, 0.5, "refresh", None, None
+        "a cat", "blurry", 12, 5.0, 7, "euler", 3, "nonuniform", image, 0.5, "refresh", None, None, *sizes
     ).check()
     tensors = request.to_triton()
-    assert set(tensors) == {t.tensor.name for t in p.REQUEST_TENSORS if img2img or not t.img2img_only}
+    assert set(tensors) == {t.tensor.name for t in p.REQUEST_TENSORS if img2img or not (t.img2img_only or t.optional)}
     assert tensors[p.PROMPT].dtype == object and tensors[p.STEPS].dtype == np.int32
     back = Request.from_triton(tensors.get)
     sent = request if img2img else request.replace(strength=Request.strength)  # txt2img sends no strength

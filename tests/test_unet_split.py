@@ -56,3 +56,24 @@ def test_branch_0_is_cheaper_than_block(tiny_pipe):
 def test_unknown_branch(tiny_pipe):
     with pytest.raises(ValueError, match="use 'block' or a layer number"):
         shallow_layer_count(tiny_pipe.unet, "7")
+
+
+@pytest.mark.parametrize("branch, layers, channels", [("block", 3, 64), ("2", 3, 64), ("1", 2, 32), ("0", 1, 32)])
+def test_split_reproduces_sdxls_unet_exactly(branch, layers, channels):
+    """SDXL: a 3-level U-Net whose first down block has no attention, and added conditions (pooled text
+    embedding, time ids) on the time embedding: the split still equals the unsplit U-Net bit for bit."""
+    from voltacache.presets import random_pipeline
+
+    unet = random_pipeline("sdxl-tiny").unet
+    g = torch.Generator().manual_seed(0)
+    sample, t, context = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([741.0, 20.0]), torch.randn(2, 77, 96)
+    pooled, time_ids = torch.randn(2, 64, generator=g), torch.tensor([[64.0, 64, 0, 0, 64, 64], [32, 48, 8, 4, 64, 32]])
+    assert shallow_layer_count(unet, branch) == layers
+    with torch.no_grad():
+        reference = unet(sample, t, context, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        noise, deep = UNetDeep(unet, layers)(sample, t, context, pooled, time_ids)
+        shallow = UNetShallow(unet, layers)(sample, t, context, deep, pooled, time_ids)
+        without_conditions = UNetShallow(unet, layers)(sample, t, context, deep, pooled, time_ids * 0)
+    assert deep.shape == (2, channels, 8, 8)
+    assert torch.equal(noise, reference) and torch.equal(shallow, reference)
+    assert not torch.allclose(without_conditions, reference)  # the shallow path reads the conditions too

@@ -6,6 +6,11 @@ Contenders, all on the same prompt, seed, size, steps, guidance and DDIM:
 - voltacache in process (ONNX Runtime engines) at N = 1, 2, 3, 5, on each DeepCache branch;
 - voltacache through Triton (gRPC, the served ensemble) at the same settings.
 Each round runs every contender once, in turn; medians over rounds are compared.
+
+`isolate`: a model whose weights fit in memory once but not three times (SDXL: 14 GB in PyTorch, 10 GB
+more per engine copy, on a 24 GiB machine) runs each group (diffusers and DeepCache; voltacache in
+process; Triton) in a child process of its own, one group after the other: contenders are side by side
+within a group, and the groups follow each other in one run.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class BenchConfig:
     seed: int = 0
     name: str = "bench"
     precisions: tuple = ("fp32",)  # voltacache's engines: fp32, and int8 U-Nets (contenders "voltacache-int8")
+    isolate: bool = False  # each group of contenders in a process of its own, one after the other
 
 
 def engines_for(
@@ -121,21 +127,31 @@ class Contender:
     stats: dict = field(default_factory=dict)
 
 
-def build_contenders(cfg: BenchConfig, stack) -> list[Contender]:
+# Contenders that share what they load (a PyTorch pipeline, engines, a server): the groups of `isolate`.
+GROUPS = ("diffusers", "voltacache", "triton")  # diffusers holds DeepCache's helper; voltacache its int8 engines too
+
+
+def build_contenders(cfg: BenchConfig, stack, groups=GROUPS) -> list[Contender]:
+    contenders = []
+    if "diffusers" in groups:
+        contenders += diffusers_contenders(cfg)
+    if "voltacache" in groups:
+        contenders += voltacache_contenders(cfg)
+    if "triton" in groups:
+        contenders += triton_contenders(cfg, stack)
+    return contenders
+
+
+def diffusers_contenders(cfg: BenchConfig) -> list[Contender]:
     import torch
     from DeepCache import DeepCacheSDHelper
 
     from .checkpoint import load_pipeline
-    from .pipeline import StableDiffusion
     from .schedulers import make_scheduler
-    from .serving.client import Client
-    from .serving.deploy import deploy
-    from .serving.server import TritonServer
 
     pipe = load_pipeline(cfg.model)
     pipe.scheduler = make_scheduler("ddim", dict(pipe.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
-    request = dict(steps=cfg.steps, guidance=cfg.guidance, scheduler="ddim")
 
     def diffusers_run(seed, helper=None):
         if helper:
@@ -169,6 +185,14 @@ def build_contenders(cfg: BenchConfig, stack) -> list[Contender]:
                     lambda seed, h=helper: diffusers_run(seed, h),
                 )
             )
+    return contenders
+
+
+def voltacache_contenders(cfg: BenchConfig) -> list[Contender]:
+    from .pipeline import StableDiffusion
+
+    request = dict(steps=cfg.steps, guidance=cfg.guidance, scheduler="ddim")
+    contenders = []
     for branch in cfg.branches:
         for precision in cfg.precisions:
             kind = "voltacache" if precision == "fp32" else f"voltacache-{precision}"
@@ -192,6 +216,17 @@ def build_contenders(cfg: BenchConfig, stack) -> list[Contender]:
                         f"{kind} N={n} branch={branch}", kind, n, branch, lambda seed, n=n, f=local_run: f(seed, n)
                     )
                 )
+    return contenders
+
+
+def triton_contenders(cfg: BenchConfig, stack) -> list[Contender]:
+    from .serving.client import Client
+    from .serving.deploy import deploy
+    from .serving.server import TritonServer
+
+    request = dict(steps=cfg.steps, guidance=cfg.guidance, scheduler="ddim")
+    contenders = []
+    for branch in cfg.branches:
         engines = engines_for(cfg.model, cfg.workdir, cfg.size, branch)
         if branch in cfg.triton_branches:
             repo = deploy(engines, cfg.workdir / f"repo_{branch}_{cfg.size}")
@@ -213,12 +248,39 @@ def build_contenders(cfg: BenchConfig, stack) -> list[Contender]:
 
 
 def run(cfg: BenchConfig, progress=None) -> dict:
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    if cfg.isolate:
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        contenders, batch_sizes = [], {}
+        for group in GROUPS:  # one process each, one after the other: only one group's weights in memory
+            with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as child:
+                timed, sizes = child.submit(run_group, cfg, (group,)).result()
+            contenders += timed
+            batch_sizes.update(sizes)
+            if progress:
+                progress(group)
+    else:
+        contenders, batch_sizes = run_group(cfg, GROUPS, progress)
+    result = report(cfg, contenders)
+    result["batch_sizes"] = batch_sizes
+    result["step_batching_plan"] = {
+        engines: {n: step_batching_plan(times, n, cfg.steps) for n in cfg.intervals}
+        for engines, times in result["batch_sizes"].items()
+    }
+    return result
+
+
+def run_group(cfg: BenchConfig, groups: tuple, progress=None) -> tuple[list[Contender], dict]:
+    """Time the contenders of `groups` side by side: a warm-up round, then `cfg.repeats` rounds. Returns them
+    (without their callables, so that a child process can return them) and, with voltacache's group, the
+    U-Net seconds per call at each engine size."""
     from contextlib import ExitStack
 
-    cfg.workdir.mkdir(parents=True, exist_ok=True)
     seeds = itertools.count(cfg.seed)  # a fresh seed per call keeps Triton's response cache out of it
     with ExitStack() as stack:
-        contenders = build_contenders(cfg, stack)
+        contenders = build_contenders(cfg, stack, groups)
         for contender in contenders:  # warm-up round, untimed
             contender.run(next(seeds))
         for _ in range(cfg.repeats):
@@ -230,20 +292,16 @@ def run(cfg: BenchConfig, progress=None) -> dict:
                 contender.peak_rss = max(contender.peak_rss, rss.peak)
                 if progress:
                     progress(contender.name)
-    result = report(cfg, contenders)
-    result["batch_sizes"] = {
-        f"{branch} {precision}": batch_size_times(
-            engines_for(cfg.model, cfg.workdir, cfg.size, branch, precision, BENCH_CALIBRATION.get(precision)),
-            cfg.repeats,
-        )
-        for branch in cfg.branches
-        for precision in cfg.precisions
-    }
-    result["step_batching_plan"] = {
-        engines: {n: step_batching_plan(times, n, cfg.steps) for n in cfg.intervals}
-        for engines, times in result["batch_sizes"].items()
-    }
-    return result
+    for contender in contenders:
+        contender.run = None
+    batch_sizes = {}
+    if "voltacache" in groups:
+        for branch in cfg.branches:
+            for precision in cfg.precisions:
+                calibration = BENCH_CALIBRATION.get(precision)
+                engines = engines_for(cfg.model, cfg.workdir, cfg.size, branch, precision, calibration)
+                batch_sizes[f"{branch} {precision}"] = batch_size_times(engines, cfg.repeats)
+    return contenders, batch_sizes
 
 
 def step_batching_plan(times: dict, interval: int, steps: int) -> dict:

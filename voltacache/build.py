@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ExportError, RebuildNeeded, UsageError, VoltacacheError, read_json
-from .export import exported_for_step_batching, read_manifest, specs_from_manifest
+from .export import current_export, read_manifest, specs_from_manifest
 from .outputs import json_marker, refuse_overlap, staged_output
 from .runners import OnnxRuntimeRunner, Runner, TensorRTRunner
-from .specs import COMPONENTS, INPUT_IDS
+from .specs import COMPONENTS, TEXT_IDS
+from .tokenizer import TOKENIZER_DIRS
 
 ENGINE_MANIFEST = "engines.json"
 is_engines = json_marker(ENGINE_MANIFEST, "backend", "files", "export")  # a folder `build_engines` wrote
@@ -130,8 +131,9 @@ def build_engines(
 
 def _build(onnx_dir: Path, out_dir: Path, export: dict, backend, reason, optimization_level, progress, timing_cache):
     started = time.time()
-    if not (onnx_dir / "tokenizer").is_dir():
-        raise ExportError(f"{onnx_dir / 'tokenizer'}: missing from the export; run `voltacache export` again")
+    for name in TOKENIZER_DIRS[: export["geometry"]["text_encoders"]]:
+        if not (onnx_dir / name).is_dir():
+            raise ExportError(f"{onnx_dir / name}: missing from the export; run `voltacache export` again")
     files = {}
     for name in COMPONENTS:
         if progress:
@@ -145,7 +147,8 @@ def _build(onnx_dir: Path, out_dir: Path, export: dict, backend, reason, optimiz
             )
         else:
             files[name] = build_onnxruntime(source, out_dir, name)
-    shutil.copytree(onnx_dir / "tokenizer", out_dir / "tokenizer", dirs_exist_ok=True)
+    for name in TOKENIZER_DIRS[: export["geometry"]["text_encoders"]]:
+        shutil.copytree(onnx_dir / name, out_dir / name, dirs_exist_ok=True)
     manifest = {
         "format": 1,
         "backend": backend,
@@ -245,7 +248,8 @@ def compare_with_onnxruntime(plan: Path, source: Path, spec, sizes, tolerance: f
         shapes = TensorMetadata()
         for t in spec.for_images(size).inputs:
             shapes.add(t.name, np.dtype(t.dtype), t.shape)
-        loader = DataLoader(val_range={INPUT_IDS: (0, 49407)}, iterations=2, input_metadata=shapes)
+        ids = {t.name: (0, 49407) for t in spec.inputs if t.name in TEXT_IDS}
+        loader = DataLoader(val_range=ids, iterations=2, input_metadata=shapes)
         runners = [TrtRunner(engine, optimization_profile=index), OnnxrtRunner(session)]
         results = Comparator.run(runners, data_loader=loader)
         compare = CompareFunc.simple(atol=tolerance, rtol=tolerance)
@@ -313,9 +317,9 @@ def calibration_id(export: dict | Path) -> str | None:
 def load_engines(engine_dir: Path, cuda_graph: bool = False, components=COMPONENTS, served: bool = False) -> Engines:
     engine_dir = Path(engine_dir)
     manifest = read_engine_manifest(engine_dir)
-    if not exported_for_step_batching(manifest["export"]):
+    if not current_export(manifest["export"]):
         raise RebuildNeeded(
-            f"{engine_dir}: built from an export made before step batching (static batch); "
+            f"{engine_dir}: built from an export made by an older voltacache (before step batching and SDXL); "
             "run `voltacache export` again, then `voltacache build`"
         )
     check_compatible(manifest, engine_dir)

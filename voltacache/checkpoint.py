@@ -1,4 +1,4 @@
-"""Load a Stable Diffusion 1.x/2.x checkpoint offline: a diffusers folder or a single .safetensors file.
+"""Load a Stable Diffusion 1.x/2.x or SDXL checkpoint offline: a diffusers folder or a single .safetensors file.
 
 No hub access ever happens (HF_HUB_OFFLINE is forced, every load is local_files_only). Pickle
 checkpoints can run code when loaded, so they are refused unless the caller allows them.
@@ -16,21 +16,25 @@ from .single_file import check_safetensors, checkpoint_family
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl"}
-SUPPORTED_PIPELINES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"}
-OTHER_FAMILIES = {
-    "StableDiffusionXLPipeline": "SDXL",
-    "StableDiffusionXLImg2ImgPipeline": "SDXL",
-    "StableDiffusion3Pipeline": "SD3",
-    "FluxPipeline": "Flux",
+# model_index.json's pipeline class -> the pipeline class we load it as (img2img folders hold the same models)
+SUPPORTED_PIPELINES = {
+    "StableDiffusionPipeline": "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline": "StableDiffusionPipeline",
+    "StableDiffusionXLPipeline": "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline": "StableDiffusionXLPipeline",
 }
+OTHER_FAMILIES = {"StableDiffusion3Pipeline": "SD3", "FluxPipeline": "Flux"}
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+XL_COMPONENTS = ("text_encoder_2", "tokenizer_2")
+# a single file's family (voltacache.single_file) -> the shipped configs it is read against
+SINGLE_FILE_FAMILIES = {"SD 1.x": "sd15", "SD 2.x": "sd2", "SDXL": "sdxl"}
 
 
 def load_pipeline(path: str | Path, allow_pickle: bool = False, config: str | Path | None = None):
     """A diffusers StableDiffusionPipeline from `path`, fp32, on the CPU, without a safety checker.
 
-    `config` is the diffusers config folder a single file is read against (default: SD 1.5's,
-    shipped in the package).
+    `config` is the diffusers config folder a single file is read against (default: its family's,
+    shipped in the package: SD 1.5, SD 2.1 768-v, SDXL base).
     """
     path = Path(path)
     if not path.exists():
@@ -44,7 +48,7 @@ def load_pipeline(path: str | Path, allow_pickle: bool = False, config: str | Pa
                 f"{path}: {suffix} is a pickle checkpoint, which can run arbitrary code when loaded; "
                 "convert it to .safetensors, or pass --allow-pickle if you trust its source"
             )
-        return _load_single_file(path, config)
+        return _load_single_file(path, "SD 1.x", config)
     if suffix != ".safetensors":
         raise CheckpointError(f"{path}: not a checkpoint (expected a diffusers folder or a .safetensors file)")
     try:
@@ -54,15 +58,15 @@ def load_pipeline(path: str | Path, allow_pickle: bool = False, config: str | Pa
     family = checkpoint_family(keys)
     if family is None:
         raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint (no U-Net, VAE and CLIP weights found)")
-    if family != "SD 1.x":
-        raise CheckpointError(
-            f"{path}: a {family} checkpoint; voltacache loads SD 1.x single files (SD 2.x: use its diffusers folder)"
-        )
-    return _load_single_file(path, config)
+    if family not in SINGLE_FILE_FAMILIES:
+        raise CheckpointError(f"{path}: a {family} checkpoint; voltacache loads SD 1.x, SD 2.x and SDXL")
+    return _load_single_file(path, family, config)
 
 
 def _load_folder(path: Path, allow_pickle: bool):
-    from diffusers import StableDiffusionPipeline
+    import diffusers
+
+    from .presets import pipeline_options
 
     index_file = path / "model_index.json"
     if not index_file.is_file():
@@ -73,13 +77,21 @@ def _load_folder(path: Path, allow_pickle: bool):
         raise CheckpointError(f"{index_file}: invalid JSON ({e})") from e
     name = index.get("_class_name", "")
     if name in OTHER_FAMILIES:
-        raise CheckpointError(f"{path}: a {OTHER_FAMILIES[name]} pipeline ({name}); voltacache supports SD 1.x/2.x")
+        raise CheckpointError(
+            f"{path}: a {OTHER_FAMILIES[name]} pipeline ({name}); voltacache supports SD 1.x/2.x and SDXL"
+        )
     if name not in SUPPORTED_PIPELINES:
-        raise CheckpointError(f"{path}: {name or 'an unnamed pipeline'} is not a Stable Diffusion 1.x/2.x pipeline")
-    missing = [c for c in COMPONENTS if not (path / c).is_dir()]
+        raise CheckpointError(
+            f"{path}: {name or 'an unnamed pipeline'} is not a Stable Diffusion 1.x/2.x or SDXL pipeline"
+        )
+    pipeline_class = getattr(diffusers, SUPPORTED_PIPELINES[name])
+    xl = "XL" in name
+    missing = [c for c in COMPONENTS + (XL_COMPONENTS if xl else ()) if not (path / c).is_dir()]
     if missing:
-        raise CheckpointError(f"{path}: missing component folder(s): {', '.join(missing)}")
-    for component in ("unet", "vae", "text_encoder"):
+        refiner = xl and "text_encoder" in missing  # SDXL's refiner has only the second text encoder
+        why = " (an SDXL refiner, which has no first text encoder, is not supported)" if refiner else ""
+        raise CheckpointError(f"{path}: missing component folder(s): {', '.join(missing)}{why}")
+    for component in ("unet", "vae", "text_encoder", *(["text_encoder_2"] if xl else [])):
         files = list((path / component).iterdir())
         weights = sorted(f for f in files if f.suffix == ".safetensors")
         for f in weights:  # a torn download or copy, named here rather than deep inside from_pretrained
@@ -100,32 +112,31 @@ def _load_folder(path: Path, allow_pickle: bool):
                 "when loaded; pass --allow-pickle if you trust the source"
             )
     try:
-        return StableDiffusionPipeline.from_pretrained(
+        return pipeline_class.from_pretrained(
             path,
             local_files_only=True,
             use_safetensors=None if allow_pickle else True,
-            safety_checker=None,
-            requires_safety_checker=False,
+            **pipeline_options(pipeline_class),
         )
     except (OSError, ValueError, RuntimeError, EOFError) as e:  # a config, weight or tokenizer file diffusers rejects
         raise CheckpointError(f"{path}: cannot be loaded ({e})") from e
 
 
-def _load_single_file(path: Path, config: str | Path | None):
-    from diffusers import StableDiffusionPipeline
+def _load_single_file(path: Path, family: str, config: str | Path | None):
+    import diffusers
 
-    from .presets import SD15_CONFIG_DIR
-    from .tokenizer import clip_tokenizer
+    from .presets import CONFIGS, family_tokenizers, pipeline_options
 
-    config_dir = Path(config) if config else SD15_CONFIG_DIR
+    ours = SINGLE_FILE_FAMILIES[family]
+    config_dir = Path(config) if config else CONFIGS / ours
+    pipeline_class = getattr(diffusers, json.loads((CONFIGS / ours / "model_index.json").read_text())["_class_name"])
     try:
-        return StableDiffusionPipeline.from_single_file(
+        return pipeline_class.from_single_file(
             str(path),
             config=str(config_dir),
             local_files_only=True,
-            tokenizer=clip_tokenizer(),
-            safety_checker=None,
-            requires_safety_checker=False,
+            **family_tokenizers(ours),
+            **pipeline_options(pipeline_class),
         )
     except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: could not be loaded against the configs in {config_dir} ({e})") from e

@@ -88,14 +88,16 @@ CACHE_BANDS = typer.Option(
 @user_errors
 def init_tiny(
     out: Path = typer.Argument(..., help="Folder to write the diffusers-format pipeline into."),
-    seed: int = typer.Option(0, help="Seed of the random weights (tiny, sd15)."),
+    seed: int = typer.Option(0, help="Seed of the random weights (all but shapes)."),
     preset: str = typer.Option(
         "tiny",
-        help="tiny (random weights, seconds per image on a CPU), shapes (tiny, trained on captioned shapes: "
-        "images that follow the prompt) or sd15 (full SD 1.5, random weights, ~4 GB).",
+        help="tiny (SD 1.5's topology, random weights, seconds per image on a CPU), shapes (tiny, trained on "
+        "captioned shapes: images that follow the prompt), sd2-tiny (SD 2.x: v-prediction, OpenCLIP-style "
+        "encoder), sdxl-tiny (SDXL: two text encoders, size conditioning), or the full architectures with random "
+        "weights: sd15 (~4 GB), sd2 (~5 GB), sdxl (~14 GB).",
     ),
     single_file: Path | None = typer.Option(
-        None, help="Also write the pipeline as one SD 1.x (LDM layout) .safetensors checkpoint here."
+        None, help="Also write the pipeline as one single-file (LDM/SGM layout) .safetensors checkpoint here."
     ),
     force: bool = typer.Option(
         False,
@@ -103,7 +105,7 @@ def init_tiny(
         help="Replace a pipeline (and --single-file) that init-tiny wrote before; anything else is never replaced.",
     ),
 ):
-    """Write a Stable Diffusion pipeline with SD 1.5's topology: random weights, or the trained shapes model."""
+    """Write a Stable Diffusion pipeline (SD 1.5, SD 2.x or SDXL topology): random weights, or the shapes model."""
     from .presets import PRESETS, write_pipeline
 
     if preset not in PRESETS:
@@ -195,12 +197,11 @@ def export(
     tasks = {c: bars.add_task(c, total=len(STAGES), stage="waiting", start=False) for c in COMPONENTS}
 
     def progress(component, stage):
+        # every component is traced first, then converted, checked and linted (voltacache.export.STAGES)
         bars.start()
         task = tasks[component]
         bars.start_task(task)
-        for other in COMPONENTS[: COMPONENTS.index(component)]:
-            bars.update(tasks[other], completed=len(STAGES), stage="done")
-        bars.update(task, completed=STAGES.index(stage), stage=stage)
+        bars.update(task, completed=len(STAGES) if stage == "done" else STAGES.index(stage), stage=stage)
 
     try:
         manifest = export_model(
@@ -396,6 +397,11 @@ def generate(
     width: int | None = typer.Option(None, help="Must equal the engines' static width."),
     init_image: Path | None = typer.Option(None, help="img2img: start from this image (resized to the engines' size)."),
     strength: float = typer.Option(Request.strength, help="img2img: how much of the schedule to run (0-1]."),
+    original_size: str | None = typer.Option(
+        None, help="SDXL size conditioning: HEIGHT,WIDTH (default: the engines')."
+    ),
+    crop_top_left: str | None = typer.Option(None, help="SDXL size conditioning: TOP,LEFT (default: 0,0)."),
+    target_size: str | None = typer.Option(None, help="SDXL size conditioning: HEIGHT,WIDTH (default: the engines')."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object per image."),
     force: bool = typer.Option(False, help="Replace image files that exist."),
     cache: str = typer.Option(Request.cache_mode, help="Cross-request cache for this request: on, off or refresh."),
@@ -441,6 +447,9 @@ def generate(
         cache,
         height,
         width,
+        parse_pair(original_size, "--original-size"),
+        parse_pair(crop_top_left, "--crop-top-left"),
+        parse_pair(target_size, "--target-size"),
     ).check()  # the options once (a file's lines each with its own request)
     if engines is not None:
         from .build import read_engine_manifest
@@ -472,6 +481,17 @@ def generate(
         print(f"error: {failure}", file=sys.stderr)
     if batch.failures:
         raise fail(f"{len(batch.failures)} of {len(lines)} prompts failed; the other images are written", 1)
+
+
+def parse_pair(text: str | None, arg: str) -> tuple[int, int] | None:
+    """`--original-size 1024,768` -> (1024, 768); Request.check judges the numbers."""
+    if text is None:
+        return None
+    try:
+        first, second = (int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        raise UsageError(f"{arg} {text!r}: give two integers, e.g. 1024,1024") from None
+    return first, second
 
 
 @app.command("check-shapes")
@@ -512,6 +532,11 @@ def bench(
     name: str = typer.Option("bench", help="Name of the JSON and the figures."),
     out: Path | None = typer.Option(None, help="JSON results (default docs/results/NAME.json)."),
     figures: Path = typer.Option(Path("docs/figures"), help="Folder for the PNG plots."),
+    isolate: bool = typer.Option(
+        False,
+        help="Each group (diffusers+DeepCache, voltacache, Triton) in its own process, one after the other: "
+        "for models whose weights fit in memory once but not three times (SDXL on 24 GiB).",
+    ),
 ):
     """Benchmark against diffusers and DeepCache, side by side: seconds per image, speedups, plots."""
     from .bench import BenchConfig, main, table
@@ -537,6 +562,7 @@ def bench(
         figures,
         name=name,
         precisions=names(precisions),
+        isolate=isolate,
     )
     result = main(cfg, console=err)
     print(table(result))

@@ -13,14 +13,22 @@ from .unet_split import UNetDeep, UNetShallow
 
 
 class TextEncoder(nn.Module):
-    def __init__(self, text_encoder):
-        super().__init__()
-        self.text_encoder = text_encoder
+    """Token ids -> (context, pooled embedding), as diffusers encodes a prompt. SD 1.x/2.x: the last hidden
+    state and CLIP's pooled output. SDXL: both encoders' penultimate hidden states side by side, and the
+    second encoder's projected pooled embedding."""
 
-    def forward(self, input_ids):
+    def __init__(self, text_encoder, text_encoder_2=None):
+        super().__init__()
+        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+
+    def forward(self, input_ids, input_ids_2=None):
         # int32 ids in the graph (TensorRT's native index type); the embedding gathers with int64
-        out = self.text_encoder(input_ids.to(torch.int64), return_dict=True)
-        return out.last_hidden_state, out.pooler_output
+        if self.text_encoder_2 is None:
+            out = self.text_encoder(input_ids.to(torch.int64), return_dict=True)
+            return out.last_hidden_state, out.pooler_output
+        first = self.text_encoder(input_ids.to(torch.int64), output_hidden_states=True, return_dict=True)
+        second = self.text_encoder_2(input_ids_2.to(torch.int64), output_hidden_states=True, return_dict=True)
+        return torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1), second.text_embeds
 
 
 class VaeDecoder(nn.Module):
@@ -48,7 +56,7 @@ class VaeEncoder(nn.Module):
 
 def torch_modules(pipe, shallow_layers: int) -> dict[str, nn.Module]:
     modules = {
-        TEXT_ENCODER: TextEncoder(pipe.text_encoder),
+        TEXT_ENCODER: TextEncoder(pipe.text_encoder, getattr(pipe, "text_encoder_2", None)),
         UNET_DEEP: UNetDeep(pipe.unet, shallow_layers),
         UNET_SHALLOW: UNetShallow(pipe.unet, shallow_layers),
         VAE_DECODER: VaeDecoder(pipe.vae),

@@ -17,6 +17,7 @@ import functools
 import gc
 import hashlib
 import json
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,21 +31,27 @@ from .components import torch_modules
 from .errors import ExportError, read_json
 from .outputs import json_marker, refuse_overlap, staged_output
 from .quantize import Calibration
+from .single_file import model_family
 from .specs import (
     COMPONENTS,
     CONTEXT,
     DEEP_FEATURE,
-    INPUT_IDS,
     NOISE_PRED,
+    POOLED_EMBEDDING,
     ROWS,
     SAMPLE,
+    TEXT_IDS,
+    TIME_IDS,
     TIMESTEP,
     UNET_DEEP,
     UNET_SHALLOW,
+    VAE_DECODER,
+    VAE_ENCODER,
     ComponentSpec,
     Geometry,
     component_specs,
 )
+from .tokenizer import TOKENIZER_DIRS
 from .trt_lint import lint
 from .unet_split import shallow_layer_count
 
@@ -134,14 +141,15 @@ def model_fingerprint(path: Path) -> str:
 
 
 def random_inputs(spec: ComponentSpec, geometry: Geometry, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Validation inputs: token ids framed by CLIP's start/end tokens, a timestep in [0, 1000), N(0, 1) elsewhere."""
+    """Validation inputs: token ids framed by CLIP's start/end tokens, a timestep in [0, 1000), image sides for
+    SDXL's time ids, N(0, 1) elsewhere."""
     feeds = {}
     for t in spec.inputs:
-        if t.name == INPUT_IDS:
+        if t.name in TEXT_IDS:
             ids = rng.integers(0, geometry.vocab_size - 2, t.shape)
             ids[:, 0], ids[:, -1] = geometry.vocab_size - 2, geometry.vocab_size - 1
             feeds[t.name] = ids.astype(t.dtype)
-        elif t.name == TIMESTEP:
+        elif t.name in (TIMESTEP, TIME_IDS):
             feeds[t.name] = rng.integers(0, 1000, t.shape).astype(t.dtype)
         else:
             feeds[t.name] = rng.standard_normal(t.shape).astype(t.dtype)
@@ -244,23 +252,23 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
     onnx.save_model(model, str(path), save_as_external_data=external, location=data.name if external else None)
 
 
+# Every component is traced first (stage 1, with the PyTorch model in memory), then converted, checked and
+# linted (stages 2-4, with the PyTorch model freed): the full SDXL U-Net fits this way (docs/benchmarks.md).
 STAGES = ("export", "precision", "validate", "lint", "quantize")
 
 
-def export_component(module, spec, feeds: dict, path: Path, options: ExportOptions, step=lambda stage: None):
-    """Export one module, convert precision, check it against PyTorch, lint it.
-
-    Returns the manifest entry and ONNX Runtime's outputs on `feeds`. Big models are never held
-    twice: the fp32 graph streams to disk, and each copy is dropped before the next is made.
-    """
-    step("export")
+def trace_component(module, spec, feeds: dict, path: Path, opset: int, external: bool = False, step=None) -> dict:
+    """Stage 1, in PyTorch: the module traced to an fp32 ONNX graph at `path` (its weights as external data
+    beside it when `external` or over protobuf's limit), and PyTorch's outputs on `feeds`: the reference the
+    graph is checked against once the PyTorch model is gone."""
+    (step or (lambda stage: None))("export")
     args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
     with torch.no_grad():
         program = torch.onnx.export(
             module,
             args,
             dynamo=True,
-            opset_version=options.opset,
+            opset_version=opset,
             input_names=spec.input_names,
             output_names=spec.output_names,
             # DYNAMIC, not a named Dim: torch.export refuses a named Dim traced at size 1 (one VAE row)
@@ -268,39 +276,41 @@ def export_component(module, spec, feeds: dict, path: Path, options: ExportOptio
             verbose=False,
         )
     name_rows(program, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_name(path.name + ".data").unlink(missing_ok=True)
+    program.save(str(path), external_data=external or _weight_bytes(program) > EXTERNAL_DATA_BYTES)
+    del program
+    release_memory()
+    return run_torch(module, spec, feeds)
+
+
+def finish_component(spec, feeds: dict, reference: dict, traced: Path, path: Path, precision: str, step=None):
+    """Stages 2-4, without PyTorch: convert the traced fp32 graph to `precision` at `path` (fp32: `traced`
+    is `path`), check it against PyTorch's outputs, lint it. Returns the manifest entry and ONNX Runtime's
+    outputs on `feeds`. Each stage goes through disk: protobuf keeps replaced weights in its arena until
+    the whole message dies, so a model is dropped as soon as its file is written."""
+    step = step or (lambda stage: None)
     step("precision")
     overflows = []
-    path.with_name(path.name + ".data").unlink(missing_ok=True)
-    if options.precision == "fp16":
-        # beside the output, in the export's staging folder: removed with it if the export fails
-        with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-            # Each stage goes through disk: protobuf keeps replaced weights in its arena until the
-            # whole message dies, so a model is dropped as soon as its file is written.
-            fp32, fp16 = Path(scratch) / "fp32.onnx", Path(scratch) / "fp16.onnx"
-            program.save(str(fp32), external_data=True)
-            del program
-            release_memory()
-            model = to_fp16(onnx.load(str(fp32)))
-            onnx.save_model(model, str(fp16), save_as_external_data=True, location="fp16.onnx.data")
-            del model
-            release_memory()
-            overflows = fp16_overflows(fp16, feeds)
-            save_model(onnx.load(str(fp16)), path)
+    if precision == "fp16":
+        fp16 = traced.with_name("fp16.onnx")
+        model = to_fp16(onnx.load(str(traced)))
+        onnx.save_model(model, str(fp16), save_as_external_data=True, location="fp16.onnx.data")
+        del model
         release_memory()
-    else:
-        program.save(str(path), external_data=_weight_bytes(program) > EXTERNAL_DATA_BYTES)
-        del program
-    gc.collect()
+        overflows = fp16_overflows(fp16, feeds)
+        save_model(onnx.load(str(fp16)), path)
+        release_memory()
     step("validate")
-    reference = run_torch(module, spec, feeds)
     outputs = run_onnx(path, feeds)
     error = max_error(outputs, reference)
     graph = onnx.load(str(path), load_external_data=False)
     entry = {
         "file": path.name,
         **spec.to_json(),
+        "precision": precision,
         "max_error": error,
-        "tolerance": TOLERANCE[options.precision],
+        "tolerance": TOLERANCE[precision],
         "attention_nodes": count_ops(graph, "Attention"),
         "fp16_overflows": overflows,
     }
@@ -308,13 +318,14 @@ def export_component(module, spec, feeds: dict, path: Path, options: ExportOptio
         raise ExportError(
             f"{path.name}: fp16 overflow in {len(overflows)} tensor(s), first {overflows[:3]}; export fp32"
         )
-    if not error <= TOLERANCE[options.precision]:
+    if not error <= TOLERANCE[precision]:
         raise ExportError(
-            f"{path.name}: ONNX Runtime differs from PyTorch by {error:.3g} (tolerance {TOLERANCE[options.precision]})"
+            f"{path.name}: ONNX Runtime differs from PyTorch by {error:.3g} (tolerance {TOLERANCE[precision]})"
         )
     step("lint")
     report = lint(path)
     entry["tensorrt_lint"] = {"target": report.tensorrt, "ok": report.ok, "problems": report.problems}
+    step("done")
     return entry, outputs
 
 
@@ -376,6 +387,8 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
     except ValueError as e:
         raise ExportError(f"--deepcache-branch: {e}") from e
     geometry = Geometry.from_pipeline(pipe, shallow)
+    if options.precision == "int8" and geometry.time_ids:
+        raise ExportError("--precision int8: calibrated for SD 1.x/2.x U-Nets only so far; export SDXL in fp16 or fp32")
     native = pipe.unet.config.sample_size * geometry.vae_scale
     height, width = options.height or native, options.width or native
     try:
@@ -390,14 +403,36 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
         **feeds[UNET_DEEP],
         DEEP_FEATURE: run_torch(modules[UNET_DEEP], specs[UNET_DEEP], feeds[UNET_DEEP])[DEEP_FEATURE],
     }
-
-    entries, outputs = {}, {}
     graphs = dataclasses.replace(options, precision=options.graph_precision, calibration=None)
-    for name in COMPONENTS:
-        step = functools.partial(progress, name) if progress else (lambda stage: None)
-        path = out_dir / f"{name}.onnx"
-        entries[name], outputs[name] = export_component(modules[name], specs[name], feeds[name], path, graphs, step)
-    for name, errors in split_errors(modules, pipe.unet, out_dir, feeds[UNET_DEEP], outputs[UNET_DEEP]).items():
+    precisions = {name: component_precision(pipe, name, graphs.precision) for name in COMPONENTS}
+    steps = {name: functools.partial(progress, name) if progress else None for name in COMPONENTS}
+    model = model_facts(pipe)
+    _copy_tokenizer(pipe, out_dir)
+
+    # beside the output, in the export's staging folder: removed with it if the export fails
+    with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
+        # 1. PyTorch: every graph traced (fp32) and every reference computed, then the PyTorch model freed
+        traced, references = {}, {}
+        for name in COMPONENTS:
+            final = precisions[name] == "fp32"
+            traced[name] = out_dir / f"{name}.onnx" if final else Path(scratch) / name / "fp32.onnx"
+            references[name] = trace_component(
+                modules[name], specs[name], feeds[name], traced[name], graphs.opset, not final, steps[name]
+            )
+        unsplit = unsplit_outputs(modules, pipe.unet, feeds[UNET_DEEP])
+        if options.precision != "int8":  # int8 calibrates on the PyTorch U-Nets below
+            del pipe, modules
+            release_memory()
+
+        # 2-4. ONNX: precision, validation against PyTorch's outputs, TensorRT lint
+        entries, outputs = {}, {}
+        for name in COMPONENTS:
+            out = out_dir / f"{name}.onnx"
+            entries[name], outputs[name] = finish_component(
+                specs[name], feeds[name], references[name], traced[name], out, precisions[name], steps[name]
+            )
+            shutil.rmtree(Path(scratch) / name, ignore_errors=True)  # the fp32 trace: GBs for a U-Net
+    for name, errors in split_errors(unsplit, out_dir, feeds[UNET_DEEP], outputs[UNET_DEEP]).items():
         entries[name]["unsplit_error"] = errors
         if errors["torch"] != 0.0 or not errors["onnx"] <= TOLERANCE[graphs.precision]:
             raise ExportError(f"{name} does not reproduce the unsplit U-Net: {errors}")
@@ -408,8 +443,9 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
             entries[name].update(entry)
 
     manifest = {
-        "format": 1,
+        "format": EXPORT_FORMAT,
         "source": str(model_path),
+        **model,
         "model_fingerprint": weights,
         "fingerprint": options.fingerprint(weights),
         "precision": options.precision,
@@ -421,41 +457,71 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
         "width": width,
         "deepcache_branch": options.deepcache_branch,
         "geometry": geometry.__dict__,
-        "scaling_factor": pipe.vae.config.scaling_factor,
-        "scheduler_config": dict(pipe.scheduler.config),
         "components": entries,
         "versions": _versions(),
         "seconds": round(time.time() - started, 1),
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-    _copy_tokenizer(pipe, out_dir)
     return manifest
 
 
-def split_errors(modules: dict, unet, out_dir: Path, feeds: dict, onnx_deep: dict) -> dict[str, dict[str, float]]:
+def model_facts(pipe) -> dict:
+    """What the runtime needs from the PyTorch pipeline, kept for the manifest before the pipeline is freed."""
+    return {
+        "family": model_family(pipe),
+        # SDXL: an empty negative prompt is all zeros, not the encoded "" (diffusers' force_zeros_for_empty_prompt)
+        "zero_empty_negative": bool(pipe.config.get("force_zeros_for_empty_prompt", False)),
+        "scaling_factor": pipe.vae.config.scaling_factor,
+        "scheduler_config": dict(pipe.scheduler.config),
+    }
+
+
+def unsplit_outputs(modules: dict, unet, feeds: dict) -> dict[str, np.ndarray]:
+    """In PyTorch: the unsplit diffusers U-Net's noise prediction, and unet_deep's and unet_shallow's (fed the
+    deep feature of the same step) on `feeds`: what split_errors compares."""
+    inputs = [torch.from_numpy(feeds[n]) for n in (SAMPLE, TIMESTEP, CONTEXT)]
+    conditions, added = {}, {}
+    if TIME_IDS in feeds:  # SDXL's added conditions: our modules' argument names, and diffusers'
+        pooled, time_ids = torch.from_numpy(feeds[POOLED_EMBEDDING]), torch.from_numpy(feeds[TIME_IDS])
+        conditions = {"pooled_embedding": pooled, "time_ids": time_ids}
+        added = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+    with torch.no_grad():
+        noise, deep = modules[UNET_DEEP](*inputs, **conditions)
+        return {
+            "unsplit": unet(*inputs, **added).sample.numpy(),
+            UNET_DEEP: noise.numpy(),
+            UNET_SHALLOW: modules[UNET_SHALLOW](*inputs, deep, **conditions).numpy(),
+        }
+
+
+def split_errors(unsplit: dict, out_dir: Path, feeds: dict, onnx_deep: dict) -> dict[str, dict[str, float]]:
     """unet_deep, and unet_shallow fed the deep feature of the same step, against the unsplit diffusers U-Net,
     in PyTorch (the split itself: exact) and in ONNX Runtime."""
-    inputs = [torch.from_numpy(feeds[n]) for n in (SAMPLE, TIMESTEP, CONTEXT)]
-    with torch.no_grad():
-        reference = {NOISE_PRED: unet(*inputs).sample.numpy()}
-        noise, deep = modules[UNET_DEEP](*inputs)
-        shallow = modules[UNET_SHALLOW](*inputs, deep)
+    reference = {NOISE_PRED: unsplit["unsplit"]}
     onnx_shallow = run_onnx(out_dir / f"{UNET_SHALLOW}.onnx", {**feeds, DEEP_FEATURE: onnx_deep[DEEP_FEATURE]})
+    onnx_outputs = {UNET_DEEP: onnx_deep[NOISE_PRED], UNET_SHALLOW: onnx_shallow[NOISE_PRED]}
     return {
-        UNET_DEEP: {
-            "torch": max_error({NOISE_PRED: noise.numpy()}, reference),
-            "onnx": max_error({NOISE_PRED: onnx_deep[NOISE_PRED]}, reference),
-        },
-        UNET_SHALLOW: {
-            "torch": max_error({NOISE_PRED: shallow.numpy()}, reference),
-            "onnx": max_error(onnx_shallow, reference),
-        },
+        name: {
+            "torch": max_error({NOISE_PRED: unsplit[name]}, reference),
+            "onnx": max_error({NOISE_PRED: onnx_outputs[name]}, reference),
+        }
+        for name in (UNET_DEEP, UNET_SHALLOW)
     }
+
+
+def component_precision(pipe, name: str, precision: str) -> str:
+    """A component's graph precision: the export's, except a VAE whose config says it overflows in fp16
+    (SDXL's `force_upcast`), which stays fp32 as diffusers upcasts it; any other overflow is caught by the probe."""
+    if name in (VAE_DECODER, VAE_ENCODER) and precision == "fp16" and pipe.vae.config.get("force_upcast", False):
+        return "fp32"
+    return precision
 
 
 def _copy_tokenizer(pipe, out_dir: Path) -> None:
     # The engines folder must be self-contained: the runtime tokenizes without the checkpoint.
-    pipe.tokenizer.save_pretrained(out_dir / "tokenizer")
+    for name in TOKENIZER_DIRS:
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).save_pretrained(out_dir / name)
 
 
 def _versions() -> dict:
@@ -472,12 +538,14 @@ def _versions() -> dict:
     }
 
 
-# Graphs from before step batching have a fixed row dimension: engines built from them cannot serve batched steps.
-BEFORE_STEP_BATCHING = "exported before step batching (static batch); run `voltacache export` again"
+# Format 2: graphs with a dynamic row dimension (step batching) and the geometry of SDXL's inputs. Older
+# graphs have a fixed row dimension, and their manifests lack what the specs now read.
+EXPORT_FORMAT = 2
+OLDER_EXPORT = "exported by an older voltacache (before step batching and SDXL); run `voltacache export` again"
 
 
-def exported_for_step_batching(manifest: dict) -> bool:
-    return bool(manifest.get("batch_sizes"))
+def current_export(manifest: dict) -> bool:
+    return manifest.get("format", 1) >= EXPORT_FORMAT and bool(manifest.get("batch_sizes"))
 
 
 def read_manifest(onnx_dir: Path) -> dict:
@@ -493,8 +561,8 @@ def read_manifest(onnx_dir: Path) -> dict:
     if not isinstance(components, dict) or missing or "precision" not in manifest:
         what = f"no entry for {', '.join(missing)}" if isinstance(components, dict) and missing else "not one"
         raise ExportError(f"{path}: not a voltacache export manifest ({what}); {remedy}")
-    if not exported_for_step_batching(manifest):
-        raise ExportError(f"{path}: {BEFORE_STEP_BATCHING}")
+    if not current_export(manifest):
+        raise ExportError(f"{path}: {OLDER_EXPORT}")
     return manifest
 
 

@@ -11,7 +11,6 @@ import hashlib
 import time
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,13 +19,12 @@ from PIL import Image
 from .deepcache import full_steps
 from .errors import InvalidRequest
 from .images import fit_image, to_uint8, to_unit_range
-from .request import Images, Request, denoising_steps
+from .request import SIZE_CONDITIONING, Images, Request, denoising_steps
 from .schedulers import make_scheduler
 from .specs import (
     CONTEXT,
     DEEP_FEATURE,
     IMAGE,
-    INPUT_IDS,
     LATENT,
     LATENT_MEAN,
     LATENT_STD,
@@ -35,13 +33,14 @@ from .specs import (
     SAMPLE,
     TEXT_EMBEDDINGS,
     TEXT_ENCODER,
+    TIME_IDS,
     TIMESTEP,
     UNET_DEEP,
     UNET_SHALLOW,
     VAE_DECODER,
     VAE_ENCODER,
 )
-from .tokenizer import token_ids
+from .tokenizer import load_tokenizers, text_encoder_feeds
 
 TEXT_MEMO_SIZE = 256
 
@@ -103,6 +102,7 @@ class Work:
     seed: int
     stats: Stats
     capture: set
+    conditions: dict = field(default_factory=dict)  # the U-Net's other inputs, the same every step (SDXL's)
     captured: dict = field(default_factory=dict)
     deep: np.ndarray | None = None
     index: int = 0
@@ -130,7 +130,8 @@ class Work:
         """This step's U-Net rows: the guidance pair (unconditional, then conditional), a timestep per row."""
         t = self.timesteps[self.index]
         sample = self.scheduler.scale_model_input(torch.cat([self.latents] * 2), t).numpy().astype(np.float32)
-        feeds = {SAMPLE: sample, TIMESTEP: np.full(len(sample), float(t), np.float32), CONTEXT: self.embeddings}
+        timestep = np.full(len(sample), float(t), np.float32)
+        feeds = {SAMPLE: sample, TIMESTEP: timestep, CONTEXT: self.embeddings, **self.conditions}
         return feeds if self.full else {**feeds, DEEP_FEATURE: self.deep}
 
     def advance(self, noise_pred: np.ndarray, deep_feature: np.ndarray | None = None) -> None:
@@ -151,26 +152,28 @@ class Work:
 
 
 class StableDiffusion:
-    def __init__(self, runners: dict, export: dict, tokenizer):
+    def __init__(self, runners: dict, export: dict, tokenizers: list):
         self.runners = runners
         self.export = export
-        self.tokenizer = tokenizer
+        self.tokenizers = tokenizers  # one per text encoder input (SDXL: two); none in the Triton denoiser
         self.batch, self.height, self.width = export["batch"], export["height"], export["width"]
         self.batch_sizes = export["batch_sizes"]  # images per engine call the engines were built for
+        self.family = export["family"]
         self.vae_scale = export["geometry"]["vae_scale"]
         self.latent_channels = export["geometry"]["latent_channels"]
+        self.size_conditioned = export["geometry"]["time_ids"] > 0  # SDXL's time ids
+        self.zero_empty_negative = export["zero_empty_negative"]
         self.scaling_factor = export["scaling_factor"]
         self.scheduler_config = export["scheduler_config"]
         self.text_memo = OrderedDict()  # (negatives + prompts) -> (embeddings, pooled), least recent first
 
     @classmethod
     def from_engines(cls, engine_dir, cuda_graph: bool = False) -> StableDiffusion:
-        from transformers import CLIPTokenizer
-
         from .build import load_engines
 
         engines = load_engines(engine_dir, cuda_graph=cuda_graph)
-        return cls(engines.runners, engines.export, CLIPTokenizer.from_pretrained(Path(engine_dir) / "tokenizer"))
+        tokenizers = load_tokenizers(engine_dir, engines.export["geometry"]["text_encoders"])
+        return cls(engines.runners, engines.export, tokenizers)
 
     def __call__(self, request: Request | str, /, *, cache=None, **fields) -> Generation:
         """`sd("a cat", steps=20, seed=1)` or `sd(Request(...))`: the fields of voltacache.request.Request.
@@ -196,6 +199,24 @@ class StableDiffusion:
         """The request's own checks, then what these engines can do."""
         request.check()
         request.check_size(self.height, self.width)
+        given = [name for name in SIZE_CONDITIONING if getattr(request, name) is not None]
+        if given and not self.size_conditioned:
+            raise InvalidRequest(f"{given[0]}: size conditioning is SDXL's; this is an {self.family} model")
+
+    def size_conditions(self, request: Request) -> list[int] | None:
+        """SDXL's time ids: original size, crop top-left, target size (height, width each); the engines' size
+        and no crop unless the request gives them, as diffusers defaults them. None for other models."""
+        if not self.size_conditioned:
+            return None
+        size = (self.height, self.width)
+        return [*(request.original_size or size), *(request.crop_top_left or (0, 0)), *(request.target_size or size)]
+
+    def unet_conditions(self, request: Request, pooled: np.ndarray) -> dict[str, np.ndarray]:
+        """The U-Net's added conditions for every row (SDXL's pooled text embedding and time ids), or none."""
+        if not self.size_conditioned:
+            return {}
+        time_ids = np.tile(np.asarray(self.size_conditions(request), np.float32), (len(pooled), 1))
+        return {POOLED_EMBEDDING: pooled, TIME_IDS: time_ids}
 
     def generate_images(self, request: Request, embeddings, pooled, stats=None, cache=None) -> Generation:
         """Text embeddings -> uint8 images, through the cross-request cache: what the Triton denoiser runs.
@@ -212,6 +233,9 @@ class StableDiffusion:
         step), or the finished Generation when the semantic cache answers it."""
         stats = stats if stats is not None else Stats()
         pooled_prompt = pooled[self.batch :]  # the conditional half (request.texts: negatives first)
+        if self.zero_empty_negative and not request.negative_prompt:
+            # SDXL's force_zeros_for_empty_prompt: no negative prompt is all zeros, not the encoded ""
+            embeddings, pooled = zero_unconditional(embeddings, self.batch), zero_unconditional(pooled, self.batch)
         image = to_unit_range(fit_image(request.init_image, self.width, self.height)) if request.img2img else None
 
         # 3. Cross-request cache: a stored image, or a stored latent K steps in. An init image and its
@@ -230,6 +254,8 @@ class StableDiffusion:
                 interval=request.cache_interval,
                 schedule=request.cache_schedule,
                 batch=self.batch,
+                family=self.family,
+                **({"size_conditions": self.size_conditions(request)} if self.size_conditioned else {}),
                 **({"init": fingerprint(image), "strength": float(request.strength)} if request.img2img else {}),
             )
             decision = cache.lookup(vector, scope, run_steps, request.seed) if request.cache_mode == "on" else None
@@ -239,18 +265,20 @@ class StableDiffusion:
                 )
         start = (decision.latent, decision.start_step) if decision is not None and decision.latent is not None else None
         capture = cache.checkpoints(run_steps) if use_cache and start is None else set()
-        work = self.start_denoising(embeddings, request, image, stats, start, capture)
+        work = self.start_denoising(embeddings, request, image, stats, start, capture, pooled)
         work.pooled, work.run_steps = pooled_prompt, run_steps
         if use_cache:
             work.cache, work.vector, work.scope, work.decision = cache, vector, scope, decision
         return work
 
-    def start_denoising(self, embeddings, request: Request, image=None, stats=None, start=None, capture=frozenset()):
+    def start_denoising(
+        self, embeddings, request: Request, image=None, stats=None, start=None, capture=frozenset(), pooled=None
+    ):
         """Timesteps and first latents of one request, as a Work that `step` advances.
 
         `image`: the init image as the VAE encoder takes it (img2img). `start`: (latent, K) from the
         approximate cache: begin K steps in. `capture`: the step counts after which to keep a copy of
-        the latents (for the cache).
+        the latents (for the cache). `pooled`: the pooled text embeddings, which SDXL's U-Net reads.
         """
         stats = stats if stats is not None else Stats()
         seed = random_seed() if request.seed is None else int(request.seed)
@@ -272,11 +300,16 @@ class StableDiffusion:
         # DeepCache: the full U-Net on its refresh steps, the shallow one on the cached feature in between
         refresh = full_steps(len(timesteps), request.cache_interval, request.cache_schedule)
         stats.steps += denoising_steps(request.steps, strength) - skipped
-        return Work(request, embeddings, sched, timesteps, latents, refresh, generator, seed, stats, set(capture))
+        conditions = self.unet_conditions(request, pooled)
+        return Work(
+            request, embeddings, sched, timesteps, latents, refresh, generator, seed, stats, set(capture), conditions
+        )
 
-    def generate_latents(self, embeddings, request: Request, image=None, stats=None, start=None, capture=frozenset()):
+    def generate_latents(
+        self, embeddings, request: Request, image=None, stats=None, start=None, capture=frozenset(), pooled=None
+    ):
         """Text embeddings -> final latents, seed and captured latents (generate_images without cache and VAE)."""
-        work = self.start_denoising(embeddings, request, image, stats, start, capture)
+        work = self.start_denoising(embeddings, request, image, stats, start, capture, pooled)
         self.run(work)
         return work.latents, work.seed, work.captured
 
@@ -351,8 +384,7 @@ class StableDiffusion:
             self.text_memo.move_to_end(key)
             stats.text_memo_hits += 1
             return self.text_memo[key]
-        ids = token_ids(self.tokenizer, list(key))
-        out = stats.timed(TEXT_ENCODER, self.runners[TEXT_ENCODER], {INPUT_IDS: ids})
+        out = stats.timed(TEXT_ENCODER, self.runners[TEXT_ENCODER], text_encoder_feeds(self.tokenizers, list(key)))
         self.text_memo[key] = out[TEXT_EMBEDDINGS], out[POOLED_EMBEDDING]
         if len(self.text_memo) > TEXT_MEMO_SIZE:
             self.text_memo.popitem(last=False)
@@ -387,6 +419,13 @@ class StableDiffusion:
         """Latents -> float image in [-1, 1], NCHW."""
         feeds = {LATENT: (latents / self.scaling_factor).numpy().astype(np.float32)}
         return stats.timed(VAE_DECODER, self.runners[VAE_DECODER], feeds)[IMAGE]
+
+
+def zero_unconditional(rows: np.ndarray, batch: int) -> np.ndarray:
+    """The rows with the first `batch` (the negative prompt's) zeroed."""
+    rows = rows.copy()
+    rows[:batch] = 0
+    return rows
 
 
 def fingerprint(array: np.ndarray) -> str:

@@ -25,13 +25,17 @@ MAX_SEED = 2**63 - 1  # SEED is an int64 on the wire
 MAX_IMAGE_SIDE = 4096  # an init image is resized to the engines' size; larger is refused before decoding it
 CACHE_SCHEDULES = ("uniform", "nonuniform")
 CACHE_MODES = ("on", "off", "refresh")  # the cross-request cache for this request; refresh: regenerate, store
+# SDXL's size conditioning, each (height, width) or (top, left) in pixels; None: the engines' size, no crop
+SIZE_CONDITIONING = ("original_size", "crop_top_left", "target_size")
+MAX_CONDITIONING_SIDE = 16384
 
 
 @dataclass(frozen=True)
 class Request:
     """What one generation asks for. `seed` None: drawn (and reported); `height`/`width` None: the
     engines' static size (anything else is refused); `init_image`: uint8 (height, width, 3) of any
-    size, resized to the engines' size, for img2img."""
+    size, resized to the engines' size, for img2img; `original_size`, `crop_top_left`, `target_size`:
+    SDXL's size conditioning (diffusers' arguments of the same names)."""
 
     prompt: str
     negative_prompt: str = ""
@@ -46,6 +50,9 @@ class Request:
     cache_mode: str = "on"
     height: int | None = None
     width: int | None = None
+    original_size: tuple[int, int] | None = None
+    crop_top_left: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
 
     @property
     def img2img(self) -> bool:
@@ -94,6 +101,9 @@ class Request:
         for name in ("height", "width"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 8, MAX_IMAGE_SIDE)
+        for name in SIZE_CONDITIONING:
+            if getattr(self, name) is not None:
+                check_pair(name, getattr(self, name), 0 if name == "crop_top_left" else 1, MAX_CONDITIONING_SIDE)
         if self.img2img:
             check_number("strength", self.strength, 0.0, 1.0)
             if self.strength == 0 or denoising_steps(self.steps, self.strength) == 0:
@@ -110,7 +120,7 @@ class Request:
         return {
             t.tensor.name: t.encode(getattr(self, t.field))
             for t in REQUEST_TENSORS
-            if self.img2img or not t.img2img_only
+            if (self.img2img or not t.img2img_only) and not (t.optional and getattr(self, t.field) is None)
         }
 
     @classmethod
@@ -122,7 +132,7 @@ class Request:
         for t in REQUEST_TENSORS:
             array = get(t.tensor.name)
             if array is None:
-                if t.img2img_only:
+                if t.img2img_only or t.optional:
                     continue
                 raise InvalidRequest(f"missing input {t.tensor.name}")
             values[t.field] = t.decode(array)
@@ -184,6 +194,14 @@ def check_number(name: str, value, low: float, high: float) -> None:
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise InvalidRequest(f"{name} {value!r}: choose one of {', '.join(choices)}")
+
+
+def check_pair(name: str, value, low: int, high: int) -> None:
+    """Two integers from low to high: a (height, width) or a (top, left)."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise InvalidRequest(f"{name} {value!r}: must be two integers, (height, width) or (top, left)")
+    for v in value:
+        check_int(name, v, low, high)
 
 
 def check_image(name: str, image) -> None:

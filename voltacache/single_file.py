@@ -1,4 +1,5 @@
-"""The original single-file (LDM / A1111) layout of SD 1.x checkpoints: family detection and writing.
+"""The original single-file (LDM / SGM, A1111) layout of SD 1.x, SD 2.x and SDXL checkpoints: family
+detection and writing.
 
 diffusers reads this layout (`from_single_file`); we add the two things it lacks: telling the
 family from the header alone, before any weight is read, and writing a diffusers pipeline back
@@ -8,9 +9,11 @@ to the layout (tests and users who need a single file make one from a folder).
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 # A key that only that family has, checked in order (the SD 1.x / 2.x keys are shared, so last).
@@ -22,7 +25,17 @@ FAMILY_KEYS = [
     ("SD 2.x", "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"),
     ("SD 1.x", "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"),
 ]
-UNET, VAE, CLIP = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+UNET, VAE = "model.diffusion_model.", "first_stage_model."
+# family -> {text encoder: (its prefix in the file, layout)}: OpenAI CLIP keeps transformers' names under
+# `transformer.`, OpenCLIP (SD 2.x's encoder, SDXL's second) its own under `model.`
+TEXT_ENCODERS = {
+    "SD 1.x": {"text_encoder": ("cond_stage_model.transformer.", "clip")},
+    "SD 2.x": {"text_encoder": ("cond_stage_model.model.", "open_clip")},
+    "SDXL": {
+        "text_encoder": ("conditioner.embedders.0.transformer.", "clip"),
+        "text_encoder_2": ("conditioner.embedders.1.model.", "open_clip"),
+    },
+}
 
 
 def _read_header(path: Path) -> tuple[int, dict]:
@@ -74,6 +87,13 @@ def is_our_single_file(path: Path) -> bool:
     return isinstance(metadata, dict) and all(metadata.get(k) == v for k, v in MARKER.items())
 
 
+def model_family(pipe) -> str:
+    """SD 1.x, SD 2.x (OpenCLIP's text encoder: gelu where OpenAI's CLIP has quick_gelu) or SDXL (two encoders)."""
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return "SDXL"
+    return "SD 2.x" if pipe.text_encoder.config.hidden_act == "gelu" else "SD 1.x"
+
+
 def checkpoint_family(keys) -> str | None:
     keys = set(keys)
     return next((family for family, key in FAMILY_KEYS if key in keys), None)
@@ -97,6 +117,8 @@ def _unet_modules(config: dict) -> dict[str, tuple[str, dict]]:
     modules = {
         "time_embedding.linear_1": ("time_embed.0", {}),
         "time_embedding.linear_2": ("time_embed.2", {}),
+        "add_embedding.linear_1": ("label_emb.0.0", {}),  # SDXL's pooled text + size/crop embedding
+        "add_embedding.linear_2": ("label_emb.0.2", {}),
         "conv_in": ("input_blocks.0.0", {}),
         "conv_norm_out": ("out.0", {}),
         "conv_out": ("out.2", {}),
@@ -152,8 +174,54 @@ def _rename(state_dict: dict, modules: dict[str, tuple[str, dict]], prefix: str)
     return out
 
 
+# OpenCLIP's names for CLIP text model weights (transformers' names without `text_model.`)
+OPEN_CLIP = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+OPEN_CLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+LAYER_KEY = re.compile(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
+
+
+def _clip(state_dict: dict) -> dict:
+    # Real files name CLIP's weights text_model.*; transformers 5 drops that prefix from CLIPTextModel.
+    return {"text_model." + k.removeprefix("text_model."): v for k, v in state_dict.items()}
+
+
+def _open_clip(state_dict: dict) -> dict:
+    """A CLIP text model in OpenCLIP's layout: q, k, v in one `in_proj`, the projection as a matrix
+    that multiplies from the right (diffusers transposes it back)."""
+    state_dict = {k.removeprefix("text_model."): v for k, v in state_dict.items()}
+    out = {}
+    for key, value in state_dict.items():
+        if key in OPEN_CLIP:
+            out[OPEN_CLIP[key]] = value
+        elif key == "text_projection.weight":
+            out["text_projection"] = value.T
+        else:
+            match = LAYER_KEY.fullmatch(key)
+            i, module, param = match.groups() if match else (None, key, None)
+            if module in OPEN_CLIP_LAYER:
+                out[f"transformer.resblocks.{i}.{OPEN_CLIP_LAYER[module]}.{param}"] = value
+            elif module == "self_attn.q_proj":
+                qkv = [state_dict[f"encoder.layers.{i}.self_attn.{x}_proj.{param}"] for x in "qkv"]
+                out[f"transformer.resblocks.{i}.attn.in_proj_{param}"] = torch.cat(qkv)
+            elif module not in ("self_attn.k_proj", "self_attn.v_proj"):
+                raise KeyError(f"text encoder weight {key} has no OpenCLIP name")
+    return out
+
+
 def save_single_file(pipe, path: Path, force: bool = False, arg: str = "--single-file") -> Path:
-    """Write an SD 1.x diffusers pipeline as one LDM-layout .safetensors checkpoint.
+    """Write an SD 1.x, SD 2.x or SDXL diffusers pipeline as one LDM/SGM-layout .safetensors checkpoint,
+    the layout the original repositories, A1111 and diffusers' `from_single_file` use.
 
     Written beside `path` and renamed into place when complete; an existing file is replaced only
     with `force` and only when this function wrote it (its metadata says so)."""
@@ -162,10 +230,9 @@ def save_single_file(pipe, path: Path, force: bool = False, arg: str = "--single
     state = {}
     state.update(_rename(pipe.unet.state_dict(), _unet_modules(pipe.unet.config), UNET))
     state.update(_rename(pipe.vae.state_dict(), _vae_modules(pipe.vae.config), VAE))
-    # Real SD 1.x files name CLIP's weights text_model.*; transformers 5 drops that prefix in state_dict.
-    state.update(
-        {CLIP + "text_model." + k.removeprefix("text_model."): v for k, v in pipe.text_encoder.state_dict().items()}
-    )
+    for name, (prefix, layout) in TEXT_ENCODERS[model_family(pipe)].items():
+        weights = (_clip if layout == "clip" else _open_clip)(getattr(pipe, name).state_dict())
+        state.update({prefix + k: v for k, v in weights.items()})
     tensors = {k: v.contiguous() for k, v in state.items()}
     with staged_output(
         path, force=force, ours=is_our_single_file, arg=arg, what="single-file checkpoint", file=True

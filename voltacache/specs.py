@@ -16,6 +16,8 @@ import numpy as np
 
 # Tensor names.
 INPUT_IDS = "input_ids"
+INPUT_IDS_2 = "input_ids_2"  # SDXL's second tokenizer (OpenCLIP bigG's text encoder)
+TEXT_IDS = (INPUT_IDS, INPUT_IDS_2)  # the text encoder's inputs, one per tokenizer
 TEXT_EMBEDDINGS = "text_embeddings"
 POOLED_EMBEDDING = "pooled_embedding"
 SAMPLE = "sample"
@@ -23,6 +25,8 @@ TIMESTEP = "timestep"
 CONTEXT = "encoder_hidden_states"
 NOISE_PRED = "noise_pred"
 DEEP_FEATURE = "deep_feature"
+TIME_IDS = "time_ids"  # SDXL's size conditioning: original size, crop top-left, target size
+SIZE_CONDITIONS = 6
 LATENT = "latent"
 IMAGE = "image"
 LATENT_MEAN = "latent_mean"
@@ -103,25 +107,34 @@ class Geometry:
     vae_scale: int  # image pixels per latent pixel
     unet_scale: int  # latent pixels per pixel of the U-Net's deepest level
     text_length: int
-    text_hidden: int
+    text_hidden: int  # the U-Net's context width: the text encoders' hidden states side by side
     vocab_size: int
     deep_channels: int
     shallow_layers: int  # layers of up_blocks[-1] that unet_shallow runs
+    text_encoders: int  # 1, or 2 (SDXL: CLIP ViT-L and OpenCLIP bigG), each with its own ids
+    pooled_dim: int  # the pooled text embedding: CLIP's pooler output, or SDXL's projected one
+    time_ids: int  # the U-Net's added size conditions (SDXL: 6), or 0
 
     @classmethod
     def from_pipeline(cls, pipe, shallow_layers: int) -> Geometry:
-        unet, vae, text = pipe.unet.config, pipe.vae.config, pipe.text_encoder.config
+        unet, vae = pipe.unet.config, pipe.vae.config
+        encoders = [e.config for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
+        text = encoders[0]
         n_last = unet.layers_per_block + 1
         return cls(
             latent_channels=unet.in_channels,
             vae_scale=2 ** (len(vae.block_out_channels) - 1),
             unet_scale=2 ** (len(unet.block_out_channels) - 1),
             text_length=text.max_position_embeddings,
-            text_hidden=text.hidden_size,
+            text_hidden=sum(e.hidden_size for e in encoders),
             vocab_size=text.vocab_size,
             # up_blocks[-2] outputs block_out_channels[1]; inside up_blocks[-1] every layer outputs [0]
             deep_channels=unet.block_out_channels[1] if shallow_layers == n_last else unet.block_out_channels[0],
             shallow_layers=shallow_layers,
+            text_encoders=len(encoders),
+            # diffusers' SDXL pools with the last encoder's projection; SD 1.x/2.x's pooler output is unprojected
+            pooled_dim=encoders[-1].projection_dim if len(encoders) > 1 else text.hidden_size,
+            time_ids=SIZE_CONDITIONS if unet.addition_embed_type == "text_time" else 0,
         )
 
     @property
@@ -143,19 +156,19 @@ def component_specs(g: Geometry, batch: int, height: int, width: int) -> dict[st
     context = TensorSpec(CONTEXT, "float32", (pair, g.text_length, g.text_hidden))
     noise = TensorSpec(NOISE_PRED, "float32", (pair, *latents))
     deep = TensorSpec(DEEP_FEATURE, "float32", (pair, g.deep_channels, lh, lw))
+    pooled = TensorSpec(POOLED_EMBEDDING, "float32", (pair, g.pooled_dim))
+    # SDXL's added conditions: the pooled text embedding and the size conditioning, per row
+    conditions = (pooled, TensorSpec(TIME_IDS, "float32", (pair, g.time_ids))) if g.time_ids else ()
     image = TensorSpec(IMAGE, "float32", (one, 3, height, width))
     latent = TensorSpec(LATENT, "float32", (one, *latents))
     specs = [
         ComponentSpec(
             TEXT_ENCODER,
-            (TensorSpec(INPUT_IDS, "int32", (pair, g.text_length)),),
-            (
-                TensorSpec(TEXT_EMBEDDINGS, "float32", context.shape),
-                TensorSpec(POOLED_EMBEDDING, "float32", (pair, g.text_hidden)),
-            ),
+            tuple(TensorSpec(name, "int32", (pair, g.text_length)) for name in TEXT_IDS[: g.text_encoders]),
+            (TensorSpec(TEXT_EMBEDDINGS, "float32", context.shape), pooled),
         ),
-        ComponentSpec(UNET_DEEP, (sample, timestep, context), (noise, deep)),
-        ComponentSpec(UNET_SHALLOW, (sample, timestep, context, deep), (noise,)),
+        ComponentSpec(UNET_DEEP, (sample, timestep, context, *conditions), (noise, deep)),
+        ComponentSpec(UNET_SHALLOW, (sample, timestep, context, deep, *conditions), (noise,)),
         ComponentSpec(VAE_DECODER, (latent,), (image,)),
         ComponentSpec(
             VAE_ENCODER,

@@ -16,12 +16,15 @@ import numpy as np
 from transformers import CLIPTokenizer
 
 from .errors import VoltacacheError
+from .specs import TEXT_IDS
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 MAX_LENGTH = 77  # CLIP's context; without it in the saved config truncation overflows (docs/platform.md)
 # openai/CLIP keeps the first 49152 - 256 - 2 merges: 256 byte tokens + merges + 2 specials = 49408.
 N_MERGES = 49152 - 256 - 2
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+# The tokenizer folders of a pipeline, an export and an engines folder, one per text encoder input (TEXT_IDS).
+TOKENIZER_DIRS = ("tokenizer", "tokenizer_2")
 
 
 def bpe_path() -> Path:
@@ -63,12 +66,13 @@ def write_tokenizer_files(out_dir: Path) -> None:
     CLIPTokenizer.from_pretrained(out_dir, model_max_length=MAX_LENGTH).save_pretrained(out_dir)
 
 
-def clip_tokenizer(cache_dir: Path | None = None) -> CLIPTokenizer:
-    """CLIP's tokenizer, built once into a cache folder and loaded from there after."""
+def clip_tokenizer(cache_dir: Path | None = None, pad_token: str | None = None) -> CLIPTokenizer:
+    """CLIP's tokenizer, built once into a cache folder and loaded from there after. `pad_token`: OpenCLIP's
+    "!" (SD 2.x and SDXL's second tokenizer pad with it; OpenAI's CLIP pads with its end token)."""
     cache_dir = cache_dir or Path.home() / ".cache" / "voltacache" / "clip-tokenizer"
     if not (cache_dir / "tokenizer_config.json").is_file():
         write_tokenizer_files(cache_dir)
-    return CLIPTokenizer.from_pretrained(cache_dir)
+    return CLIPTokenizer.from_pretrained(cache_dir, **({"pad_token": pad_token} if pad_token else {}))
 
 
 def token_ids(tokenizer, texts: list[str]) -> np.ndarray:
@@ -81,3 +85,13 @@ def token_ids(tokenizer, texts: list[str]) -> np.ndarray:
             warnings.warn(f"prompt of {n} tokens truncated to CLIP's {length}: {text[:60]!r}...", stacklevel=3)
     ids = tokenizer(texts, padding="max_length", max_length=length, truncation=True).input_ids
     return np.asarray(ids, dtype=np.int32)
+
+
+def text_encoder_feeds(tokenizers, texts: list[str]) -> dict[str, np.ndarray]:
+    """The text encoder's inputs for `texts`: the ids of each of the model's tokenizers (SDXL has two)."""
+    return {name: token_ids(tokenizer, texts) for name, tokenizer in zip(TEXT_IDS, tokenizers)}
+
+
+def load_tokenizers(folder: Path, count: int) -> list[CLIPTokenizer]:
+    """The `count` tokenizers an export or engines folder holds."""
+    return [CLIPTokenizer.from_pretrained(Path(folder) / name) for name in TOKENIZER_DIRS[:count]]

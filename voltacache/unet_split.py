@@ -11,7 +11,8 @@ DeepCache (Ma et al., CVPR 2024) patches `forward` at run time; here the split i
 
 `shallow_layers = n` is the block-level split (deep feature = input of `up_blocks[-1]`);
 `shallow_layers = 1` is DeepCache's branch 0 (conv_in, the last resnet/attention, conv_out).
-Written for SD 1.x/2.x U-Nets: no class, addition or ControlNet embeddings.
+Written for SD 1.x/2.x and SDXL U-Nets: SDXL's added conditions (pooled text embedding and time ids,
+`addition_embed_type="text_time"`) are the last inputs of both models; no class or ControlNet embeddings.
 """
 
 from __future__ import annotations
@@ -30,9 +31,12 @@ def shallow_layer_count(unet, branch: str) -> int:
     raise ValueError(f"DeepCache branch {branch!r}: use 'block' or a layer number 0..{n - 1} of block 0")
 
 
-def _time_embedding(unet, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-    t_emb = unet.get_time_embed(sample=sample, timestep=timestep)
-    return unet.time_embedding(t_emb)
+def _time_embedding(unet, sample, timestep, context, text_embeds=None, time_ids=None) -> torch.Tensor:
+    """The embedding every resnet reads, as UNet2DConditionModel.forward builds it."""
+    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep))
+    if time_ids is not None:  # SDXL: the pooled text embedding and the size conditioning, added to the time embedding
+        emb = emb + unet.get_aug_embed(emb, context, {"text_embeds": text_embeds, "time_ids": time_ids})
+    return unet.time_embed_act(emb) if unet.time_embed_act is not None else emb
 
 
 def _layer(block, i: int, hidden, temb, context) -> torch.Tensor:
@@ -62,9 +66,9 @@ class UNetDeep(nn.Module):
         self.unet = unet
         self.start = len(unet.up_blocks[-1].resnets) - shallow_layers
 
-    def forward(self, sample, timestep, encoder_hidden_states):
+    def forward(self, sample, timestep, encoder_hidden_states, pooled_embedding=None, time_ids=None):
         unet, context = self.unet, encoder_hidden_states
-        temb = _time_embedding(unet, sample, timestep)
+        temb = _time_embedding(unet, sample, timestep, context, pooled_embedding, time_ids)
         hidden = unet.conv_in(sample)
         skips = [hidden]
         for block in unet.down_blocks:
@@ -96,9 +100,9 @@ class UNetShallow(nn.Module):
         self.unet = unet
         self.shallow_layers = shallow_layers
 
-    def forward(self, sample, timestep, encoder_hidden_states, deep_feature):
+    def forward(self, sample, timestep, encoder_hidden_states, deep_feature, pooled_embedding=None, time_ids=None):
         unet, context = self.unet, encoder_hidden_states
-        temb = _time_embedding(unet, sample, timestep)
+        temb = _time_embedding(unet, sample, timestep, context, pooled_embedding, time_ids)
         hidden = unet.conv_in(sample)
         skips = [hidden]
         first, last = unet.down_blocks[0], unet.up_blocks[-1]

@@ -64,8 +64,12 @@ def test_ensembles_wire_existing_models_with_response_cache(triton_repo):
             assert set(step.input_map.values()) <= produced, step.model_name
             produced |= set(step.output_map.values())
         assert {o.name for o in config.output} <= produced
+        # SDXL's size conditioning is optional in every model that reads the request
+        assert {i.name for i in config.input if i.optional} == {p.ORIGINAL_SIZE, p.CROP_TOP_LEFT, p.TARGET_SIZE}
     denoiser = read_config(triton_repo, p.DENOISER)
-    assert {i.name for i in denoiser.input if i.optional} == {p.INIT_IMAGE, p.STRENGTH}
+    sizes = {p.ORIGINAL_SIZE, p.CROP_TOP_LEFT, p.TARGET_SIZE}
+    assert {i.name for i in denoiser.input if i.optional} == {p.INIT_IMAGE, p.STRENGTH} | sizes
+    assert {i.name for i in read_config(triton_repo, p.TOKENIZER).input if i.optional} == sizes
     # one denoiser batches the steps of every request in flight, behind Triton's response cache
     assert denoiser.instance_group[0].count == 1 and denoiser.response_cache.enable
     assert denoiser.parameters[p.STEP_BATCHING].string_value == "on"

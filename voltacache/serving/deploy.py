@@ -83,7 +83,7 @@ def ensemble_steps(specs: dict, img2img: bool) -> list:
     response from Triton's cache, an exact hit with nothing computed (serving/protocol.py)."""
     same = lambda items: {t.name: t.name for t in items}  # noqa: E731
     text_encoder, denoiser, postprocess = specs[TEXT_ENCODER], specs[p.DENOISER], specs[p.POSTPROCESS]
-    denoiser_inputs = [t for t in denoiser.inputs if img2img or t.name not in p.OPTIONAL_INPUTS[p.DENOISER]]
+    denoiser_inputs = [t for t in denoiser.inputs if img2img or t.name not in p.IMG2IMG_INPUTS]
     denoised = {t.name: p.DENOISED + t.name for t in denoiser.outputs if t.name != p.COMPUTED_NS}
     return [
         (p.TOKENIZER, same(specs[p.TOKENIZER].inputs), same(specs[p.TOKENIZER].outputs)),

@@ -31,6 +31,9 @@ CACHE_SCHEDULE = "CACHE_SCHEDULE"
 CACHE = "CACHE"  # on | off | refresh: the cross-request cache for this request
 INIT_IMAGE = "INIT_IMAGE"  # uint8 (height, width, 3), any size: resized to the engines' size
 STRENGTH = "STRENGTH"
+ORIGINAL_SIZE = "ORIGINAL_SIZE"  # SDXL's size conditioning, int32 (2,) each; absent: the engines' size, no crop
+CROP_TOP_LEFT = "CROP_TOP_LEFT"
+TARGET_SIZE = "TARGET_SIZE"
 # Response tensors.
 IMAGES = "IMAGES"
 SEED_USED = "SEED_USED"
@@ -68,6 +71,7 @@ class RequestTensor:
     field: str
     tensor: TensorSpec
     img2img_only: bool = False
+    optional: bool = False  # absent: the field's default (None)
 
     def encode(self, value) -> np.ndarray:
         if self.field == "seed" and value is None:
@@ -79,6 +83,8 @@ class RequestTensor:
         return np.ascontiguousarray(value, dtype=self.tensor.dtype)
 
     def decode(self, array: np.ndarray):
+        if self.tensor.shape == (2,):  # a pair: Request.check judges its length and values
+            return tuple(int(v) for v in np.asarray(array).reshape(-1))
         if self.tensor.shape != (1,):
             return array
         value = array.reshape(-1)[0]
@@ -104,8 +110,12 @@ REQUEST_TENSORS = (
     RequestTensor("cache_mode", scalar(CACHE, "object")),
     RequestTensor("init_image", TensorSpec(INIT_IMAGE, "uint8", (-1, -1, 3)), img2img_only=True),
     RequestTensor("strength", scalar(STRENGTH, "float32"), img2img_only=True),
+    RequestTensor("original_size", TensorSpec(ORIGINAL_SIZE, "int32", (2,)), optional=True),
+    RequestTensor("crop_top_left", TensorSpec(CROP_TOP_LEFT, "int32", (2,)), optional=True),
+    RequestTensor("target_size", TensorSpec(TARGET_SIZE, "int32", (2,)), optional=True),
 )
 IMG2IMG_INPUTS = {t.tensor.name for t in REQUEST_TENSORS if t.img2img_only}
+OPTIONAL_REQUEST_INPUTS = {t.tensor.name for t in REQUEST_TENSORS if t.optional}
 STATS = (
     scalar(SEED_USED, "int64"),
     scalar(UNET_DEEP_CALLS, "int32"),
@@ -120,17 +130,17 @@ def serving_specs(export: dict) -> dict[str, ComponentSpec]:
     """Specs of every model in the repository: the engine components, the Python models and the ensembles."""
     g = Geometry(**export["geometry"])
     engines = component_specs(g, export["batch"], export["height"], export["width"])
-    ids = engines["text_encoder"].inputs[0]
+    ids = engines["text_encoder"].inputs
     embeddings, pooled = engines["text_encoder"].outputs
     image = engines["vae_decoder"].outputs[0]
     pixels = TensorSpec(IMAGES, "uint8", (export["batch"], export["height"], export["width"], 3))
     request = tuple(t.tensor for t in REQUEST_TENSORS)
     txt2img = tuple(t for t in request if t.name not in IMG2IMG_INPUTS)
     received, computed, key = scalar(RECEIVED_NS, "int64"), scalar(COMPUTED_NS, "int64"), scalar(RESPONSE_KEY, "int64")
-    assert ids.name == INPUT_IDS and embeddings.name == TEXT_EMBEDDINGS and image.name == IMAGE
+    assert ids[0].name == INPUT_IDS and embeddings.name == TEXT_EMBEDDINGS and image.name == IMAGE
     return {
         **engines,
-        TOKENIZER: ComponentSpec(TOKENIZER, txt2img, (ids, received, key)),
+        TOKENIZER: ComponentSpec(TOKENIZER, txt2img, (*ids, received, key)),
         # the denoiser decodes itself (BLS into vae_decoder), so a cached image skips the decode
         DENOISER: ComponentSpec(DENOISER, (*request, embeddings, pooled, key), (image, *STATS, computed)),
         POSTPROCESS: ComponentSpec(POSTPROCESS, (image, *STATS, computed, received), (pixels, *STATS)),
@@ -139,4 +149,8 @@ def serving_specs(export: dict) -> dict[str, ComponentSpec]:
     }
 
 
-OPTIONAL_INPUTS = {DENOISER: IMG2IMG_INPUTS}
+# inputs a request may leave out, per model (the ensembles pass an absent one on as absent)
+OPTIONAL_INPUTS = {
+    DENOISER: IMG2IMG_INPUTS | OPTIONAL_REQUEST_INPUTS,
+    **{name: OPTIONAL_REQUEST_INPUTS for name in (TOKENIZER, TXT2IMG, IMG2IMG)},
+}

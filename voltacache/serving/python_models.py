@@ -89,19 +89,18 @@ class TokenizerModel(PythonModel):
     come from Triton's response cache (serving/protocol.py)."""
 
     def setup(self):
-        from transformers import CLIPTokenizer
+        from ..tokenizer import load_tokenizers
 
-        self.tokenizer = CLIPTokenizer.from_pretrained(self.engines / "tokenizer")
+        self.tokenizers = load_tokenizers(self.engines, self.export["geometry"]["text_encoders"])
         self.batch = self.export["batch"]
 
     def run(self, request):
-        from ..specs import INPUT_IDS
-        from ..tokenizer import token_ids
+        from ..tokenizer import text_encoder_feeds
 
         request = self.request(request)
         cacheable = request.cache_mode == "on" and request.seed is not None
         return {
-            INPUT_IDS: token_ids(self.tokenizer, request.texts(self.batch)),
+            **text_encoder_feeds(self.tokenizers, request.texts(self.batch)),
             p.RECEIVED_NS: np.array([time.monotonic_ns()], np.int64),
             p.RESPONSE_KEY: np.array([0 if cacheable else secrets.randbits(62) + 1], np.int64),
         }
@@ -179,11 +178,11 @@ class DenoiserModel(PythonModel):
 
         specs = p.serving_specs(self.export)
         runners = {name: BlsRunner(specs[name]) for name in (UNET_DEEP, UNET_SHALLOW, VAE_ENCODER, VAE_DECODER)}
-        self.pipeline = StableDiffusion(runners, self.export, tokenizer=None)
+        self.pipeline = StableDiffusion(runners, self.export, tokenizers=[])
         # the cross-request cache named by the deployment (voltacache deploy --cache), or None
         # (reported once in the server's log, where `voltacache serve` shows it, and served without)
         settings = CacheSettings.from_parameters(self.parameters)
-        fingerprint, dim = self.export["fingerprint"], self.export["geometry"]["text_hidden"]
+        fingerprint, dim = self.export["fingerprint"], self.export["geometry"]["pooled_dim"]
         self.cache = open_cache(settings, fingerprint, dim, warn=pb().Logger.log_warn)
         self.metrics = Metrics(pb(), self.spec.name)
         self.batcher = None
