@@ -36,8 +36,8 @@ def close(ours, reference) -> bool:
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
 def test_equals_diffusers_without_caching(family, scheduler):
     sd, pipe = family
-    ours = sd(PROMPT, steps=20, seed=42, scheduler=scheduler).images[0]
-    assert close(ours, diffusers_image(pipe, scheduler, 42))
+    ours = sd(PROMPT, steps=12, seed=42, scheduler=scheduler).images[0]
+    assert close(ours, diffusers_image(pipe, scheduler, 42, steps=12))
 
 
 def test_negative_prompt_and_guidance_one_equal_diffusers(family):
@@ -144,3 +144,26 @@ def test_cli_generates_sdxl_with_size_conditioning(sdxl_tiny, tmp_path):
     expected = sd(PROMPT, steps=4, seed=2, scheduler="ddim", original_size=(32, 48), crop_top_left=(8, 4))
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected.images[0]))
     one_error_line(cli(*args, "--original-size", "32", "-o", tmp_path / "b.png"), 2, "--original-size '32'")
+
+
+def test_fp16_export_keeps_sdxls_vae_in_fp32(sdxl_tiny, tmp_path):
+    """SDXL's VAE overflows in fp16 (its config says force_upcast): it stays fp32, as diffusers upcasts it;
+    the rest is fp16 and checked by the overflow probe."""
+    import onnx
+
+    from voltacache.export import ExportOptions, export_model
+
+    manifest = export_model(sdxl_tiny[0], tmp_path / "onnx", ExportOptions(precision="fp16"))
+    precisions = {name: entry["precision"] for name, entry in manifest["components"].items()}
+    assert precisions == {
+        "text_encoder": "fp16",
+        "unet_deep": "fp16",
+        "unet_shallow": "fp16",
+        "vae_decoder": "fp32",
+        "vae_encoder": "fp32",
+    }
+    fp16 = onnx.TensorProto.FLOAT16
+    for name, precision in precisions.items():
+        weights = onnx.load(str(tmp_path / "onnx" / f"{name}.onnx")).graph.initializer
+        assert any(w.data_type == fp16 for w in weights) == (precision == "fp16"), name
+    assert all(entry["fp16_overflows"] == [] for entry in manifest["components"].values())
