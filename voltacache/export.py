@@ -225,34 +225,24 @@ def toposort(nodes: list, graph) -> list:
 
 
 def fp16_overflows(path: Path, feeds: dict) -> list[str]:
-    """Tensors that are not finite on `feeds`: every fp16 intermediate, PROBE_CHUNK at a time.
+    """Tensors that are not finite on `feeds`, with every fp16 intermediate made a graph output.
 
-    Each chunk is a graph of its own whose extra outputs are that chunk's tensors: ONNX Runtime keeps
-    every graph output alive to the end of a run, so making all intermediates outputs at once would
-    hold all of the U-Net's activations together (more than this machine's 24 GiB for SDXL at 512).
-    `path` holds its weights as external data: only the graph is loaded and rewritten, written beside
-    it, and ONNX Runtime reads the weights from the same file.
+    `path` holds its weights as external data, so only the graph is loaded here; the probe graph
+    is written beside it and ONNX Runtime reads the weights from the same file.
     """
     graph = onnx.load(str(path), load_external_data=False)
     inferred = onnx.shape_inference.infer_shapes(graph)
+    probes = [v for v in inferred.graph.value_info if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16]
     outputs = {o.name for o in inferred.graph.output}
-    probes = [
-        v
-        for v in inferred.graph.value_info
-        if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 and v.name not in outputs
-    ]
-    del inferred.graph.value_info[:]
-    probe_path, bad = path.with_name("probe." + path.name), []
-    for start in range(0, max(len(probes), 1), PROBE_CHUNK):  # at least once: the outputs themselves
-        chunk = probes[start : start + PROBE_CHUNK]
-        probe = onnx.ModelProto()
-        probe.CopyFrom(inferred)
-        probe.graph.output.extend(chunk)
-        onnx.save_model(probe, str(probe_path))
-        session = ort_session(probe_path)
-        names = [o.name for o in session.get_outputs()]  # the graph's own outputs, then the chunk's
-        bad += [n for n, v in zip(names, session.run(names, feeds)) if not np.isfinite(v).all() and n not in bad]
-        del session
+    inferred.graph.output.extend(v for v in probes if v.name not in outputs)
+    probe = path.with_name("probe." + path.name)
+    onnx.save_model(inferred, str(probe))
+    session = ort_session(probe)
+    names = [o.name for o in session.get_outputs()]
+    bad = []
+    for start in range(0, len(names), PROBE_CHUNK):  # a chunk at a time: all of SD 1.5's activations are GBs
+        chunk = names[start : start + PROBE_CHUNK]
+        bad += [n for n, v in zip(chunk, session.run(chunk, feeds)) if not np.isfinite(v).all()]
     return bad
 
 
