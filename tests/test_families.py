@@ -36,8 +36,8 @@ def close(ours, reference) -> bool:
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
 def test_equals_diffusers_without_caching(family, scheduler):
     sd, pipe = family
-    ours = sd(PROMPT, steps=12, seed=42, scheduler=scheduler).images[0]
-    assert close(ours, diffusers_image(pipe, scheduler, 42, steps=12))
+    ours = sd(PROMPT, steps=8, seed=42, scheduler=scheduler).images[0]
+    assert close(ours, diffusers_image(pipe, scheduler, 42, steps=8))
 
 
 def test_negative_prompt_and_guidance_one_equal_diffusers(family):
@@ -146,24 +146,14 @@ def test_cli_generates_sdxl_with_size_conditioning(sdxl_tiny, tmp_path):
     one_error_line(cli(*args, "--original-size", "32", "-o", tmp_path / "b.png"), 2, "--original-size '32'")
 
 
-def test_fp16_export_keeps_sdxls_vae_in_fp32(sdxl_tiny, tmp_path):
-    """SDXL's VAE overflows in fp16 (its config says force_upcast): it stays fp32, as diffusers upcasts it;
-    the rest is fp16 and checked by the overflow probe."""
-    import onnx
+def test_fp16_export_keeps_sdxls_vae_in_fp32(sdxl_tiny, tiny_pipe):
+    """SDXL's VAE overflows in fp16 (its config says force_upcast): in an fp16 export it stays fp32, as
+    diffusers upcasts it; the rest is fp16 and checked by the overflow probe. (The full SDXL's fp16 export
+    at 512 wrote its VAE graphs in fp32: docs/benchmarks.md.)"""
+    from voltacache.export import component_precision
 
-    from voltacache.export import ExportOptions, export_model
-
-    manifest = export_model(sdxl_tiny[0], tmp_path / "onnx", ExportOptions(precision="fp16"))
-    precisions = {name: entry["precision"] for name, entry in manifest["components"].items()}
-    assert precisions == {
-        "text_encoder": "fp16",
-        "unet_deep": "fp16",
-        "unet_shallow": "fp16",
-        "vae_decoder": "fp32",
-        "vae_encoder": "fp32",
-    }
-    fp16 = onnx.TensorProto.FLOAT16
-    for name, precision in precisions.items():
-        weights = onnx.load(str(tmp_path / "onnx" / f"{name}.onnx")).graph.initializer
-        assert any(w.data_type == fp16 for w in weights) == (precision == "fp16"), name
-    assert all(entry["fp16_overflows"] == [] for entry in manifest["components"].values())
+    xl = load_pipeline(sdxl_tiny[0])
+    for pipe, vae in ((xl, "fp32"), (tiny_pipe, "fp16")):
+        chosen = {name: component_precision(pipe, name, "fp16") for name in ("unet_deep", "vae_decoder", "vae_encoder")}
+        assert chosen == {"unet_deep": "fp16", "vae_decoder": vae, "vae_encoder": vae}
+    assert component_precision(xl, "vae_decoder", "fp32") == "fp32"

@@ -58,13 +58,18 @@ def test_unknown_branch(tiny_pipe):
         shallow_layer_count(tiny_pipe.unet, "7")
 
 
-@pytest.mark.parametrize("branch, layers, channels", [("block", 3, 64), ("2", 3, 64), ("1", 2, 32), ("0", 1, 32)])
-def test_split_reproduces_sdxls_unet_exactly(branch, layers, channels):
-    """SDXL: a 3-level U-Net whose first down block has no attention, and added conditions (pooled text
-    embedding, time ids) on the time embedding: the split still equals the unsplit U-Net bit for bit."""
+@pytest.fixture(scope="module")
+def sdxl_unet():
     from voltacache.presets import random_pipeline
 
-    unet = random_pipeline("sdxl-tiny").unet
+    return random_pipeline("sdxl-tiny").unet
+
+
+@pytest.mark.parametrize("branch, layers, channels", [("block", 3, 64), ("2", 3, 64), ("1", 2, 32), ("0", 1, 32)])
+def test_split_reproduces_sdxls_unet_exactly(sdxl_unet, branch, layers, channels):
+    """SDXL: a 3-level U-Net whose first down block has no attention, and added conditions (pooled text
+    embedding, time ids) on the time embedding: the split still equals the unsplit U-Net bit for bit."""
+    unet = sdxl_unet
     g = torch.Generator().manual_seed(0)
     sample, t, context = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([741.0, 20.0]), torch.randn(2, 77, 96)
     pooled, time_ids = torch.randn(2, 64, generator=g), torch.tensor([[64.0, 64, 0, 0, 64, 64], [32, 48, 8, 4, 64, 32]])

@@ -510,9 +510,11 @@ def split_errors(unsplit: dict, out_dir: Path, feeds: dict, onnx_deep: dict) -> 
 
 
 def component_precision(pipe, name: str, precision: str) -> str:
-    """A component's graph precision: the export's, except a VAE whose config says it overflows in fp16
-    (SDXL's `force_upcast`), which stays fp32 as diffusers upcasts it; any other overflow is caught by the probe."""
-    if name in (VAE_DECODER, VAE_ENCODER) and precision == "fp16" and pipe.vae.config.get("force_upcast", False):
+    """A component's graph precision: the export's, except SDXL's VAE, which overflows in fp16 and stays fp32
+    where its config says `force_upcast`, as diffusers' SDXL pipelines upcast it (its SD pipelines never read
+    the flag, which AutoencoderKL sets by default). Any other overflow is caught by the probe."""
+    vae = name in (VAE_DECODER, VAE_ENCODER) and precision == "fp16"
+    if vae and model_family(pipe) == "SDXL" and pipe.vae.config.get("force_upcast", False):
         return "fp32"
     return precision
 
