@@ -5,8 +5,11 @@
 Every evaluation caption (the trained combinations and the held-out pairs), one image each at a
 fixed seed, DDIM 20 steps (--steps), through our engines (fp32 ONNX Runtime) and pipeline:
 - uncached (N=1): the reference;
-- DeepCache N = 2, 3, 5 on both branches (block and 0), uniform, and for N = 3, 5 also DeepCache's
+- DeepCache N = 2, 3, 4, 5 on both branches (block and 0), uniform, and for N = 3, 5 also DeepCache's
   non-uniform schedule;
+- the same N calibrated (`voltacache calibrate` on 6 trained captions at other seeds, run here first),
+  and the adaptive schedule at a range of thresholds: each config's mean full U-Net calls per image
+  beside its quality (the Pareto figure);
 - the approximate cache at each K it stores (10% to 50% of the steps): the generation starts from a
   neighbour prompt's latent K steps in and runs the remaining steps with its own text embeddings.
   The neighbour is the caption with one word changed (background, color or shape), the kind of
@@ -27,13 +30,16 @@ from rich.progress import Progress
 from voltacache.bench import engines_for
 from voltacache.benchmark import machine, save_figure, write_json
 from voltacache.cache.layers import NIRVANA_BANDS, CacheConfig, checkpoint_steps, parse_bands
+from voltacache.deepcache_calibration import calibrate
 from voltacache.images import to_uint8
 from voltacache.pipeline import StableDiffusion, Stats
 from voltacache.request import Request
 from voltacache.shapes.checker import check, parse_caption
 from voltacache.shapes.dataset import COLORS, SHAPES, evaluation_captions
 
-INTERVALS = (2, 3, 5)
+INTERVALS = (2, 3, 4, 5)
+THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5)  # adaptive
+CALIBRATION_SEED = 5000  # the evaluation's seeds start at --seed (1000)
 BRANCHES = ("block", "0")
 NEIGHBOURS = ("background", "color", "shape")
 
@@ -65,15 +71,30 @@ class Generator:
     def embeddings(self, caption: str):
         return self.sd.encode_prompt(Request(caption), Stats())[0]
 
-    def image(self, caption: str, seed: int, interval=1, start=None, capture=frozenset(), schedule="uniform"):
+    def image(self, caption: str, seed: int, interval=1, start=None, capture=frozenset(), schedule="uniform", **more):
+        """(image, captured latents); `self.full_calls` holds the generation's full U-Net calls."""
         request = Request(caption, steps=self.steps, guidance=self.guidance, seed=seed, scheduler="ddim")
-        request = request.replace(cache_interval=interval, cache_schedule=schedule)
-        latents, _, captured = self.sd.generate_latents(self.embeddings(caption), request, start=start, capture=capture)
+        request = request.replace(cache_interval=interval, cache_schedule=schedule, **more)
+        stats = Stats()
+        latents, _, captured = self.sd.generate_latents(
+            self.embeddings(caption), request, stats=stats, start=start, capture=capture
+        )
+        self.full_calls = stats.unet_deep_calls
         return to_uint8(self.sd.decode_latents(latents, Stats()))[0], captured
+
+
+def calibration_captions() -> list[str]:
+    """6 trained captions, spread over colors, shapes and backgrounds."""
+    trained = [caption for caption, held_out in evaluation_captions() if not held_out]
+    return trained[:: len(trained) // 6][:6]
 
 
 def evaluate(args) -> dict:
     engines = {branch: engines_for(args.model, args.workdir, 64, branch) for branch in BRANCHES}
+    for folder in engines.values():  # schedules of this step count, measured on other seeds
+        calibrate(
+            folder, calibration_captions(), (args.steps,), INTERVALS, "ddim", args.guidance, CALIBRATION_SEED, True
+        )
     pipelines = {branch: StableDiffusion.from_engines(path) for branch, path in engines.items()}
     generators = {branch: Generator(sd, args.guidance, args.steps) for branch, sd in pipelines.items()}
     # every K NIRVANA stores (10% to 50% of the steps), wider than our default bands ask for
@@ -88,16 +109,26 @@ def evaluate(args) -> dict:
             reference, _ = gen.image(caption, seed)
             row = {"caption": caption, "held_out": held_out, "seed": seed, "configs": {}}
 
-            def score(name, image, reference=reference, row=row, caption=caption):
-                row["configs"][name] = {"ok": check(image, caption)["all_ok"], "psnr": psnr(image, reference)}
+            def score(name, image, reference=reference, row=row, caption=caption, calls=None):
+                row["configs"][name] = {
+                    "ok": check(image, caption)["all_ok"],
+                    "psnr": psnr(image, reference),
+                    "full_calls": calls,
+                }
 
             score("uncached", reference)
             for branch in BRANCHES:
+                g = generators[branch]
                 for n in INTERVALS:
-                    score(f"deepcache N={n} {branch}", generators[branch].image(caption, seed, n)[0])
-                    if n > 2:  # DeepCache's non-uniform schedule: full steps denser where features move fastest
-                        image = generators[branch].image(caption, seed, n, schedule="nonuniform")[0]
-                        score(f"deepcache N={n} {branch} nonuniform", image)
+                    score(f"deepcache N={n} {branch}", g.image(caption, seed, n)[0], calls=g.full_calls)
+                    if n in (3, 5):  # DeepCache's non-uniform schedule: full steps denser where features move fastest
+                        image = g.image(caption, seed, n, schedule="nonuniform")[0]
+                        score(f"deepcache N={n} {branch} nonuniform", image, calls=g.full_calls)
+                    image = g.image(caption, seed, n, schedule="calibrated")[0]
+                    score(f"deepcache N={n} {branch} calibrated", image, calls=g.full_calls)
+                for threshold in args.thresholds:
+                    image = g.image(caption, seed, schedule="adaptive", refresh_threshold=threshold)[0]
+                    score(f"deepcache adaptive {threshold} {branch}", image, calls=g.full_calls)
             for field in NEIGHBOURS if ks else ():
                 # the neighbour's generation, as the cache stored it (its latents at every checkpoint)
                 _, stored = gen.image(neighbour(caption, field), seed, capture=set(ks))
@@ -121,6 +152,8 @@ def summarize(rows: list[dict], ks: list[int]) -> dict:
         finite = [r["configs"][name]["psnr"] for r in rows if np.isfinite(r["configs"][name]["psnr"])]
         entry["psnr_db"] = float(np.mean(finite)) if finite else float("inf")
         entry["adherence_all"] = float(np.mean([r["configs"][name]["ok"] for r in rows]))
+        calls = [r["configs"][name].get("full_calls") for r in rows]
+        entry["full_calls"] = float(np.mean(calls)) if None not in calls else None
         entry["drop_points"] = 100 * (summary.get("uncached", entry)["adherence_all"] - entry["adherence_all"])
         summary[name] = entry
     return {"ks": ks, "summary": summary, "rows": rows}
@@ -163,6 +196,35 @@ def plot(result: dict, path: Path, steps: int) -> Path:
     return save_figure(fig, path)
 
 
+def plot_pareto(result: dict, path: Path, steps: int, thresholds) -> Path:
+    """Full U-Net calls per image against adherence lost, per branch and schedule."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = result["summary"]
+    fig, axes = plt.subplots(1, len(BRANCHES), figsize=(5.5 * len(BRANCHES), 4), sharey=True)
+    series = {
+        "uniform": [f"deepcache N={n} {{b}}" for n in INTERVALS],
+        "non-uniform (DeepCache)": [f"deepcache N={n} {{b}} nonuniform" for n in (3, 5)],
+        "calibrated": [f"deepcache N={n} {{b}} calibrated" for n in INTERVALS],
+        "adaptive": [f"deepcache adaptive {t} {{b}}" for t in thresholds],
+    }
+    for ax, branch in zip(axes, BRANCHES):
+        for (label, names), marker in zip(series.items(), "osD^"):
+            points = sorted(
+                (summary[n.format(b=branch)]["full_calls"], summary[n.format(b=branch)]["drop_points"]) for n in names
+            )
+            ax.plot(*zip(*points), marker=marker, label=label)
+        ax.axhline(0, color="gray", linestyle="--")
+        ax.set_xlabel(f"full U-Net calls per image (of {steps} steps)")
+        ax.set_title(f"branch {branch}, {steps} DDIM steps")
+    axes[0].set_ylabel("adherence lost against uncached (points)")
+    axes[0].legend()
+    return save_figure(fig, path)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -180,23 +242,31 @@ def main():
     )
     parser.add_argument("--out", type=Path, default=Path("docs/results/shapes_quality.json"))
     parser.add_argument("--figure", type=Path, default=Path("docs/figures/shapes_quality.png"))
+    parser.add_argument(
+        "--thresholds",
+        type=lambda text: tuple(float(t) for t in text.split(",")),
+        default=THRESHOLDS,
+        help="adaptive refresh thresholds (the same threshold refreshes about as often at any step count)",
+    )
+    parser.add_argument("--pareto", type=Path, default=Path("docs/figures/shapes_schedules_pareto.png"))
     args = parser.parse_args()
     started = time.perf_counter()
     result = evaluate(args)
     figure = plot(result, args.figure, args.steps)
+    pareto = plot_pareto(result, args.pareto, args.steps, args.thresholds)
     config = {k: str(v) for k, v in vars(args).items()}
     write_json(args.out, {"machine": machine(), "config": config, "seconds": time.perf_counter() - started, **result})
     print_summary(result["summary"])
-    print(f"figure: {figure}\nresults: {args.out}")
+    print(f"figures: {figure} {pareto}\nresults: {args.out}")
 
 
 def print_summary(summary: dict) -> None:
     width = max(map(len, summary)) + 2
-    print(f"{'config':<{width}} {'trained':>8} {'held-out':>9} {'all':>6} {'drop':>6} {'PSNR dB':>8}")
+    print(f"{'config':<{width}} {'trained':>8} {'held-out':>9} {'all':>6} {'drop':>6} {'PSNR dB':>8} {'full':>6}")
     for name, s in summary.items():
         print(
             f"{name:<{width}} {s['adherence_trained']:8.1%} {s['adherence_held_out']:9.1%} {s['adherence_all']:6.1%} "
-            f"{s['drop_points']:6.1f} {s['psnr_db']:8.1f}"
+            f"{s['drop_points']:6.1f} {s['psnr_db']:8.1f} {s['full_calls'] or 0:6.2f}"
         )
 
 

@@ -49,13 +49,19 @@ def onnx_fp32(tiny_dir, tmp_path_factory):
     return out
 
 
+CALIBRATION_PROMPTS = ("a red square on a blue background", "a photo of an astronaut riding a horse")
+
+
 @pytest.fixture(scope="session")
 def engines_dir(onnx_fp32, tmp_path_factory):
     """ONNX Runtime engines built once per session from the fp32 export."""
     from voltacache.build import build_engines
+    from voltacache.deepcache_calibration import calibrate
 
     out = tmp_path_factory.mktemp("engines") / "ort"
     build_engines(onnx_fp32, out, backend="onnxruntime")
+    # calibrated DeepCache schedules for 12 steps at N = 3, so that in process and served alike can run them
+    calibrate(out, CALIBRATION_PROMPTS, steps=(12,), intervals=(3,), seed=0)
     return out
 
 

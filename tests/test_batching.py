@@ -22,6 +22,9 @@ REQUESTS = [
     Request(PROMPT, steps=9, seed=4, scheduler="pndm", cache_interval=3, cache_schedule="nonuniform"),
     Request("a blue circle", steps=8, seed=5, scheduler="lms", init_image=INIT, strength=0.6),
     Request(PROMPT, negative_prompt="blurry", steps=6, seed=6, scheduler="euler", guidance=1.0),
+    # schedules are per request: calibrated (conftest calibrates 12 steps at N = 3) and adaptive beside the rest
+    Request(PROMPT, steps=12, seed=7, scheduler="ddim", cache_interval=3, cache_schedule="calibrated"),
+    Request("a red square", steps=10, seed=8, scheduler="euler", cache_schedule="adaptive", refresh_threshold=0.05),
 ]
 
 

@@ -71,6 +71,20 @@ CASES = {
         "IMAGE",
     ),
     "check-shapes bad caption": (["check-shapes", "{t}/red.png", "a cat"], 2, "CAPTION"),
+    "adaptive with an interval": (
+        GENERATE + ["--engines", "{e}", "--cache-schedule", "adaptive", "--cache-interval", "3", "-o", "{t}/a.png"],
+        2,
+        "cache_interval 3",
+    ),
+    "threshold without adaptive": (
+        GENERATE + ["--engines", "{e}", "--refresh-threshold", "0.2", "-o", "{t}/a.png"],
+        2,
+        "refresh_threshold",
+    ),
+    "calibration exists": (["calibrate", "--engines", "{e}"], 2, "--force"),
+    "calibrate bad steps": (["calibrate", "--engines", "{e}", "--steps", "20,x"], 2, "--steps"),
+    "calibrate empty prompts": (["calibrate", "--engines", "{e}", "--prompts", "{t}/empty.txt"], 2, "--prompts"),
+    "calibrate no engines": (["calibrate", "--engines", "{t}/folder"], 1, "engine manifest"),
 }
 
 

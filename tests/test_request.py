@@ -59,8 +59,10 @@ def test_triton_round_trip(img2img):
     image = np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8) if img2img else None
     # SDXL's size conditioning travels when given (here with img2img), and is left out when not
     sizes = ((1024, 768), (0, 16), (512, 512)) if img2img else (None, None, None)
+    # the adaptive schedule's threshold travels when given, as the sizes do
+    interval, schedule, threshold = (1, "adaptive", 0.25) if img2img else (3, "nonuniform", None)
     request = Request(
-        "a cat", "blurry", 12, 5.0, 7, "euler", 3, "nonuniform", image, 0.5, "refresh", None, None, *sizes
+        "a cat", "blurry", 12, 5.0, 7, "euler", interval, schedule, image, 0.5, "refresh", None, None, *sizes, threshold
     ).check()
     tensors = request.to_triton()
     assert set(tensors) == {t.tensor.name for t in p.REQUEST_TENSORS if img2img or not (t.img2img_only or t.optional)}
@@ -99,3 +101,24 @@ def test_client_and_light_models_import_without_torch():
         "[m for m in ('torch', 'diffusers') if m in sys.modules]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        ({"cache_schedule": "adaptive", "cache_interval": 3}, "cache_interval 3: the adaptive schedule"),
+        ({"refresh_threshold": 0.2}, "refresh_threshold: only with cache_schedule adaptive"),
+        ({"cache_schedule": "adaptive", "refresh_threshold": -0.1}, "refresh_threshold -0.1"),
+        ({"cache_schedule": "adaptive", "refresh_threshold": float("nan")}, "refresh_threshold nan"),
+        ({"cache_schedule": "often"}, "cache_schedule 'often'"),
+    ],
+)
+def test_deepcache_schedule_fields_checked(fields, words):
+    with pytest.raises(InvalidRequest, match=words):
+        Request("a cat", **fields).check()
+
+
+def test_adaptive_threshold_defaults():
+    from voltacache.deepcache import DEFAULT_REFRESH_THRESHOLD
+
+    assert Request("a cat", cache_schedule="adaptive").check().threshold == DEFAULT_REFRESH_THRESHOLD

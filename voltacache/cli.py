@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from .cache.layers import DEFAULT_BANDS, NIRVANA_BANDS, CacheConfig, CacheSettings
+from .deepcache import DEFAULT_REFRESH_THRESHOLD
+from .deepcache_calibration import DEFAULT_INTERVALS, DEFAULT_PROMPTS, DEFAULT_STEPS, SCHEDULES_FILE
 from .errors import UsageError, VoltacacheError
 from .request import MAX_GUIDANCE, MAX_STEPS, Request
 from .schedulers import SCHEDULERS
@@ -285,6 +287,69 @@ def build(
 
 @app.command()
 @user_errors
+def calibrate(
+    engines: Path = typer.Option(..., help="Folder written by `voltacache build`: the schedules are written there."),
+    prompts: Path | None = typer.Option(
+        None, help="A file of prompts like the ones served, one per line (default: four built-in prompts)."
+    ),
+    steps: str = typer.Option(
+        ",".join(map(str, DEFAULT_STEPS)), help="Step counts to calibrate, e.g. 20,50 (requests use one of them)."
+    ),
+    intervals: str = typer.Option(
+        ",".join(map(str, DEFAULT_INTERVALS)), help="Intervals N to place ceil(steps / N) full calls for."
+    ),
+    scheduler: str = typer.Option("ddim", help=", ".join(SCHEDULERS) + "."),
+    guidance: float = typer.Option(Request.guidance, help="Guidance scale of the calibration runs."),
+    seed: int = typer.Option(0, help="Seed of the first prompt (the next get seed + 1, ...)."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace the engines' calibration (it stays until the new one is whole)."
+    ),
+):
+    """Place DeepCache's full U-Net calls where they pay: calibrated schedules, written into the engines folder.
+
+    For each step count and N, the schedule whose final latents are closest to uncached over the
+    prompts, searched from uniform N (a few dozen generations per prompt, N and step count)."""
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from .deepcache_calibration import calibrate as run_calibration
+    from .deepcache_calibration import parse_counts
+    from .generate import read_prompts
+    from .request import check_choice, check_number
+
+    counts, ns = parse_counts(steps, "--steps", 2), parse_counts(intervals, "--intervals", 2)
+    check_choice("--scheduler", scheduler, SCHEDULERS)
+    check_number("--guidance", guidance, 0.0, MAX_GUIDANCE)
+    texts = [line.text for line in read_prompts(prompts)] if prompts else DEFAULT_PROMPTS
+    if not texts:
+        raise UsageError(f"--prompts {prompts}: no prompts in it; one prompt per line")
+    with Progress(console=err, disable=not err.is_terminal) as bars:
+        task = bars.add_task("calibrating", total=None)
+        data = run_calibration(
+            engines,
+            texts,
+            counts,
+            ns,
+            scheduler,
+            guidance,
+            seed,
+            force,
+            lambda description: bars.update(task, description=f"generations, {description}", advance=1),
+        )
+    table = Table(title=f"calibrated DeepCache schedules, {len(texts)} prompts, {data['seconds']:.0f} s")
+    for column in ("steps", "N", "full steps", "latent error vs uniform"):
+        table.add_column(column)
+    for count, run in data["steps"].items():
+        for n, chosen in run["schedules"].items():
+            error = run["latent_error"][n]
+            ratio = error["calibrated"] / error["uniform"] if error["uniform"] else 1.0
+            table.add_row(count, n, " ".join(map(str, chosen)), f"{ratio:.2f}x")
+    Console().print(table)
+    print(Path(engines) / SCHEDULES_FILE)
+
+
+@app.command()
+@user_errors
 def deploy(
     engines: Path = typer.Option(..., help="Folder written by `voltacache build`."),
     repo: Path = typer.Option(
@@ -391,8 +456,19 @@ def generate(
     guidance: float = typer.Option(Request.guidance, help=f"Classifier-free guidance scale (0-{MAX_GUIDANCE:g})."),
     seed: int | None = typer.Option(None, help="Seed of the initial latents (default: random, reported)."),
     scheduler: str = typer.Option(Request.scheduler, help=", ".join(SCHEDULERS) + "."),
-    cache_interval: int = typer.Option(Request.cache_interval, help="DeepCache: the full U-Net every N steps (1 off)."),
-    cache_schedule: str = typer.Option(Request.cache_schedule, help="DeepCache schedule: uniform or nonuniform."),
+    cache_interval: int = typer.Option(
+        Request.cache_interval,
+        help="DeepCache: the full U-Net every N steps (1 off); calibrated spends as many full steps, placed elsewhere.",
+    ),
+    cache_schedule: str = typer.Option(
+        Request.cache_schedule,
+        help="DeepCache schedule: uniform, nonuniform, calibrated (after `voltacache calibrate`) or adaptive.",
+    ),
+    refresh_threshold: float | None = typer.Option(
+        None,
+        help="Adaptive DeepCache: refresh once the output has changed this much (summed relative L1) since the "
+        f"last refresh; lower is closer to uncached (default {DEFAULT_REFRESH_THRESHOLD}).",
+    ),
     height: int | None = typer.Option(None, help="Must equal the engines' static height."),
     width: int | None = typer.Option(None, help="Must equal the engines' static width."),
     init_image: Path | None = typer.Option(None, help="img2img: start from this image (resized to the engines' size)."),
@@ -450,6 +526,7 @@ def generate(
         parse_pair(original_size, "--original-size"),
         parse_pair(crop_top_left, "--crop-top-left"),
         parse_pair(target_size, "--target-size"),
+        refresh_threshold,
     ).check()  # the options once (a file's lines each with its own request)
     if engines is not None:
         from .build import read_engine_manifest

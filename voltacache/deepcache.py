@@ -1,9 +1,14 @@
 """DeepCache schedules: on which denoising steps the full U-Net runs and refreshes the deep feature.
 
-Uniform: every N-th step (0, N, 2N, ...). Non-uniform (DeepCache, Ma et al. 2024, sec. 3.3): the
-same number of full steps, ceil(T / N), placed densest around a `center` step and spread by a
-power law `power`: step = center + sign(x) |x|^power for x evenly spaced between
--(center)^(1/power) and (T - 1 - center)^(1/power). Step 0 is always full: there is no feature yet.
+- uniform: every N-th step (0, N, 2N, ...).
+- nonuniform (DeepCache, Ma et al. 2024, sec. 3.3): the same number of full steps, ceil(T / N), placed
+  densest around a `center` step and spread by a power law `power`: step = center + sign(x) |x|^power
+  for x evenly spaced between -(center)^(1/power) and (T - 1 - center)^(1/power).
+- calibrated (block caching, Wimbauer et al. 2024): the same number of full steps, placed where
+  `voltacache calibrate` measured that a stale deep feature costs the most (voltacache.calibration).
+- adaptive (after TeaCache, Liu et al. 2024): refresh when the U-Net's input, accumulated since the
+  last refresh, has changed by more than a threshold; the number of full steps follows the request.
+Step 0 is always full: there is no feature yet.
 """
 
 from __future__ import annotations
@@ -11,6 +16,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+CACHE_SCHEDULES = ("uniform", "nonuniform", "calibrated", "adaptive")
+FIXED_SCHEDULES = ("uniform", "nonuniform")  # a function of the step count and N alone
+DEFAULT_REFRESH_THRESHOLD = 0.2  # adaptive: chosen on the shapes model (docs/benchmarks.md)
 
 
 def uniform_steps(steps: int, interval: int) -> list[int]:
@@ -43,11 +52,55 @@ def _spread(candidates: list[int], k: int) -> list[int]:
 def full_steps(
     steps: int, interval: int, schedule: str = "uniform", center: int | None = None, power: float = 1.4
 ) -> set[int]:
-    """The steps that run unet_deep; every other step runs unet_shallow on the cached feature."""
+    """The steps that run unet_deep under a fixed schedule; every other step runs unet_shallow on the
+    cached feature."""
     if interval < 1:
         raise ValueError(f"cache interval {interval}: must be >= 1")
     if schedule == "uniform":
         return set(uniform_steps(steps, interval))
     if schedule == "nonuniform":
         return set(nonuniform_steps(steps, interval, center, power))
-    raise ValueError(f"unknown DeepCache schedule {schedule!r}; use uniform or nonuniform")
+    raise ValueError(f"unknown DeepCache schedule {schedule!r}; use {' or '.join(FIXED_SCHEDULES)}")
+
+
+def relative_change(new: np.ndarray, old: np.ndarray) -> float:
+    """Mean absolute change relative to the mean magnitude (TeaCache's relative L1)."""
+    return float(np.abs(new - old).mean() / max(float(np.abs(old).mean()), 1e-12))
+
+
+class FixedSchedule:
+    """Refresh on a set of steps chosen before the run (uniform, nonuniform, calibrated)."""
+
+    def __init__(self, refresh):
+        self.refresh = frozenset(refresh)
+
+    def due(self, index: int, latents) -> bool:
+        return index in self.refresh
+
+
+class AdaptiveSchedule:
+    """Refresh on the first step, and on every step where the latents the U-Net is about to read have
+    changed, in relative L1 summed over the steps since the last refresh, by `threshold` or more.
+
+    The U-Net's input is known before the step, so the step it crosses on is the one refreshed (TeaCache's
+    indicator is an input too). The guided output was measured as the indicator first: it changes little
+    while the deep feature is stale, so it refreshed late (docs/benchmarks.md)."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+        self.accumulated = 0.0
+        self.previous = None
+        self.decided: dict[int, bool] = {}  # this step's answer: `due` is asked more than once per step
+
+    def due(self, index: int, latents) -> bool:
+        if index not in self.decided:
+            latents = np.asarray(latents)
+            first = self.previous is None
+            if not first:
+                self.accumulated += relative_change(latents, self.previous)
+            self.previous = latents
+            refresh = first or self.accumulated >= self.threshold
+            if refresh:
+                self.accumulated = 0.0
+            self.decided = {index: refresh}
+        return self.decided[index]

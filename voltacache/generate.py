@@ -99,6 +99,7 @@ def record(path: Path, request: Request, result, **extra) -> dict:
         "scheduler": request.scheduler,
         "guidance": request.guidance,
         "cache_interval": request.cache_interval,
+        "cache_schedule": request.cache_schedule,
         "unet_deep_calls": result.unet_deep_calls,
         "unet_shallow_calls": result.unet_shallow_calls,
         "steps_computed": result.steps_computed,

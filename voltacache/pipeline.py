@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .deepcache import full_steps
+from .deepcache import AdaptiveSchedule, FixedSchedule, full_steps
+from .deepcache_calibration import NoScheduleCalibration, load_calibration
 from .errors import InvalidRequest
 from .images import fit_image, to_uint8, to_unit_range
 from .request import SIZE_CONDITIONING, Images, Request, denoising_steps
@@ -97,7 +98,7 @@ class Work:
     scheduler: object
     timesteps: torch.Tensor
     latents: torch.Tensor
-    refresh: set
+    schedule: FixedSchedule | AdaptiveSchedule  # which steps refresh the deep feature
     generator: torch.Generator
     seed: int
     stats: Stats
@@ -124,7 +125,8 @@ class Work:
     @property
     def full(self) -> bool:
         """Whether this step runs the full U-Net (a DeepCache refresh step, or no feature yet)."""
-        return self.deep is None or self.index in self.refresh
+        due = self.schedule.due(self.index, self.latents)  # asked on every step: the adaptive rule reads each
+        return due or self.deep is None
 
     def feeds(self) -> dict[str, np.ndarray]:
         """This step's U-Net rows: the guidance pair (unconditional, then conditional), a timestep per row."""
@@ -141,18 +143,16 @@ class Work:
             self.stats.unet_deep_calls += 1
         else:
             self.stats.unet_shallow_calls += 1
-        uncond, cond = torch.from_numpy(noise_pred).chunk(2)
-        guidance = self.request.guidance
-        noise = uncond + guidance * (cond - uncond) if guidance > 1 else cond
+        noise = guided(noise_pred, self.request.guidance)
         t = self.timesteps[self.index]
-        self.latents = self.scheduler.step(noise, t, self.latents, **self.extra, return_dict=False)[0]
+        self.latents = self.scheduler.step(torch.from_numpy(noise), t, self.latents, **self.extra, return_dict=False)[0]
         self.index += 1
         if self.index in self.capture:
             self.captured[self.index] = self.latents.numpy().copy()
 
 
 class StableDiffusion:
-    def __init__(self, runners: dict, export: dict, tokenizers: list):
+    def __init__(self, runners: dict, export: dict, tokenizers: list, calibration=None):
         self.runners = runners
         self.export = export
         self.tokenizers = tokenizers  # one per text encoder input (SDXL: two); none in the Triton denoiser
@@ -166,6 +166,10 @@ class StableDiffusion:
         self.scaling_factor = export["scaling_factor"]
         self.scheduler_config = export["scheduler_config"]
         self.text_memo = OrderedDict()  # (negatives + prompts) -> (embeddings, pooled), least recent first
+        # where calibrated DeepCache schedules place their full steps (voltacache calibrate)
+        self.calibration = calibration or NoScheduleCalibration(
+            "these engines have no calibration; run `voltacache calibrate`"
+        )
 
     @classmethod
     def from_engines(cls, engine_dir, cuda_graph: bool = False) -> StableDiffusion:
@@ -173,7 +177,8 @@ class StableDiffusion:
 
         engines = load_engines(engine_dir, cuda_graph=cuda_graph)
         tokenizers = load_tokenizers(engine_dir, engines.export["geometry"]["text_encoders"])
-        return cls(engines.runners, engines.export, tokenizers)
+        calibration = load_calibration(engine_dir, engines.export["fingerprint"])
+        return cls(engines.runners, engines.export, tokenizers, calibration)
 
     def __call__(self, request: Request | str, /, *, cache=None, **fields) -> Generation:
         """`sd("a cat", steps=20, seed=1)` or `sd(Request(...))`: the fields of voltacache.request.Request.
@@ -202,6 +207,8 @@ class StableDiffusion:
         given = [name for name in SIZE_CONDITIONING if getattr(request, name) is not None]
         if given and not self.size_conditioned:
             raise InvalidRequest(f"{given[0]}: size conditioning is SDXL's; this is an {self.family} model")
+        if request.cache_schedule == "calibrated":
+            self.calibration.check(request.steps, request.cache_interval)
 
     def size_conditions(self, request: Request) -> list[int] | None:
         """SDXL's time ids: original size, crop top-left, target size (height, width each); the engines' size
@@ -253,6 +260,7 @@ class StableDiffusion:
                 negative=request.negative_prompt,
                 interval=request.cache_interval,
                 schedule=request.cache_schedule,
+                **self.schedule_scope(request),
                 batch=self.batch,
                 family=self.family,
                 **({"size_conditions": self.size_conditions(request)} if self.size_conditioned else {}),
@@ -298,12 +306,28 @@ class StableDiffusion:
             latents = self.prepare_latents(sched, generator, timesteps, image, stats)
 
         # DeepCache: the full U-Net on its refresh steps, the shallow one on the cached feature in between
-        refresh = full_steps(len(timesteps), request.cache_interval, request.cache_schedule)
+        schedule = self.deepcache_schedule(request, timesteps)
         stats.steps += denoising_steps(request.steps, strength) - skipped
         conditions = self.unet_conditions(request, pooled)
         return Work(
-            request, embeddings, sched, timesteps, latents, refresh, generator, seed, stats, set(capture), conditions
+            request, embeddings, sched, timesteps, latents, schedule, generator, seed, stats, set(capture), conditions
         )
+
+    def deepcache_schedule(self, request: Request, timesteps) -> FixedSchedule | AdaptiveSchedule:
+        """Which of the run's steps refresh the deep feature (voltacache.deepcache)."""
+        if request.cache_schedule == "adaptive":
+            return AdaptiveSchedule(request.threshold)
+        if request.cache_schedule == "calibrated":
+            return FixedSchedule(self.calibration.refreshes(request.steps, timesteps, request.cache_interval))
+        return FixedSchedule(full_steps(len(timesteps), request.cache_interval, request.cache_schedule))
+
+    def schedule_scope(self, request: Request) -> dict:
+        """What else a cache entry depends on under a schedule that is not a function of the steps and N."""
+        if request.cache_schedule == "adaptive":
+            return {"refresh_threshold": request.threshold}
+        if request.cache_schedule == "calibrated":
+            return {"calibration": self.calibration.id}
+        return {}
 
     def generate_latents(
         self, embeddings, request: Request, image=None, stats=None, start=None, capture=frozenset(), pooled=None
@@ -419,6 +443,12 @@ class StableDiffusion:
         """Latents -> float image in [-1, 1], NCHW."""
         feeds = {LATENT: (latents / self.scaling_factor).numpy().astype(np.float32)}
         return stats.timed(VAE_DECODER, self.runners[VAE_DECODER], feeds)[IMAGE]
+
+
+def guided(noise_pred: np.ndarray, guidance: float) -> np.ndarray:
+    """Classifier-free guidance over the pair's rows (unconditional first), as diffusers computes it."""
+    uncond, cond = np.split(noise_pred, 2)
+    return uncond + guidance * (cond - uncond) if guidance > 1 else cond
 
 
 def zero_unconditional(rows: np.ndarray, batch: int) -> np.ndarray:

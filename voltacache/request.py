@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .deepcache import CACHE_SCHEDULES, DEFAULT_REFRESH_THRESHOLD
 from .errors import InvalidRequest
 from .schedulers import SCHEDULERS
 
@@ -23,11 +24,11 @@ MAX_GUIDANCE = 50.0  # useful values are 1-15; far beyond it the image saturates
 MAX_PROMPT_BYTES = 4096  # CLIP reads 77 tokens; kilobytes more are a client bug or abuse
 MAX_SEED = 2**63 - 1  # SEED is an int64 on the wire
 MAX_IMAGE_SIDE = 4096  # an init image is resized to the engines' size; larger is refused before decoding it
-CACHE_SCHEDULES = ("uniform", "nonuniform")
 CACHE_MODES = ("on", "off", "refresh")  # the cross-request cache for this request; refresh: regenerate, store
 # SDXL's size conditioning, each (height, width) or (top, left) in pixels; None: the engines' size, no crop
 SIZE_CONDITIONING = ("original_size", "crop_top_left", "target_size")
 MAX_CONDITIONING_SIDE = 16384
+MAX_REFRESH_THRESHOLD = 100.0  # the summed relative change of the output; 0 refreshes every step
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,12 @@ class Request:
     original_size: tuple[int, int] | None = None
     crop_top_left: tuple[int, int] | None = None
     target_size: tuple[int, int] | None = None
+    refresh_threshold: float | None = None  # adaptive DeepCache: None is DEFAULT_REFRESH_THRESHOLD
+
+    @property
+    def threshold(self) -> float:
+        """The adaptive schedule's refresh threshold."""
+        return DEFAULT_REFRESH_THRESHOLD if self.refresh_threshold is None else float(self.refresh_threshold)
 
     @property
     def img2img(self) -> bool:
@@ -97,6 +104,15 @@ class Request:
         check_choice("scheduler", self.scheduler, SCHEDULERS)
         check_int("cache_interval", self.cache_interval, 1, MAX_STEPS)
         check_choice("cache_schedule", self.cache_schedule, CACHE_SCHEDULES)
+        if self.cache_schedule == "adaptive" and self.cache_interval != 1:
+            raise InvalidRequest(
+                f"cache_interval {self.cache_interval}: the adaptive schedule refreshes by refresh_threshold; "
+                "leave the interval at 1, or choose uniform, nonuniform or calibrated"
+            )
+        if self.refresh_threshold is not None:
+            if self.cache_schedule != "adaptive":
+                raise InvalidRequest("refresh_threshold: only with cache_schedule adaptive")
+            check_number("refresh_threshold", self.refresh_threshold, 0.0, MAX_REFRESH_THRESHOLD)
         check_choice("cache_mode", self.cache_mode, CACHE_MODES)
         for name in ("height", "width"):
             if getattr(self, name) is not None:

@@ -53,6 +53,7 @@ def test_without_step_batching_the_repository_is_per_request(engines_dir, tmp_pa
 
 
 def test_ensembles_wire_existing_models_with_response_cache(triton_repo):
+    optional = {p.ORIGINAL_SIZE, p.CROP_TOP_LEFT, p.TARGET_SIZE, p.REFRESH_THRESHOLD}
     for name in (p.TXT2IMG, p.IMG2IMG):
         config = read_config(triton_repo, name)
         # the response cache sits on the denoiser, so that postprocess can report a hit (protocol.py)
@@ -64,10 +65,10 @@ def test_ensembles_wire_existing_models_with_response_cache(triton_repo):
             assert set(step.input_map.values()) <= produced, step.model_name
             produced |= set(step.output_map.values())
         assert {o.name for o in config.output} <= produced
-        # SDXL's size conditioning is optional in every model that reads the request
-        assert {i.name for i in config.input if i.optional} == {p.ORIGINAL_SIZE, p.CROP_TOP_LEFT, p.TARGET_SIZE}
+        # SDXL's size conditioning and the adaptive threshold are optional in every model that reads the request
+        assert {i.name for i in config.input if i.optional} == optional
     denoiser = read_config(triton_repo, p.DENOISER)
-    sizes = {p.ORIGINAL_SIZE, p.CROP_TOP_LEFT, p.TARGET_SIZE}
+    sizes = optional
     assert {i.name for i in denoiser.input if i.optional} == {p.INIT_IMAGE, p.STRENGTH} | sizes
     assert {i.name for i in read_config(triton_repo, p.TOKENIZER).input if i.optional} == sizes
     # one denoiser batches the steps of every request in flight, behind Triton's response cache

@@ -43,10 +43,16 @@ def valid(prompt=PROMPT, **overrides):
     return {k: v for k, v in values.items() if v is not None}
 
 
-@pytest.mark.parametrize("protocol, seed, schedule", [("grpc", 11, "uniform"), ("http", 12, "nonuniform")])
+@pytest.mark.parametrize(
+    "protocol, seed, schedule",
+    [("grpc", 11, "uniform"), ("http", 12, "nonuniform"), ("grpc", 13, "calibrated"), ("http", 14, "adaptive")],
+)
 def test_served_image_equals_in_process(triton, sd, protocol, seed, schedule):
+    """Every DeepCache schedule: the denoiser reads the engines' calibration as the pipeline does."""
     url = triton.grpc_url if protocol == "grpc" else triton.http_url
     request = dict(steps=12, seed=seed, scheduler="ddim", cache_interval=3, cache_schedule=schedule)
+    if schedule == "adaptive":
+        request.update(cache_interval=1, refresh_threshold=0.05)
     served = Client(url, protocol).generate(PROMPT, **request)
     local = sd(PROMPT, **request)
     assert np.array_equal(served.images[0], np.asarray(local.images[0]))
@@ -56,7 +62,7 @@ def test_served_image_equals_in_process(triton, sd, protocol, seed, schedule):
         stats.unet_shallow_calls,
         12,
     )
-    assert served.unet_deep_calls == (4 if schedule == "uniform" else stats.unet_deep_calls)
+    assert served.unet_deep_calls == (4 if schedule in ("uniform", "calibrated") else stats.unet_deep_calls)
 
 
 def test_img2img_served_equals_in_process(triton, sd):
@@ -98,6 +104,15 @@ BAD_REQUESTS = {
     "huge guidance": valid(**{p.GUIDANCE: np.array([1e30], np.float32)}),
     "negative seed": valid(**{p.SEED: np.array([-5], np.int64)}),
     "control characters": valid("a\x00b"),
+    "uncalibrated step count": valid(**{p.CACHE_SCHEDULE: np.array([b"calibrated"], dtype=object)}),
+    "threshold without adaptive": valid(**{p.REFRESH_THRESHOLD: np.array([0.2], np.float32)}),
+    "negative threshold": valid(
+        **{
+            p.CACHE_SCHEDULE: np.array([b"adaptive"], dtype=object),
+            p.CACHE_INTERVAL: np.array([1], np.int32),
+            p.REFRESH_THRESHOLD: np.array([-1.0], np.float32),
+        }
+    ),
 }
 
 

@@ -28,6 +28,7 @@ SEED = "SEED"  # -1: the server draws one (and reports it)
 SCHEDULER = "SCHEDULER"
 CACHE_INTERVAL = "CACHE_INTERVAL"
 CACHE_SCHEDULE = "CACHE_SCHEDULE"
+REFRESH_THRESHOLD = "REFRESH_THRESHOLD"  # adaptive DeepCache; absent: the default
 CACHE = "CACHE"  # on | off | refresh: the cross-request cache for this request
 INIT_IMAGE = "INIT_IMAGE"  # uint8 (height, width, 3), any size: resized to the engines' size
 STRENGTH = "STRENGTH"
@@ -113,6 +114,7 @@ REQUEST_TENSORS = (
     RequestTensor("original_size", TensorSpec(ORIGINAL_SIZE, "int32", (2,)), optional=True),
     RequestTensor("crop_top_left", TensorSpec(CROP_TOP_LEFT, "int32", (2,)), optional=True),
     RequestTensor("target_size", TensorSpec(TARGET_SIZE, "int32", (2,)), optional=True),
+    RequestTensor("refresh_threshold", scalar(REFRESH_THRESHOLD, "float32"), optional=True),
 )
 IMG2IMG_INPUTS = {t.tensor.name for t in REQUEST_TENSORS if t.img2img_only}
 OPTIONAL_REQUEST_INPUTS = {t.tensor.name for t in REQUEST_TENSORS if t.optional}

@@ -173,12 +173,15 @@ class DenoiserModel(PythonModel):
     def setup(self):
         from ..batching import StepBatcher
         from ..cache.layers import CacheSettings, open_cache
+        from ..deepcache_calibration import load_calibration
         from ..pipeline import StableDiffusion
         from ..specs import UNET_DEEP, UNET_SHALLOW, VAE_DECODER, VAE_ENCODER
 
         specs = p.serving_specs(self.export)
         runners = {name: BlsRunner(specs[name]) for name in (UNET_DEEP, UNET_SHALLOW, VAE_ENCODER, VAE_DECODER)}
-        self.pipeline = StableDiffusion(runners, self.export, tokenizers=[])
+        # the engines folder's calibrated DeepCache schedules, as read when the model loads
+        calibration = load_calibration(self.engines, self.export["fingerprint"])
+        self.pipeline = StableDiffusion(runners, self.export, tokenizers=[], calibration=calibration)
         # the cross-request cache named by the deployment (voltacache deploy --cache), or None
         # (reported once in the server's log, where `voltacache serve` shows it, and served without)
         settings = CacheSettings.from_parameters(self.parameters)
