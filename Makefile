@@ -22,7 +22,7 @@ demo: setup
 	bash scripts/demo.sh
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 # No tritonserver, Milvus or S3 server and no test marked slow: under two minutes on 2 cores.
 test-fast: setup
