@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup browser demo test test-fast bench lint clean
 
 setup: $(STAMP)
 
@@ -18,15 +18,21 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps open-clip-torch==3.3.0
 	touch $(STAMP)
 
+# The web page's test drives Debian's chromium and its driver (as root, or through sudo).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  sudo=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  $$sudo apt-get update -q && $$sudo apt-get install -y -q chromium chromium-driver; }
+
 demo: setup
 	bash scripts/demo.sh
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q --durations=15 tests
 
 # No tritonserver, Milvus or S3 server and no test marked slow: under two minutes on 2 cores.
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not triton and not milvus and not s3 and not slow" tests
+	$(BIN)/python -m pytest -q -m "not triton and not milvus and not s3 and not browser and not slow" tests
 
 bench: setup
 	$(BIN)/pip install -q -e '.[bench]'

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from helpers import OTHER_MODELS_PROMPT
 
 from voltacache.benchmark import free_port
 
@@ -13,7 +14,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # a test that reaches for the hub fails inst
 # A test that uses one of these fixtures (directly or through another fixture) starts that server:
 # it gets the marker (triton, milvus or s3), and `make test-fast` leaves it out.
 # Tests that start a server of their own carry the marker explicitly (pytestmark in their module).
-SERVER_FIXTURES = {"triton": "triton", "milvus_server": "milvus", "s3_endpoint": "s3"}
+SERVER_FIXTURES = {"triton": "triton", "cached_server": "triton", "milvus_server": "milvus", "s3_endpoint": "s3"}
 # The slowest tests that start no server (2 s or more here) carry `@pytest.mark.slow` in their modules:
 # `make test-fast` leaves them out to stay under two minutes; `make test` runs them.
 
@@ -112,6 +113,44 @@ def triton(triton_repo, tmp_path_factory):
     log = tmp_path_factory.mktemp("triton-log") / "tritonserver.log"
     with TritonServer(
         triton_repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), log_file=log
+    ) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def cached_server(engines_dir, tmp_path_factory):
+    """A tritonserver whose deployment keeps a cache (the sentence embedder on a milvus-lite file).
+    Before it starts, the index is given one entry of another model, which this one never serves
+    nor shows."""
+    import numpy as np
+
+    from voltacache.cache.embedders import MiniLMEmbedder
+    from voltacache.cache.layers import to_bytes
+    from voltacache.cache.store import CacheStore, scope_key
+    from voltacache.serving.deploy import CacheSettings, deploy
+    from voltacache.serving.server import TritonServer
+
+    root = tmp_path_factory.mktemp("cache-serving")
+    settings = CacheSettings(index=str(root / "cache.db"), embedder="minilm", max_entries=1000)
+    with CacheStore(settings.index, root / "cache-blobs", dim=MiniLMEmbedder.dim, embedder="minilm") as store:
+        vector = MiniLMEmbedder().embed(OTHER_MODELS_PROMPT)
+        image = to_bytes(np.zeros((1, 8, 8, 3), np.uint8))
+        store.put_many(
+            [
+                dict(
+                    vector=vector,
+                    scope=scope_key("another"),
+                    kind="image",
+                    payload=image,
+                    model="another",
+                    prompt=OTHER_MODELS_PROMPT,
+                )
+            ]
+        )
+    repo = deploy(engines_dir, root / "repo", cache=settings)
+    log = root / "tritonserver.log"
+    with TritonServer(
+        repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), log_file=log
     ) as server:
         yield server
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 PROMPT = "a photo of an astronaut riding a horse"  # the prompt of the parity tests
+OTHER_MODELS_PROMPT = PROMPT  # conftest's cached_server holds an entry of another model for it
 
 # Every port a `milvus-server` takes besides its proxy port: a test server needs its own of each.
 MILVUS_PORTS = (

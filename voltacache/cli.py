@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -13,9 +14,12 @@ from rich.console import Console
 from rich.markup import escape
 
 from .cache.layers import DEFAULT_BANDS, NIRVANA_BANDS, CacheConfig, CacheSettings
+from .cache.search import DEFAULT_TOP, MAX_TOP
+from .cache.store import LISTING_ORDERS
 from .deepcache import DEFAULT_REFRESH_THRESHOLD
 from .deepcache_calibration import DEFAULT_INTERVALS, DEFAULT_PROMPTS, DEFAULT_STEPS, SCHEDULES_FILE
 from .errors import UsageError, VoltacacheError
+from .outputs import check_target, json_marker, staged_output
 from .request import MAX_GUIDANCE, MAX_STEPS, Request
 from .schedulers import SCHEDULERS
 
@@ -782,6 +786,141 @@ def cache_warm(
     err.print(f"warmed {len(records)} entries")
     if batch.failures:
         raise typer.Exit(1)
+
+
+SEARCH_URL = typer.Option(None, help="HOST:PORT of a voltacache Triton server: search its cache there.")
+SEARCH_INDEX = typer.Option(None, "--cache-index", help="In process: the cache index (milvus-lite file or Milvus URL).")
+SEARCH_ENGINES = typer.Option(None, help="In process: the engines whose model's entries to show (and embed with).")
+SEARCH_OUT = typer.Option(None, help="A new folder for the images (PNG) and search.json.")
+SEARCH_FORCE = typer.Option(False, help="Replace a folder of search results --out names.")
+SEARCH_THUMBNAIL = typer.Option(0, help="Longest side of each image, in pixels (0: as stored).")
+SEARCH_PROTOCOL = typer.Option("grpc", help="grpc or http (with --url).")
+
+
+def _search(query, url, protocol, index, engines, embedder, blob_store):
+    """`query` through a server (--url) or in process on an index (--cache-index)."""
+    from .cache.search import search_index
+
+    query = query.check()
+    if (url is None) == (index is None):
+        raise UsageError("give exactly one of --url HOST:PORT (a server's cache) or --cache-index INDEX (in process)")
+    if url is not None:
+        if engines is not None or blob_store is not None:
+            raise UsageError("--engines and --blob-store are for in process (--cache-index); the server knows its own")
+        from .serving.client import Client
+
+        return Client(url, protocol).search(query)
+    return search_index(query, index, blob_store, engines, embedder)
+
+
+SEARCH_RESULTS = dict(ours=json_marker("search.json", "query", "results"), arg="--out", what="search results folder")
+
+
+def _search_and_show(query, out: Path | None, force: bool, *where) -> None:
+    """Check --out first (before any compute), search, then show and write what was found."""
+    if out is not None:
+        check_target(out, force=force, **SEARCH_RESULTS)
+    _show(_search(query, *where), query, out, force)
+
+
+def _show(found, query, out: Path | None, force: bool) -> None:
+    """A table on stdout; with --out, each image as a PNG and every record in search.json."""
+    import time as clock
+
+    from .generate import save
+
+    if not found:
+        err.print("nothing found: the cache holds no entry of this model for that", soft_wrap=True)
+    for rank, f in enumerate(found, 1):
+        when = clock.strftime("%Y-%m-%d %H:%M", clock.localtime(f.created))
+        size = f"{f.params.get('width', '?')}x{f.params.get('height', '?')}"
+        similarity = f"{f.similarity:.3f}" if query.embeds else "-"
+        print(
+            f"{rank:>3}  {similarity:>6}  hits {f.hits:<4} seed {f.seed:<11} steps {f.params.get('steps', '?'):<4} "
+            f"{size:<9} {when}  {f.prompt}"
+        )
+    if out is None:
+        return
+    with staged_output(out, force=force, **SEARCH_RESULTS) as stage:
+        records = []
+        for rank, f in enumerate(found, 1):
+            record = f.record()
+            if f.image is not None:
+                record["file"] = f"{rank:02d}-{f.id[:12]}.png"
+                save(f.image, stage / record["file"])
+            records.append(record)
+        document = {"query": dataclasses.asdict(query), "results": records}
+        (stage / "search.json").write_text(json.dumps(document, indent=2))
+    err.print(f"wrote {len(found)} results to {escape(str(out))}", soft_wrap=True)
+
+
+@cache_app.command("search")
+@user_errors
+def cache_search(
+    prompt: str = typer.Argument(..., help="The prompt to look near."),
+    top: int = typer.Option(DEFAULT_TOP, help=f"How many entries (at most {MAX_TOP})."),
+    prompts: bool = typer.Option(False, "--prompts", help="Recommend the stored prompts nearest PROMPT (no images)."),
+    thumbnail: int = SEARCH_THUMBNAIL,
+    out: Path | None = SEARCH_OUT,
+    force: bool = SEARCH_FORCE,
+    url: str | None = SEARCH_URL,
+    protocol: str = SEARCH_PROTOCOL,
+    index: str | None = SEARCH_INDEX,
+    engines: Path | None = SEARCH_ENGINES,
+    embedder: str | None = CACHE_CHOICE,
+    blob_store: str | None = BLOB_STORE,
+):
+    """The stored images of this model nearest a prompt, most similar first (or, with --prompts,
+    the stored prompts nearest it)."""
+    from .cache.search import SearchQuery
+
+    query = SearchQuery("prompts" if prompts else "images", prompt, top, thumbnail)
+    _search_and_show(query, out, force, url, protocol, index, engines, embedder, blob_store)
+
+
+@cache_app.command("list")
+@user_errors
+def cache_list(
+    order: str = typer.Option("newest", help="newest or most-used first."),
+    top: int = typer.Option(20, help=f"How many entries (at most {MAX_TOP})."),
+    thumbnail: int = SEARCH_THUMBNAIL,
+    out: Path | None = SEARCH_OUT,
+    force: bool = SEARCH_FORCE,
+    url: str | None = SEARCH_URL,
+    protocol: str = SEARCH_PROTOCOL,
+    index: str | None = SEARCH_INDEX,
+    engines: Path | None = typer.Option(None, help="In process: only this model's entries (default: every model's)."),
+    embedder: str | None = CACHE_CHOICE,
+    blob_store: str | None = BLOB_STORE,
+):
+    """What the cache holds: its stored images, newest or most used first."""
+    from .cache.search import SearchQuery
+
+    if order not in LISTING_ORDERS:
+        raise UsageError(f"--order {order!r}: choose one of {', '.join(LISTING_ORDERS)}")
+    query = SearchQuery(order, "", top, thumbnail)
+    _search_and_show(query, out, force, url, protocol, index, engines, embedder, blob_store)
+
+
+@app.command("ui")
+@user_errors
+def ui(
+    url: str = typer.Option(..., help="HOST:PORT of a voltacache Triton server (gRPC, or HTTP with --protocol)."),
+    protocol: str = typer.Option("grpc", help="grpc or http."),
+    host: str = typer.Option("127.0.0.1", help="Address the page listens on (0.0.0.0: every interface)."),
+    port: int = typer.Option(7860, help="Port the page listens on."),
+):
+    """A web page over a served deployment: recommendations as you type, the stored images nearest
+    your prompt, and Generate through the ensemble, with the cache layer that answered."""
+    from .serving.client import Client
+    from .serving.server import check_port
+    from .ui.app import serve_page
+
+    client = Client(url, protocol)
+    client.image_shape()  # a server that does not answer: one line now, not on the first click
+    check_port("--port", host, port)
+    err.print(f"voltacache ui on http://{host}:{port} (Ctrl-C stops it)", soft_wrap=True)
+    serve_page(client, host, port)
 
 
 def main():

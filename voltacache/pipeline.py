@@ -112,7 +112,8 @@ class Work:
     run_steps: int = 0
     cache: object = None
     vector: np.ndarray | None = None
-    scope: dict | None = None
+    scope: str | None = None
+    about: dict | None = None  # the request, described for a person browsing the cache
     decision: object = None
 
     def __post_init__(self):
@@ -277,6 +278,7 @@ class StableDiffusion:
         work.pooled, work.run_steps = pooled_prompt, run_steps
         if use_cache:
             work.cache, work.vector, work.scope, work.decision = cache, vector, scope, decision
+            work.about = request.description() | {"height": self.height, "width": self.width}
         return work
 
     def start_denoising(
@@ -396,7 +398,9 @@ class StableDiffusion:
             if work.cache is not None:
                 layer = work.decision.layer if work.decision is not None else "miss"
                 similarity = work.decision.similarity if work.decision is not None else 0.0
-                work.cache.remember(work.vector, work.scope, work.seed, work.run_steps, pixels, work.captured)
+                work.cache.remember(
+                    work.vector, work.scope, work.seed, work.run_steps, pixels, work.captured, work.about
+                )
             results.append(Generation(pixels, work.seed, work.stats, work.pooled, 0.0, layer, similarity))
         return results
 

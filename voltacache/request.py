@@ -78,6 +78,19 @@ class Request:
             fields["init_image"] = read_image(fields["init_image"])
         return request.replace(**fields) if isinstance(request, Request) else cls(request, **fields)
 
+    def description(self) -> dict:
+        """What a person browsing the cache is told of the request that made an entry."""
+        about = dict(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            steps=self.steps,
+            guidance=self.guidance,
+            scheduler=self.scheduler,
+            cache_schedule=self.cache_schedule,
+            cache_interval=self.cache_interval,
+        )
+        return about | ({"img2img": True, "strength": self.strength} if self.img2img else {})
+
     def texts(self, batch: int) -> list[str]:
         """What the text encoder reads for `batch` images: the negative prompts first, then the prompts, as
         diffusers concatenates them (the U-Net's guidance pair is unconditional, then conditional)."""

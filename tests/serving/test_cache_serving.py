@@ -1,26 +1,11 @@
 """The cache layers through a real tritonserver, with the sentence embedder on a milvus-lite file."""
 
-import pytest
-
 from voltacache.cache.layers import CacheConfig, skip_steps
 from voltacache.serving.client import Client
-from voltacache.serving.deploy import CacheSettings, deploy
-from voltacache.serving.server import TritonServer
 
 from .test_triton import metric
 
-pytestmark = pytest.mark.triton  # cached_server starts its own tritonserver
-
 REQUEST = dict(steps=10, scheduler="ddim", seed=1)
-
-
-@pytest.fixture(scope="module")
-def cached_server(engines_dir, tmp_path_factory, new_port):
-    root = tmp_path_factory.mktemp("cache-serving")
-    settings = CacheSettings(index=str(root / "cache.db"), embedder="minilm", max_entries=1000)
-    repo = deploy(engines_dir, root / "repo", cache=settings)
-    with TritonServer(repo, http_port=new_port(), grpc_port=new_port(), metrics_port=new_port()) as server:
-        yield server
 
 
 def layer_counts(server):

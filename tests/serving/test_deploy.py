@@ -8,7 +8,7 @@ from voltacache.serving import protocol as p
 from voltacache.serving.deploy import deploy
 from voltacache.specs import COMPONENTS, TEXT_ENCODER
 
-MODELS = {*COMPONENTS, p.TOKENIZER, p.DENOISER, p.POSTPROCESS, p.TXT2IMG, p.IMG2IMG}
+MODELS = {*COMPONENTS, p.TOKENIZER, p.DENOISER, p.POSTPROCESS, p.CACHE_SEARCH, p.TXT2IMG, p.IMG2IMG}
 
 
 def read_config(repo, name):
@@ -68,9 +68,11 @@ def test_ensembles_wire_existing_models_with_response_cache(triton_repo):
         # SDXL's size conditioning and the adaptive threshold are optional in every model that reads the request
         assert {i.name for i in config.input if i.optional} == optional
     denoiser = read_config(triton_repo, p.DENOISER)
-    sizes = optional
-    assert {i.name for i in denoiser.input if i.optional} == {p.INIT_IMAGE, p.STRENGTH} | sizes
-    assert {i.name for i in read_config(triton_repo, p.TOKENIZER).input if i.optional} == sizes
+    # every denoiser input: a generation carries none of the search tensors, a search none of its own
+    assert all(i.optional for i in denoiser.input) and p.SEARCH in {i.name for i in denoiser.input}
+    assert {i.name for i in read_config(triton_repo, p.TOKENIZER).input if i.optional} == optional
+    search = read_config(triton_repo, p.CACHE_SEARCH)
+    assert {i.name for i in search.input if not i.optional} == {p.SEARCH}
     # one denoiser batches the steps of every request in flight, behind Triton's response cache
     assert denoiser.instance_group[0].count == 1 and denoiser.response_cache.enable
     assert denoiser.parameters[p.STEP_BATCHING].string_value == "on"

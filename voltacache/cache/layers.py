@@ -39,13 +39,23 @@ import numpy as np
 from ..errors import BadConfiguration
 from .embedders import EMBEDDERS
 from .policies import POLICIES
-from .store import NO_SEED, CacheStore, Hit, default_blob_store, is_lite_index, is_server, reason, scope_key
+from .store import (
+    IMAGE,
+    LATENT,
+    NO_SEED,
+    CacheStore,
+    Hit,
+    default_blob_store,
+    is_lite_index,
+    is_server,
+    reason,
+    scope_key,
+)
 
 INDEX_OPTION = "--cache-index"  # `deploy` calls it --cache
 INDEX_SCHEMES = ("http", "https", "tcp")
 RETRY_AFTER_S = 30.0  # after a failed lookup or store, the cache is skipped this long before it is tried again
 
-IMAGE, LATENT = "image", "latent"
 MODES = ("on", "off", "refresh")
 
 
@@ -372,13 +382,17 @@ class RequestCache:
     def checkpoints(self, steps: int) -> set[int]:
         return checkpoint_steps(steps, self.config)
 
-    def remember(self, vector, scope: str, seed: int, steps: int, image: np.ndarray, latents: dict[int, np.ndarray]):
-        """Store a finished generation: its image (L1) and its checkpoint latents (L2); nothing when
-        the store fails."""
-        self._soft("storing", lambda: self._remember(vector, scope, seed, steps, image, latents), None)
+    def remember(
+        self, vector, scope: str, seed: int, steps: int, image: np.ndarray, latents: dict, about: dict | None = None
+    ):
+        """Store a finished generation: its image (L1) and its checkpoint latents (L2), described by
+        `about` (its prompt and parameters, what a search shows); nothing when the store fails."""
+        self._soft("storing", lambda: self._remember(vector, scope, seed, steps, image, latents, about), None)
 
-    def _remember(self, vector, scope: str, seed: int, steps: int, image: np.ndarray, latents: dict[int, np.ndarray]):
-        entry = dict(vector=vector, scope=scope)
+    def _remember(self, vector, scope: str, seed: int, steps: int, image: np.ndarray, latents: dict, about: dict):
+        params = {k: v for k, v in (about or {}).items() if k != "prompt"}
+        prompt = (about or {}).get("prompt", "")
+        entry = dict(vector=vector, scope=scope, model=self.fingerprint, prompt=prompt, params=params)
         self.store.put_many(
             [dict(entry, kind=IMAGE, payload=to_bytes(image), seed=seed, step=steps, benefit=steps)]
             + [

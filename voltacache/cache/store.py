@@ -20,6 +20,7 @@ names the index and what to do; a server URL that does not answer fails within C
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import random
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BadConfiguration, CacheUnavailable, VoltacacheError
+from ..request import MAX_PROMPT_BYTES
 from .blobs import CorruptBlob, open_blob_store
 from .policies import POLICIES, victims
 
@@ -56,6 +58,20 @@ FIELDS = [
     "last_access",
     "benefit",
 ]
+# what a person searching the cache sees of an entry (`voltacache cache search`, the web page)
+DESCRIPTION = ["model", "prompt", "params"]
+PARAMS_BYTES = 2048
+
+
+IMAGE, LATENT = "image", "latent"  # the kinds of entry: a finished image, a checkpoint latent
+LISTING_ORDERS = ("newest", "most-used")
+SEARCH_WINDOW = 16384  # Milvus' largest top-k
+PROMPT_FANOUT = 8  # nearest_prompts fetches this many hits per prompt it returns (repeats fold)
+
+
+def cut(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` UTF-8 bytes, on a character boundary."""
+    return text.encode()[:limit].decode(errors="ignore")
 
 
 @dataclass
@@ -334,13 +350,19 @@ class CacheStore:
         if self.client.has_collection(self.collection, **answers):
             # a file a killed process left behind reopens released: searching it needs a load
             self.client.load_collection(self.collection, **self.call)
+            fields = self.client.describe_collection(self.collection, **self.call)["fields"]
+            self.described = {f["name"] for f in fields} >= set(DESCRIPTION)
             return
+        self.described = True
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
         schema.add_field("scope", DataType.VARCHAR, max_length=64)
         schema.add_field("kind", DataType.VARCHAR, max_length=16)
         schema.add_field("blob", DataType.VARCHAR, max_length=64)
+        schema.add_field("model", DataType.VARCHAR, max_length=64)
+        schema.add_field("prompt", DataType.VARCHAR, max_length=MAX_PROMPT_BYTES)
+        schema.add_field("params", DataType.VARCHAR, max_length=PARAMS_BYTES)
         for name in ("seed", "step", "size_bytes", "hits"):
             schema.add_field(name, DataType.INT64)
         for name in ("created", "expires", "last_access", "benefit"):
@@ -389,6 +411,12 @@ class CacheStore:
                     "benefit": float(item.get("benefit", 0.0)),
                 }
             )
+            if self.described:
+                rows[-1].update(
+                    model=item.get("model", ""),
+                    prompt=cut(item.get("prompt", ""), MAX_PROMPT_BYTES),
+                    params=cut(json.dumps(item.get("params", {}), sort_keys=True), PARAMS_BYTES),
+                )
         self.client.upsert(self.collection, rows, **self.call)
         self.unflushed += len(rows)
         if self.unflushed >= FLUSH_ROWS:
@@ -433,12 +461,64 @@ class CacheStore:
             self.client.delete(self.collection, ids=[hit.id], **self.call)
         return data
 
+    # -- what a person browses: entries of one model, described ----------------------------------
+
+    def _browsable(self, model: str | None) -> str:
+        """The filter of the images that may be served, of one model (or of all: None);
+        CacheUnavailable for a collection written before entries carried their prompts (Milvus
+        cannot add the fields)."""
+        if not self.described:
+            raise unavailable(
+                self.uri,
+                f"its collection {self.collection} was written before entries kept their prompts, so it cannot "
+                "be searched; it still serves generation, and `voltacache cache clear` starts a searchable one",
+            )
+        expr = f'kind == "{IMAGE}" and expires > {self.clock()!r}'
+        return expr if model is None else f'model == "{model}" and {expr}'
+
+    def nearest(self, vector, model: str, limit: int) -> list[Hit]:
+        """The stored images of `model` nearest an embedding, most similar first."""
+        result = self.client.search(
+            self.collection,
+            data=[[float(x) for x in vector]],
+            limit=limit,
+            filter=self._browsable(model),
+            output_fields=FIELDS[1:] + DESCRIPTION,
+            **self.call,
+        )
+        return [Hit(h["id"], float(h["distance"]), dict(h["entity"], id=h["id"])) for h in result[0]]
+
+    def nearest_prompts(self, vector, model: str, limit: int) -> list[Hit]:
+        """The distinct stored prompts of `model` nearest an embedding, each once with its best
+        match, most similar first. Over-fetches and folds repeats here: a Milvus 2.3 server has no
+        group_by."""
+        fetch = min(SEARCH_WINDOW, limit * PROMPT_FANOUT)
+        best = {}
+        for hit in self.nearest(vector, model, fetch):
+            best.setdefault(hit.entry["prompt"], hit)
+        return list(best.values())[:limit]
+
+    def listing(self, model: str | None, order: str, limit: int) -> list[dict]:
+        """Stored images, newest or most used first; every model's with `model` None."""
+        if order not in LISTING_ORDERS:
+            raise BadConfiguration(f"--order {order!r}: choose one of {', '.join(LISTING_ORDERS)}")
+        rows = self._scan(self._browsable(model), FIELDS + DESCRIPTION)
+        if order == "newest":
+            key = lambda e: (e["created"], e["id"])  # noqa: E731
+        else:
+            key = lambda e: (e["hits"], e["last_access"], e["id"])  # noqa: E731
+        return sorted(rows, key=key, reverse=True)[:limit]
+
     # -- housekeeping ------------------------------------------------------------------------
 
     def entries(self) -> list[dict]:
-        """Every row, paged (a plain query stops at Milvus' result window of 16,384 rows)."""
+        """Every row."""
+        return self._scan('id != ""', FIELDS)
+
+    def _scan(self, expr: str, fields: list[str]) -> list[dict]:
+        """The rows `expr` selects, paged (a plain query stops at Milvus' result window of 16,384 rows)."""
         iterator = self.client.query_iterator(
-            self.collection, batch_size=QUERY_PAGE, filter='id != ""', output_fields=FIELDS, **self.call
+            self.collection, batch_size=QUERY_PAGE, filter=expr, output_fields=fields, **self.call
         )
         rows = []
         try:

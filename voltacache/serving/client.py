@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+from ..cache.search import Found, SearchQuery
+from ..cache.search import from_triton as search_results
 from ..errors import ServerFailed, UsageError, VoltacacheError
 from ..request import Images, Request
 from . import protocol as p
@@ -83,6 +85,21 @@ class Client:
             cache=out[p.CACHE_LAYER][0].decode(),
             similarity=float(out[p.SIMILARITY][0]),
         )
+
+    def search(self, query: SearchQuery | str, /, **fields) -> list[Found]:
+        """The stored entries nearest a prompt, best first: `search("a red circle", top=9, thumbnail=128)`,
+        or `search(SearchQuery(...))` for any mode (voltacache.cache.search)."""
+        query = query.replace(**fields) if isinstance(query, SearchQuery) else SearchQuery("images", query, **fields)
+        out = self.infer(p.CACHE_SEARCH, query.check().to_triton(), [t.name for t in p.SEARCH_OUTPUTS])
+        return search_results(out[p.RESULTS], out[p.RESULT_IMAGES])
+
+    def recommend(self, partial: str, top: int = 5) -> list[Found]:
+        """The distinct stored prompts nearest a partial prompt (no images), best first."""
+        return self.search(SearchQuery("prompts", partial, top))
+
+    def cache_list(self, order: str = "newest", top: int = 20, thumbnail: int = 0) -> list[Found]:
+        """What the cache holds for this deployment's model: `order` newest or most-used."""
+        return self.search(SearchQuery(order, "", top, thumbnail))
 
     def image_shape(self) -> tuple[int, int, int]:
         """(batch, height, width) of the deployment's images (its engines are static), asked once."""

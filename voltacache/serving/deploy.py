@@ -33,7 +33,12 @@ TRITON_DTYPES = {
     "object": "TYPE_STRING",
 }
 # Which adapter in triton_models/ serves each Python model.
-ADAPTERS = {p.TOKENIZER: "tokenizer", p.DENOISER: "denoiser", p.POSTPROCESS: "postprocess"}
+ADAPTERS = {
+    p.TOKENIZER: "tokenizer",
+    p.DENOISER: "denoiser",
+    p.POSTPROCESS: "postprocess",
+    p.CACHE_SEARCH: "cache_search",
+}
 COMPONENT_BACKENDS = ("python", "onnxruntime", "tensorrt")
 DENOISER_INSTANCES = 2  # without step batching: requests denoised in parallel
 is_repository = json_marker(p.REPOSITORY_MARKER, "engines", "component_backend")
@@ -48,7 +53,7 @@ def dims(t, rows: str) -> list[int]:
 
 def model_config(spec: ComponentSpec, rows: str = "static", max_batch_size: int = 0, **fields) -> mc.ModelConfig:
     config = mc.ModelConfig(name=spec.name, max_batch_size=max_batch_size, **fields)
-    optional = p.OPTIONAL_INPUTS.get(spec.name, ())
+    optional = p.optional_inputs(spec)
     config.input.extend(
         mc.ModelInput(name=t.name, data_type=TRITON_DTYPES[t.dtype], dims=dims(t, rows), optional=t.name in optional)
         for t in spec.inputs
@@ -83,12 +88,15 @@ def ensemble_steps(specs: dict, img2img: bool) -> list:
     response from Triton's cache, an exact hit with nothing computed (serving/protocol.py)."""
     same = lambda items: {t.name: t.name for t in items}  # noqa: E731
     text_encoder, denoiser, postprocess = specs[TEXT_ENCODER], specs[p.DENOISER], specs[p.POSTPROCESS]
-    denoiser_inputs = [t for t in denoiser.inputs if img2img or t.name not in p.IMG2IMG_INPUTS]
-    denoised = {t.name: p.DENOISED + t.name for t in denoiser.outputs if t.name != p.COMPUTED_NS}
+    denoiser_inputs = [
+        t for t in denoiser.inputs if (img2img or t.name not in p.IMG2IMG_INPUTS) and t.name not in p.SEARCH_NAMES
+    ]
+    denoiser_outputs = [t for t in denoiser.outputs if t.name not in p.SEARCH_NAMES]
+    denoised = {t.name: p.DENOISED + t.name for t in denoiser_outputs if t.name != p.COMPUTED_NS}
     return [
         (p.TOKENIZER, same(specs[p.TOKENIZER].inputs), same(specs[p.TOKENIZER].outputs)),
         (TEXT_ENCODER, same(text_encoder.inputs), same(text_encoder.outputs)),
-        (p.DENOISER, same(denoiser_inputs), {**same(denoiser.outputs), **denoised}),
+        (p.DENOISER, same(denoiser_inputs), {**same(denoiser_outputs), **denoised}),
         (p.POSTPROCESS, {**same(postprocess.inputs), **denoised}, same(postprocess.outputs)),
     ]
 
@@ -193,6 +201,7 @@ def _write_repository(
         if name == p.DENOISER:
             config.response_cache.enable = True  # an exact repeat is answered from Triton's cache
             config.parameters[p.STEP_BATCHING].string_value = "on" if step_batching else "off"
+        if name in (p.DENOISER, p.CACHE_SEARCH):  # cache_search: which embedder reads the query
             for key, value in cache.parameters().items():
                 config.parameters[key].string_value = value
         write_config(repo / name, config)

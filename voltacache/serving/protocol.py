@@ -43,6 +43,13 @@ UNET_SHALLOW_CALLS = "UNET_SHALLOW_CALLS"
 STEPS_COMPUTED = "STEPS_COMPUTED"
 CACHE_LAYER = "CACHE_LAYER"  # exact | semantic | approximate | miss | off
 SIMILARITY = "SIMILARITY"
+# Cache search (the cache_search model; voltacache.cache.search.SearchQuery and Found).
+SEARCH = "SEARCH"  # images | prompts | newest | most-used
+QUERY = "QUERY"
+TOP_K = "TOP_K"
+THUMBNAIL = "THUMBNAIL"  # the longest side of each image returned, in pixels; 0: as stored
+RESULTS = "RESULTS"  # one JSON record per entry found, best first
+RESULT_IMAGES = "RESULT_IMAGES"  # uint8 (images, height, width, 3); a record's "image" indexes it
 # Between the models of the ensemble.
 RECEIVED_NS = "RECEIVED_NS"
 COMPUTED_NS = "COMPUTED_NS"
@@ -55,6 +62,7 @@ DENOISER = "denoiser"
 POSTPROCESS = "postprocess"
 TXT2IMG = "txt2img"
 IMG2IMG = "img2img"
+CACHE_SEARCH = "cache_search"
 
 RANDOM_SEED = -1
 STEP_BATCHING = "step_batching"  # denoiser parameter: "on" runs voltacache.batching.StepBatcher
@@ -116,6 +124,14 @@ REQUEST_TENSORS = (
     RequestTensor("target_size", TensorSpec(TARGET_SIZE, "int32", (2,)), optional=True),
     RequestTensor("refresh_threshold", scalar(REFRESH_THRESHOLD, "float32"), optional=True),
 )
+SEARCH_TENSORS = (
+    RequestTensor("mode", scalar(SEARCH, "object")),
+    RequestTensor("text", scalar(QUERY, "object"), optional=True),
+    RequestTensor("top", scalar(TOP_K, "int32"), optional=True),
+    RequestTensor("thumbnail", scalar(THUMBNAIL, "int32"), optional=True),
+)
+SEARCH_OUTPUTS = (TensorSpec(RESULTS, "object", (-1,)), TensorSpec(RESULT_IMAGES, "uint8", (-1, -1, -1, 3)))
+SEARCH_NAMES = {t.tensor.name for t in SEARCH_TENSORS} | {t.name for t in SEARCH_OUTPUTS}
 IMG2IMG_INPUTS = {t.tensor.name for t in REQUEST_TENSORS if t.img2img_only}
 OPTIONAL_REQUEST_INPUTS = {t.tensor.name for t in REQUEST_TENSORS if t.optional}
 STATS = (
@@ -137,22 +153,34 @@ def serving_specs(export: dict) -> dict[str, ComponentSpec]:
     image = engines["vae_decoder"].outputs[0]
     pixels = TensorSpec(IMAGES, "uint8", (export["batch"], export["height"], export["width"], 3))
     request = tuple(t.tensor for t in REQUEST_TENSORS)
+    search = tuple(t.tensor for t in SEARCH_TENSORS)
     txt2img = tuple(t for t in request if t.name not in IMG2IMG_INPUTS)
     received, computed, key = scalar(RECEIVED_NS, "int64"), scalar(COMPUTED_NS, "int64"), scalar(RESPONSE_KEY, "int64")
     assert ids[0].name == INPUT_IDS and embeddings.name == TEXT_EMBEDDINGS and image.name == IMAGE
     return {
         **engines,
         TOKENIZER: ComponentSpec(TOKENIZER, txt2img, (*ids, received, key)),
-        # the denoiser decodes itself (BLS into vae_decoder), so a cached image skips the decode
-        DENOISER: ComponentSpec(DENOISER, (*request, embeddings, pooled, key), (image, *STATS, computed)),
+        # the denoiser decodes itself (BLS into vae_decoder), so a cached image skips the decode; it
+        # also answers cache_search's requests, as the one process that holds a milvus-lite cache
+        DENOISER: ComponentSpec(
+            DENOISER, (*request, embeddings, pooled, key, *search), (image, *STATS, computed, *SEARCH_OUTPUTS)
+        ),
         POSTPROCESS: ComponentSpec(POSTPROCESS, (image, *STATS, computed, received), (pixels, *STATS)),
         TXT2IMG: ComponentSpec(TXT2IMG, txt2img, (pixels, *STATS)),
         IMG2IMG: ComponentSpec(IMG2IMG, request, (pixels, *STATS)),
+        CACHE_SEARCH: ComponentSpec(CACHE_SEARCH, search, SEARCH_OUTPUTS),
     }
 
 
 # inputs a request may leave out, per model (the ensembles pass an absent one on as absent)
 OPTIONAL_INPUTS = {
-    DENOISER: IMG2IMG_INPUTS | OPTIONAL_REQUEST_INPUTS,
+    CACHE_SEARCH: {t.tensor.name for t in SEARCH_TENSORS if t.optional},
     **{name: OPTIONAL_REQUEST_INPUTS for name in (TOKENIZER, TXT2IMG, IMG2IMG)},
 }
+
+
+def optional_inputs(spec: ComponentSpec) -> set[str]:
+    """The inputs of a model a request may leave out. Every one of the denoiser's: a generation
+    carries none of the search tensors, a search none of the generation's, and the denoiser names
+    what is missing."""
+    return set(spec.input_names) if spec.name == DENOISER else OPTIONAL_INPUTS.get(spec.name, set())

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InvalidRequest, VoltacacheError
+from ..errors import CacheUnavailable, InvalidRequest, VoltacacheError
 from ..request import Request
-from ..specs import ComponentSpec
+from ..specs import TEXT_ENCODER, ComponentSpec
 from . import protocol as p
 
 
@@ -57,6 +57,7 @@ class PythonModel:
             output_tensors=[
                 pb_utils.Tensor(t.name, np.ascontiguousarray(tensors[t.name]).astype(t.dtype))
                 for t in self.spec.outputs
+                if t.name in tensors  # the denoiser answers a generation or a search: each its own outputs
             ]
         )
 
@@ -143,6 +144,21 @@ class ComponentModel(PythonModel):
         return self.runner.infer(self.feeds(request))
 
 
+def bls(model: str, feeds: dict, outputs: list[str]) -> dict:
+    """A BLS call into another model of the repository: the named outputs, or a VoltacacheError
+    carrying that model's error."""
+    pb_utils = pb()
+    request = pb_utils.InferenceRequest(
+        model_name=model,
+        requested_output_names=outputs,
+        inputs=[pb_utils.Tensor(n, np.ascontiguousarray(v)) for n, v in feeds.items()],
+    )
+    response = request.exec()
+    if response.has_error():
+        raise VoltacacheError(response.error().message())
+    return {n: pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in outputs}
+
+
 class BlsRunner:
     """The runner interface over a BLS call into another model of the repository."""
 
@@ -150,16 +166,10 @@ class BlsRunner:
         self.spec = spec
 
     def infer(self, feeds):
-        pb_utils = pb()
-        request = pb_utils.InferenceRequest(
-            model_name=self.spec.name,
-            requested_output_names=self.spec.output_names,
-            inputs=[pb_utils.Tensor(n, feeds[n]) for n in self.spec.input_names],
-        )
-        response = request.exec()
-        if response.has_error():
-            raise VoltacacheError(f"{self.spec.name}: {response.error().message()}")
-        return {n: pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in self.spec.output_names}
+        try:
+            return bls(self.spec.name, {n: feeds[n] for n in self.spec.input_names}, self.spec.output_names)
+        except VoltacacheError as e:
+            raise VoltacacheError(f"{self.spec.name}: {e}") from None
 
 
 class DenoiserModel(PythonModel):
@@ -187,6 +197,7 @@ class DenoiserModel(PythonModel):
         settings = CacheSettings.from_parameters(self.parameters)
         fingerprint, dim = self.export["fingerprint"], self.export["geometry"]["pooled_dim"]
         self.cache = open_cache(settings, fingerprint, dim, warn=pb().Logger.log_warn)
+        self.cache_index = settings.index
         self.metrics = Metrics(pb(), self.spec.name)
         self.batcher = None
         if self.parameters.get(p.STEP_BATCHING) == "on":
@@ -199,6 +210,9 @@ class DenoiserModel(PythonModel):
 
         for request in requests:
             sender = request.get_response_sender()
+            if self.is_search(request):  # answered here, between the batcher's ticks
+                self.send(sender, self.respond(self.search, request))
+                continue
             try:
                 inputs = self.inputs(request)
             except Exception as e:
@@ -234,7 +248,26 @@ class DenoiserModel(PythonModel):
         self.pipeline.check(request)
         return request, embeddings, pooled
 
+    def is_search(self, request) -> bool:
+        return pb().get_input_tensor_by_name(request, p.SEARCH) is not None
+
+    def search(self, request) -> dict:
+        """A cache_search request: this process holds the cache (a milvus-lite index opens in one)."""
+        from ..cache.search import SearchQuery, search, to_triton
+        from ..specs import POOLED_EMBEDDING
+
+        query = SearchQuery.from_triton(lambda name: self.input(request, name, required=False)).check()
+        if self.cache is None:
+            if self.cache_index is None:
+                raise InvalidRequest("this deployment keeps no cache to search; deploy with --cache")
+            raise CacheUnavailable(f"cache {self.cache_index} did not open when the server started; see its log")
+        pooled = self.input(request, POOLED_EMBEDDING, required=query.embeds and self.cache.embedder.name == "clip")
+        # the conditional row (Request.texts: the negatives come first), as a generation embeds it
+        return to_triton(search(self.cache, query, None if pooled is None else pooled[self.pipeline.batch]))
+
     def run(self, request):
+        if self.is_search(request):
+            return self.search(request)
         started = time.perf_counter()
         result = self.pipeline.generate_images(*self.inputs(request), cache=self.cache)
         result.seconds = time.perf_counter() - started
@@ -350,3 +383,37 @@ class PostprocessModel(PythonModel):
             )
             self.metrics.cache_request("exact")
         return {p.IMAGES: to_uint8(self.input(request, IMAGE)), **stats}
+
+
+class CacheSearchModel(PythonModel):
+    """The cache's search API (voltacache.cache.search): embeds the query text as a generation embeds
+    its prompt (tokenizer, then text_encoder), and asks the denoiser, which holds the cache."""
+
+    def setup(self):
+        from ..cache.layers import CacheSettings
+        from ..tokenizer import load_tokenizers
+
+        self.tokenizers = load_tokenizers(self.engines, self.export["geometry"]["text_encoders"])
+        self.batch = self.export["batch"]
+        specs = p.serving_specs(self.export)
+        self.text_encoder = BlsRunner(specs[TEXT_ENCODER])
+        # only the clip embedder reads the text encoder's pooled output; the sentence embedder, the text
+        self.pooled = CacheSettings.from_parameters(self.parameters).embedder == "clip"
+
+    def run(self, request):
+        from ..cache.search import SearchQuery
+        from ..specs import POOLED_EMBEDDING
+        from ..tokenizer import text_encoder_feeds
+
+        query = SearchQuery.from_triton(lambda name: self.input(request, name, required=False)).check()
+        feeds = query.to_triton()
+        if query.embeds and self.pooled:
+            texts = Request(query.text).texts(self.batch)
+            pooled = self.text_encoder.infer(text_encoder_feeds(self.tokenizers, texts))[POOLED_EMBEDDING]
+            feeds[POOLED_EMBEDDING] = pooled
+        # a fresh key: Triton's response cache on the denoiser never answers a search (entries change)
+        feeds[p.RESPONSE_KEY] = np.array([secrets.randbits(62) + 1], np.int64)
+        try:
+            return bls(p.DENOISER, feeds, [t.name for t in p.SEARCH_OUTPUTS])
+        except VoltacacheError as e:  # the denoiser's message already names the model
+            raise VoltacacheError(str(e).removeprefix(f"{p.DENOISER}: ")) from None

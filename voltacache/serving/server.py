@@ -96,20 +96,25 @@ def preflight(repo: Path, host: str, ports: dict[str, int]) -> None:
         if port in taken:
             raise UsageError(f"{option} {port} is also the {taken[port]}; pick another")
         taken[port] = option
+        check_port(option, host, port)
+
+
+def check_port(option: str, host: str, port: int) -> None:
+    """Refuse a port that is in use on `host`, or an address that cannot be bound, naming the option."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise UsageError(f"--host {host}: {e.strerror}") from None
+    with socket.socket(family, kind) as probe:
+        # As tritonserver binds: a port the last server left in TIME_WAIT is free. Without
+        # SO_REUSEPORT, which gRPC sets: a second server would share the port of a running one.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        except socket.gaierror as e:
-            raise UsageError(f"--host {host}: {e.strerror}") from None
-        with socket.socket(family, kind) as probe:
-            # As tritonserver binds: a port the last server left in TIME_WAIT is free. Without
-            # SO_REUSEPORT, which gRPC sets: a second server would share the port of a running one.
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(address)
-            except OSError as e:
-                if e.errno == errno.EADDRINUSE:
-                    raise UsageError(f"{option} {port} is in use on {host}; pick another") from None
-                raise UsageError(f"{option} {port} on --host {host}: cannot bind ({e.strerror})") from None
+            probe.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UsageError(f"{option} {port} is in use on {host}; pick another") from None
+            raise UsageError(f"{option} {port} on --host {host}: cannot bind ({e.strerror})") from None
 
 
 def _message(line: str) -> tuple[str, str]:

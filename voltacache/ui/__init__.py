@@ -1,0 +1,1 @@
+"""`voltacache ui`: a web page over a served deployment (the dream cacher's user side)."""
