@@ -71,9 +71,13 @@ def test_result_through_replica_a_is_a_hit_on_replica_b(engines_dir, milvus_serv
         off = Client(a.grpc_url).generate(
             "a lighthouse on a cliff", steps=6, seed=5, scheduler="ddim", cache_mode="off"
         )
+        # either replica answers a search of the shared cache, with what replica a stored
+        searched = [Client(r.grpc_url).search("a lighthouse on a cliff", top=1) for r in (a, b)]
     assert (first.cache, first.steps_computed) == ("miss", 6)
     assert (second.cache, second.steps_computed, second.unet_deep_calls) == ("semantic", 0, 0)
     assert second.similarity > 0.999 and second.seed == 5
     assert np.array_equal(first.images, second.images)
     assert (refreshed.cache, refreshed.steps_computed) == ("miss", 6)
     assert (off.cache, off.steps_computed) == ("off", 6)
+    for (found,) in searched:
+        assert found.prompt == "a lighthouse on a cliff" and np.array_equal(found.image, first.images[0])

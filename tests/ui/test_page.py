@@ -17,7 +17,8 @@ from voltacache.ui.app import make_app
 
 pytestmark = pytest.mark.browser
 
-WARM = ["a lighthouse on a rocky cliff at dusk", "a red tractor in a wheat field", "a bowl of ramen with an egg"]
+# prompts no other test stores: the session's cached_server holds those of other tests too
+WARM = ["a paper boat on a puddle", "a violin resting on a velvet chair", "a snail climbing a glass window"]
 STEPS = 4
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -105,21 +106,22 @@ def test_typing_recommends_the_gallery_fills_and_generate_reports_the_layer(page
     wait(browser, lambda d: set(WARM) <= {c.split("\n")[0] for c in texts(d, "#gallery figcaption")})
 
     prompt = browser.find_element(By.ID, "prompt")
-    prompt.send_keys("lighthouse on a cliff")
-    wait(browser, lambda d: any(t.startswith(WARM[0]) for t in texts(d, "#recommendations li")))
+    prompt.send_keys("violin on a chair")
+    wait(browser, lambda d: any(t.startswith(WARM[1]) for t in texts(d, "#recommendations li")))
+    assert not any(t.startswith(WARM[0]) for t in texts(browser, "#recommendations li"))  # unrelated: not offered
     wait(
         browser,
-        lambda d: texts(d, "#gallery figcaption")[:1] and texts(d, "#gallery figcaption")[0].startswith(WARM[0]),
+        lambda d: texts(d, "#gallery figcaption")[:1] and texts(d, "#gallery figcaption")[0].startswith(WARM[1]),
     )
     assert "nearest" in browser.find_element(By.ID, "gallery-title").text
 
     click(browser, "#recommendations li")  # fills the prompt
-    assert prompt.get_attribute("value") == WARM[0]
+    assert prompt.get_attribute("value") == WARM[1]
 
     # the stored image's own request (its seed, steps, scheduler, from a click on it): the cache answers
-    wait(browser, lambda d: texts(d, "#gallery figcaption")[0].startswith(WARM[0]))
+    wait(browser, lambda d: texts(d, "#gallery figcaption")[0].startswith(WARM[1]))
     click(browser, "#gallery figure")
-    assert browser.find_element(By.ID, "seed").get_attribute("value") == "300"
+    assert browser.find_element(By.ID, "seed").get_attribute("value") == "301"
     browser.find_element(By.ID, "generate").click()
     wait(browser, lambda d: texts(d, "#result-info .layer"))
     layer = browser.find_element(By.CSS_SELECTOR, "#result-info .layer")
@@ -170,7 +172,7 @@ def call(page, path, body=None):
 def test_the_api_refuses_malformed_input_with_a_message(page, path, body, words):
     status, answer = call(page, path, body)
     assert status == 400 and words in answer["error"] and "\n" not in answer["error"]
-    assert call(page, "/api/recommend?q=ramen")[0] == 200  # still serving
+    assert call(page, "/api/recommend?q=violin")[0] == 200  # still serving
 
 
 def test_the_page_needs_nothing_from_the_internet(page):

@@ -32,6 +32,9 @@ from ..schedulers import SCHEDULERS
 
 STATIC = Path(__file__).parent / "static"
 RECOMMENDATIONS = 5
+# below this a stored prompt is no suggestion (MiniLM: unrelated prompts score about 0.1, a shared
+# subject 0.5 and up); the API returns every score, the page shows only these
+RECOMMEND_FROM = 0.3
 THUMBNAIL = 256  # the gallery's images: the longest side, in pixels
 GENERATE_FIELDS = ("prompt", "steps", "seed", "guidance", "scheduler")
 
@@ -73,7 +76,8 @@ def make_app(client) -> Starlette:
             if not text.strip():
                 return {"prompts": []}
             found = client.search(SearchQuery("prompts", text, number(request.query_params, "top", RECOMMENDATIONS)))
-            return {"prompts": [{"prompt": f.prompt, "similarity": f.similarity} for f in found]}
+            near = [f for f in found if f.similarity >= RECOMMEND_FROM]
+            return {"prompts": [{"prompt": f.prompt, "similarity": f.similarity} for f in near]}
 
         return answer(work)
 
