@@ -30,7 +30,8 @@ def page(cached_server):
 
     client = Client(cached_server.grpc_url)
     for i, prompt in enumerate(WARM):
-        client.generate(prompt, steps=STEPS, seed=300 + i, scheduler="ddim", cache_mode="refresh")
+        # DeepCache N=2: part of an entry's scope, which a click on its image must carry to Generate
+        client.generate(prompt, steps=STEPS, seed=300 + i, scheduler="ddim", cache_interval=2, cache_mode="refresh")
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(make_app(client), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

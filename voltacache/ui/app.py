@@ -8,7 +8,8 @@ this needs: the server holds no state, and everything the page shows comes throu
 Endpoints (JSON; a bad request gets 400 and {"error": message}, an unreachable server 502):
   GET  /api/recommend?q=PARTIAL&top=N   the distinct stored prompts nearest a partial prompt
   GET  /api/gallery?q=PROMPT&top=N      the stored images nearest a prompt (newest without one)
-  POST /api/generate {prompt, steps, seed, guidance, scheduler}   through the served ensemble
+  POST /api/generate {prompt, steps, seed, guidance, scheduler, negative_prompt, cache_interval,
+                      cache_schedule}   through the served ensemble
   GET  /api/defaults                    the request's defaults and the schedulers, for the form
 """
 
@@ -36,7 +37,17 @@ RECOMMENDATIONS = 5
 # subject 0.5 and up); the API returns every score, the page shows only these
 RECOMMEND_FROM = 0.3
 THUMBNAIL = 256  # the gallery's images: the longest side, in pixels
-GENERATE_FIELDS = ("prompt", "steps", "seed", "guidance", "scheduler")
+# what the form sends; the last three come from a gallery image, so that its own request is repeated
+GENERATE_FIELDS = (
+    "prompt",
+    "steps",
+    "seed",
+    "guidance",
+    "scheduler",
+    "negative_prompt",
+    "cache_interval",
+    "cache_schedule",
+)
 
 
 def png(pixels) -> str:
@@ -112,7 +123,7 @@ def make_app(client) -> Starlette:
         if not isinstance(body.get("prompt"), str):
             raise InvalidRequest("prompt: say what the image should show (a string)")
         fields = {k: v for k, v in body.items() if v not in (None, "")}
-        for name in ("steps", "seed"):
+        for name in ("steps", "seed", "cache_interval"):
             if name in fields:
                 fields[name] = number(fields, name, 0)
         if "guidance" in fields:

@@ -6,6 +6,10 @@ const DEBOUNCE_MS = 250;
 const $ = (id) => document.getElementById(id);
 let timer = null;
 let asked = 0; // answers to an older keystroke are dropped
+// a gallery image's own request settings the form does not show, sent with Generate so that the
+// cache can answer it (they are part of an entry's scope); typing or a recommendation clears them
+let carried = {};
+const CARRIED = ["negative_prompt", "cache_interval", "cache_schedule"];
 
 async function getJson(url, options) {
   const response = await fetch(url, options);
@@ -18,9 +22,13 @@ function showError(message) { $("error").textContent = message || ""; }
 
 function fill(prompt, params) {
   $("prompt").value = prompt;
+  carried = {};
   if (params) {
     for (const name of ["steps", "guidance", "scheduler"]) {
       if (params[name] !== undefined) $(name).value = params[name];
+    }
+    for (const name of CARRIED) {
+      if (params[name] !== undefined) carried[name] = params[name];
     }
   }
   $("recommendations").replaceChildren();
@@ -94,6 +102,7 @@ async function generate() {
     seed: $("seed").value,
     guidance: $("guidance").value,
     scheduler: $("scheduler").value,
+    ...carried,
   };
   try {
     const result = await getJson("/api/generate", {
@@ -125,6 +134,7 @@ async function generate() {
 }
 
 $("prompt").addEventListener("input", () => {
+  carried = {};
   clearTimeout(timer);
   timer = setTimeout(refresh, DEBOUNCE_MS);
 });
