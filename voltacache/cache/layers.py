@@ -390,9 +390,9 @@ class RequestCache:
         self._soft("storing", lambda: self._remember(vector, scope, seed, steps, image, latents, about), None)
 
     def _remember(self, vector, scope: str, seed: int, steps: int, image: np.ndarray, latents: dict, about: dict):
-        params = {k: v for k, v in (about or {}).items() if k != "prompt"}
-        prompt = (about or {}).get("prompt", "")
-        entry = dict(vector=vector, scope=scope, model=self.fingerprint, prompt=prompt, params=params)
+        about = dict(about or {})
+        prompt = about.pop("prompt", "")
+        entry = dict(vector=vector, scope=scope, model=self.fingerprint, prompt=prompt, params=about)
         self.store.put_many(
             [dict(entry, kind=IMAGE, payload=to_bytes(image), seed=seed, step=steps, benefit=steps)]
             + [

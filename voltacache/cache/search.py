@@ -17,9 +17,10 @@ import numpy as np
 
 from ..errors import InvalidRequest
 from ..request import check_choice, check_int, check_text
+from .store import LISTING_ORDERS
 
-SEARCH_MODES = ("images", "prompts", "newest", "most-used")
 TEXT_MODES = ("images", "prompts")  # the modes that embed the query text
+SEARCH_MODES = TEXT_MODES + LISTING_ORDERS
 DEFAULT_TOP = 9  # the dream cacher's gallery: a 3 x 3 grid
 MAX_TOP = 100
 MAX_THUMBNAIL = 4096
@@ -166,26 +167,35 @@ def from_triton(results: np.ndarray, images: np.ndarray) -> list[Found]:
 
 
 class QueryEncoder:
-    """In process: the pooled CLIP embedding of a query text, made as a generation makes its prompt's
-    (the engines' tokenizer and text encoder; the conditional row)."""
+    """The pooled CLIP embedding of a query text, made as a generation makes its prompt's: the
+    engines' tokenizers, then a text-encoder runner (ONNX Runtime in process; a BLS call in the
+    cache_search model)."""
 
-    def __init__(self, engines):
+    def __init__(self, tokenizers, text_encoder, batch: int):
+        self.tokenizers, self.text_encoder, self.batch = tokenizers, text_encoder, batch
+
+    @classmethod
+    def from_engines(cls, engines) -> QueryEncoder:
         from ..build import load_engines, read_engine_manifest
         from ..specs import TEXT_ENCODER
         from ..tokenizer import load_tokenizers
 
         export = read_engine_manifest(engines)["export"]
-        self.batch = export["batch"]
-        self.tokenizers = load_tokenizers(engines, export["geometry"]["text_encoders"])
-        self.runner = load_engines(engines, components=[TEXT_ENCODER]).runners[TEXT_ENCODER]
+        tokenizers = load_tokenizers(engines, export["geometry"]["text_encoders"])
+        return cls(tokenizers, load_engines(engines, components=[TEXT_ENCODER]).runners[TEXT_ENCODER], export["batch"])
 
-    def __call__(self, text: str) -> np.ndarray:
+    def pooled(self, text: str) -> np.ndarray:
+        """The text encoder's pooled output for Request(text).texts: every row, the negatives first."""
         from ..request import Request
         from ..specs import POOLED_EMBEDDING
         from ..tokenizer import text_encoder_feeds
 
         feeds = text_encoder_feeds(self.tokenizers, Request(text).texts(self.batch))
-        return self.runner.infer(feeds)[POOLED_EMBEDDING][self.batch]
+        return self.text_encoder.infer(feeds)[POOLED_EMBEDDING]
+
+    def __call__(self, text: str) -> np.ndarray:
+        """The conditional row, which the clip embedder reads."""
+        return self.pooled(text)[self.batch]
 
 
 def search_index(query: SearchQuery, index: str, blob_store=None, engines=None, embedder=None) -> list[Found]:
@@ -206,5 +216,5 @@ def search_index(query: SearchQuery, index: str, blob_store=None, engines=None, 
         return []
     with store:
         name, dim = parse_collection(store.collection)
-        pooled = QueryEncoder(engines)(query.text) if query.embeds and name == "clip" else None
+        pooled = QueryEncoder.from_engines(engines)(query.text) if query.embeds and name == "clip" else None
         return search(RequestCache(store, make_embedder(name, dim), fingerprint), query, pooled)

@@ -391,26 +391,23 @@ class CacheSearchModel(PythonModel):
 
     def setup(self):
         from ..cache.layers import CacheSettings
+        from ..cache.search import QueryEncoder
         from ..tokenizer import load_tokenizers
 
-        self.tokenizers = load_tokenizers(self.engines, self.export["geometry"]["text_encoders"])
-        self.batch = self.export["batch"]
-        specs = p.serving_specs(self.export)
-        self.text_encoder = BlsRunner(specs[TEXT_ENCODER])
+        tokenizers = load_tokenizers(self.engines, self.export["geometry"]["text_encoders"])
+        text_encoder = BlsRunner(p.serving_specs(self.export)[TEXT_ENCODER])
+        self.encoder = QueryEncoder(tokenizers, text_encoder, self.export["batch"])
         # only the clip embedder reads the text encoder's pooled output; the sentence embedder, the text
         self.pooled = CacheSettings.from_parameters(self.parameters).embedder == "clip"
 
     def run(self, request):
         from ..cache.search import SearchQuery
         from ..specs import POOLED_EMBEDDING
-        from ..tokenizer import text_encoder_feeds
 
         query = SearchQuery.from_triton(lambda name: self.input(request, name, required=False)).check()
         feeds = query.to_triton()
-        if query.embeds and self.pooled:
-            texts = Request(query.text).texts(self.batch)
-            pooled = self.text_encoder.infer(text_encoder_feeds(self.tokenizers, texts))[POOLED_EMBEDDING]
-            feeds[POOLED_EMBEDDING] = pooled
+        if query.embeds and self.pooled:  # every row: the denoiser's input is the text encoder's output
+            feeds[POOLED_EMBEDDING] = self.encoder.pooled(query.text)
         # a fresh key: Triton's response cache on the denoiser never answers a search (entries change)
         feeds[p.RESPONSE_KEY] = np.array([secrets.randbits(62) + 1], np.int64)
         try:

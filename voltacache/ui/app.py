@@ -2,7 +2,7 @@
 
 Why not Gradio: the page must work offline, and Gradio fetches fonts from a CDN and reports
 analytics unless told otherwise, pulls in a large dependency tree, and owns the layout. A static
-page with 200 lines of JavaScript, and four JSON endpoints over voltacache's own Client, is all
+page with 150 lines of JavaScript, and four JSON endpoints over voltacache's own Client, is all
 this needs: the server holds no state, and everything the page shows comes through Triton.
 
 Endpoints (JSON; a bad request gets 400 and {"error": message}, an unreachable server 502):
