@@ -492,10 +492,16 @@ def generate(
     blob_store: str | None = typer.Option(None, help="In process: blob folder or s3://bucket/prefix."),
     cache_threshold: float = CACHE_THRESHOLD,
     cache_bands: str = CACHE_BANDS,
+    lora: list[str] = typer.Option(
+        [],
+        help="A LoRA, applied to the engines without rebuilding them: FILE[:SCALE] in process (.safetensors, "
+        "diffusers or kohya layout), NAME[:SCALE] of one the server registered (deploy --lora). Repeatable.",
+    ),
 ):
     """Generate images in process (--engines) or through Triton (--url): the same request, the same images."""
     from .generate import Batch, Prompt, generate_in_process, generate_served, read_prompts
     from .images import read_image
+    from .lora import lora_options
 
     if (engines is None) == (url is None):
         raise UsageError("give exactly one of --engines DIR (in process) or --url HOST:PORT (Triton)")
@@ -513,6 +519,7 @@ def generate(
     lines = read_prompts(prompts) if prompts else [Prompt(0, prompt)] if prompt else []
     if not lines:
         raise UsageError("give a prompt, or --prompts FILE with at least one line")
+    lora_files, loras = lora_options(lora, files=engines is not None)
     template = Request(
         prompt if prompts is None else "(each line's own prompt)",
         negative_prompt,
@@ -531,6 +538,7 @@ def generate(
         parse_pair(crop_top_left, "--crop-top-left"),
         parse_pair(target_size, "--target-size"),
         refresh_threshold,
+        loras,
     ).check()  # the options once (a file's lines each with its own request)
     if engines is not None:
         from .build import read_engine_manifest
@@ -540,7 +548,7 @@ def generate(
         settings = CacheSettings(
             cache_index, cache_embedder, blob_store, semantic_threshold=cache_threshold, bands=cache_bands
         )
-        records = generate_in_process(engines, batch, settings)
+        records = generate_in_process(engines, batch, settings, lora_files)
     else:
         from .serving.client import Client
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from .deepcache import CACHE_SCHEDULES, DEFAULT_REFRESH_THRESHOLD
 from .errors import InvalidRequest
+from .lora import check_loras
 from .schedulers import SCHEDULERS
 
 MAX_STEPS = 1000  # the trained schedule's length: every scheduler runs up to it
@@ -55,6 +56,7 @@ class Request:
     crop_top_left: tuple[int, int] | None = None
     target_size: tuple[int, int] | None = None
     refresh_threshold: float | None = None  # adaptive DeepCache: None is DEFAULT_REFRESH_THRESHOLD
+    loras: tuple[tuple[str, float], ...] = ()  # (registered name, scale), applied in this order
 
     @property
     def threshold(self) -> float:
@@ -76,6 +78,9 @@ class Request:
             from .images import read_image
 
             fields["init_image"] = read_image(fields["init_image"])
+        if isinstance(fields.get("loras"), (list, dict)):  # [(name, scale)] or {name: scale}
+            loras = fields["loras"].items() if isinstance(fields["loras"], dict) else fields["loras"]
+            fields["loras"] = tuple(tuple(pair) if isinstance(pair, list) else pair for pair in loras)
         return request.replace(**fields) if isinstance(request, Request) else cls(request, **fields)
 
     def description(self) -> dict:
@@ -89,6 +94,7 @@ class Request:
             cache_schedule=self.cache_schedule,
             cache_interval=self.cache_interval,
         )
+        about |= {"loras": [list(pair) for pair in self.loras]} if self.loras else {}
         return about | ({"img2img": True, "strength": self.strength} if self.img2img else {})
 
     def texts(self, batch: int) -> list[str]:
@@ -140,6 +146,7 @@ class Request:
                     f"strength {self.strength}: leaves no denoising step out of {self.steps}; raise it or the steps"
                 )
             check_image("init_image", self.init_image)
+        check_loras(self.loras)
         return self
 
     def to_triton(self) -> dict[str, np.ndarray]:
@@ -149,7 +156,7 @@ class Request:
         return {
             t.tensor.name: t.encode(getattr(self, t.field))
             for t in REQUEST_TENSORS
-            if (self.img2img or not t.img2img_only) and not (t.optional and getattr(self, t.field) is None)
+            if (self.img2img or not t.img2img_only) and not (t.optional and getattr(self, t.field) in (None, ()))
         }
 
     @classmethod
