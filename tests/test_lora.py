@@ -14,17 +14,6 @@ from voltacache.pipeline import StableDiffusion
 STEPS, SEED = 8, 3
 
 
-@pytest.fixture(scope="session")
-def lora_files(tiny_pipe, tmp_path_factory):
-    """Two LoRAs for the tiny model (U-Net and text encoder layers), the first also in kohya's layout."""
-    root = tmp_path_factory.mktemp("loras")
-    return {
-        "style": write_lora(tiny_pipe, root / "style.safetensors", seed=1),
-        "style_kohya": write_lora(tiny_pipe, root / "style_kohya.safetensors", seed=1, kohya=True),
-        "other": write_lora(tiny_pipe, root / "other.safetensors", seed=2, rank=2, alpha=2, text_encoder=False),
-    }
-
-
 @pytest.fixture(scope="module")
 def lora_sd(engines_dir, lora_files):
     files = {name: LoraFile.open(name, path) for name, path in lora_files.items()}

@@ -19,6 +19,7 @@ from .cache.store import LISTING_ORDERS
 from .deepcache import DEFAULT_REFRESH_THRESHOLD
 from .deepcache_calibration import DEFAULT_INTERVALS, DEFAULT_PROMPTS, DEFAULT_STEPS, SCHEDULES_FILE
 from .errors import UsageError, VoltacacheError
+from .lora import RESIDENT_VARIANTS
 from .outputs import check_target, json_marker, staged_output
 from .request import MAX_GUIDANCE, MAX_STEPS, Request
 from .schedulers import SCHEDULERS
@@ -382,9 +383,23 @@ def deploy(
     cache_max_bytes: int | None = typer.Option(None, help="Capacity in bytes."),
     cache_threshold: float = CACHE_THRESHOLD,
     cache_bands: str = CACHE_BANDS,
+    lora: list[str] = typer.Option(
+        [], help="NAME=FILE: register a LoRA (.safetensors) that requests may name, with a scale. Repeatable."
+    ),
+    lora_resident: int = typer.Option(RESIDENT_VARIANTS, help="LoRA variants each engine keeps loaded (1-16)."),
 ):
     """Write a Triton model repository with the txt2img / img2img ensembles."""
+    from .lora import LoraFile
     from .serving.deploy import deploy as write_repository
+
+    registered = {}
+    for option in lora:
+        name, sep, path = option.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--lora {option!r}: give NAME=FILE, e.g. --lora style=style.safetensors")
+        if name in registered:
+            raise UsageError(f"--lora {name}: registered twice; give each name once")
+        registered[name] = LoraFile.open(name, Path(path), f"--lora {option}:")
 
     settings = CacheSettings(
         None if cache == "off" else cache,
@@ -397,7 +412,11 @@ def deploy(
         cache_threshold,
         cache_bands,
     )
-    print(write_repository(engines, repo, component_backend, denoiser_instances, settings, step_batching))
+    print(
+        write_repository(
+            engines, repo, component_backend, denoiser_instances, settings, step_batching, registered, lora_resident
+        )
+    )
 
 
 @app.command()

@@ -31,6 +31,7 @@ LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_LORAS = 8  # per request
 MAX_LORA_SCALE = 10.0  # |scale|; useful values are 0-1.5
 RESIDENT_VARIANTS = 2  # LoRA variants a pipeline keeps loaded, besides the base engines
+REGISTRY = "loras.json"  # a deployment's registered LoRAs, in its `loras` folder
 
 
 def parse_lora(text: str) -> tuple[str, float]:
@@ -271,6 +272,8 @@ class Loras:
             if name not in self.files:
                 known = ", ".join(sorted(self.files)) or "none"
                 raise InvalidRequest(f"lora {name!r}: not registered here (registered: {known})")
+        if loras and self.export["precision"] == "int8":
+            raise InvalidRequest("lora: not on int8 engines (their weights are quantized); export fp16 or fp32")
         if loras and not all(self.targets.values()):
             raise InvalidRequest(
                 "lora: these engines come from an export that did not record its LoRA targets; "
@@ -331,6 +334,29 @@ class Loras:
             if len(self.changes) > 4 * MAX_LORAS:
                 self.changes.pop(next(iter(self.changes)))
         return self.changes[key]
+
+    @classmethod
+    def from_registry(cls, folder: Path, export: dict, resident: int = RESIDENT_VARIANTS) -> Loras:
+        """The LoRAs a deployment registered (voltacache deploy --lora): folder/REGISTRY and the files beside it."""
+        import json
+
+        folder = Path(folder)
+        entries = json.loads((folder / REGISTRY).read_text()) if (folder / REGISTRY).is_file() else {}
+        files = {name: LoraFile(name, folder / entry["file"], entry["sha256"]) for name, entry in entries.items()}
+        return cls(files, export, resident)
+
+    def write_registry(self, folder: Path) -> None:
+        """Copy every LoRA file into `folder` (the deployment's own copy: a file changed later changes
+        nothing served) and list them with what they change."""
+        import json
+        import shutil
+
+        folder.mkdir(parents=True, exist_ok=True)
+        entries = {}
+        for name, lora in self.files.items():
+            shutil.copyfile(lora.path, folder / f"{name}.safetensors")
+            entries[name] = {"file": f"{name}.safetensors", "sha256": lora.digest, "components": self.components(name)}
+        (folder / REGISTRY).write_text(json.dumps(entries, indent=2))
 
     def components(self, name: str) -> list[str]:
         """The components whose weights a registered LoRA changes; a LoRA that cannot apply to these

@@ -134,6 +134,11 @@ REQUEST_TENSORS = (
     RequestTensor("refresh_threshold", scalar(REFRESH_THRESHOLD, "float32"), optional=True),
     RequestTensor("loras", TensorSpec(LORAS, "object", (-1,)), optional=True),
 )
+LORA_TENSOR = REQUEST_TENSORS[-1]
+# in the repository, inside the denoiser's folder (Triton takes every folder at the root for a model, and
+# skips one inside a model that is not a version): the registered LoRA files and voltacache.lora.REGISTRY
+LORA_FOLDER = f"{DENOISER}/loras"
+LORA_RESIDENT = "lora_resident"  # component parameter: LoRA variants kept loaded
 SEARCH_TENSORS = (
     RequestTensor("mode", scalar(SEARCH, "object")),
     RequestTensor("text", scalar(QUERY, "object"), optional=True),
