@@ -94,6 +94,26 @@ def test_lora_for_another_architecture_is_refused(engines_dir, sd2_tiny, tmp_pat
     with pytest.raises(UsageError, match="a LoRA for another architecture"):
         sd(PROMPT, steps=2, loras=(("sd2", 1.0),))
     assert np.asarray(sd(PROMPT, steps=2, seed=1).images[0]).shape[-1] == 3  # the pipeline goes on
+    # a deployment refuses it when it is registered, not when a request names it
+    result = cli("deploy", "--engines", engines_dir, "--repo", tmp_path / "repo", "--lora", f"sd2={foreign}")
+    one_error_line(result, 2, "--lora sd2", "a LoRA for another architecture")
+    assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize("option", ["style", "=x.safetensors", "a b=x.safetensors"])
+def test_deploy_lora_option_refusals(engines_dir, tmp_path, option):
+    result = cli("deploy", "--engines", engines_dir, "--repo", tmp_path / "repo", "--lora", option)
+    one_error_line(result, 2, "--lora")
+    assert not (tmp_path / "repo").exists()
+
+
+def test_lora_with_deepcache(lora_sd, sd):
+    """DeepCache's shallow steps run on the variant too: N=2 with the LoRA is close to N=1 with it,
+    far from the base model at N=2."""
+    cached = ours(lora_sd, loras=(("style", 1.0),), cache_interval=2)
+    uncached = ours(lora_sd, loras=(("style", 1.0),))
+    base = ours(sd, cache_interval=2)
+    assert np.abs(cached.astype(int) - uncached).mean() < np.abs(cached.astype(int) - base).mean()
 
 
 @pytest.mark.parametrize(
