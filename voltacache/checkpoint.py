@@ -16,10 +16,12 @@ from .single_file import check_safetensors, checkpoint_family
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl"}
-# model_index.json's pipeline class -> the pipeline class we load it as (img2img folders hold the same models)
+# model_index.json's pipeline class -> the pipeline class we load it as (img2img and inpainting folders hold the
+# same models)
 SUPPORTED_PIPELINES = {
     "StableDiffusionPipeline": "StableDiffusionPipeline",
     "StableDiffusionImg2ImgPipeline": "StableDiffusionPipeline",
+    "StableDiffusionInpaintPipeline": "StableDiffusionPipeline",
     "StableDiffusionXLPipeline": "StableDiffusionXLPipeline",
     "StableDiffusionXLImg2ImgPipeline": "StableDiffusionXLPipeline",
 }

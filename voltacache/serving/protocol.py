@@ -1,4 +1,4 @@
-"""The request and response of the txt2img / img2img ensembles, and the models between them.
+"""The request and response of the txt2img / img2img / inpaint ensembles, and the models between them.
 
 Like voltacache.specs for the engines: the model repository writer, the Python models, the client
 and `voltacache.request.Request` read tensor names, dtypes and shapes from here.
@@ -32,6 +32,7 @@ REFRESH_THRESHOLD = "REFRESH_THRESHOLD"  # adaptive DeepCache; absent: the defau
 CACHE = "CACHE"  # on | off | refresh: the cross-request cache for this request
 INIT_IMAGE = "INIT_IMAGE"  # uint8 (height, width, 3), any size: resized to the engines' size
 STRENGTH = "STRENGTH"
+MASK_IMAGE = "MASK_IMAGE"  # inpainting: uint8 (height, width, 1 or 3), any size; white is repainted
 ORIGINAL_SIZE = "ORIGINAL_SIZE"  # SDXL's size conditioning, int32 (2,) each; absent: the engines' size, no crop
 CROP_TOP_LEFT = "CROP_TOP_LEFT"
 TARGET_SIZE = "TARGET_SIZE"
@@ -62,6 +63,7 @@ DENOISER = "denoiser"
 POSTPROCESS = "postprocess"
 TXT2IMG = "txt2img"
 IMG2IMG = "img2img"
+INPAINT = "inpaint"
 CACHE_SEARCH = "cache_search"
 
 RANDOM_SEED = -1
@@ -80,6 +82,7 @@ class RequestTensor:
     field: str
     tensor: TensorSpec
     img2img_only: bool = False
+    inpaint_only: bool = False
     optional: bool = False  # absent: the field's default (None)
 
     def encode(self, value) -> np.ndarray:
@@ -89,6 +92,8 @@ class RequestTensor:
             return np.array([value.encode("utf-8")], dtype=object)
         if self.tensor.shape == (1,):
             return np.array([value], dtype=self.tensor.dtype)
+        if self.field == "mask_image" and np.ndim(value) == 2:  # a grayscale mask travels as one plane
+            value = np.asarray(value)[..., None]
         return np.ascontiguousarray(value, dtype=self.tensor.dtype)
 
     def decode(self, array: np.ndarray):
@@ -119,6 +124,7 @@ REQUEST_TENSORS = (
     RequestTensor("cache_mode", scalar(CACHE, "object")),
     RequestTensor("init_image", TensorSpec(INIT_IMAGE, "uint8", (-1, -1, 3)), img2img_only=True),
     RequestTensor("strength", scalar(STRENGTH, "float32"), img2img_only=True),
+    RequestTensor("mask_image", TensorSpec(MASK_IMAGE, "uint8", (-1, -1, -1)), img2img_only=True, inpaint_only=True),
     RequestTensor("original_size", TensorSpec(ORIGINAL_SIZE, "int32", (2,)), optional=True),
     RequestTensor("crop_top_left", TensorSpec(CROP_TOP_LEFT, "int32", (2,)), optional=True),
     RequestTensor("target_size", TensorSpec(TARGET_SIZE, "int32", (2,)), optional=True),
@@ -133,6 +139,7 @@ SEARCH_TENSORS = (
 SEARCH_OUTPUTS = (TensorSpec(RESULTS, "object", (-1,)), TensorSpec(RESULT_IMAGES, "uint8", (-1, -1, -1, 3)))
 SEARCH_NAMES = {t.tensor.name for t in SEARCH_TENSORS} | {t.name for t in SEARCH_OUTPUTS}
 IMG2IMG_INPUTS = {t.tensor.name for t in REQUEST_TENSORS if t.img2img_only}
+INPAINT_INPUTS = {t.tensor.name for t in REQUEST_TENSORS if t.inpaint_only}
 OPTIONAL_REQUEST_INPUTS = {t.tensor.name for t in REQUEST_TENSORS if t.optional}
 STATS = (
     scalar(SEED_USED, "int64"),
@@ -167,7 +174,8 @@ def serving_specs(export: dict) -> dict[str, ComponentSpec]:
         ),
         POSTPROCESS: ComponentSpec(POSTPROCESS, (image, *STATS, computed, received), (pixels, *STATS)),
         TXT2IMG: ComponentSpec(TXT2IMG, txt2img, (pixels, *STATS)),
-        IMG2IMG: ComponentSpec(IMG2IMG, request, (pixels, *STATS)),
+        IMG2IMG: ComponentSpec(IMG2IMG, tuple(t for t in request if t.name not in INPAINT_INPUTS), (pixels, *STATS)),
+        INPAINT: ComponentSpec(INPAINT, request, (pixels, *STATS)),
         CACHE_SEARCH: ComponentSpec(CACHE_SEARCH, search, SEARCH_OUTPUTS),
     }
 
@@ -175,7 +183,7 @@ def serving_specs(export: dict) -> dict[str, ComponentSpec]:
 # inputs a request may leave out, per model (the ensembles pass an absent one on as absent)
 OPTIONAL_INPUTS = {
     CACHE_SEARCH: {t.tensor.name for t in SEARCH_TENSORS if t.optional},
-    **{name: OPTIONAL_REQUEST_INPUTS for name in (TOKENIZER, TXT2IMG, IMG2IMG)},
+    **{name: OPTIONAL_REQUEST_INPUTS for name in (TOKENIZER, TXT2IMG, IMG2IMG, INPAINT)},
 }
 
 
