@@ -179,3 +179,17 @@ def test_cli_inpaints_and_refuses_a_mask_without_image(engines_dir, tmp_path):
         *common, "--init-image", tmp_path / "init.png", "--mask-image", tmp_path / "bad.png", "-o", tmp_path / "c.png"
     )
     one_error_line(bad, 2, "--mask-image", "not a readable image")
+
+
+def test_inpainting_single_file_loads_with_its_nine_channels(tiny_dir, tmp_path):
+    """A single file's U-Net reads what its header says, whatever the config folder it is read against says."""
+    from voltacache.checkpoint import load_pipeline
+    from voltacache.presets import random_pipeline
+    from voltacache.single_file import save_single_file
+
+    pipe = random_pipeline("inpaint-tiny", seed=0)
+    save_single_file(pipe, tmp_path / "inpaint.safetensors")
+    loaded = load_pipeline(tmp_path / "inpaint.safetensors", config=tiny_dir)  # tiny's: a 4-channel U-Net
+    assert loaded.unet.config.in_channels == 9
+    assert torch.equal(loaded.unet.conv_in.weight, pipe.unet.conv_in.weight)
+    assert load_pipeline(tiny_dir).unet.config.in_channels == 4  # the config folder itself is untouched
