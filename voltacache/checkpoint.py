@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import CheckpointError
-from .single_file import check_safetensors, checkpoint_family
+from .single_file import check_safetensors, checkpoint_family, unet_in_channels
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 PICKLE_SUFFIXES = {".ckpt", ".bin", ".pt", ".pth", ".pkl"}
-# model_index.json's pipeline class -> the pipeline class we load it as (img2img folders hold the same models)
+# model_index.json's pipeline class -> the pipeline class we load it as (img2img and inpainting folders hold the
+# same models)
 SUPPORTED_PIPELINES = {
     "StableDiffusionPipeline": "StableDiffusionPipeline",
     "StableDiffusionImg2ImgPipeline": "StableDiffusionPipeline",
+    "StableDiffusionInpaintPipeline": "StableDiffusionPipeline",
     "StableDiffusionXLPipeline": "StableDiffusionXLPipeline",
     "StableDiffusionXLImg2ImgPipeline": "StableDiffusionXLPipeline",
 }
@@ -52,15 +57,15 @@ def load_pipeline(path: str | Path, allow_pickle: bool = False, config: str | Pa
     if suffix != ".safetensors":
         raise CheckpointError(f"{path}: not a checkpoint (expected a diffusers folder or a .safetensors file)")
     try:
-        keys = check_safetensors(path).keys()
+        header = check_safetensors(path)
     except (ValueError, OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e}); download or write it again") from e
-    family = checkpoint_family(keys)
+    family = checkpoint_family(header.keys())
     if family is None:
         raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint (no U-Net, VAE and CLIP weights found)")
     if family not in SINGLE_FILE_FAMILIES:
         raise CheckpointError(f"{path}: a {family} checkpoint; voltacache loads SD 1.x, SD 2.x and SDXL")
-    return _load_single_file(path, family, config)
+    return _load_single_file(path, family, config, unet_in_channels(header))
 
 
 def _load_folder(path: Path, allow_pickle: bool):
@@ -122,7 +127,7 @@ def _load_folder(path: Path, allow_pickle: bool):
         raise CheckpointError(f"{path}: cannot be loaded ({e})") from e
 
 
-def _load_single_file(path: Path, family: str, config: str | Path | None):
+def _load_single_file(path: Path, family: str, config: str | Path | None, in_channels: int | None = None):
     import diffusers
 
     from .presets import CONFIGS, family_tokenizers, pipeline_options
@@ -131,12 +136,27 @@ def _load_single_file(path: Path, family: str, config: str | Path | None):
     config_dir = Path(config) if config else CONFIGS / ours
     pipeline_class = getattr(diffusers, json.loads((CONFIGS / ours / "model_index.json").read_text())["_class_name"])
     try:
-        return pipeline_class.from_single_file(
-            str(path),
-            config=str(config_dir),
-            local_files_only=True,
-            **family_tokenizers(ours),
-            **pipeline_options(pipeline_class),
-        )
+        with unet_reading(config_dir, in_channels) as configs:
+            return pipeline_class.from_single_file(
+                str(path),
+                config=str(configs),
+                local_files_only=True,
+                **family_tokenizers(ours),
+                **pipeline_options(pipeline_class),
+            )
     except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: could not be loaded against the configs in {config_dir} ({e})") from e
+
+
+@contextmanager
+def unet_reading(config_dir: Path, in_channels: int | None):
+    """The config folder, or a copy of it whose U-Net reads `in_channels` where the file's does (an
+    inpainting checkpoint's 9: latents, mask and masked image) and the config's does not."""
+    unet = json.loads((config_dir / "unet" / "config.json").read_text())
+    if in_channels is None or unet.get("in_channels") == in_channels:
+        yield config_dir
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(shutil.copytree(config_dir, Path(tmp) / config_dir.name))
+        (copy / "unet" / "config.json").write_text(json.dumps(unet | {"in_channels": in_channels}, indent=2))
+        yield copy

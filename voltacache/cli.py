@@ -100,7 +100,8 @@ def init_tiny(
         "tiny",
         help="tiny (SD 1.5's topology, random weights, seconds per image on a CPU), shapes (tiny, trained on "
         "captioned shapes: images that follow the prompt), sd2-tiny (SD 2.x: v-prediction, OpenCLIP-style "
-        "encoder), sdxl-tiny (SDXL: two text encoders, size conditioning), or the full architectures with random "
+        "encoder), sdxl-tiny (SDXL: two text encoders, size conditioning), inpaint-tiny (SD 1.5 inpainting's "
+        "9-channel U-Net), or the full architectures with random "
         "weights: sd15 (~4 GB), sd2 (~5 GB), sdxl (~14 GB).",
     ),
     single_file: Path | None = typer.Option(
@@ -495,7 +496,14 @@ def generate(
     height: int | None = typer.Option(None, help="Must equal the engines' static height."),
     width: int | None = typer.Option(None, help="Must equal the engines' static width."),
     init_image: Path | None = typer.Option(None, help="img2img: start from this image (resized to the engines' size)."),
-    strength: float = typer.Option(Request.strength, help="img2img: how much of the schedule to run (0-1]."),
+    strength: float = typer.Option(
+        Request.strength, help="img2img and inpainting: how much of the schedule to run (0-1]; 1 starts from noise."
+    ),
+    mask_image: Path | None = typer.Option(
+        None,
+        help="Inpainting (with --init-image): repaint where this mask is white (grayscale, binarized at 0.5, "
+        "resized to the engines' size); an inpainting model (--preset inpaint-tiny) reads it in its U-Net.",
+    ),
     original_size: str | None = typer.Option(
         None, help="SDXL size conditioning: HEIGHT,WIDTH (default: the engines')."
     ),
@@ -519,7 +527,7 @@ def generate(
 ):
     """Generate images in process (--engines) or through Triton (--url): the same request, the same images."""
     from .generate import Batch, Prompt, generate_in_process, generate_served, read_prompts
-    from .images import read_image
+    from .images import read_image, read_mask
     from .lora import lora_options
 
     if (engines is None) == (url is None):
@@ -535,6 +543,8 @@ def generate(
         raise UsageError("--concurrency: in process requests run one at a time; serve them (--url) to run several")
     if concurrency < 1:
         raise UsageError(f"--concurrency {concurrency}: at least 1")
+    if mask_image is not None and init_image is None:
+        raise UsageError("--mask-image: inpainting repaints part of an image; give it with --init-image")
     lines = read_prompts(prompts) if prompts else [Prompt(0, prompt)] if prompt else []
     if not lines:
         raise UsageError("give a prompt, or --prompts FILE with at least one line")
@@ -558,6 +568,7 @@ def generate(
         parse_pair(target_size, "--target-size"),
         refresh_threshold,
         loras,
+        mask_image=read_mask(mask_image, "--mask-image") if mask_image else None,
     ).check()  # the options once (a file's lines each with its own request)
     if engines is not None:
         from .build import read_engine_manifest

@@ -395,6 +395,15 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
     geometry = Geometry.from_pipeline(pipe, shallow)
     if options.precision == "int8" and geometry.time_ids:
         raise ExportError("--precision int8: calibrated for SD 1.x/2.x U-Nets only so far; export SDXL in fp16 or fp32")
+    if geometry.unet_channels not in (geometry.latent_channels, 2 * geometry.latent_channels + 1):
+        raise ExportError(
+            f"{model_path}: a U-Net with {geometry.unet_channels} input channels over {geometry.latent_channels} "
+            "latent channels; voltacache serves ordinary U-Nets and inpainting ones (latents, mask, masked image)"
+        )
+    if options.precision == "int8" and geometry.inpainting:
+        raise ExportError(
+            "--precision int8: calibrated on text-to-image runs; export an inpainting model in fp16 or fp32"
+        )
     native = pipe.unet.config.sample_size * geometry.vae_scale
     height, width = options.height or native, options.width or native
     try:

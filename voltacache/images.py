@@ -26,6 +26,36 @@ def read_image(source, name: str = "init_image") -> np.ndarray:
         raise InvalidRequest(f"{name} {source}: not a readable image ({e})") from None
 
 
+def read_mask(source, name: str = "mask_image") -> np.ndarray:
+    """A mask file, PIL image or array as uint8 pixels: (height, width) from a grayscale file, RGB otherwise
+    (converted to gray after resizing, by `fit_mask`, as diffusers' mask processor does)."""
+    from PIL import Image
+
+    if isinstance(source, np.ndarray):
+        return source
+    try:
+        image = source if isinstance(source, Image.Image) else Image.open(Path(source))
+        return np.asarray(image.convert("L") if image.mode in ("1", "L") else image.convert("RGB"))
+    except FileNotFoundError:
+        raise InvalidRequest(f"{name} {source}: no such file") from None
+    except IsADirectoryError:
+        raise InvalidRequest(f"{name} {source}: is a folder, not an image file") from None
+    except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise InvalidRequest(f"{name} {source}: not a readable image ({e})") from None
+
+
+def fit_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
+    """An inpainting mask as diffusers' mask processor makes it: resized to the engines' size (Lanczos),
+    grayscale, binarized at 0.5 (1: repaint, 0: keep); float32 (1, 1, height, width)."""
+    from PIL import Image
+
+    image = Image.fromarray(mask[..., 0] if mask.ndim == 3 and mask.shape[2] == 1 else mask)
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=Image.LANCZOS)
+    gray = np.asarray(image.convert("L")).astype(np.float32) / 255.0
+    return (gray >= 0.5).astype(np.float32)[None, None]
+
+
 def fit_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
     """An init image at the engines' size: resized with Lanczos where it differs (in process and served alike)."""
     from PIL import Image

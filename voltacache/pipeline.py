@@ -19,7 +19,7 @@ from PIL import Image
 from .deepcache import AdaptiveSchedule, FixedSchedule, full_steps
 from .deepcache_calibration import NoScheduleCalibration, load_calibration
 from .errors import InvalidRequest
-from .images import fit_image, to_uint8, to_unit_range
+from .images import fit_image, fit_mask, to_uint8, to_unit_range
 from .lora import RESIDENT_VARIANTS, Loras
 from .request import SIZE_CONDITIONING, Images, Request, denoising_steps
 from .schedulers import make_scheduler
@@ -41,6 +41,7 @@ from .specs import (
     UNET_SHALLOW,
     VAE_DECODER,
     VAE_ENCODER,
+    Geometry,
 )
 from .tokenizer import load_tokenizers, text_encoder_feeds
 
@@ -89,6 +90,37 @@ class Generation:
 
 
 @dataclass
+class Inpainting:
+    """What inpainting adds to one request's steps, as diffusers' StableDiffusionInpaintPipeline computes it.
+
+    `mask`: the binarized mask at latent size (1: repaint), one row per image. A 9-channel U-Net reads
+    `masked_image_latents` (the init image's kept part, encoded) and the mask beside the latents; for a
+    4-channel one, every step puts the init image's latents, noised to the next timestep, back where the
+    mask keeps the image (`image_latents` and `noise`)."""
+
+    mask: torch.Tensor
+    masked_image_latents: torch.Tensor | None = None  # 9-channel U-Nets
+    image_latents: torch.Tensor | None = None  # 4-channel U-Nets: latent blending
+    noise: torch.Tensor | None = None
+
+    def unet_sample(self, sample: torch.Tensor) -> torch.Tensor:
+        """The U-Net's sample for the guidance pair's rows: the scaled latents, then the mask and the masked image."""
+        if self.masked_image_latents is None:
+            return sample
+        return torch.cat([sample, torch.cat([self.mask] * 2), torch.cat([self.masked_image_latents] * 2)], dim=1)
+
+    def blend(self, latents: torch.Tensor, scheduler, next_t) -> torch.Tensor:
+        """After a step (4-channel U-Nets): the image's latents where the mask keeps it, noised to `next_t`
+        (None after the last step: not noised)."""
+        if self.image_latents is None:
+            return latents
+        kept = self.image_latents
+        if next_t is not None:
+            kept = scheduler.add_noise(kept, self.noise, torch.tensor([next_t]))
+        return (1 - self.mask) * kept + self.mask * latents
+
+
+@dataclass
 class Work:
     """One request's denoising in flight: its scheduler, latents, DeepCache feature and step index,
     and what its cache entry needs. `StableDiffusion.step` advances many works together; nothing in
@@ -106,6 +138,7 @@ class Work:
     capture: set
     conditions: dict = field(default_factory=dict)  # the U-Net's other inputs, the same every step (SDXL's)
     runners: dict = field(default_factory=dict)  # the engines it steps on: the base ones, or its LoRAs' variant
+    inpainting: Inpainting | None = None
     captured: dict = field(default_factory=dict)
     deep: np.ndarray | None = None
     index: int = 0
@@ -134,7 +167,10 @@ class Work:
     def feeds(self) -> dict[str, np.ndarray]:
         """This step's U-Net rows: the guidance pair (unconditional, then conditional), a timestep per row."""
         t = self.timesteps[self.index]
-        sample = self.scheduler.scale_model_input(torch.cat([self.latents] * 2), t).numpy().astype(np.float32)
+        sample = self.scheduler.scale_model_input(torch.cat([self.latents] * 2), t)
+        if self.inpainting is not None:
+            sample = self.inpainting.unet_sample(sample)
+        sample = sample.numpy().astype(np.float32)
         timestep = np.full(len(sample), float(t), np.float32)
         feeds = {SAMPLE: sample, TIMESTEP: timestep, CONTEXT: self.embeddings, **self.conditions}
         return feeds if self.full else {**feeds, DEEP_FEATURE: self.deep}
@@ -149,6 +185,11 @@ class Work:
         noise = guided(noise_pred, self.request.guidance)
         t = self.timesteps[self.index]
         self.latents = self.scheduler.step(torch.from_numpy(noise), t, self.latents, **self.extra, return_dict=False)[0]
+        if self.inpainting is not None:
+            later = self.index + 1 < len(self.timesteps)
+            self.latents = self.inpainting.blend(
+                self.latents, self.scheduler, self.timesteps[self.index + 1] if later else None
+            )
         self.index += 1
         if self.index in self.capture:
             self.captured[self.index] = self.latents.numpy().copy()
@@ -164,6 +205,7 @@ class StableDiffusion:
         self.family = export["family"]
         self.vae_scale = export["geometry"]["vae_scale"]
         self.latent_channels = export["geometry"]["latent_channels"]
+        self.inpainting_unet = Geometry(**export["geometry"]).inpainting  # SD 1.5 inpainting's 9-channel U-Net
         self.size_conditioned = export["geometry"]["time_ids"] > 0  # SDXL's time ids
         self.zero_empty_negative = export["zero_empty_negative"]
         self.scaling_factor = export["scaling_factor"]
@@ -217,6 +259,10 @@ class StableDiffusion:
         given = [name for name in SIZE_CONDITIONING if getattr(request, name) is not None]
         if given and not self.size_conditioned:
             raise InvalidRequest(f"{given[0]}: size conditioning is SDXL's; this is an {self.family} model")
+        if self.inpainting_unet and not request.inpaint:
+            raise InvalidRequest(
+                "mask_image: this is an inpainting model (its U-Net reads a mask); give init_image and mask_image"
+            )
         if request.cache_schedule == "calibrated":
             self.calibration.check(request.steps, request.cache_interval)
         self.loras.check(request.loras)
@@ -282,6 +328,7 @@ class StableDiffusion:
                 **({"init": fingerprint(image), "strength": float(request.strength)} if request.img2img else {}),
                 # a LoRA's image is never another's, nor the base model's: each file's content and scale
                 **({"loras": [list(key) for key in self.loras.key(request.loras)]} if request.loras else {}),
+                **({"mask": fingerprint(self.mask(request))} if request.inpaint else {}),
             )
             decision = cache.lookup(vector, scope, run_steps, request.seed) if request.cache_mode == "on" else None
             if decision is not None and decision.layer == "semantic":
@@ -317,18 +364,22 @@ class StableDiffusion:
         timesteps = self.prepare_timesteps(sched, request.steps, strength, skipped)
 
         # 4. Prepare latents: from the seed, from the encoded init image noised to the first timestep,
-        # or from a cached latent K steps in
+        # or from a cached latent K steps in; inpainting also prepares its mask and masked image
+        inpainting = None
+        if request.inpaint:
+            latents, inpainting = self.prepare_inpainting(
+                sched, generator, timesteps, image, self.mask(request), request.strength == 1.0, stats
+            )
+        elif start is None:
+            latents = self.prepare_latents(sched, generator, timesteps, image, stats)
         if start is not None:
             latents = torch.from_numpy(np.asarray(start[0], dtype=np.float32))
-        else:
-            latents = self.prepare_latents(sched, generator, timesteps, image, stats)
 
         # DeepCache: the full U-Net on its refresh steps, the shallow one on the cached feature in between
         schedule = self.deepcache_schedule(request, timesteps)
         stats.steps += denoising_steps(request.steps, strength) - skipped
         conditions = self.unet_conditions(request, pooled)
-        runners = self.runners_for(request)
-        return Work(
+        work = Work(
             request,
             embeddings,
             sched,
@@ -340,8 +391,10 @@ class StableDiffusion:
             stats,
             set(capture),
             conditions,
-            runners,
+            self.runners_for(request),
         )
+        work.inpainting = inpainting
+        return work
 
     def deepcache_schedule(self, request: Request, timesteps) -> FixedSchedule | AdaptiveSchedule:
         """Which of the run's steps refresh the deep feature (voltacache.deepcache)."""
@@ -472,12 +525,42 @@ class StableDiffusion:
         shape = (self.batch, self.latent_channels, self.height // self.vae_scale, self.width // self.vae_scale)
         if image is None:
             return torch.randn(shape, generator=generator, dtype=torch.float32) * scheduler.init_noise_sigma
-        out = stats.timed(VAE_ENCODER, self.runners[VAE_ENCODER], {IMAGE: np.repeat(image, self.batch, axis=0)})
-        mean, std = torch.from_numpy(out[LATENT_MEAN]), torch.from_numpy(out[LATENT_STD])
         # the latent distribution's sample, then the noise, in diffusers' order of generator draws
-        latents = (mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)) * self.scaling_factor
+        latents = self.encode_image(np.repeat(image, self.batch, axis=0), generator, stats)
         noise = torch.randn(shape, generator=generator, dtype=torch.float32)
         return scheduler.add_noise(latents, noise, timesteps[:1].repeat(self.batch))
+
+    def mask(self, request: Request) -> np.ndarray:
+        """The request's inpainting mask at the engines' size, binarized (1: repaint): (1, 1, height, width)."""
+        return fit_mask(request.mask_image, self.width, self.height)
+
+    def prepare_inpainting(self, scheduler, generator, timesteps, image, mask, from_noise: bool, stats: Stats):
+        """(first latents, Inpainting) as diffusers' StableDiffusionInpaintPipeline prepares them, generator
+        draws in its order: the init image's latents (unless a 9-channel U-Net starts from pure noise at
+        strength 1, `from_noise`), the noise, then the masked image's latents."""
+        shape = (self.batch, self.latent_channels, self.height // self.vae_scale, self.width // self.vae_scale)
+        image_latents = None
+        if not self.inpainting_unet or not from_noise:
+            image_latents = self.encode_image(image, generator, stats).repeat(self.batch, 1, 1, 1)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        if from_noise:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(self.batch))
+        masked_image = (image * (mask < 0.5)).astype(np.float32)
+        masked_image_latents = self.encode_image(masked_image, generator, stats).repeat(self.batch, 1, 1, 1)
+        latent_mask = torch.nn.functional.interpolate(torch.from_numpy(mask), size=shape[2:]).repeat(
+            self.batch, 1, 1, 1
+        )
+        if self.inpainting_unet:
+            return latents, Inpainting(latent_mask, masked_image_latents=masked_image_latents)
+        return latents, Inpainting(latent_mask, image_latents=image_latents, noise=noise)
+
+    def encode_image(self, image: np.ndarray, generator, stats: Stats) -> torch.Tensor:
+        """[-1, 1] NCHW pixels -> scaled latents: a sample of the VAE's latent distribution, drawn from `generator`."""
+        out = stats.timed(VAE_ENCODER, self.runners[VAE_ENCODER], {IMAGE: image})
+        mean, std = torch.from_numpy(out[LATENT_MEAN]), torch.from_numpy(out[LATENT_STD])
+        return (mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)) * self.scaling_factor
 
     def decode_latents(self, latents: torch.Tensor, stats: Stats) -> np.ndarray:
         """Latents -> float image in [-1, 1], NCHW."""

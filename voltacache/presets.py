@@ -6,8 +6,9 @@ voltacache/configs: SD 1.5, SD 2.1 768-v with v-prediction and an OpenCLIP-style
 SDXL base with its two text encoders); `tiny`, `sd2-tiny` and `sdxl-tiny` keep each family's block
 types, cross-attention, text encoders and conditioning at small widths (and, for SDXL, 2 transformer
 layers where the real model has 10), so the whole pipeline makes a 64x64 image in seconds on a CPU
-(docs/platform.md); `shapes` is `tiny` trained on captioned shapes (scripts/train_shapes.py): images
-that show what the prompt asks, so quality under caching can be measured.
+(docs/platform.md); `inpaint-tiny` is `tiny` with SD 1.5 inpainting's 9-channel U-Net; `shapes` is
+`tiny` trained on captioned shapes (scripts/train_shapes.py): images that show what the prompt asks,
+so quality under caching can be measured.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ SHAPES = TINY | {
     "unet": TINY["unet"] | {"in_channels": LATENT_CHANNELS, "out_channels": LATENT_CHANNELS},
     "vae": TINY["vae"] | {"latent_channels": LATENT_CHANNELS},
 }
+# SD 1.5 inpainting's topology at tiny widths: the U-Net reads latents, the mask and the masked image's latents
+INPAINT_TINY = TINY | {"unet": TINY["unet"] | {"in_channels": 9}}
 SD2_TINY = {
     "unet": TINY["unet"] | {"attention_head_dim": [2, 4, 4, 4]},  # per-block heads, as SD 2's config lists them
     "vae": TINY["vae"],
@@ -88,6 +91,7 @@ PRESETS = {
     "tiny": ("sd15", TINY),
     "sd15": ("sd15", {}),
     "shapes": ("sd15", SHAPES),
+    "inpaint-tiny": ("sd15", INPAINT_TINY),
     "sd2-tiny": ("sd2", SD2_TINY),
     "sd2": ("sd2", {}),
     "sdxl-tiny": ("sdxl", SDXL_TINY),
@@ -156,6 +160,8 @@ def assemble(family: str, **models):
     root = CONFIGS / family
     index = json.loads((root / "model_index.json").read_text())
     pipeline_class = getattr(diffusers, index["_class_name"])
+    if models["unet"].config.in_channels != models["unet"].config.out_channels:  # written as SD 1.5 inpainting's
+        pipeline_class = diffusers.StableDiffusionInpaintPipeline
     scheduler = getattr(diffusers, index["scheduler"][1]).from_pretrained(root, subfolder="scheduler")
     return pipeline_class(
         **models, **family_tokenizers(family), scheduler=scheduler, **pipeline_options(pipeline_class)

@@ -36,7 +36,9 @@ MAX_REFRESH_THRESHOLD = 100.0  # the summed relative change of the output; 0 ref
 class Request:
     """What one generation asks for. `seed` None: drawn (and reported); `height`/`width` None: the
     engines' static size (anything else is refused); `init_image`: uint8 (height, width, 3) of any
-    size, resized to the engines' size, for img2img; `original_size`, `crop_top_left`, `target_size`:
+    size, resized to the engines' size, for img2img; `mask_image` with it: inpainting, uint8 (height, width),
+    (height, width, 1) or RGB (height, width, 3) of any size, white where the image is repainted (resized,
+    grayscale, binarized at 0.5, as diffusers' mask processor does); `original_size`, `crop_top_left`, `target_size`:
     SDXL's size conditioning (diffusers' arguments of the same names)."""
 
     prompt: str
@@ -57,6 +59,7 @@ class Request:
     target_size: tuple[int, int] | None = None
     refresh_threshold: float | None = None  # adaptive DeepCache: None is DEFAULT_REFRESH_THRESHOLD
     loras: tuple[tuple[str, float], ...] = ()  # (registered name, scale), applied in this order
+    mask_image: np.ndarray | None = field(default=None, compare=False, repr=False)  # inpainting
 
     @property
     def threshold(self) -> float:
@@ -67,13 +70,17 @@ class Request:
     def img2img(self) -> bool:
         return self.init_image is not None
 
+    @property
+    def inpaint(self) -> bool:
+        return self.mask_image is not None
+
     def replace(self, **changes) -> Request:
         return dataclasses.replace(self, **changes)
 
     @classmethod
     def of(cls, request: Request | str, **fields) -> Request:
         """`Request.of("a cat", steps=20)` or `Request.of(request, seed=3)`, as the pipeline and the client
-        take it; `init_image` may be a path, a PIL image or uint8 pixels."""
+        take it; `init_image` and `mask_image` may be a path, a PIL image or uint8 pixels."""
         if fields.get("init_image") is not None:
             from .images import read_image
 
@@ -81,6 +88,10 @@ class Request:
         if isinstance(fields.get("loras"), (list, dict)):  # [(name, scale)] or {name: scale}
             loras = fields["loras"].items() if isinstance(fields["loras"], dict) else fields["loras"]
             fields["loras"] = tuple(tuple(pair) if isinstance(pair, list) else pair for pair in loras)
+        if fields.get("mask_image") is not None:
+            from .images import read_mask
+
+            fields["mask_image"] = read_mask(fields["mask_image"])
         return request.replace(**fields) if isinstance(request, Request) else cls(request, **fields)
 
     def description(self) -> dict:
@@ -96,6 +107,8 @@ class Request:
         )
         about |= {"loras": [list(pair) for pair in self.loras]} if self.loras else {}
         return about | ({"img2img": True, "strength": self.strength} if self.img2img else {})
+        about |= {"img2img": True, "strength": self.strength} if self.img2img else {}
+        return about | ({"inpaint": True} if self.inpaint else {})
 
     def texts(self, batch: int) -> list[str]:
         """What the text encoder reads for `batch` images: the negative prompts first, then the prompts, as
@@ -147,16 +160,23 @@ class Request:
                 )
             check_image("init_image", self.init_image)
         check_loras(self.loras)
+        if self.inpaint:
+            if not self.img2img:
+                raise InvalidRequest("mask_image: inpainting repaints an init_image; give one (--init-image)")
+            check_mask("mask_image", self.mask_image)
         return self
 
     def to_triton(self) -> dict[str, np.ndarray]:
-        """The request as the ensemble's input tensors (txt2img leaves out the img2img ones)."""
+        """The request as the ensemble's input tensors (txt2img leaves out the img2img ones, img2img the mask)."""
         from .serving.protocol import REQUEST_TENSORS
 
         return {
             t.tensor.name: t.encode(getattr(self, t.field))
             for t in REQUEST_TENSORS
             if (self.img2img or not t.img2img_only) and not (t.optional and getattr(self, t.field) in (None, ()))
+            if (self.img2img or not t.img2img_only)
+            and (self.inpaint or not t.inpaint_only)
+            and not (t.optional and getattr(self, t.field) is None)
         }
 
     @classmethod
@@ -168,7 +188,7 @@ class Request:
         for t in REQUEST_TENSORS:
             array = get(t.tensor.name)
             if array is None:
-                if t.img2img_only or t.optional:
+                if t.img2img_only or t.inpaint_only or t.optional:
                     continue
                 raise InvalidRequest(f"missing input {t.tensor.name}")
             values[t.field] = t.decode(array)
@@ -177,9 +197,9 @@ class Request:
     @property
     def model(self) -> str:
         """The ensemble that serves it."""
-        from .serving.protocol import IMG2IMG, TXT2IMG
+        from .serving.protocol import IMG2IMG, INPAINT, TXT2IMG
 
-        return IMG2IMG if self.img2img else TXT2IMG
+        return INPAINT if self.inpaint else IMG2IMG if self.img2img else TXT2IMG
 
 
 @dataclass
@@ -238,6 +258,20 @@ def check_pair(name: str, value, low: int, high: int) -> None:
         raise InvalidRequest(f"{name} {value!r}: must be two integers, (height, width) or (top, left)")
     for v in value:
         check_int(name, v, low, high)
+
+
+def check_mask(name: str, mask) -> None:
+    """uint8 (height, width), (height, width, 1) or RGB (height, width, 3)."""
+    shape = getattr(mask, "shape", None)
+    planes = isinstance(mask, np.ndarray) and (mask.ndim == 2 or (mask.ndim == 3 and mask.shape[2] in (1, 3)))
+    if not planes or mask.dtype != np.uint8:
+        dtype = getattr(mask, "dtype", type(mask).__name__)
+        raise InvalidRequest(
+            f"{name}: must be uint8 (height, width), (height, width, 1) or (height, width, 3) pixels, "
+            f"got {dtype} {shape}"
+        )
+    if not (1 <= mask.shape[0] <= MAX_IMAGE_SIDE and 1 <= mask.shape[1] <= MAX_IMAGE_SIDE):
+        raise InvalidRequest(f"{name} is {mask.shape[1]}x{mask.shape[0]}; each side at most {MAX_IMAGE_SIDE}")
 
 
 def check_image(name: str, image) -> None:

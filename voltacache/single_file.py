@@ -94,6 +94,12 @@ def model_family(pipe) -> str:
     return "SD 2.x" if pipe.text_encoder.config.hidden_act == "gelu" else "SD 1.x"
 
 
+def unet_in_channels(header: dict) -> int | None:
+    """The U-Net's input channels, read off a single file's header: 4, or 9 for SD 1.5 inpainting's U-Net."""
+    shape = header.get(UNET + "input_blocks.0.0.weight", {}).get("shape")
+    return shape[1] if isinstance(shape, list) and len(shape) == 4 else None
+
+
 def checkpoint_family(keys) -> str | None:
     keys = set(keys)
     return next((family for family, key in FAMILY_KEYS if key in keys), None)

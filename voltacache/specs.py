@@ -114,6 +114,8 @@ class Geometry:
     text_encoders: int  # 1, or 2 (SDXL: CLIP ViT-L and OpenCLIP bigG), each with its own ids
     pooled_dim: int  # the pooled text embedding: CLIP's pooler output, or SDXL's projected one
     time_ids: int  # the U-Net's added size conditions (SDXL: 6), or 0
+    # the U-Net's input channels: the latents, or (inpainting U-Nets) latents, mask and masked-image latents
+    sample_channels: int | None = None  # None: latent_channels (manifests written before inpainting)
 
     @classmethod
     def from_pipeline(cls, pipe, shallow_layers: int) -> Geometry:
@@ -122,7 +124,7 @@ class Geometry:
         text = encoders[0]
         n_last = unet.layers_per_block + 1
         return cls(
-            latent_channels=unet.in_channels,
+            latent_channels=unet.out_channels,
             vae_scale=2 ** (len(vae.block_out_channels) - 1),
             unet_scale=2 ** (len(unet.block_out_channels) - 1),
             text_length=text.max_position_embeddings,
@@ -135,7 +137,18 @@ class Geometry:
             # diffusers' SDXL pools with the last encoder's projection; SD 1.x/2.x's pooler output is unprojected
             pooled_dim=encoders[-1].projection_dim if len(encoders) > 1 else text.hidden_size,
             time_ids=SIZE_CONDITIONS if unet.addition_embed_type == "text_time" else 0,
+            sample_channels=unet.in_channels,
         )
+
+    @property
+    def unet_channels(self) -> int:
+        """The U-Net sample's channels."""
+        return self.sample_channels or self.latent_channels
+
+    @property
+    def inpainting(self) -> bool:
+        """A U-Net that reads the mask and the masked image's latents beside the latents (SD 1.5 inpainting's 9)."""
+        return self.unet_channels == 2 * self.latent_channels + 1
 
     @property
     def size_multiple(self) -> int:
@@ -151,7 +164,7 @@ def component_specs(g: Geometry, batch: int, height: int, width: int) -> dict[st
     pair, one = ROWS_PER_IMAGE[UNET_DEEP], ROWS_PER_IMAGE[VAE_DECODER]
     lh, lw = height // g.vae_scale, width // g.vae_scale
     latents = (g.latent_channels, lh, lw)
-    sample = TensorSpec(SAMPLE, "float32", (pair, *latents))
+    sample = TensorSpec(SAMPLE, "float32", (pair, g.unet_channels, lh, lw))
     timestep = TensorSpec(TIMESTEP, "float32", (pair,))
     context = TensorSpec(CONTEXT, "float32", (pair, g.text_length, g.text_hidden))
     noise = TensorSpec(NOISE_PRED, "float32", (pair, *latents))

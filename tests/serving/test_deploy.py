@@ -8,7 +8,7 @@ from voltacache.serving import protocol as p
 from voltacache.serving.deploy import deploy
 from voltacache.specs import COMPONENTS, TEXT_ENCODER
 
-MODELS = {*COMPONENTS, p.TOKENIZER, p.DENOISER, p.POSTPROCESS, p.CACHE_SEARCH, p.TXT2IMG, p.IMG2IMG}
+MODELS = {*COMPONENTS, p.TOKENIZER, p.DENOISER, p.POSTPROCESS, p.CACHE_SEARCH, p.TXT2IMG, p.IMG2IMG, p.INPAINT}
 
 
 def read_config(repo, name):
@@ -17,7 +17,7 @@ def read_config(repo, name):
 
 def test_repository_layout(triton_repo):
     assert {d.name for d in triton_repo.iterdir() if d.is_dir()} == MODELS
-    for name in MODELS - {p.TXT2IMG, p.IMG2IMG}:
+    for name in MODELS - {p.TXT2IMG, p.IMG2IMG, p.INPAINT}:
         assert (triton_repo / name / "1" / "model.py").is_file()
         assert read_config(triton_repo, name).backend == "python"
 
@@ -54,7 +54,7 @@ def test_without_step_batching_the_repository_is_per_request(engines_dir, tmp_pa
 
 def test_ensembles_wire_existing_models_with_response_cache(triton_repo):
     optional = {p.ORIGINAL_SIZE, p.CROP_TOP_LEFT, p.TARGET_SIZE, p.REFRESH_THRESHOLD}
-    for name in (p.TXT2IMG, p.IMG2IMG):
+    for name in (p.TXT2IMG, p.IMG2IMG, p.INPAINT):
         config = read_config(triton_repo, name)
         # the response cache sits on the denoiser, so that postprocess can report a hit (protocol.py)
         assert config.platform == "ensemble" and not config.response_cache.enable

@@ -82,7 +82,7 @@ def ensemble_config(spec: ComponentSpec, steps: list[tuple[str, dict, dict]]) ->
     return config
 
 
-def ensemble_steps(specs: dict, img2img: bool) -> list:
+def ensemble_steps(specs: dict, img2img: bool, inpaint: bool = False) -> list:
     """tokenizer -> text_encoder -> denoiser (BLS: U-Nets, VAE) -> postprocess, wired by tensor name.
 
     The denoiser's outputs reach postprocess under a prefix: postprocess reports them, or, for a
@@ -90,7 +90,11 @@ def ensemble_steps(specs: dict, img2img: bool) -> list:
     same = lambda items: {t.name: t.name for t in items}  # noqa: E731
     text_encoder, denoiser, postprocess = specs[TEXT_ENCODER], specs[p.DENOISER], specs[p.POSTPROCESS]
     denoiser_inputs = [
-        t for t in denoiser.inputs if (img2img or t.name not in p.IMG2IMG_INPUTS) and t.name not in p.SEARCH_NAMES
+        t
+        for t in denoiser.inputs
+        if (img2img or t.name not in p.IMG2IMG_INPUTS)
+        and (inpaint or t.name not in p.INPAINT_INPUTS)
+        and t.name not in p.SEARCH_NAMES
     ]
     denoiser_outputs = [t for t in denoiser.outputs if t.name not in p.SEARCH_NAMES]
     denoised = {t.name: p.DENOISED + t.name for t in denoiser_outputs if t.name != p.COMPUTED_NS}
@@ -234,6 +238,8 @@ def _write_repository(
         loras.write_registry(repo / p.LORA_FOLDER)
     write_config(repo / p.TXT2IMG, ensemble_config(specs[p.TXT2IMG], ensemble_steps(specs, img2img=False)))
     write_config(repo / p.IMG2IMG, ensemble_config(specs[p.IMG2IMG], ensemble_steps(specs, img2img=True)))
+    inpaint = ensemble_steps(specs, img2img=True, inpaint=True)
+    write_config(repo / p.INPAINT, ensemble_config(specs[p.INPAINT], inpaint))
     (repo / p.REPOSITORY_MARKER).write_text(
         json.dumps({"engines": str(engines.resolve()), "component_backend": component_backend}, indent=2)
     )

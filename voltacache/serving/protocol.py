@@ -1,4 +1,4 @@
-"""The request and response of the txt2img / img2img ensembles, and the models between them.
+"""The request and response of the txt2img / img2img / inpaint ensembles, and the models between them.
 
 Like voltacache.specs for the engines: the model repository writer, the Python models, the client
 and `voltacache.request.Request` read tensor names, dtypes and shapes from here.
@@ -33,6 +33,7 @@ REFRESH_THRESHOLD = "REFRESH_THRESHOLD"  # adaptive DeepCache; absent: the defau
 CACHE = "CACHE"  # on | off | refresh: the cross-request cache for this request
 INIT_IMAGE = "INIT_IMAGE"  # uint8 (height, width, 3), any size: resized to the engines' size
 STRENGTH = "STRENGTH"
+MASK_IMAGE = "MASK_IMAGE"  # inpainting: uint8 (height, width, 1 or 3), any size; white is repainted
 ORIGINAL_SIZE = "ORIGINAL_SIZE"  # SDXL's size conditioning, int32 (2,) each; absent: the engines' size, no crop
 CROP_TOP_LEFT = "CROP_TOP_LEFT"
 TARGET_SIZE = "TARGET_SIZE"
@@ -64,6 +65,7 @@ DENOISER = "denoiser"
 POSTPROCESS = "postprocess"
 TXT2IMG = "txt2img"
 IMG2IMG = "img2img"
+INPAINT = "inpaint"
 CACHE_SEARCH = "cache_search"
 
 RANDOM_SEED = -1
@@ -82,6 +84,7 @@ class RequestTensor:
     field: str
     tensor: TensorSpec
     img2img_only: bool = False
+    inpaint_only: bool = False
     optional: bool = False  # absent: the field's default (None)
 
     def encode(self, value) -> np.ndarray:
@@ -93,6 +96,8 @@ class RequestTensor:
             return np.array([value.encode("utf-8")], dtype=object)
         if self.tensor.shape == (1,):
             return np.array([value], dtype=self.tensor.dtype)
+        if self.field == "mask_image" and np.ndim(value) == 2:  # a grayscale mask travels as one plane
+            value = np.asarray(value)[..., None]
         return np.ascontiguousarray(value, dtype=self.tensor.dtype)
 
     def decode(self, array: np.ndarray):
@@ -128,13 +133,14 @@ REQUEST_TENSORS = (
     RequestTensor("cache_mode", scalar(CACHE, "object")),
     RequestTensor("init_image", TensorSpec(INIT_IMAGE, "uint8", (-1, -1, 3)), img2img_only=True),
     RequestTensor("strength", scalar(STRENGTH, "float32"), img2img_only=True),
+    RequestTensor("mask_image", TensorSpec(MASK_IMAGE, "uint8", (-1, -1, -1)), img2img_only=True, inpaint_only=True),
     RequestTensor("original_size", TensorSpec(ORIGINAL_SIZE, "int32", (2,)), optional=True),
     RequestTensor("crop_top_left", TensorSpec(CROP_TOP_LEFT, "int32", (2,)), optional=True),
     RequestTensor("target_size", TensorSpec(TARGET_SIZE, "int32", (2,)), optional=True),
     RequestTensor("refresh_threshold", scalar(REFRESH_THRESHOLD, "float32"), optional=True),
     RequestTensor("loras", TensorSpec(LORAS, "object", (-1,)), optional=True),
 )
-LORA_TENSOR = REQUEST_TENSORS[-1]
+LORA_TENSOR = next(t for t in REQUEST_TENSORS if t.field == "loras")
 # in the repository, inside the denoiser's folder (Triton takes every folder at the root for a model, and
 # skips one inside a model that is not a version): the registered LoRA files and voltacache.lora.REGISTRY
 LORA_FOLDER = f"{DENOISER}/loras"
@@ -148,6 +154,7 @@ SEARCH_TENSORS = (
 SEARCH_OUTPUTS = (TensorSpec(RESULTS, "object", (-1,)), TensorSpec(RESULT_IMAGES, "uint8", (-1, -1, -1, 3)))
 SEARCH_NAMES = {t.tensor.name for t in SEARCH_TENSORS} | {t.name for t in SEARCH_OUTPUTS}
 IMG2IMG_INPUTS = {t.tensor.name for t in REQUEST_TENSORS if t.img2img_only}
+INPAINT_INPUTS = {t.tensor.name for t in REQUEST_TENSORS if t.inpaint_only}
 OPTIONAL_REQUEST_INPUTS = {t.tensor.name for t in REQUEST_TENSORS if t.optional}
 STATS = (
     scalar(SEED_USED, "int64"),
@@ -182,7 +189,8 @@ def serving_specs(export: dict) -> dict[str, ComponentSpec]:
         ),
         POSTPROCESS: ComponentSpec(POSTPROCESS, (image, *STATS, computed, received), (pixels, *STATS)),
         TXT2IMG: ComponentSpec(TXT2IMG, txt2img, (pixels, *STATS)),
-        IMG2IMG: ComponentSpec(IMG2IMG, request, (pixels, *STATS)),
+        IMG2IMG: ComponentSpec(IMG2IMG, tuple(t for t in request if t.name not in INPAINT_INPUTS), (pixels, *STATS)),
+        INPAINT: ComponentSpec(INPAINT, request, (pixels, *STATS)),
         CACHE_SEARCH: ComponentSpec(CACHE_SEARCH, search, SEARCH_OUTPUTS),
     }
 
@@ -190,7 +198,7 @@ def serving_specs(export: dict) -> dict[str, ComponentSpec]:
 # inputs a request may leave out, per model (the ensembles pass an absent one on as absent)
 OPTIONAL_INPUTS = {
     CACHE_SEARCH: {t.tensor.name for t in SEARCH_TENSORS if t.optional},
-    **{name: OPTIONAL_REQUEST_INPUTS for name in (TOKENIZER, TXT2IMG, IMG2IMG)},
+    **{name: OPTIONAL_REQUEST_INPUTS for name in (TOKENIZER, TXT2IMG, IMG2IMG, INPAINT)},
 }
 
 
