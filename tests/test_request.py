@@ -61,8 +61,24 @@ def test_triton_round_trip(img2img):
     sizes = ((1024, 768), (0, 16), (512, 512)) if img2img else (None, None, None)
     # the adaptive schedule's threshold travels when given, as the sizes do
     interval, schedule, threshold = (1, "adaptive", 0.25) if img2img else (3, "nonuniform", None)
+    loras = (("style", 0.5), ("other", -1.25)) if img2img else ()  # LoRAs travel when given, as the sizes do
     request = Request(
-        "a cat", "blurry", 12, 5.0, 7, "euler", interval, schedule, image, 0.5, "refresh", None, None, *sizes, threshold
+        "a cat",
+        "blurry",
+        12,
+        5.0,
+        7,
+        "euler",
+        interval,
+        schedule,
+        image,
+        0.5,
+        "refresh",
+        None,
+        None,
+        *sizes,
+        threshold,
+        loras,
     ).check()
     tensors = request.to_triton()
     sends = lambda t: (img2img and not t.inpaint_only) or not (t.img2img_only or t.optional)  # noqa: E731

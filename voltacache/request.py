@@ -173,10 +173,9 @@ class Request:
         return {
             t.tensor.name: t.encode(getattr(self, t.field))
             for t in REQUEST_TENSORS
-            if (self.img2img or not t.img2img_only) and not (t.optional and getattr(self, t.field) in (None, ()))
             if (self.img2img or not t.img2img_only)
             and (self.inpaint or not t.inpaint_only)
-            and not (t.optional and getattr(self, t.field) is None)
+            and not (t.optional and getattr(self, t.field) in (None, ()))
         }
 
     @classmethod
