@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from helpers import PROMPT, cli, fused_pipeline, levels, one_error_line, write_lora
 
-from voltacache.errors import InvalidRequest, UsageError
+from voltacache.build import tensorrt_available
+from voltacache.errors import InvalidRequest, UsageError, VoltacacheError
 from voltacache.lora import LoraFile, parse_lora
 from voltacache.pipeline import StableDiffusion
 
@@ -158,3 +159,55 @@ def test_generate_lora_refusals(engines_dir, lora_files, tmp_path, lora, fragmen
     )
     one_error_line(result, 2, *fragments)
     assert not (tmp_path / "x.png").exists()
+
+
+TRT_OK, TRT_WHY = tensorrt_available()
+
+
+@pytest.mark.skipif(not TRT_OK, reason=f"TensorRT refit needs tensorrt and a GPU: {TRT_WHY}")
+def test_tensorrt_refit_matches_the_onnxruntime_variant(onnx_fp32, engines_dir, lora_files, tmp_path):
+    """Refittable engines take a LoRA by refit; the refitted U-Net equals ONNX Runtime's variant, and the
+    base engine is left as it was. Engines built without --refittable refuse in one line."""
+    from voltacache.build import build_engines, load_engines
+    from voltacache.specs import UNET_DEEP
+
+    files = {"style": LoraFile.open("style", lora_files["style"])}
+    build_engines(onnx_fp32, tmp_path / "trt", backend="tensorrt", refittable=True)
+    trt = StableDiffusion.from_engines(tmp_path / "trt", loras=files)
+    ort = StableDiffusion.from_engines(engines_dir, loras=files)
+    spec = trt.runners[UNET_DEEP].spec.for_images(1)
+    feeds = {t.name: np.random.default_rng(0).standard_normal(t.shape).astype(t.dtype) for t in spec.inputs}
+    before = trt.runners[UNET_DEEP].infer(feeds)
+    loras = (("style", 0.8),)
+    a = trt.loras.runners(loras, trt.runners)[UNET_DEEP].infer(feeds)
+    b = ort.loras.runners(loras, ort.runners)[UNET_DEEP].infer(feeds)
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], atol=2e-2, rtol=2e-2)
+    after = trt.runners[UNET_DEEP].infer(feeds)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    build_engines(onnx_fp32, tmp_path / "fixed", backend="tensorrt")
+    fixed = StableDiffusion.from_engines(tmp_path / "fixed", loras=files)
+    with pytest.raises(VoltacacheError, match="not refittable; rebuild with `voltacache build --refittable`"):
+        fixed(PROMPT, steps=2, loras=loras)
+    assert load_engines(tmp_path / "trt").manifest["refittable"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda e: e.update(precision="int8"), "not on int8 engines"),
+        (lambda e: e["components"]["unet_deep"].pop("lora_targets"), "did not record its LoRA targets"),
+    ],
+)
+def test_engines_that_cannot_take_a_lora_refuse_it(engines_dir, lora_files, change, message):
+    import copy
+
+    from voltacache.build import read_engine_manifest
+    from voltacache.lora import Loras
+
+    export = copy.deepcopy(read_engine_manifest(engines_dir)["export"])
+    change(export)
+    loras = Loras({"style": LoraFile.open("style", lora_files["style"])}, export)
+    loras.check(())  # no LoRA: nothing to refuse
+    with pytest.raises(InvalidRequest, match=message):
+        loras.check((("style", 1.0),))

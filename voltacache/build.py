@@ -114,8 +114,11 @@ def build_engines(
     progress=None,
     timing_cache: Path | None = None,
     force: bool = False,
+    refittable: bool = False,
 ) -> dict:
     """Build one engine per component of the export in `onnx_dir`; returns the engine manifest.
+    `refittable`: TensorRT engines whose weights a LoRA can replace (voltacache.lora); ONNX Runtime's
+    always can be.
 
     The engines are written into a temporary sibling of `out_dir`, renamed into place once every
     engine is built and checked; earlier engines there are replaced only with `force`, anything
@@ -126,10 +129,12 @@ def build_engines(
     backend, reason = choose_backend(backend)
     refuse_overlap(out_dir, onnx_dir, "--out", "--onnx")
     with staged_output(out_dir, force=force, ours=is_engines, arg="--out", what="engines folder") as stage:
-        return _build(onnx_dir, stage, export, backend, reason, optimization_level, progress, timing_cache)
+        return _build(onnx_dir, stage, export, backend, reason, optimization_level, progress, timing_cache, refittable)
 
 
-def _build(onnx_dir: Path, out_dir: Path, export: dict, backend, reason, optimization_level, progress, timing_cache):
+def _build(
+    onnx_dir: Path, out_dir: Path, export: dict, backend, reason, optimization_level, progress, timing_cache, refittable
+):
     started = time.time()
     for name in TOKENIZER_DIRS[: export["geometry"]["text_encoders"]]:
         if not (onnx_dir / name).is_dir():
@@ -143,7 +148,7 @@ def _build(onnx_dir: Path, out_dir: Path, export: dict, backend, reason, optimiz
             raise ExportError(f"{source}: missing from the export; run `voltacache export` again")
         if backend == "tensorrt":
             files[name] = build_tensorrt(
-                source, out_dir, name, export, optimization_level, timing_cache or default_timing_cache()
+                source, out_dir, name, export, optimization_level, timing_cache or default_timing_cache(), refittable
             )
         else:
             files[name] = build_onnxruntime(source, out_dir, name)
@@ -156,6 +161,7 @@ def _build(onnx_dir: Path, out_dir: Path, export: dict, backend, reason, optimiz
         "versions": runtime_versions(backend),
         "session_options": ORT_SESSION_OPTIONS if backend == "onnxruntime" else None,
         "optimization_level": optimization_level if backend == "tensorrt" else None,
+        "refittable": refittable or backend == "onnxruntime",
         "onnx_dir": str(onnx_dir.resolve()),
         "onnx_fingerprint": onnx_fingerprint(onnx_dir),
         "onnx_stats": onnx_stats(onnx_dir),
@@ -195,7 +201,13 @@ def build_onnxruntime(source: Path, out_dir: Path, name: str) -> str:
 
 
 def build_tensorrt(
-    source: Path, out_dir: Path, name: str, export: dict, optimization_level: int, timing_cache: Path
+    source: Path,
+    out_dir: Path,
+    name: str,
+    export: dict,
+    optimization_level: int,
+    timing_cache: Path,
+    refittable: bool = False,
 ) -> str:
     from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine
     from polygraphy.exception import PolygraphyException
@@ -224,6 +236,8 @@ def build_tensorrt(
         int8=precision == "int8",
         profiles=profiles,
         builder_optimization_level=optimization_level,
+        # LoRA by refit: the weights named after the ONNX initializers stay replaceable in the plan
+        refittable=refittable,
         # one timing cache for every build on this machine: tactic timings carry over between engines
         load_timing_cache=str(timing_cache) if timing_cache.exists() else None,
     )

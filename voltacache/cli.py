@@ -251,6 +251,9 @@ def build(
     out: Path = typer.Option(..., help="Folder for the engines and engines.json."),
     backend: str = typer.Option("auto", help="auto (TensorRT where it can run), tensorrt or onnxruntime."),
     optimization_level: int = typer.Option(3, help="TensorRT builder optimization level (0-5)."),
+    refittable: bool = typer.Option(
+        False, help="TensorRT: engines whose weights can be refitted, so LoRAs apply without a rebuild."
+    ),
     force: bool = typer.Option(
         False,
         "--force",
@@ -278,7 +281,9 @@ def build(
         bars.update(task, description=component, completed=COMPONENTS.index(component))
 
     try:
-        manifest = build_engines(onnx, out, chosen, optimization_level, progress=progress, force=force)
+        manifest = build_engines(
+            onnx, out, chosen, optimization_level, progress=progress, force=force, refittable=refittable
+        )
         bars.update(task, description="done", completed=len(COMPONENTS))
     finally:
         bars.stop()

@@ -58,9 +58,9 @@ def lora_options(options: list[str], files: bool) -> tuple[dict[str, LoraFile], 
         target, scale = parse_lora(option)
         if files:
             path = Path(target)
-            name = re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem)[:60] or "lora"
+            name = re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem).lstrip("_.-")[:60] or "lora"
             name = name if name not in opened else f"{name}-{len(opened)}"
-            opened[name] = LoraFile.open(name, path, f"--lora {option}:")
+            opened[name] = LoraFile.open(name, path)
             target = name
         loras.append((target, scale))
     return opened, tuple(loras)
@@ -182,7 +182,9 @@ def zero_layers(layers: dict) -> torch.nn.Module:  # noqa: F821
         if not key.endswith(".lora_A.weight"):
             continue
         path = key.removesuffix(".lora_A.weight")
-        up = layers[f"{path}.lora_B.weight"]
+        up = layers.get(f"{path}.lora_B.weight")
+        if up is None:
+            raise UsageError(f"LoRA layer {path}: lora_A without lora_B; the file is incomplete")
         if down.ndim == 4:
             layer = nn.Conv2d(down.shape[1], up.shape[0], tuple(down.shape[2:]), bias=False)
         else:

@@ -106,7 +106,6 @@ class Request:
             cache_interval=self.cache_interval,
         )
         about |= {"loras": [list(pair) for pair in self.loras]} if self.loras else {}
-        return about | ({"img2img": True, "strength": self.strength} if self.img2img else {})
         about |= {"img2img": True, "strength": self.strength} if self.img2img else {}
         return about | ({"inpaint": True} if self.inpaint else {})
 

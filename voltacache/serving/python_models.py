@@ -207,7 +207,10 @@ class ServedLoras:
     step batcher runs requests of the same LoRAs in one call."""
 
     def __init__(self, registry, resident: int):
+        import threading
+
         self.registry, self.variants, self.resident = registry, {}, max(resident, 1)
+        self.lock = threading.Lock()  # Triton's execute thread and the step batcher's both ask
 
     def check(self, loras) -> None:
         self.registry.check(loras)
@@ -218,14 +221,16 @@ class ServedLoras:
     def runners(self, loras, base: dict) -> dict:
         if not loras:
             return base
-        key = self.key(loras)
-        if key not in self.variants:
-            from ..lora import LORA_COMPONENTS
+        from ..lora import LORA_COMPONENTS
 
-            if len(self.variants) >= 4 * self.resident:
-                self.variants.pop(next(iter(self.variants)))
-            self.variants[key] = {**base, **{n: BlsRunner(base[n].spec, loras) for n in LORA_COMPONENTS if n in base}}
-        return self.variants[key]
+        key = self.key(loras)
+        with self.lock:
+            if key not in self.variants:
+                if len(self.variants) >= 4 * self.resident:
+                    self.variants.pop(next(iter(self.variants)))
+                variant = {n: BlsRunner(base[n].spec, loras) for n in LORA_COMPONENTS if n in base}
+                self.variants[key] = {**base, **variant}
+            return self.variants[key]
 
 
 class DenoiserModel(PythonModel):
