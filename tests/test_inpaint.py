@@ -193,3 +193,20 @@ def test_inpainting_single_file_loads_with_its_nine_channels(tiny_dir, tmp_path)
     assert loaded.unet.config.in_channels == 9
     assert torch.equal(loaded.unet.conv_in.weight, pipe.unet.conv_in.weight)
     assert load_pipeline(tiny_dir).unet.config.in_channels == 4  # the config folder itself is untouched
+
+
+def test_nine_channel_sample_is_written_once_in_the_geometry(tiny_pipe):
+    """The U-Net's sample reads sample_channels, its noise prediction and the VAE the latent channels; a
+    manifest written before inpainting (no sample_channels) reads as before."""
+    from voltacache.specs import NOISE_PRED, SAMPLE, UNET_DEEP, UNET_SHALLOW, Geometry, component_specs
+    from voltacache.unet_split import shallow_layer_count
+
+    geometry = Geometry.from_pipeline(tiny_pipe, shallow_layer_count(tiny_pipe.unet, "block"))
+    old = {k: v for k, v in geometry.__dict__.items() if k != "sample_channels"}
+    assert Geometry(**old).unet_channels == 4 and not Geometry(**old).inpainting
+    nine = Geometry(**old, sample_channels=9)
+    assert nine.inpainting
+    for name, spec in component_specs(nine, 1, 64, 64).items():
+        tensors = {t.name: t.shape for t in spec.inputs + spec.outputs}
+        if name in (UNET_DEEP, UNET_SHALLOW):
+            assert tensors[SAMPLE] == (2, 9, 8, 8) and tensors[NOISE_PRED] == (2, 4, 8, 8)
