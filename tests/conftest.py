@@ -118,10 +118,23 @@ def triton(triton_repo, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def cached_server(engines_dir, tmp_path_factory):
-    """A tritonserver whose deployment keeps a cache (the sentence embedder on a milvus-lite file).
-    Before it starts, the index is given one entry of another model, which this one never serves
-    nor shows."""
+def lora_files(tiny_pipe, tmp_path_factory):
+    """Two LoRAs for the tiny model (U-Net and text encoder layers), the first also in kohya's layout."""
+    from helpers import write_lora
+
+    root = tmp_path_factory.mktemp("loras")
+    return {
+        "style": write_lora(tiny_pipe, root / "style.safetensors", seed=1),
+        "style_kohya": write_lora(tiny_pipe, root / "style_kohya.safetensors", seed=1, kohya=True),
+        "other": write_lora(tiny_pipe, root / "other.safetensors", seed=2, rank=2, alpha=2, text_encoder=False),
+    }
+
+
+@pytest.fixture(scope="session")
+def cached_server(engines_dir, lora_files, tmp_path_factory):
+    """A tritonserver whose deployment keeps a cache (the sentence embedder on a milvus-lite file) and
+    registers LoRAs (`style` and `other` of lora_files). Before it starts, the index is given one entry
+    of another model, which this one never serves nor shows."""
     import numpy as np
 
     from voltacache.cache.embedders import MiniLMEmbedder
@@ -147,7 +160,10 @@ def cached_server(engines_dir, tmp_path_factory):
                 )
             ]
         )
-    repo = deploy(engines_dir, root / "repo", cache=settings)
+    from voltacache.lora import LoraFile
+
+    loras = {name: LoraFile.open(name, lora_files[name]) for name in ("style", "other")}
+    repo = deploy(engines_dir, root / "repo", cache=settings, loras=loras)
     log = root / "tritonserver.log"
     with TritonServer(
         repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), log_file=log

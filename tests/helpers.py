@@ -81,3 +81,64 @@ def levels(a, b):
 
     diff = np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int))
     return diff.max(), (diff > 0).mean()
+
+
+LORA_UNET_LAYERS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+LORA_TEXT_LAYERS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+def write_lora(pipe, path, seed=0, rank=4, alpha=8, text_encoder=True, kohya=False, std=0.1):
+    """A LoRA for `pipe` (untouched: its modules are copied) with random layers, saved as diffusers saves
+    one, or in kohya's layout (diffusers' own converter): the files users bring."""
+    import copy
+
+    import safetensors.torch
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    unet, encoder = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder)
+    unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False, target_modules=list(LORA_UNET_LAYERS))
+    )
+    layers = {"unet_lora_layers": get_peft_model_state_dict(unet)}
+    if text_encoder:
+        config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False, target_modules=list(LORA_TEXT_LAYERS))
+        encoder.add_adapter(config)
+        layers["text_encoder_lora_layers"] = get_peft_model_state_dict(encoder)
+    with torch.no_grad():  # PEFT's random init makes tiny changes; these make the LoRA show in the image
+        for values in layers.values():
+            for value in values.values():
+                value.copy_(torch.randn_like(value) * std)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not kohya:
+        StableDiffusionPipeline.save_lora_weights(path.parent, weight_name=path.name, **layers)
+        return path
+    state = {}
+    # kohya's keys: lora_unet_down_blocks_0_..., lora_te_text_model_encoder_layers_0_... (CLIP's older layout)
+    kohya_prefixes = (("unet", "unet_lora_layers"), ("text_encoder.text_model", "text_encoder_lora_layers"))
+    for prefix, values in ((prefix, layers.get(key, {})) for prefix, key in kohya_prefixes):
+        converted = convert_state_dict_to_kohya({f"{prefix}.{k}": v for k, v in values.items()})
+        state.update({k: v.contiguous() for k, v in converted.items()})
+    safetensors.torch.save_file(state, path)
+    return path
+
+
+def fused_pipeline(pipe, loras):
+    """diffusers' own answer: a copy of `pipe` with each (file, scale) loaded by load_lora_weights and fused."""
+    import copy
+
+    other = type(pipe)(**{k: copy.deepcopy(v) for k, v in pipe.components.items()})
+    names = []
+    for i, (path, _) in enumerate(loras):
+        other.load_lora_weights(str(path), adapter_name=f"l{i}")
+        names.append(f"l{i}")
+    if len(loras) == 1:
+        other.fuse_lora(lora_scale=loras[0][1], adapter_names=names)
+    else:
+        other.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+        other.fuse_lora(adapter_names=names)
+    other.unload_lora_weights()
+    return other

@@ -212,7 +212,7 @@ def test_cli_export_interrupted_leaves_the_earlier_export_whole(onnx_fp32, tiny_
     before = snapshot(out)
     written = []
 
-    def trace_component(module, spec, feeds, path, opset, external, step):
+    def trace_component(module, spec, feeds, path, opset, external, step, lora_targets=None):
         if len(written) == 2:
             raise KeyboardInterrupt  # Ctrl-C on the third component
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from .cache.store import LISTING_ORDERS
 from .deepcache import DEFAULT_REFRESH_THRESHOLD
 from .deepcache_calibration import DEFAULT_INTERVALS, DEFAULT_PROMPTS, DEFAULT_STEPS, SCHEDULES_FILE
 from .errors import UsageError, VoltacacheError
+from .lora import RESIDENT_VARIANTS
 from .outputs import check_target, json_marker, staged_output
 from .request import MAX_GUIDANCE, MAX_STEPS, Request
 from .schedulers import SCHEDULERS
@@ -383,9 +384,23 @@ def deploy(
     cache_max_bytes: int | None = typer.Option(None, help="Capacity in bytes."),
     cache_threshold: float = CACHE_THRESHOLD,
     cache_bands: str = CACHE_BANDS,
+    lora: list[str] = typer.Option(
+        [], help="NAME=FILE: register a LoRA (.safetensors) that requests may name, with a scale. Repeatable."
+    ),
+    lora_resident: int = typer.Option(RESIDENT_VARIANTS, help="LoRA variants each engine keeps loaded (1-16)."),
 ):
     """Write a Triton model repository with the txt2img / img2img ensembles."""
+    from .lora import LoraFile
     from .serving.deploy import deploy as write_repository
+
+    registered = {}
+    for option in lora:
+        name, sep, path = option.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--lora {option!r}: give NAME=FILE, e.g. --lora style=style.safetensors")
+        if name in registered:
+            raise UsageError(f"--lora {name}: registered twice; give each name once")
+        registered[name] = LoraFile.open(name, Path(path), f"--lora {option}:")
 
     settings = CacheSettings(
         None if cache == "off" else cache,
@@ -398,7 +413,11 @@ def deploy(
         cache_threshold,
         cache_bands,
     )
-    print(write_repository(engines, repo, component_backend, denoiser_instances, settings, step_batching))
+    print(
+        write_repository(
+            engines, repo, component_backend, denoiser_instances, settings, step_batching, registered, lora_resident
+        )
+    )
 
 
 @app.command()
@@ -500,10 +519,16 @@ def generate(
     blob_store: str | None = typer.Option(None, help="In process: blob folder or s3://bucket/prefix."),
     cache_threshold: float = CACHE_THRESHOLD,
     cache_bands: str = CACHE_BANDS,
+    lora: list[str] = typer.Option(
+        [],
+        help="A LoRA, applied to the engines without rebuilding them: FILE[:SCALE] in process (.safetensors, "
+        "diffusers or kohya layout), NAME[:SCALE] of one the server registered (deploy --lora). Repeatable.",
+    ),
 ):
     """Generate images in process (--engines) or through Triton (--url): the same request, the same images."""
     from .generate import Batch, Prompt, generate_in_process, generate_served, read_prompts
     from .images import read_image, read_mask
+    from .lora import lora_options
 
     if (engines is None) == (url is None):
         raise UsageError("give exactly one of --engines DIR (in process) or --url HOST:PORT (Triton)")
@@ -523,6 +548,7 @@ def generate(
     lines = read_prompts(prompts) if prompts else [Prompt(0, prompt)] if prompt else []
     if not lines:
         raise UsageError("give a prompt, or --prompts FILE with at least one line")
+    lora_files, loras = lora_options(lora, files=engines is not None)
     template = Request(
         prompt if prompts is None else "(each line's own prompt)",
         negative_prompt,
@@ -541,6 +567,7 @@ def generate(
         parse_pair(crop_top_left, "--crop-top-left"),
         parse_pair(target_size, "--target-size"),
         refresh_threshold,
+        loras,
         mask_image=read_mask(mask_image, "--mask-image") if mask_image else None,
     ).check()  # the options once (a file's lines each with its own request)
     if engines is not None:
@@ -551,7 +578,7 @@ def generate(
         settings = CacheSettings(
             cache_index, cache_embedder, blob_store, semantic_threshold=cache_threshold, bands=cache_bands
         )
-        records = generate_in_process(engines, batch, settings)
+        records = generate_in_process(engines, batch, settings, lora_files)
     else:
         from .serving.client import Client
 

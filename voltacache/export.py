@@ -29,6 +29,7 @@ import torch
 
 from .components import torch_modules
 from .errors import ExportError, read_json
+from .lora import LORA_COMPONENTS, export_targets
 from .outputs import json_marker, refuse_overlap, staged_output
 from .quantize import Calibration
 from .single_file import model_family
@@ -257,10 +258,13 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
 STAGES = ("export", "precision", "validate", "lint", "quantize")
 
 
-def trace_component(module, spec, feeds: dict, path: Path, opset: int, external: bool = False, step=None) -> dict:
+def trace_component(
+    module, spec, feeds: dict, path: Path, opset: int, external: bool = False, step=None, lora_targets=None
+) -> dict:
     """Stage 1, in PyTorch: the module traced to an fp32 ONNX graph at `path` (its weights as external data
     beside it when `external` or over protobuf's limit), and PyTorch's outputs on `feeds`: the reference the
-    graph is checked against once the PyTorch model is gone."""
+    graph is checked against once the PyTorch model is gone. `lora_targets`, a dict: filled with where
+    the weights a LoRA changes lie in the graph (voltacache.lora.export_targets)."""
     (step or (lambda stage: None))("export")
     args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
     with torch.no_grad():
@@ -276,6 +280,8 @@ def trace_component(module, spec, feeds: dict, path: Path, opset: int, external:
             verbose=False,
         )
     name_rows(program, path)
+    if lora_targets is not None:
+        lora_targets.update(export_targets(module, program))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_name(path.name + ".data").unlink(missing_ok=True)
     program.save(str(path), external_data=external or _weight_bytes(program) > EXTERNAL_DATA_BYTES)
@@ -422,11 +428,19 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
     with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
         # 1. PyTorch: every graph traced (fp32) and every reference computed, then the PyTorch model freed
         traced, references = {}, {}
+        lora_targets = {name: {} for name in LORA_COMPONENTS}
         for name in COMPONENTS:
             final = precisions[name] == "fp32"
             traced[name] = out_dir / f"{name}.onnx" if final else Path(scratch) / name / "fp32.onnx"
             references[name] = trace_component(
-                modules[name], specs[name], feeds[name], traced[name], graphs.opset, not final, steps[name]
+                modules[name],
+                specs[name],
+                feeds[name],
+                traced[name],
+                graphs.opset,
+                not final,
+                steps[name],
+                lora_targets=lora_targets.get(name),
             )
         unsplit = unsplit_outputs(modules, pipe.unet, feeds[UNET_DEEP])
         if options.precision != "int8":  # int8 calibrates on the PyTorch U-Nets below
@@ -441,6 +455,8 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
                 specs[name], feeds[name], references[name], traced[name], out, precisions[name], steps[name]
             )
             shutil.rmtree(Path(scratch) / name, ignore_errors=True)  # the fp32 trace: GBs for a U-Net
+            if name in lora_targets and options.precision != "int8":  # int8: LoRA would need requantizing
+                entries[name]["lora_targets"] = lora_targets[name]
     for name, errors in split_errors(unsplit, out_dir, feeds[UNET_DEEP], outputs[UNET_DEEP]).items():
         entries[name]["unsplit_error"] = errors
         if errors["torch"] != 0.0 or not errors["onnx"] <= TOLERANCE[graphs.precision]:

@@ -106,6 +106,7 @@ def record(path: Path, request: Request, result, **extra) -> dict:
         "seconds": round(result.seconds, 4),
         "cache": result.cache,
         "similarity": round(result.similarity, 4),
+        **({"loras": [list(pair) for pair in request.loras]} if request.loras else {}),
         **extra,
     }
 
@@ -133,14 +134,17 @@ class Batch:
         self.failures.append(Failure(self.prompts[index], str(error)))
 
 
-def generate_in_process(engines: Path, batch: Batch, cache_settings=None):
-    """Yield records as images are written, one request at a time."""
+def generate_in_process(engines: Path, batch: Batch, cache_settings=None, loras: dict | None = None):
+    """Yield records as images are written, one request at a time. `loras`: {name: LoraFile} the
+    requests name, each checked against the engines before the first image."""
     from .cache.layers import CacheSettings, open_cache
     from .pipeline import StableDiffusion
 
-    pipe = StableDiffusion.from_engines(engines)
+    pipe = StableDiffusion.from_engines(engines, loras=loras)
     if pipe.batch != batch.per_request:
         raise VoltacacheError(f"--engines {engines}: engines of batch {pipe.batch}, expected {batch.per_request}")
+    for name in loras or {}:
+        pipe.loras.components(name)
     # a cache that cannot be opened is reported once; the images come all the same
     cache = open_cache(
         cache_settings or CacheSettings(), pipe.export["fingerprint"], pipe.export["geometry"]["pooled_dim"]
@@ -153,7 +157,8 @@ def generate_in_process(engines: Path, batch: Batch, cache_settings=None):
             continue
         stats = result.stats
         components = {k: round(v, 4) for k, v in stats.seconds.items()}
-        yield from batch.finish(index, result.images, result.report(), component_seconds=components)
+        extra = {"lora_switch_seconds": round(pipe.loras.last_switch_seconds, 4)} if request.loras else {}
+        yield from batch.finish(index, result.images, result.report(), component_seconds=components, **extra)
 
 
 def generate_served(url: str, protocol: str, batch: Batch, concurrency: int):

@@ -20,6 +20,7 @@ from .deepcache import AdaptiveSchedule, FixedSchedule, full_steps
 from .deepcache_calibration import NoScheduleCalibration, load_calibration
 from .errors import InvalidRequest
 from .images import fit_image, fit_mask, to_uint8, to_unit_range
+from .lora import RESIDENT_VARIANTS, Loras
 from .request import SIZE_CONDITIONING, Images, Request, denoising_steps
 from .schedulers import make_scheduler
 from .specs import (
@@ -136,6 +137,7 @@ class Work:
     stats: Stats
     capture: set
     conditions: dict = field(default_factory=dict)  # the U-Net's other inputs, the same every step (SDXL's)
+    runners: dict = field(default_factory=dict)  # the engines it steps on: the base ones, or its LoRAs' variant
     inpainting: Inpainting | None = None
     captured: dict = field(default_factory=dict)
     deep: np.ndarray | None = None
@@ -194,7 +196,7 @@ class Work:
 
 
 class StableDiffusion:
-    def __init__(self, runners: dict, export: dict, tokenizers: list, calibration=None):
+    def __init__(self, runners: dict, export: dict, tokenizers: list, calibration=None, loras: Loras | None = None):
         self.runners = runners
         self.export = export
         self.tokenizers = tokenizers  # one per text encoder input (SDXL: two); none in the Triton denoiser
@@ -213,15 +215,22 @@ class StableDiffusion:
         self.calibration = calibration or NoScheduleCalibration(
             "these engines have no calibration; run `voltacache calibrate`"
         )
+        # the LoRAs a request may name, and the engine variants they make (voltacache.lora)
+        self.loras = loras if loras is not None else Loras({}, export)
 
     @classmethod
-    def from_engines(cls, engine_dir, cuda_graph: bool = False) -> StableDiffusion:
+    def from_engines(
+        cls, engine_dir, cuda_graph: bool = False, loras: dict | None = None, resident: int = RESIDENT_VARIANTS
+    ) -> StableDiffusion:
+        """`loras`: {name: LoraFile} a request may name (generate --lora)."""
         from .build import load_engines
 
         engines = load_engines(engine_dir, cuda_graph=cuda_graph)
         tokenizers = load_tokenizers(engine_dir, engines.export["geometry"]["text_encoders"])
         calibration = load_calibration(engine_dir, engines.export["fingerprint"])
-        return cls(engines.runners, engines.export, tokenizers, calibration)
+        return cls(
+            engines.runners, engines.export, tokenizers, calibration, Loras(loras or {}, engines.export, resident)
+        )
 
     def __call__(self, request: Request | str, /, *, cache=None, **fields) -> Generation:
         """`sd("a cat", steps=20, seed=1)` or `sd(Request(...))`: the fields of voltacache.request.Request.
@@ -256,6 +265,11 @@ class StableDiffusion:
             )
         if request.cache_schedule == "calibrated":
             self.calibration.check(request.steps, request.cache_interval)
+        self.loras.check(request.loras)
+
+    def runners_for(self, request: Request) -> dict:
+        """The engines a request runs on: the base ones, or its LoRAs' variant of them."""
+        return self.loras.runners(request.loras, self.runners)
 
     def size_conditions(self, request: Request) -> list[int] | None:
         """SDXL's time ids: original size, crop top-left, target size (height, width each); the engines' size
@@ -312,6 +326,8 @@ class StableDiffusion:
                 family=self.family,
                 **({"size_conditions": self.size_conditions(request)} if self.size_conditioned else {}),
                 **({"init": fingerprint(image), "strength": float(request.strength)} if request.img2img else {}),
+                # a LoRA's image is never another's, nor the base model's: each file's content and scale
+                **({"loras": [list(key) for key in self.loras.key(request.loras)]} if request.loras else {}),
                 **({"mask": fingerprint(self.mask(request))} if request.inpaint else {}),
             )
             decision = cache.lookup(vector, scope, run_steps, request.seed) if request.cache_mode == "on" else None
@@ -364,7 +380,18 @@ class StableDiffusion:
         stats.steps += denoising_steps(request.steps, strength) - skipped
         conditions = self.unet_conditions(request, pooled)
         work = Work(
-            request, embeddings, sched, timesteps, latents, schedule, generator, seed, stats, set(capture), conditions
+            request,
+            embeddings,
+            sched,
+            timesteps,
+            latents,
+            schedule,
+            generator,
+            seed,
+            stats,
+            set(capture),
+            conditions,
+            self.runners_for(request),
         )
         work.inpainting = inpainting
         return work
@@ -401,12 +428,18 @@ class StableDiffusion:
 
     def step(self, works: list[Work]) -> list[tuple[Work, Exception]]:
         """5. One denoising step of every work: one unet_deep call over those on a DeepCache refresh step
-        and one unet_shallow call over the rest, each work's rows side by side (its guidance pair together).
+        and one unet_shallow call over the rest, each work's rows side by side (its guidance pair together);
+        works on different LoRA variants run in separate calls.
 
         A call that fails is retried work by work, so that one bad request fails alone; returns the
         works that failed, with why (the others have stepped)."""
-        deep, shallow = [w for w in works if w.full], [w for w in works if not w.full]
-        return self._step_group(UNET_DEEP, deep) + self._step_group(UNET_SHALLOW, shallow)
+        failed, variants = [], defaultdict(list)
+        for work in works:
+            variants[id(work.runners)].append(work)
+        for group in variants.values():
+            deep, shallow = [w for w in group if w.full], [w for w in group if not w.full]
+            failed += self._step_group(UNET_DEEP, deep) + self._step_group(UNET_SHALLOW, shallow)
+        return failed
 
     def _step_group(self, name: str, works: list[Work]) -> list[tuple[Work, Exception]]:
         try:
@@ -427,7 +460,7 @@ class StableDiffusion:
             return []
         feeds = [w.feeds() for w in works]
         started = time.perf_counter()
-        out = self.runners[name].infer({k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
+        out = works[0].runners[name].infer({k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
         seconds = time.perf_counter() - started
         rows = np.cumsum([len(f[SAMPLE]) for f in feeds])[:-1]
         noise = np.split(out[NOISE_PRED], rows)
@@ -460,13 +493,15 @@ class StableDiffusion:
 
     def encode_prompt(self, request: Request, stats: Stats):
         """(embeddings, pooled) of request.texts; the memo is skipped when the request turns every cache off."""
-        key = tuple(request.texts(self.batch))
+        texts = request.texts(self.batch)
+        key = (self.loras.key(request.loras), *texts)  # a LoRA may change the text encoder
         memo = request.cache_mode != "off"
         if memo and key in self.text_memo:  # an exact repeat: the text encoder's output is a pure function of the ids
             self.text_memo.move_to_end(key)
             stats.text_memo_hits += 1
             return self.text_memo[key]
-        out = stats.timed(TEXT_ENCODER, self.runners[TEXT_ENCODER], text_encoder_feeds(self.tokenizers, list(key)))
+        runner = self.runners_for(request)[TEXT_ENCODER]
+        out = stats.timed(TEXT_ENCODER, runner, text_encoder_feeds(self.tokenizers, texts))
         self.text_memo[key] = out[TEXT_EMBEDDINGS], out[POOLED_EMBEDDING]
         if len(self.text_memo) > TEXT_MEMO_SIZE:
             self.text_memo.popitem(last=False)

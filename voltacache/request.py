@@ -17,6 +17,7 @@ import numpy as np
 
 from .deepcache import CACHE_SCHEDULES, DEFAULT_REFRESH_THRESHOLD
 from .errors import InvalidRequest
+from .lora import check_loras
 from .schedulers import SCHEDULERS
 
 MAX_STEPS = 1000  # the trained schedule's length: every scheduler runs up to it
@@ -57,6 +58,7 @@ class Request:
     crop_top_left: tuple[int, int] | None = None
     target_size: tuple[int, int] | None = None
     refresh_threshold: float | None = None  # adaptive DeepCache: None is DEFAULT_REFRESH_THRESHOLD
+    loras: tuple[tuple[str, float], ...] = ()  # (registered name, scale), applied in this order
     mask_image: np.ndarray | None = field(default=None, compare=False, repr=False)  # inpainting
 
     @property
@@ -83,6 +85,9 @@ class Request:
             from .images import read_image
 
             fields["init_image"] = read_image(fields["init_image"])
+        if isinstance(fields.get("loras"), (list, dict)):  # [(name, scale)] or {name: scale}
+            loras = fields["loras"].items() if isinstance(fields["loras"], dict) else fields["loras"]
+            fields["loras"] = tuple(tuple(pair) if isinstance(pair, list) else pair for pair in loras)
         if fields.get("mask_image") is not None:
             from .images import read_mask
 
@@ -100,6 +105,8 @@ class Request:
             cache_schedule=self.cache_schedule,
             cache_interval=self.cache_interval,
         )
+        about |= {"loras": [list(pair) for pair in self.loras]} if self.loras else {}
+        return about | ({"img2img": True, "strength": self.strength} if self.img2img else {})
         about |= {"img2img": True, "strength": self.strength} if self.img2img else {}
         return about | ({"inpaint": True} if self.inpaint else {})
 
@@ -152,6 +159,7 @@ class Request:
                     f"strength {self.strength}: leaves no denoising step out of {self.steps}; raise it or the steps"
                 )
             check_image("init_image", self.init_image)
+        check_loras(self.loras)
         if self.inpaint:
             if not self.img2img:
                 raise InvalidRequest("mask_image: inpainting repaints an init_image; give one (--init-image)")
@@ -165,6 +173,7 @@ class Request:
         return {
             t.tensor.name: t.encode(getattr(self, t.field))
             for t in REQUEST_TENSORS
+            if (self.img2img or not t.img2img_only) and not (t.optional and getattr(self, t.field) in (None, ()))
             if (self.img2img or not t.img2img_only)
             and (self.inpaint or not t.inpaint_only)
             and not (t.optional and getattr(self, t.field) is None)

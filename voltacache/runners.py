@@ -104,11 +104,21 @@ class OnnxRuntimeRunner(Runner):
         session_options: dict | None = None,
         providers=None,
         sizes: tuple[int, ...] = (),
+        initializers: dict[str, np.ndarray] | None = None,
     ):
         import onnxruntime as ort
 
-        self.spec, self.sizes = spec, tuple(sizes)
+        self.path, self.spec, self.sizes = Path(path), spec, tuple(sizes)
+        self.session_options, self.providers = session_options, providers
+        self.base_weights: dict[str, np.ndarray] = {}  # initializers read from the file (LoRA's base)
         options = ort.SessionOptions()
+        # replacements of the file's initializers (a LoRA variant): ONNX Runtime reads these instead,
+        # before it optimizes; the arrays must outlive the session
+        self.replaced = {
+            k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in (initializers or {}).items()
+        }
+        for name, value in self.replaced.items():
+            options.add_initializer(name, value)
         for key, value in (session_options or {}).items():
             if key.startswith("session."):  # a session config entry (onnxruntime_session_options_config_keys.h)
                 options.add_session_config_entry(key, str(value))
@@ -117,13 +127,38 @@ class OnnxRuntimeRunner(Runner):
                 value = getattr(ort.GraphOptimizationLevel, value)
             setattr(options, key, value)
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(
+                str(path),
+                options,
+                providers=providers or ["CPUExecutionProvider"],
+                # the NCHWc layout rewrite reads Conv weights from the file, not from the replacements
+                # (measured: a LoRA's 1x1 convs came out unchanged), so a variant runs without it
+                disabled_optimizers=["NchwcTransformer"] if self.replaced else None,
+            )
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise VoltacacheError(f"{path}: ONNX Runtime cannot load it ({e}); rebuild with `voltacache build`") from e
 
     def _infer(self, feeds):
         names = self.spec.output_names
         return dict(zip(names, self.session.run(names, {n: feeds[n] for n in self.spec.input_names})))
+
+    def initializers(self, names) -> dict[str, np.ndarray]:
+        """Initializers' values as the file holds them (each read once: a LoRA variant adds to them)."""
+        missing = set(names) - set(self.base_weights)
+        if missing:
+            import onnx
+            from onnx import numpy_helper
+
+            found = {i.name: i for i in onnx.load(str(self.path), load_external_data=False).graph.initializer}
+            for name in missing:
+                if name not in found:
+                    raise VoltacacheError(f"{self.path}: no initializer {name!r}; rebuild with `voltacache build`")
+                self.base_weights[name] = numpy_helper.to_array(found[name], base_dir=str(self.path.parent))
+        return {name: self.base_weights[name] for name in names}
+
+    def with_initializers(self, values: dict[str, np.ndarray]) -> OnnxRuntimeRunner:
+        """A session over the same file with these initializers replaced (the file is not changed)."""
+        return OnnxRuntimeRunner(self.path, self.spec, self.session_options, self.providers, self.sizes, values)
 
 
 class TorchRunner(Runner):
@@ -160,13 +195,20 @@ class TensorRTRunner(Runner):
 
     pads = True  # static profiles: a call runs at a built size
 
-    def __init__(self, plan: Path, spec: ComponentSpec, sizes: tuple[int, ...], cuda_graph: bool = False):
+    def __init__(
+        self,
+        plan: Path,
+        spec: ComponentSpec,
+        sizes: tuple[int, ...],
+        cuda_graph: bool = False,
+        initializers: dict[str, np.ndarray] | None = None,
+    ):
         import tensorrt as trt
         import torch
 
-        self.spec, self.sizes = spec, tuple(sizes)
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = runtime.deserialize_cuda_engine(Path(plan).read_bytes())
+        self.plan, self.spec, self.sizes, self.cuda_graph = Path(plan), spec, tuple(sizes), cuda_graph
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(Path(plan).read_bytes())
         if self.engine is None:
             raise VoltacacheError(f"{plan}: TensorRT cannot deserialize it (corrupt, or built by another version)")
         if self.engine.num_optimization_profiles != len(self.sizes):
@@ -174,6 +216,8 @@ class TensorRTRunner(Runner):
                 f"{plan}: {self.engine.num_optimization_profiles} optimization profiles for batch sizes "
                 f"{list(self.sizes)}; rebuild with `voltacache build`"
             )
+        if initializers:
+            self._refit(trt, initializers)
         self.stream = torch.cuda.Stream()
         largest = spec.for_images(max(self.sizes))
         self.buffers = {
@@ -191,6 +235,30 @@ class TensorRTRunner(Runner):
                 self.graphs[size] = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(self.graphs[size], stream=self.stream):
                     context.execute_async_v3(self.stream.cuda_stream)
+
+    def _refit(self, trt, values: dict[str, np.ndarray]) -> None:
+        """The engine's weights named after the ONNX initializers replaced (TensorRT's refit API), before
+        any context or CUDA graph holds them."""
+        if not self.engine.refittable:
+            raise VoltacacheError(f"{self.plan}: not refittable; rebuild with `voltacache build --refittable` for LoRA")
+        refitter = trt.Refitter(self.engine, self.logger)
+        self._keep = [np.ascontiguousarray(v) for v in values.values()]  # TensorRT reads them during the refit
+        for (name, _), value in zip(values.items(), self._keep):
+            if not refitter.set_named_weights(name, trt.Weights(value)):
+                raise VoltacacheError(f"{self.plan}: TensorRT has no refittable weight {name!r}; rebuild it")
+        if not refitter.refit_cuda_engine():
+            raise VoltacacheError(f"{self.plan}: TensorRT refit failed (missing: {refitter.get_missing_weights()})")
+
+    def initializers(self, names) -> dict[str, np.ndarray]:
+        """The engine's weights named after ONNX initializers, as built (a refittable engine keeps them)."""
+        import tensorrt as trt
+
+        refitter = trt.Refitter(self.engine, self.logger)
+        return {name: refitter.get_named_weights(name).numpy().copy() for name in names}
+
+    def with_initializers(self, values: dict[str, np.ndarray]) -> TensorRTRunner:
+        """Another copy of the engine, refitted with these weights (the plan file is not changed)."""
+        return TensorRTRunner(self.plan, self.spec, self.sizes, self.cuda_graph, values)
 
     def _context(self, trt, index: int, shapes: ComponentSpec):
         context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)

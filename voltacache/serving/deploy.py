@@ -20,6 +20,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from ..build import read_engine_manifest
 from ..cache.layers import CacheSettings
 from ..errors import UsageError, VoltacacheError
+from ..lora import LORA_COMPONENTS, RESIDENT_VARIANTS, Loras
 from ..outputs import json_marker, refuse_overlap, staged_output
 from ..specs import COMPONENTS, TEXT_ENCODER, ComponentSpec
 from . import protocol as p
@@ -126,6 +127,8 @@ def deploy(
     denoiser_instances: int | None = None,
     cache: CacheSettings = CacheSettings(),
     step_batching: bool = True,
+    loras: dict | None = None,
+    lora_resident: int = RESIDENT_VARIANTS,
 ) -> Path:
     """Write the repository; returns its path. `component_backend`: python (ONNX Runtime in a Python
     model: the CPU server), onnxruntime (the NGC container's backend) or tensorrt (.plan engines).
@@ -133,6 +136,9 @@ def deploy(
     `step_batching`: one denoiser batches the U-Net steps of every request in flight
     (voltacache.batching) and the text encoder batches requests with Triton's dynamic batcher;
     without it, `denoiser_instances` denoisers (default 2) each run one request at a time.
+
+    `loras`: {name: LoraFile} a request may name (each checked against the engines now, and copied into
+    the repository); the component models keep `lora_resident` variants of their engine loaded.
 
     `repo` must be new, empty, or a repository `deploy` wrote (voltacache.json at its root): that one
     is generated output and is replaced whole, once the new one is complete. Anything else there is
@@ -155,9 +161,20 @@ def deploy(
             raise UsageError(
                 f"{option} {where}: inside --repo {repo}, which a new deploy replaces whole; keep the cache outside it"
             )
+    registry = Loras(loras or {}, manifest["export"], lora_resident)
+    if registry.files:
+        if component_backend != "python":
+            raise UsageError(
+                f"--lora: LoRA variants are served by the python component backend, not {component_backend}"
+            )
+        if not 1 <= lora_resident <= 16:
+            raise UsageError(f"--lora-resident {lora_resident}: keep 1 to 16 variants loaded")
+        for name in registry.files:
+            registry.check(((name, 1.0),))
+            registry.components(name)  # a LoRA these engines cannot take is refused now, not per request
     with staged_output(repo, force=True, ours=is_repository, arg="--repo", what="model repository") as stage:
         instances = 1 if step_batching else denoiser_instances or DENOISER_INSTANCES
-        _write_repository(engines, stage, manifest, component_backend, instances, cache, step_batching)
+        _write_repository(engines, stage, manifest, component_backend, instances, cache, step_batching, registry)
     return repo
 
 
@@ -169,6 +186,7 @@ def _write_repository(
     denoiser_instances: int,
     cache: CacheSettings,
     step_batching: bool,
+    loras: Loras,
 ) -> None:
     export = manifest["export"]
     specs = p.serving_specs(export)
@@ -188,6 +206,10 @@ def _write_repository(
             config.dynamic_batching.SetInParent()
         if name == TEXT_ENCODER:  # the text-embedding memo: the same ids skip the encoder (Triton's LRU cache)
             config.response_cache.enable = True
+        if loras.files and name in LORA_COMPONENTS:  # which LoRAs to apply: "name:scale" per row
+            lora_dims = [-1] if batched else [-1, -1]
+            config.input.append(mc.ModelInput(name=p.LORAS, data_type="TYPE_STRING", dims=lora_dims, optional=True))
+            config.parameters[p.LORA_RESIDENT].string_value = str(loras.resident)
         write_config(folder, config)
         if target is None:
             install_adapter(folder, "component")
@@ -208,8 +230,12 @@ def _write_repository(
         if name in (p.DENOISER, p.CACHE_SEARCH):  # cache_search: which embedder reads the query
             for key, value in cache.parameters().items():
                 config.parameters[key].string_value = value
+        if name == p.DENOISER and loras.files:
+            config.parameters[p.LORA_RESIDENT].string_value = str(loras.resident)
         write_config(repo / name, config)
         install_adapter(repo / name, adapter)
+    if loras.files:
+        loras.write_registry(repo / p.LORA_FOLDER)
     write_config(repo / p.TXT2IMG, ensemble_config(specs[p.TXT2IMG], ensemble_steps(specs, img2img=False)))
     write_config(repo / p.IMG2IMG, ensemble_config(specs[p.IMG2IMG], ensemble_steps(specs, img2img=True)))
     inpaint = ensemble_steps(specs, img2img=True, inpaint=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InvalidRequest
+from ..lora import lora_text, parse_lora
 from ..specs import IMAGE, INPUT_IDS, TEXT_EMBEDDINGS, ComponentSpec, Geometry, TensorSpec, component_specs
 
 # Request tensors (what a client sends).
@@ -36,6 +37,7 @@ MASK_IMAGE = "MASK_IMAGE"  # inpainting: uint8 (height, width, 1 or 3), any size
 ORIGINAL_SIZE = "ORIGINAL_SIZE"  # SDXL's size conditioning, int32 (2,) each; absent: the engines' size, no crop
 CROP_TOP_LEFT = "CROP_TOP_LEFT"
 TARGET_SIZE = "TARGET_SIZE"
+LORAS = "LORAS"  # "name:scale" per LoRA registered in the deployment (deploy --lora), applied in order
 # Response tensors.
 IMAGES = "IMAGES"
 SEED_USED = "SEED_USED"
@@ -88,6 +90,8 @@ class RequestTensor:
     def encode(self, value) -> np.ndarray:
         if self.field == "seed" and value is None:
             value = RANDOM_SEED
+        if self.field == "loras":
+            return np.array([lora_text(name, scale).encode() for name, scale in value], dtype=object)
         if self.tensor.dtype == "object":
             return np.array([value.encode("utf-8")], dtype=object)
         if self.tensor.shape == (1,):
@@ -97,19 +101,24 @@ class RequestTensor:
         return np.ascontiguousarray(value, dtype=self.tensor.dtype)
 
     def decode(self, array: np.ndarray):
+        if self.field == "loras":  # "name:scale" each; Request.check judges them
+            return tuple(parse_lora(self._text(v)) for v in np.asarray(array).reshape(-1))
         if self.tensor.shape == (2,):  # a pair: Request.check judges its length and values
             return tuple(int(v) for v in np.asarray(array).reshape(-1))
         if self.tensor.shape != (1,):
             return array
         value = array.reshape(-1)[0]
         if self.tensor.dtype == "object":
-            raw = value if isinstance(value, bytes) else str(value).encode()
-            try:
-                return raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise InvalidRequest(f"{self.tensor.name} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            return self._text(value)
         value = value.item()
         return None if self.field == "seed" and value == RANDOM_SEED else value
+
+    def _text(self, value) -> str:
+        raw = value if isinstance(value, bytes) else str(value).encode()
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidRequest(f"{self.tensor.name} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
 
 REQUEST_TENSORS = (
@@ -129,7 +138,13 @@ REQUEST_TENSORS = (
     RequestTensor("crop_top_left", TensorSpec(CROP_TOP_LEFT, "int32", (2,)), optional=True),
     RequestTensor("target_size", TensorSpec(TARGET_SIZE, "int32", (2,)), optional=True),
     RequestTensor("refresh_threshold", scalar(REFRESH_THRESHOLD, "float32"), optional=True),
+    RequestTensor("loras", TensorSpec(LORAS, "object", (-1,)), optional=True),
 )
+LORA_TENSOR = next(t for t in REQUEST_TENSORS if t.field == "loras")
+# in the repository, inside the denoiser's folder (Triton takes every folder at the root for a model, and
+# skips one inside a model that is not a version): the registered LoRA files and voltacache.lora.REGISTRY
+LORA_FOLDER = f"{DENOISER}/loras"
+LORA_RESIDENT = "lora_resident"  # component parameter: LoRA variants kept loaded
 SEARCH_TENSORS = (
     RequestTensor("mode", scalar(SEARCH, "object")),
     RequestTensor("text", scalar(QUERY, "object"), optional=True),

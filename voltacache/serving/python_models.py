@@ -34,6 +34,7 @@ class PythonModel:
 
     def initialize(self, args):
         self.config = json.loads(args["model_config"])
+        self.repository = Path(args["model_repository"]).parent  # the model's folder is inside it
         self.parameters = {k: v["string_value"] for k, v in self.config.get("parameters", {}).items()}
         self.engines = Path(self.parameters["engines"])
         self.export = json.loads((self.engines / "engines.json").read_text())["export"]
@@ -112,12 +113,19 @@ class ComponentModel(PythonModel):
 
     def setup(self):
         from ..build import load_engines
+        from ..lora import Loras
 
         self.runner = load_engines(self.engines, components=[self.spec.name], served=True).runners[self.spec.name]
+        # the deployment's LoRAs (deploy --lora): a request naming some runs on a variant of this engine
+        resident = int(self.parameters.get(p.LORA_RESIDENT, 0) or 0)
+        self.loras = Loras.from_registry(self.repository / p.LORA_FOLDER, self.export, resident or 1)
+        self.metrics = Metrics(pb(), self.spec.name)
 
     def execute(self, requests):
-        """Triton's dynamic batcher may hand over several requests: one engine call over all of them."""
-        if len(requests) == 1:
+        """Triton's dynamic batcher may hand over several requests: one engine call over all of them
+        (each on its own when one names LoRAs)."""
+        lora = any(pb().get_input_tensor_by_name(r, p.LORAS) is not None for r in requests)
+        if len(requests) == 1 or lora:
             return super().execute(requests)
         feeds = []
         for request in requests:
@@ -141,7 +149,23 @@ class ComponentModel(PythonModel):
         return {t.name: self.input(request, t.name) for t in self.spec.inputs}
 
     def run(self, request):
-        return self.runner.infer(self.feeds(request))
+        return self.runner_for(request).infer(self.feeds(request))
+
+    def runner_for(self, request):
+        """The base engine, or the variant of the request's LoRAs (built if it is not resident)."""
+        loras = self.input(request, p.LORAS, required=False)
+        if loras is None:
+            return self.runner
+        loras = p.LORA_TENSOR.decode(loras[0])  # one row per image row, all the same
+        self.loras.check(loras)
+        switches = self.loras.switches
+        runner = self.loras.runners(loras, {self.spec.name: self.runner})[self.spec.name]
+        if self.loras.switches != switches:
+            self.metrics.counter("voltacache_lora_switches_total", "LoRA variants built").increment(1)
+            self.metrics.counter(
+                "voltacache_lora_switch_seconds_total", "Seconds spent building LoRA variants"
+            ).increment(self.loras.last_switch_seconds)
+        return runner
 
 
 def bls(model: str, feeds: dict, outputs: list[str]) -> dict:
@@ -160,16 +184,48 @@ def bls(model: str, feeds: dict, outputs: list[str]) -> dict:
 
 
 class BlsRunner:
-    """The runner interface over a BLS call into another model of the repository."""
+    """The runner interface over a BLS call into another model of the repository; `loras`: the (name,
+    scale) pairs the called model applies (it holds the variant)."""
 
-    def __init__(self, spec: ComponentSpec):
-        self.spec = spec
+    def __init__(self, spec: ComponentSpec, loras: tuple = ()):
+        self.spec, self.loras = spec, loras
 
     def infer(self, feeds):
+        feeds = {n: feeds[n] for n in self.spec.input_names}
+        if self.loras:  # a row per image row, as the engine's inputs (the text encoder's are batched by Triton)
+            rows = len(feeds[self.spec.input_names[0]])
+            feeds[p.LORAS] = np.tile(p.LORA_TENSOR.encode(self.loras), (rows, 1))
         try:
-            return bls(self.spec.name, {n: feeds[n] for n in self.spec.input_names}, self.spec.output_names)
+            return bls(self.spec.name, feeds, self.spec.output_names)
         except VoltacacheError as e:
             raise VoltacacheError(f"{self.spec.name}: {e}") from None
+
+
+class ServedLoras:
+    """The denoiser's side of the deployment's LoRAs: the registry (to check and scope requests), and
+    runners that ask the component models for their variant. One runners dict per variant, so the
+    step batcher runs requests of the same LoRAs in one call."""
+
+    def __init__(self, registry, resident: int):
+        self.registry, self.variants, self.resident = registry, {}, max(resident, 1)
+
+    def check(self, loras) -> None:
+        self.registry.check(loras)
+
+    def key(self, loras) -> tuple:
+        return self.registry.key(loras)
+
+    def runners(self, loras, base: dict) -> dict:
+        if not loras:
+            return base
+        key = self.key(loras)
+        if key not in self.variants:
+            from ..lora import LORA_COMPONENTS
+
+            if len(self.variants) >= 4 * self.resident:
+                self.variants.pop(next(iter(self.variants)))
+            self.variants[key] = {**base, **{n: BlsRunner(base[n].spec, loras) for n in LORA_COMPONENTS if n in base}}
+        return self.variants[key]
 
 
 class DenoiserModel(PythonModel):
@@ -184,14 +240,21 @@ class DenoiserModel(PythonModel):
         from ..batching import StepBatcher
         from ..cache.layers import CacheSettings, open_cache
         from ..deepcache_calibration import load_calibration
+        from ..lora import Loras
         from ..pipeline import StableDiffusion
         from ..specs import UNET_DEEP, UNET_SHALLOW, VAE_DECODER, VAE_ENCODER
+        from ..tokenizer import load_tokenizers
 
         specs = p.serving_specs(self.export)
-        runners = {name: BlsRunner(specs[name]) for name in (UNET_DEEP, UNET_SHALLOW, VAE_ENCODER, VAE_DECODER)}
+        names = (TEXT_ENCODER, UNET_DEEP, UNET_SHALLOW, VAE_ENCODER, VAE_DECODER)
+        runners = {name: BlsRunner(specs[name]) for name in names}
         # the engines folder's calibrated DeepCache schedules, as read when the model loads
         calibration = load_calibration(self.engines, self.export["fingerprint"])
-        self.pipeline = StableDiffusion(runners, self.export, tokenizers=[], calibration=calibration)
+        # the deployment's LoRAs: a request naming some is encoded again here, by their text encoder variant
+        registry = Loras.from_registry(self.repository / p.LORA_FOLDER, self.export)
+        loras = ServedLoras(registry, int(self.parameters.get(p.LORA_RESIDENT, 0) or 1))
+        tokenizers = load_tokenizers(self.engines, self.export["geometry"]["text_encoders"]) if registry.files else []
+        self.pipeline = StableDiffusion(runners, self.export, tokenizers, calibration, loras)
         # the cross-request cache named by the deployment (voltacache deploy --cache), or None
         # (reported once in the server's log, where `voltacache serve` shows it, and served without)
         settings = CacheSettings.from_parameters(self.parameters)
@@ -246,6 +309,10 @@ class DenoiserModel(PythonModel):
         embeddings, pooled = self.input(request, TEXT_EMBEDDINGS), self.input(request, POOLED_EMBEDDING)
         request = self.request(request)
         self.pipeline.check(request)
+        if request.loras:  # the ensemble encoded the prompt with the base text encoder: encode it with the LoRAs'
+            from ..pipeline import Stats
+
+            embeddings, pooled = self.pipeline.encode_prompt(request, Stats())
         return request, embeddings, pooled
 
     def is_search(self, request) -> bool:

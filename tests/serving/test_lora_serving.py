@@ -1,0 +1,66 @@
+"""LoRA through a real tritonserver: the deployment's registered LoRAs (conftest's cached_server), the
+same image as in process, the cache scoped by LoRA, bad requests answered while the server serves on."""
+
+import numpy as np
+import pytest
+
+from voltacache.errors import VoltacacheError
+from voltacache.lora import LoraFile
+from voltacache.pipeline import StableDiffusion
+from voltacache.request import Request
+from voltacache.serving import protocol as p
+from voltacache.serving.client import Client
+
+from .test_triton import metric
+
+PROMPT = "a lighthouse drawn in ink"  # this module's own: the shared cache holds none of it
+REQUEST = dict(steps=6, scheduler="ddim", seed=4)
+
+
+@pytest.fixture(scope="module")
+def local(engines_dir, lora_files):
+    files = {name: LoraFile.open(name, lora_files[name]) for name in ("style", "other")}
+    return StableDiffusion.from_engines(engines_dir, loras=files)
+
+
+def test_served_lora_image_equals_in_process(cached_server, local):
+    client = Client(cached_server.grpc_url)
+    switches = metric(cached_server, "voltacache_lora_switches_total")
+    for loras in ((("style", 0.7),), (("style", 0.5), ("other", 1.0))):
+        served = client.generate(PROMPT, cache_mode="off", loras=loras, **REQUEST)
+        expected = local(PROMPT, cache_mode="off", loras=loras, **REQUEST)
+        assert np.array_equal(served.images[0], np.asarray(expected.images[0]))
+    base = client.generate(PROMPT, cache_mode="off", **REQUEST)
+    assert np.array_equal(base.images[0], np.asarray(local(PROMPT, cache_mode="off", **REQUEST).images[0]))
+    assert metric(cached_server, "voltacache_lora_switches_total") > switches
+    assert metric(cached_server, "voltacache_lora_switch_seconds_total") > 0
+
+
+def test_a_lora_request_never_receives_the_base_or_another_loras_image(cached_server):
+    client = Client(cached_server.grpc_url)
+    prompt = "a lighthouse drawn in ink at dusk"
+    base = client.generate(prompt, **REQUEST)
+    styled = client.generate(prompt, loras=(("style", 1.0),), **REQUEST)
+    other = client.generate(prompt, loras=(("other", 1.0),), **REQUEST)
+    assert {base.cache, styled.cache, other.cache} == {"miss"}
+    assert not np.array_equal(base.images, styled.images) and not np.array_equal(styled.images, other.images)
+    again = client.generate(prompt + " ", loras=(("style", 1.0),), **REQUEST)  # not an exact repeat
+    assert again.cache == "semantic" and np.array_equal(again.images, styled.images)
+
+
+@pytest.mark.parametrize(
+    "loras, message",
+    [
+        ([b"nope:1.0"], r"lora 'nope': not registered here \(registered: other, style\)"),
+        ([b"style:99"], "lora style scale 99.0: must be a number"),
+        ([b"style:1", b"style:0.5"], "names one LoRA twice"),
+        ([b"style:x:y"], "a name is letters, digits"),
+    ],
+)
+def test_bad_lora_requests_get_an_error_and_the_server_serves_on(cached_server, loras, message):
+    """Sent as raw tensors, past the client's own checks: the server's answer."""
+    client = Client(cached_server.grpc_url)
+    tensors = {**Request.of(PROMPT, **REQUEST).to_triton(), p.LORAS: np.array(loras, dtype=object)}
+    with pytest.raises(VoltacacheError, match=message):
+        client.infer(p.TXT2IMG, tensors, [p.IMAGES])
+    assert client.generate(PROMPT, steps=2, seed=1).images.shape[0] == 1

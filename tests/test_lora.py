@@ -1,0 +1,160 @@
+"""LoRA on built engines (voltacache.lora): parity with diffusers' load_lora_weights + fuse_lora, the base
+engines untouched, kohya files, variants and their cache scope, and one-line refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import PROMPT, cli, fused_pipeline, levels, one_error_line, write_lora
+
+from voltacache.errors import InvalidRequest, UsageError
+from voltacache.lora import LoraFile, parse_lora
+from voltacache.pipeline import StableDiffusion
+
+STEPS, SEED = 8, 3
+
+
+@pytest.fixture(scope="module")
+def lora_sd(engines_dir, lora_files):
+    files = {name: LoraFile.open(name, path) for name, path in lora_files.items()}
+    return StableDiffusion.from_engines(engines_dir, loras=files)
+
+
+def ours(sd, **fields):
+    return np.asarray(sd(PROMPT, steps=STEPS, seed=SEED, scheduler="ddim", cache_mode="off", **fields).images[0])
+
+
+def theirs(pipe):
+    from helpers import diffusers_image
+
+    return np.asarray(diffusers_image(pipe, "ddim", SEED, steps=STEPS))
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.6])
+def test_lora_image_equals_diffusers_fused(lora_sd, tiny_pipe, lora_files, scale):
+    image = ours(lora_sd, loras=(("style", scale),))
+    expected = theirs(fused_pipeline(tiny_pipe, [(lora_files["style"], scale)]))
+    worst, _ = levels(image, expected)
+    assert worst <= 1, worst
+    assert levels(image, theirs(tiny_pipe))[0] > 10  # the LoRA shows: not the base image
+
+
+def test_two_loras_equal_diffusers_adapters_fused(lora_sd, tiny_pipe, lora_files):
+    image = ours(lora_sd, loras=(("style", 0.5), ("other", 0.8)))
+    expected = theirs(fused_pipeline(tiny_pipe, [(lora_files["style"], 0.5), (lora_files["other"], 0.8)]))
+    assert levels(image, expected)[0] <= 1
+
+
+def test_removing_the_lora_gives_the_base_image_back_exactly(lora_sd, sd):
+    base = ours(sd)
+    assert not np.array_equal(ours(lora_sd, loras=(("style", 1.0),)), base)
+    assert np.array_equal(ours(lora_sd), base)
+
+
+def test_kohya_file_gives_the_same_image(lora_sd):
+    assert np.array_equal(ours(lora_sd, loras=(("style_kohya", 0.7),)), ours(lora_sd, loras=(("style", 0.7),)))
+
+
+def test_variants_stay_resident_up_to_the_limit(engines_dir, lora_files):
+    files = {name: LoraFile.open(name, path) for name, path in lora_files.items()}
+    sd = StableDiffusion.from_engines(engines_dir, loras=files, resident=1)
+    ours(sd, loras=(("style", 1.0),))
+    ours(sd, loras=(("style", 1.0),))
+    assert sd.loras.switches == 1 and sd.loras.last_switch_seconds > 0
+    ours(sd, loras=(("other", 1.0),))
+    ours(sd, loras=(("style", 1.0),))  # evicted by `other`: built again
+    assert sd.loras.switches == 3 and len(sd.loras.variants) == 1
+
+
+def test_a_lora_image_is_never_served_for_the_base_model_or_another_lora(lora_sd, tmp_path):
+    from voltacache.cache.layers import CacheSettings, open_cache
+
+    settings = CacheSettings(index=str(tmp_path / "cache.db"), embedder="minilm")
+    cache = open_cache(settings, lora_sd.export["fingerprint"], lora_sd.export["geometry"]["pooled_dim"])
+    request = dict(steps=STEPS, seed=SEED, scheduler="ddim")
+    first = lora_sd(PROMPT, cache=cache, loras=(("style", 1.0),), **request)
+    assert first.cache == "miss"
+    base = lora_sd(PROMPT, cache=cache, **request)
+    other = lora_sd(PROMPT, cache=cache, loras=(("style", 0.5),), **request)
+    assert base.cache == "miss" and other.cache == "miss"
+    again = lora_sd(PROMPT, cache=cache, loras=(("style", 1.0),), **request)
+    assert again.cache == "semantic" and np.array_equal(np.asarray(again.images[0]), np.asarray(first.images[0]))
+
+
+def test_unknown_lora_name_is_refused(lora_sd):
+    with pytest.raises(InvalidRequest, match="lora 'nope': not registered here"):
+        lora_sd(PROMPT, steps=2, loras=(("nope", 1.0),))
+
+
+def test_lora_for_another_architecture_is_refused(engines_dir, sd2_tiny, tmp_path):
+    from voltacache.checkpoint import load_pipeline
+
+    foreign = write_lora(load_pipeline(sd2_tiny[0]), tmp_path / "sd2.safetensors")
+    sd = StableDiffusion.from_engines(engines_dir, loras={"sd2": LoraFile.open("sd2", foreign)})
+    with pytest.raises(UsageError, match="a LoRA for another architecture"):
+        sd(PROMPT, steps=2, loras=(("sd2", 1.0),))
+    assert np.asarray(sd(PROMPT, steps=2, seed=1).images[0]).shape[-1] == 3  # the pipeline goes on
+    # a deployment refuses it when it is registered, not when a request names it
+    result = cli("deploy", "--engines", engines_dir, "--repo", tmp_path / "repo", "--lora", f"sd2={foreign}")
+    one_error_line(result, 2, "--lora sd2", "a LoRA for another architecture")
+    assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize("option", ["style", "=x.safetensors", "a b=x.safetensors"])
+def test_deploy_lora_option_refusals(engines_dir, tmp_path, option):
+    result = cli("deploy", "--engines", engines_dir, "--repo", tmp_path / "repo", "--lora", option)
+    one_error_line(result, 2, "--lora")
+    assert not (tmp_path / "repo").exists()
+
+
+def test_lora_with_deepcache(lora_sd, sd):
+    """DeepCache's shallow steps run on the variant too: N=2 with the LoRA is close to N=1 with it,
+    far from the base model at N=2."""
+    cached = ours(lora_sd, loras=(("style", 1.0),), cache_interval=2)
+    uncached = ours(lora_sd, loras=(("style", 1.0),))
+    base = ours(sd, cache_interval=2)
+    assert np.abs(cached.astype(int) - uncached).mean() < np.abs(cached.astype(int) - base).mean()
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("a.safetensors", ("a.safetensors", 1.0)),
+        ("a:0.5", ("a", 0.5)),
+        ("C:/x/a.safetensors:2", ("C:/x/a.safetensors", 2.0)),
+    ],
+)
+def test_parse_lora(text, expected):
+    assert parse_lora(text) == expected
+
+
+def test_generate_with_lora_in_process(engines_dir, lora_files, tmp_path):
+    out = tmp_path / "cat.png"
+    base = tmp_path / "base.png"
+    args = ("generate", PROMPT, "--engines", engines_dir, "--steps", "4", "--seed", "1")
+    assert cli(*args, "--output", base).exit_code == 0
+    result = cli(*args, "--output", out, "--lora", f"{lora_files['style']}:0.8", "--json")
+    assert result.exit_code == 0, result.output
+    from PIL import Image
+
+    assert levels(Image.open(out), Image.open(base))[0] > 10
+
+
+@pytest.mark.parametrize(
+    "lora, fragments",
+    [
+        ("missing.safetensors", ("--lora", "missing.safetensors", "no such file")),
+        ("{pickle}", ("--lora", ".bin", "only .safetensors")),
+        ("{torn}", ("not a LoRA file diffusers can read",)),
+        ("{style}:99", ("scale", "99")),
+    ],
+)
+def test_generate_lora_refusals(engines_dir, lora_files, tmp_path, lora, fragments):
+    (tmp_path / "w.bin").write_bytes(b"x")
+    (tmp_path / "torn.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    lora = lora.format(pickle=tmp_path / "w.bin", torn=tmp_path / "torn.safetensors", style=lora_files["style"])
+    result = cli(
+        "generate", PROMPT, "--engines", engines_dir, "--steps", "2", "--output", tmp_path / "x.png", "--lora", lora
+    )
+    one_error_line(result, 2, *fragments)
+    assert not (tmp_path / "x.png").exists()
