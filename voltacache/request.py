@@ -106,7 +106,6 @@ class Request:
             cache_interval=self.cache_interval,
         )
         about |= {"loras": [list(pair) for pair in self.loras]} if self.loras else {}
-        return about | ({"img2img": True, "strength": self.strength} if self.img2img else {})
         about |= {"img2img": True, "strength": self.strength} if self.img2img else {}
         return about | ({"inpaint": True} if self.inpaint else {})
 
@@ -173,10 +172,9 @@ class Request:
         return {
             t.tensor.name: t.encode(getattr(self, t.field))
             for t in REQUEST_TENSORS
-            if (self.img2img or not t.img2img_only) and not (t.optional and getattr(self, t.field) in (None, ()))
             if (self.img2img or not t.img2img_only)
             and (self.inpaint or not t.inpaint_only)
-            and not (t.optional and getattr(self, t.field) is None)
+            and not (t.optional and getattr(self, t.field) in (None, ()))
         }
 
     @classmethod
