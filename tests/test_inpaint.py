@@ -80,6 +80,12 @@ def test_mask_travels_in_the_inpaint_ensemble(tmp_path):
     back = Request.from_triton(tensors.get)
     assert back.inpaint and np.array_equal(back.mask_image[..., 0], MASK) and back == request
     assert p.MASK_IMAGE not in request.replace(mask_image=None).to_triton()
+    assert request.description() | {"prompt": ""} == {  # what a person browsing the cache is told
+        **Request("").description(),
+        "img2img": True,
+        "strength": 0.5,
+        "inpaint": True,
+    }
 
 
 @pytest.mark.parametrize("scheduler, strength", [("ddim", 0.6), ("pndm", 1.0), ("euler-a", 0.8)])
