@@ -156,6 +156,22 @@ def test_nine_channel_unet_runs_deepcache_and_refuses_txt2img(inpaint_sd):
         inpaint_sd(PROMPT, steps=4)
 
 
+@pytest.mark.slow
+def test_nine_channel_deployment_declares_the_nine_channel_sample(inpaint_tiny, tmp_path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from voltacache.serving.deploy import deploy
+
+    repo = deploy(inpaint_tiny[1], tmp_path / "repo")
+    for unet in ("unet_deep", "unet_shallow"):
+        config = text_format.Parse((repo / unet / "config.pbtxt").read_text(), mc.ModelConfig())
+        dims = {i.name: list(i.dims) for i in config.input}
+        assert dims["sample"] == [-1, 9, 8, 8], dims
+    inpaint = text_format.Parse((repo / p.INPAINT / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert {i.name for i in inpaint.input if not i.optional} >= {p.INIT_IMAGE, p.MASK_IMAGE, p.STRENGTH}
+
+
 def test_cache_is_scoped_by_mask(sd, tmp_path):
     store = CacheStore(str(tmp_path / "index.db"), tmp_path / "blobs", dim=64, embedder="clip")
     cache = RequestCache(store, ClipPooledEmbedder(64), "tiny-inpaint")
