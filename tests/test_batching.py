@@ -25,6 +25,10 @@ REQUESTS = [
     # schedules are per request: calibrated (conftest calibrates 12 steps at N = 3) and adaptive beside the rest
     Request(PROMPT, steps=12, seed=7, scheduler="ddim", cache_interval=3, cache_schedule="calibrated"),
     Request("a red square", steps=10, seed=8, scheduler="euler", cache_schedule="adaptive", refresh_threshold=0.05),
+    # inpainting (latent blending after each step) beside the rest; the mask any size, RGB
+    Request(
+        PROMPT, steps=8, seed=9, scheduler="ddim", init_image=INIT, mask_image=INIT, strength=0.75, cache_interval=2
+    ),
 ]
 
 
@@ -47,7 +51,7 @@ def levels(a, b) -> int:
 
 
 def test_batched_requests_equal_each_run_alone(sd):
-    batcher = StepBatcher(sd, capacity=8)
+    batcher = StepBatcher(sd, capacity=len(REQUESTS))
     answers = {}
     tickets = [submit(batcher, sd, r, answers) for r in REQUESTS]
     ticks = drain(batcher)

@@ -80,6 +80,12 @@ def test_mask_travels_in_the_inpaint_ensemble(tmp_path):
     back = Request.from_triton(tensors.get)
     assert back.inpaint and np.array_equal(back.mask_image[..., 0], MASK) and back == request
     assert p.MASK_IMAGE not in request.replace(mask_image=None).to_triton()
+    assert request.description() | {"prompt": ""} == {  # what a person browsing the cache is told
+        **Request("").description(),
+        "img2img": True,
+        "strength": 0.5,
+        "inpaint": True,
+    }
 
 
 @pytest.mark.parametrize("scheduler, strength", [("ddim", 0.6), ("pndm", 1.0), ("euler-a", 0.8)])
@@ -150,6 +156,22 @@ def test_nine_channel_unet_runs_deepcache_and_refuses_txt2img(inpaint_sd):
         inpaint_sd(PROMPT, steps=4)
 
 
+@pytest.mark.slow
+def test_nine_channel_deployment_declares_the_nine_channel_sample(inpaint_tiny, tmp_path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from voltacache.serving.deploy import deploy
+
+    repo = deploy(inpaint_tiny[1], tmp_path / "repo")
+    for unet in ("unet_deep", "unet_shallow"):
+        config = text_format.Parse((repo / unet / "config.pbtxt").read_text(), mc.ModelConfig())
+        dims = {i.name: list(i.dims) for i in config.input}
+        assert dims["sample"] == [-1, 9, 8, 8], dims
+    inpaint = text_format.Parse((repo / p.INPAINT / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert {i.name for i in inpaint.input if not i.optional} >= {p.INIT_IMAGE, p.MASK_IMAGE, p.STRENGTH}
+
+
 def test_cache_is_scoped_by_mask(sd, tmp_path):
     store = CacheStore(str(tmp_path / "index.db"), tmp_path / "blobs", dim=64, embedder="clip")
     cache = RequestCache(store, ClipPooledEmbedder(64), "tiny-inpaint")
@@ -193,3 +215,20 @@ def test_inpainting_single_file_loads_with_its_nine_channels(tiny_dir, tmp_path)
     assert loaded.unet.config.in_channels == 9
     assert torch.equal(loaded.unet.conv_in.weight, pipe.unet.conv_in.weight)
     assert load_pipeline(tiny_dir).unet.config.in_channels == 4  # the config folder itself is untouched
+
+
+def test_nine_channel_sample_is_written_once_in_the_geometry(tiny_pipe):
+    """The U-Net's sample reads sample_channels, its noise prediction and the VAE the latent channels; a
+    manifest written before inpainting (no sample_channels) reads as before."""
+    from voltacache.specs import NOISE_PRED, SAMPLE, UNET_DEEP, UNET_SHALLOW, Geometry, component_specs
+    from voltacache.unet_split import shallow_layer_count
+
+    geometry = Geometry.from_pipeline(tiny_pipe, shallow_layer_count(tiny_pipe.unet, "block"))
+    old = {k: v for k, v in geometry.__dict__.items() if k != "sample_channels"}
+    assert Geometry(**old).unet_channels == 4 and not Geometry(**old).inpainting
+    nine = Geometry(**old, sample_channels=9)
+    assert nine.inpainting
+    for name, spec in component_specs(nine, 1, 64, 64).items():
+        tensors = {t.name: t.shape for t in spec.inputs + spec.outputs}
+        if name in (UNET_DEEP, UNET_SHALLOW):
+            assert tensors[SAMPLE] == (2, 9, 8, 8) and tensors[NOISE_PRED] == (2, 4, 8, 8)

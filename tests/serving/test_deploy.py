@@ -53,7 +53,7 @@ def test_without_step_batching_the_repository_is_per_request(engines_dir, tmp_pa
 
 
 def test_ensembles_wire_existing_models_with_response_cache(triton_repo):
-    optional = {p.ORIGINAL_SIZE, p.CROP_TOP_LEFT, p.TARGET_SIZE, p.REFRESH_THRESHOLD}
+    optional = {p.ORIGINAL_SIZE, p.CROP_TOP_LEFT, p.TARGET_SIZE, p.REFRESH_THRESHOLD, p.LORAS}
     for name in (p.TXT2IMG, p.IMG2IMG, p.INPAINT):
         config = read_config(triton_repo, name)
         # the response cache sits on the denoiser, so that postprocess can report a hit (protocol.py)
