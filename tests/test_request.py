@@ -81,10 +81,10 @@ def test_triton_round_trip(img2img):
         loras,
     ).check()
     tensors = request.to_triton()
-    # left out: txt2img's img2img tensors and unset optional ones; here no LoRA and no inpainting mask
+    # left out: txt2img's img2img tensors and unset optional ones; here no inpainting mask
     everything = {t.tensor.name for t in p.REQUEST_TENSORS}
     txt2img = {t.tensor.name for t in p.REQUEST_TENSORS if t.img2img_only or t.optional}
-    assert set(tensors) == everything - ({p.LORAS, p.MASK_IMAGE} if img2img else txt2img)
+    assert set(tensors) == everything - ({p.MASK_IMAGE} if img2img else txt2img)
     assert tensors[p.PROMPT].dtype == object and tensors[p.STEPS].dtype == np.int32
     back = Request.from_triton(tensors.get)
     sent = request if img2img else request.replace(strength=Request.strength)  # txt2img sends no strength
