@@ -56,6 +56,7 @@ def main() -> None:
     first, second = (("first", 0.8),), (("second", 0.8),)
 
     rows = {}
+    print("warming up, then 7 requests and 2 switches (SD 1.5 on a CPU: minutes)", file=sys.stderr)
     sd(PROMPT, **request)  # warm-up: the sessions' first run
     rows["base request"] = timed(lambda: sd(PROMPT, **request))[1]
     rows["first request after a switch"] = timed(lambda: sd(PROMPT, loras=first, **request))[1]

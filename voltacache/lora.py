@@ -176,6 +176,7 @@ def zero_layers(layers: dict) -> torch.nn.Module:  # noqa: F821
     """A module tree holding, at each LoRA layer's path, a zero Linear or Conv2d of the layer's shape."""
     import torch
     from torch import nn
+    from torch.nn.utils import skip_init
 
     root = nn.Module()
     for key, down in layers.items():
@@ -185,10 +186,11 @@ def zero_layers(layers: dict) -> torch.nn.Module:  # noqa: F821
         up = layers.get(f"{path}.lora_B.weight")
         if up is None:
             raise UsageError(f"LoRA layer {path}: lora_A without lora_B; the file is incomplete")
+        # skip_init: no random init to throw away (SD 1.5's layers hold hundreds of millions of weights)
         if down.ndim == 4:
-            layer = nn.Conv2d(down.shape[1], up.shape[0], tuple(down.shape[2:]), bias=False)
+            layer = skip_init(nn.Conv2d, down.shape[1], up.shape[0], tuple(down.shape[2:]), bias=False)
         else:
-            layer = nn.Linear(down.shape[1], up.shape[0], bias=False)
+            layer = skip_init(nn.Linear, down.shape[1], up.shape[0], bias=False)
         nn.init.zeros_(layer.weight)
         parent = root
         *parents, leaf = path.split(".")
@@ -248,7 +250,10 @@ def new_weights(changes: list[dict], targets: dict[str, list], base: dict[str, n
                 name, transposed, _ = targets[param]
                 current = values.get(name, base[name])
                 delta = delta.numpy().T if transposed else delta.numpy()
-                values[name] = (current.astype(np.float32) + delta).astype(current.dtype)
+                if current.dtype == np.float32:
+                    values[name] = current + delta  # what fuse_lora computes, to the bit
+                else:  # fp16 engines: added in fp32, stored in the engine's dtype
+                    values[name] = (current.astype(np.float32) + delta).astype(current.dtype)
     return values
 
 
