@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
+
 PROMPT = "a photo of an astronaut riding a horse"  # the prompt of the parity tests
 OTHER_MODELS_PROMPT = PROMPT  # conftest's cached_server holds an entry of another model for it
 
@@ -72,6 +74,34 @@ def diffusers_image(pipe, scheduler, seed, steps=20, guidance=7.5, negative="", 
         guidance_scale=guidance,
         generator=torch.Generator("cpu").manual_seed(seed),
         **kwargs,
+    ).images[0]
+
+
+# inpainting's init image and mask (the tests of voltacache's inpainting and of LoRA with it)
+INIT = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+MASK = np.zeros((64, 64), np.uint8)
+MASK[16:48, 8:40] = 255
+
+
+def diffusers_inpaint(pipe, scheduler, seed, steps, strength, init=INIT, mask=MASK):
+    """diffusers' StableDiffusionInpaintPipeline over `pipe`'s modules: the image inpainting is checked against."""
+    import torch
+    from diffusers import StableDiffusionInpaintPipeline
+    from PIL import Image
+
+    from voltacache.schedulers import make_scheduler
+
+    sched = make_scheduler(scheduler, dict(pipe.scheduler.config))
+    inpaint = StableDiffusionInpaintPipeline(**{**pipe.components, "scheduler": sched})
+    return inpaint(
+        PROMPT,
+        image=Image.fromarray(init),
+        mask_image=Image.fromarray(mask),
+        strength=strength,
+        num_inference_steps=steps,
+        height=64,
+        width=64,
+        generator=torch.Generator("cpu").manual_seed(seed),
     ).images[0]
 
 

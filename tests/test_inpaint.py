@@ -5,7 +5,7 @@ inpainting's 9-channel U-Net (the inpaint-tiny preset)."""
 import numpy as np
 import pytest
 import torch
-from helpers import PROMPT, cli, levels, one_error_line
+from helpers import INIT, MASK, PROMPT, cli, diffusers_inpaint, levels, one_error_line
 from PIL import Image
 
 from voltacache.cache.embedders import ClipPooledEmbedder
@@ -14,30 +14,9 @@ from voltacache.cache.store import CacheStore
 from voltacache.errors import InvalidRequest
 from voltacache.images import fit_mask
 from voltacache.request import Request
-from voltacache.schedulers import make_scheduler
 from voltacache.serving import protocol as p
 
 MAX_LEVELS, MAX_FRACTION = 1, 0.005  # as tests/test_pipeline.py: fp32 ONNX Runtime against PyTorch
-INIT = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-MASK = np.zeros((64, 64), np.uint8)
-MASK[16:48, 8:40] = 255
-
-
-def diffusers_inpaint(pipe, scheduler, seed, steps, strength, init=INIT, mask=MASK):
-    from diffusers import StableDiffusionInpaintPipeline
-
-    sched = make_scheduler(scheduler, dict(pipe.scheduler.config))
-    inpaint = StableDiffusionInpaintPipeline(**{**pipe.components, "scheduler": sched})
-    return inpaint(
-        PROMPT,
-        image=Image.fromarray(init),
-        mask_image=Image.fromarray(mask),
-        strength=strength,
-        num_inference_steps=steps,
-        height=64,
-        width=64,
-        generator=torch.Generator("cpu").manual_seed(seed),
-    ).images[0]
 
 
 @pytest.mark.parametrize("form", ["gray", "gray1", "rgb", "rgb-other-size"])

@@ -211,3 +211,13 @@ def test_engines_that_cannot_take_a_lora_refuse_it(engines_dir, lora_files, chan
     loras.check(())  # no LoRA: nothing to refuse
     with pytest.raises(InvalidRequest, match=message):
         loras.check((("style", 1.0),))
+
+
+def test_lora_with_inpainting_equals_diffusers(lora_sd, tiny_pipe, lora_files):
+    """A LoRA and a mask together: diffusers' inpainting pipeline over the fused modules."""
+    from helpers import INIT, MASK, diffusers_inpaint
+
+    loras = (("style", 0.8),)
+    ours_image = lora_sd(PROMPT, steps=8, seed=5, scheduler="ddim", init_image=INIT, mask_image=MASK, loras=loras)
+    expected = diffusers_inpaint(fused_pipeline(tiny_pipe, [(lora_files["style"], 0.8)]), "ddim", 5, 8, 0.8)
+    assert levels(ours_image.images[0], expected)[0] <= 1
