@@ -379,7 +379,7 @@ class StableDiffusion:
         schedule = self.deepcache_schedule(request, timesteps)
         stats.steps += denoising_steps(request.steps, strength) - skipped
         conditions = self.unet_conditions(request, pooled)
-        work = Work(
+        return Work(
             request,
             embeddings,
             sched,
@@ -391,10 +391,9 @@ class StableDiffusion:
             stats,
             set(capture),
             conditions,
-            self.runners_for(request),
+            runners=self.runners_for(request),
+            inpainting=inpainting,
         )
-        work.inpainting = inpainting
-        return work
 
     def deepcache_schedule(self, request: Request, timesteps) -> FixedSchedule | AdaptiveSchedule:
         """Which of the run's steps refresh the deep feature (voltacache.deepcache)."""

@@ -18,7 +18,12 @@ async function getJson(url, options) {
   return body;
 }
 
-function showError(message) { $("error").textContent = message || ""; }
+// what showed the error: a refresh that succeeds clears its own error, never a refused Generate's
+let errorFrom = null;
+function showError(message, from = null) {
+  $("error").textContent = message || "";
+  errorFrom = message ? from : null;
+}
 
 function fill(prompt, params) {
   $("prompt").value = prompt;
@@ -86,9 +91,9 @@ async function refresh() {
     if (mine !== asked) return;
     showRecommendations(recommended.prompts.filter((p) => p.prompt !== text));
     showGallery(gallery.images, text.trim());
-    showError("");
+    if (errorFrom === "refresh") showError("");
   } catch (error) {
-    if (mine === asked) showError(error.message);
+    if (mine === asked) showError(error.message, "refresh");
   }
 }
 
