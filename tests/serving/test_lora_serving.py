@@ -1,8 +1,12 @@
 """LoRA through a real tritonserver: the deployment's registered LoRAs (conftest's cached_server), the
 same image as in process, the cache scoped by LoRA, bad requests answered while the server serves on."""
 
+import json
+
 import numpy as np
 import pytest
+from helpers import cli
+from PIL import Image
 
 from voltacache.errors import VoltacacheError
 from voltacache.lora import LoraFile
@@ -64,3 +68,13 @@ def test_bad_lora_requests_get_an_error_and_the_server_serves_on(cached_server, 
     with pytest.raises(VoltacacheError, match=message):
         client.infer(p.TXT2IMG, tensors, [p.IMAGES])
     assert client.generate(PROMPT, steps=2, seed=1).images.shape[0] == 1
+
+
+def test_cli_generates_with_a_registered_lora_through_the_server(cached_server, local, tmp_path):
+    out = tmp_path / "ink.png"
+    args = ("generate", PROMPT, "--url", cached_server.grpc_url, "--steps", "6", "--scheduler", "ddim", "--seed", "4")
+    result = cli(*args, "--cache", "off", "--lora", "style:0.7", "--json", "--output", out)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["loras"] == [["style", 0.7]]
+    expected = local(PROMPT, cache_mode="off", loras=(("style", 0.7),), **REQUEST)
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected.images[0]))
