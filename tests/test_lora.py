@@ -221,3 +221,82 @@ def test_lora_with_inpainting_equals_diffusers(lora_sd, tiny_pipe, lora_files):
     ours_image = lora_sd(PROMPT, steps=8, seed=5, scheduler="ddim", init_image=INIT, mask_image=MASK, loras=loras)
     expected = diffusers_inpaint(fused_pipeline(tiny_pipe, [(lora_files["style"], 0.8)]), "ddim", 5, 8, 0.8)
     assert levels(ours_image.images[0], expected)[0] <= 1
+
+
+@pytest.fixture(scope="module")
+def fp16_engines(tiny_dir, tmp_path_factory):
+    """The tiny model in fp16, the export's default: its weights reach ONNX Runtime's kernels through casts."""
+    from voltacache.build import build_engines
+    from voltacache.export import ExportOptions, export_model
+
+    root = tmp_path_factory.mktemp("fp16")
+    export_model(tiny_dir, root / "onnx", ExportOptions(precision="fp16"))
+    build_engines(root / "onnx", root / "engines", backend="onnxruntime")
+    return root / "engines"
+
+
+def weights_written_in(runner, values: dict, path):
+    """The engine file with `values` written into its weights: what a variant must compute."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(runner.path))
+    for tensor in model.graph.initializer:
+        if tensor.name in values:
+            tensor.CopyFrom(numpy_helper.from_array(values[tensor.name], tensor.name))
+    onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")
+    return path
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_variant_computes_what_the_engine_with_the_lora_written_in_computes(
+    request, engines_dir, lora_files, tmp_path, precision
+):
+    """Each variant session equals, to the bit, a session over the engine file with the LoRA's weights
+    written in: ONNX Runtime's rewrites (fp16 weights' casts folded to fp32, NCHWc's reordered Conv
+    weights) see the replacements, not the file's weights (they did not, once: fp16 LoRAs did nothing)."""
+    import onnxruntime as ort
+
+    from voltacache.lora import new_weights, touched
+
+    engines = engines_dir if precision == "fp32" else request.getfixturevalue("fp16_engines")
+    sd = StableDiffusion.from_engines(engines, loras={"style": LoraFile.open("style", lora_files["style"])})
+    variant = sd.loras.runners((("style", 0.8),), sd.runners)
+    changes = [sd.loras._changes("style", 0.8)]
+    rng = np.random.default_rng(0)
+    for name in ("text_encoder", "unet_deep", "unet_shallow"):
+        base, targets = sd.runners[name], sd.loras.targets[name]
+        values = new_weights(changes, targets, base.initializers(touched(changes, targets)))
+        expected = ort.InferenceSession(str(weights_written_in(base, values, tmp_path / f"{name}.onnx")))
+        feeds = {  # token ids, or samples, timesteps and features
+            t.name: rng.integers(0, 100, t.shape).astype(t.dtype)
+            if np.dtype(t.dtype).kind == "i"
+            else rng.standard_normal(t.shape).astype(t.dtype)
+            for t in base.spec.inputs
+        }
+        ours_out = variant[name].session.run(None, feeds)
+        base_out = base.session.run(None, feeds)
+        for got, want, was in zip(ours_out, expected.run(None, feeds), base_out):
+            assert np.array_equal(got, want), name
+            assert not np.array_equal(got, was), name  # the LoRA changes what the component computes
+
+
+def test_engines_with_their_weights_inside_the_graph_refuse_a_lora(engines_dir, lora_files, tmp_path):
+    """Engines an earlier build wrote keep the weights in the graph file: in process and at deploy, one
+    line says to rebuild them."""
+    import shutil
+
+    import onnx
+
+    old = tmp_path / "engines"
+    shutil.copytree(engines_dir, old)
+    model = onnx.load(str(old / "unet_deep.onnx"))
+    (old / "unet_deep.onnx.data").unlink()
+    onnx.save(model, str(old / "unet_deep.onnx"))
+    args = ("generate", PROMPT, "--engines", old, "--steps", "2", "--output", tmp_path / "x.png")
+    one_error_line(cli(*args, "--lora", lora_files["style"]), 1, "unet_deep.onnx", "voltacache build --force")
+    assert not (tmp_path / "x.png").exists()
+    assert cli(*args).exit_code == 0  # without a LoRA they run as they did
+    result = cli("deploy", "--engines", old, "--repo", tmp_path / "repo", "--lora", f"style={lora_files['style']}")
+    one_error_line(result, 2, "--lora", "unet_deep.onnx", "weights inside the graph", "voltacache build --force")
+    assert not (tmp_path / "repo").exists()

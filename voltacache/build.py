@@ -43,6 +43,7 @@ SERVED_SESSION_OPTIONS = {"session.intra_op.allow_spinning": "0"}
 # The saved model is optimized only as far as stays portable across CPUs (layout-specific
 # NCHWc rewrites happen at load time, under ORT_ENABLE_ALL).
 ORT_SAVED_LEVEL = "ORT_ENABLE_EXTENDED"
+ORT_EXTERNAL_MIN_BYTES = 64  # initializers kept beside the graph: every weight, not shapes and scalars
 # An engine against ONNX Runtime on the same ONNX, random inputs (atol = rtol): fp16 kernels against fp32-io
 # ONNX Runtime; int8 against ONNX Runtime's own int8 kernels, which fuse and round differently.
 TRT_TOLERANCE = {"fp16": 2e-2, "fp32": 2e-2, "int8": 1e-1}
@@ -187,10 +188,13 @@ def build_onnxruntime(source: Path, out_dir: Path, name: str) -> str:
     options = ort.SessionOptions()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_SAVED_LEVEL)
     options.optimized_model_filepath = str(target)
-    if source.with_name(source.name + ".data").exists():  # > 2 GB: keep the weights outside the protobuf
-        options.add_session_config_entry(
-            "session.optimized_model_external_initializers_file_name", target.name + ".data"
-        )
+    # The weights go beside the graph (`<name>.onnx.data`, which a graph over 2 GB needs anyway): a LoRA
+    # variant hands ONNX Runtime replacements for them, which it takes before it optimizes the graph
+    # (runners.OnnxRuntimeRunner); replacements for weights inside the graph come after its rewrites.
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", target.name + ".data")
+    options.add_session_config_entry(
+        "session.optimized_model_external_initializers_min_size_in_bytes", str(ORT_EXTERNAL_MIN_BYTES)
+    )
     try:
         ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
     except (InvalidProtobuf, InvalidGraph, InvalidArgument, NoSuchFile, Fail) as e:

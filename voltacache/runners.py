@@ -89,6 +89,10 @@ class Runner:
         raise NotImplementedError
 
 
+# engines built before ONNX Runtime engines kept their weights beside the graph (build.build_onnxruntime)
+WEIGHTS_INSIDE = "holds its weights inside the graph, where a LoRA cannot replace them; run `voltacache build --force`"
+
+
 class OnnxRuntimeRunner(Runner):
     """An ONNX Runtime session on the optimized model written at build time.
 
@@ -112,13 +116,14 @@ class OnnxRuntimeRunner(Runner):
         self.session_options, self.providers = session_options, providers
         self.base_weights: dict[str, np.ndarray] = {}  # initializers read from the file (LoRA's base)
         options = ort.SessionOptions()
-        # replacements of the file's initializers (a LoRA variant): ONNX Runtime reads these instead,
-        # before it optimizes; the arrays must outlive the session
-        self.replaced = {
-            k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in (initializers or {}).items()
-        }
-        for name, value in self.replaced.items():
-            options.add_initializer(name, value)
+        # replacements of weights the file keeps beside its graph (a LoRA variant): ONNX Runtime takes them
+        # in place of the file's as it loads the graph, before any rewrite reads them (add_initializer's
+        # come after: fp16 weights' casts and NCHWc's reordered Conv weights were folded from the file's);
+        # the arrays must outlive the session
+        initializers = initializers or {}
+        self.replaced = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for v in initializers.values()]
+        if initializers:
+            options.add_external_initializers(list(initializers), self.replaced)
         for key, value in (session_options or {}).items():
             if key.startswith("session."):  # a session config entry (onnxruntime_session_options_config_keys.h)
                 options.add_session_config_entry(key, str(value))
@@ -131,9 +136,6 @@ class OnnxRuntimeRunner(Runner):
                 str(path),
                 options,
                 providers=providers or ["CPUExecutionProvider"],
-                # the NCHWc layout rewrite reads Conv weights from the file, not from the replacements
-                # (measured: a LoRA's 1x1 convs came out unchanged), so a variant runs without it
-                disabled_optimizers=["NchwcTransformer"] if self.replaced else None,
             )
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise VoltacacheError(f"{path}: ONNX Runtime cannot load it ({e}); rebuild with `voltacache build`") from e
@@ -153,6 +155,8 @@ class OnnxRuntimeRunner(Runner):
             for name in missing:
                 if name not in found:
                     raise VoltacacheError(f"{self.path}: no initializer {name!r}; rebuild with `voltacache build`")
+                if found[name].data_location != onnx.TensorProto.EXTERNAL:
+                    raise VoltacacheError(f"{self.path}: {WEIGHTS_INSIDE}")
                 self.base_weights[name] = numpy_helper.to_array(found[name], base_dir=str(self.path.parent))
         return {name: self.base_weights[name] for name in names}
 

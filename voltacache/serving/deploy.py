@@ -22,6 +22,7 @@ from ..cache.layers import CacheSettings
 from ..errors import UsageError, VoltacacheError
 from ..lora import LORA_COMPONENTS, RESIDENT_VARIANTS, Loras
 from ..outputs import json_marker, refuse_overlap, staged_output
+from ..runners import WEIGHTS_INSIDE
 from ..specs import COMPONENTS, TEXT_ENCODER, ComponentSpec
 from . import protocol as p
 
@@ -172,6 +173,10 @@ def deploy(
         for name in registry.files:
             registry.check(((name, 1.0),))
             registry.components(name)  # a LoRA these engines cannot take is refused now, not per request
+        inside = [f for n, f in manifest["files"].items() if n in LORA_COMPONENTS and f.endswith(".onnx")]
+        inside = [f for f in inside if not (Path(engines) / (f + ".data")).is_file()]
+        if inside:  # built before ONNX Runtime engines kept their weights beside the graph
+            raise UsageError(f"--lora: {Path(engines) / inside[0]} {WEIGHTS_INSIDE}")
     with staged_output(repo, force=True, ours=is_repository, arg="--repo", what="model repository") as stage:
         instances = 1 if step_batching else denoiser_instances or DENOISER_INSTANCES
         _write_repository(engines, stage, manifest, component_backend, instances, cache, step_batching, registry)
