@@ -163,7 +163,15 @@ def test_cache_is_scoped_by_mask(sd, tmp_path):
     assert sd(PROMPT, **{**request, "mask_image": np.stack([MASK] * 3, axis=2)}).cache == "semantic"  # the same mask
 
 
-def test_cli_inpaints_and_refuses_a_mask_without_image(engines_dir, tmp_path):
+def test_strength_defaults_to_diffusers_own_for_each_kind():
+    assert Request(PROMPT, init_image=INIT).strength == 0.8  # StableDiffusionImg2ImgPipeline's default
+    assert Request(PROMPT, init_image=INIT, mask_image=MASK).strength == 1.0  # StableDiffusionInpaintPipeline's
+    assert Request(PROMPT, init_image=INIT, mask_image=MASK, strength=0.5).strength == 0.5
+    back = Request.from_triton(Request(PROMPT, init_image=INIT, mask_image=MASK).to_triton().get)
+    assert back.strength == 1.0  # served, the same
+
+
+def test_cli_inpaints_and_refuses_a_mask_without_image(engines_dir, sd, tmp_path):
     Image.fromarray(INIT).save(tmp_path / "init.png")
     Image.fromarray(MASK).save(tmp_path / "mask.png")
     (tmp_path / "bad.png").write_text("not an image")
@@ -172,7 +180,8 @@ def test_cli_inpaints_and_refuses_a_mask_without_image(engines_dir, tmp_path):
         *common, "--init-image", tmp_path / "init.png", "--mask-image", tmp_path / "mask.png", "-o", tmp_path / "a.png"
     )
     assert result.exit_code == 0, result.output
-    assert Image.open(tmp_path / "a.png").size == (64, 64)
+    expected = sd(PROMPT, steps=4, seed=1, scheduler="ddim", init_image=INIT, mask_image=MASK, strength=1.0)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(expected.images[0]))  # diffusers' 1
     one_error_line(
         cli(*common, "--mask-image", tmp_path / "mask.png", "-o", tmp_path / "b.png"), 2, "--mask-image", "--init-image"
     )

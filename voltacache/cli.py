@@ -21,7 +21,7 @@ from .deepcache_calibration import DEFAULT_INTERVALS, DEFAULT_PROMPTS, DEFAULT_S
 from .errors import UsageError, VoltacacheError
 from .lora import RESIDENT_VARIANTS
 from .outputs import check_target, json_marker, staged_output
-from .request import MAX_GUIDANCE, MAX_STEPS, Request
+from .request import IMG2IMG_STRENGTH, INPAINT_STRENGTH, MAX_GUIDANCE, MAX_STEPS, Request
 from .schedulers import SCHEDULERS
 
 app = typer.Typer(
@@ -501,8 +501,10 @@ def generate(
     height: int | None = typer.Option(None, help="Must equal the engines' static height."),
     width: int | None = typer.Option(None, help="Must equal the engines' static width."),
     init_image: Path | None = typer.Option(None, help="img2img: start from this image (resized to the engines' size)."),
-    strength: float = typer.Option(
-        Request.strength, help="img2img and inpainting: how much of the schedule to run (0-1]; 1 starts from noise."
+    strength: float | None = typer.Option(
+        None,
+        help="img2img and inpainting: how much of the schedule to run (0-1]; 1 starts from noise. "
+        f"Default: diffusers' ({IMG2IMG_STRENGTH} img2img, {INPAINT_STRENGTH} inpainting).",
     ),
     mask_image: Path | None = typer.Option(
         None,

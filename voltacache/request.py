@@ -29,6 +29,7 @@ CACHE_MODES = ("on", "off", "refresh")  # the cross-request cache for this reque
 # SDXL's size conditioning, each (height, width) or (top, left) in pixels; None: the engines' size, no crop
 SIZE_CONDITIONING = ("original_size", "crop_top_left", "target_size")
 MAX_CONDITIONING_SIDE = 16384
+IMG2IMG_STRENGTH, INPAINT_STRENGTH = 0.8, 1.0  # diffusers' defaults (img2img, inpainting pipelines)
 MAX_REFRESH_THRESHOLD = 100.0  # the summed relative change of the output; 0 refreshes every step
 
 
@@ -50,7 +51,7 @@ class Request:
     cache_interval: int = 1  # DeepCache: the full U-Net every N steps (1: off)
     cache_schedule: str = "uniform"
     init_image: np.ndarray | None = field(default=None, compare=False, repr=False)
-    strength: float = 0.8  # img2img: the share of the schedule that runs
+    strength: float | None = None  # img2img, inpainting: the share of the schedule that runs; None: diffusers' default
     cache_mode: str = "on"
     height: int | None = None
     width: int | None = None
@@ -60,6 +61,11 @@ class Request:
     refresh_threshold: float | None = None  # adaptive DeepCache: None is DEFAULT_REFRESH_THRESHOLD
     loras: tuple[tuple[str, float], ...] = ()  # (registered name, scale), applied in this order
     mask_image: np.ndarray | None = field(default=None, compare=False, repr=False)  # inpainting
+
+    def __post_init__(self):
+        if self.strength is None:  # decided once, where the request is made: in process and served alike
+            default = INPAINT_STRENGTH if self.mask_image is not None else IMG2IMG_STRENGTH
+            object.__setattr__(self, "strength", default)
 
     @property
     def threshold(self) -> float:
