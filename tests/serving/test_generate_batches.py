@@ -56,7 +56,12 @@ def test_ctrl_c_keeps_the_finished_images(triton, tmp_path):
     out = tmp_path / "out" / "img.png"
     cmd = [sys.executable, "-m", "voltacache", "generate", "--url", triton.grpc_url, "--prompts", str(prompts)]
     cmd += ["-o", str(out), "--steps", "40", "--scheduler", "ddim", "--seed", "1"]
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a Ctrl-C at a terminal: SIGINT as the default action, even where the suite runs as a background job
+    # (whose children start with SIGINT ignored, and ran all 40 prompts to exit 0 here once)
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    process = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint
+    )
     first = process.stdout.readline().strip()  # the first image is on disk when its path is printed
     assert first.endswith(".png"), process.stderr.read()
     process.send_signal(signal.SIGINT)
