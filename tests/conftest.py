@@ -54,6 +54,17 @@ CALIBRATION_PROMPTS = ("a red square on a blue background", "a photo of an astro
 
 
 @pytest.fixture(scope="session")
+def onnx_fp16_branch0(tiny_dir, tmp_path_factory):
+    """The tiny model in fp16 (the export's default precision), opset 18, DeepCache split at branch 0: the
+    other side of every export option onnx_fp32 takes."""
+    from voltacache.export import ExportOptions, export_model
+
+    out = tmp_path_factory.mktemp("onnx") / "fp16_b0_o18"
+    export_model(tiny_dir, out, ExportOptions(precision="fp16", opset=18, deepcache_branch="0"))
+    return out
+
+
+@pytest.fixture(scope="session")
 def engines_dir(onnx_fp32, tmp_path_factory):
     """ONNX Runtime engines built once per session from the fp32 export."""
     from voltacache.build import build_engines

@@ -10,13 +10,6 @@ from voltacache.export import ExportOptions, export_model, fp16_overflows, model
 from voltacache.specs import COMPONENTS, ROWS, UNET_DEEP, UNET_SHALLOW
 
 
-@pytest.fixture(scope="module")
-def onnx_fp16_branch0(tiny_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("onnx") / "fp16_b0_o18"
-    export_model(tiny_dir, out, ExportOptions(precision="fp16", opset=18, deepcache_branch="0"))
-    return out
-
-
 def graph_ops(path):
     model = onnx.load(str(path))
     return [n.op_type for n in model.graph.node], model

@@ -224,15 +224,13 @@ def test_lora_with_inpainting_equals_diffusers(lora_sd, tiny_pipe, lora_files):
 
 
 @pytest.fixture(scope="module")
-def fp16_engines(tiny_dir, tmp_path_factory):
+def fp16_engines(onnx_fp16_branch0, tmp_path_factory):
     """The tiny model in fp16, the export's default: its weights reach ONNX Runtime's kernels through casts."""
     from voltacache.build import build_engines
-    from voltacache.export import ExportOptions, export_model
 
-    root = tmp_path_factory.mktemp("fp16")
-    export_model(tiny_dir, root / "onnx", ExportOptions(precision="fp16"))
-    build_engines(root / "onnx", root / "engines", backend="onnxruntime")
-    return root / "engines"
+    out = tmp_path_factory.mktemp("fp16") / "engines"
+    build_engines(onnx_fp16_branch0, out, backend="onnxruntime")
+    return out
 
 
 def weights_written_in(runner, values: dict, path):
