@@ -218,7 +218,9 @@ def test_lora_with_inpainting_equals_diffusers(lora_sd, tiny_pipe, lora_files):
     from helpers import INIT, MASK, diffusers_inpaint
 
     loras = (("style", 0.8),)
-    ours_image = lora_sd(PROMPT, steps=8, seed=5, scheduler="ddim", init_image=INIT, mask_image=MASK, loras=loras)
+    ours_image = lora_sd(
+        PROMPT, steps=8, seed=5, scheduler="ddim", init_image=INIT, mask_image=MASK, strength=0.8, loras=loras
+    )
     expected = diffusers_inpaint(fused_pipeline(tiny_pipe, [(lora_files["style"], 0.8)]), "ddim", 5, 8, 0.8)
     assert levels(ours_image.images[0], expected)[0] <= 1
 
