@@ -107,8 +107,6 @@ def diffusers_inpaint(pipe, scheduler, seed, steps, strength, init=INIT, mask=MA
 
 def levels(a, b):
     """The largest difference between two uint8 images, in levels, and the share of values that differ."""
-    import numpy as np
-
     diff = np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int))
     return diff.max(), (diff > 0).mean()
 

@@ -6,9 +6,9 @@ layers exactly as `fuse_lora(lora_scale=...)` merges it, but on zero weights: th
 layer's change. The export recorded where each Linear and Conv weight of the text encoders and the
 U-Net lies in its ONNX graph (`lora_targets` in the manifest: the initializer, and whether it is
 stored transposed, as the exporter folds a Linear's weight). A variant is the base engines with
-those initializers replaced: a new ONNX Runtime session over the same file with the replacements as
-session initializers, or a TensorRT engine refitted. The base engines are never changed, so a
-request without LoRA runs exactly what it ran before.
+those initializers replaced: a new ONNX Runtime session over the same file, handed the replacements
+as it loads the weights kept beside the graph, or a TensorRT engine refitted. The base engines are
+never changed, so a request without LoRA runs exactly what it ran before.
 """
 
 from __future__ import annotations
@@ -304,7 +304,7 @@ class Loras:
         changes = [self._changes(name, scale) for name, scale in loras]
         variant = dict(base)
         for component in LORA_COMPONENTS:
-            runner = base[component] if component in base else None
+            runner = base.get(component)
             if runner is None:
                 continue
             names = touched(changes, self.targets[component])

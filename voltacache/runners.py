@@ -132,11 +132,7 @@ class OnnxRuntimeRunner(Runner):
                 value = getattr(ort.GraphOptimizationLevel, value)
             setattr(options, key, value)
         try:
-            self.session = ort.InferenceSession(
-                str(path),
-                options,
-                providers=providers or ["CPUExecutionProvider"],
-            )
+            self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise VoltacacheError(f"{path}: ONNX Runtime cannot load it ({e}); rebuild with `voltacache build`") from e
 

@@ -44,6 +44,14 @@ class PythonModel:
     def setup(self):
         pass
 
+    def registered_loras(self):
+        """The LoRAs the deployment registered (deploy --lora; none: an empty registry), keeping the
+        variants deploy --lora-resident asked for."""
+        from ..lora import Loras
+
+        resident = int(self.parameters.get(p.LORA_RESIDENT) or 1)
+        return Loras.from_registry(self.repository / p.LORA_FOLDER, self.export, resident)
+
     def execute(self, requests):
         return [self.respond(self.run, request) for request in requests]
 
@@ -113,12 +121,10 @@ class ComponentModel(PythonModel):
 
     def setup(self):
         from ..build import load_engines
-        from ..lora import Loras
 
         self.runner = load_engines(self.engines, components=[self.spec.name], served=True).runners[self.spec.name]
         # the deployment's LoRAs (deploy --lora): a request naming some runs on a variant of this engine
-        resident = int(self.parameters.get(p.LORA_RESIDENT, 0) or 0)
-        self.loras = Loras.from_registry(self.repository / p.LORA_FOLDER, self.export, resident or 1)
+        self.loras = self.registered_loras()
         self.metrics = Metrics(pb(), self.spec.name)
 
     def execute(self, requests):
@@ -206,10 +212,10 @@ class ServedLoras:
     runners that ask the component models for their variant. One runners dict per variant, so the
     step batcher runs requests of the same LoRAs in one call."""
 
-    def __init__(self, registry, resident: int):
+    def __init__(self, registry):
         import threading
 
-        self.registry, self.variants, self.resident = registry, {}, max(resident, 1)
+        self.registry, self.variants = registry, {}
         self.lock = threading.Lock()  # Triton's execute thread and the step batcher's both ask
 
     def check(self, loras) -> None:
@@ -226,7 +232,7 @@ class ServedLoras:
         key = self.key(loras)
         with self.lock:
             if key not in self.variants:
-                if len(self.variants) >= 4 * self.resident:
+                if len(self.variants) >= 4 * self.registry.resident:
                     self.variants.pop(next(iter(self.variants)))
                 variant = {n: BlsRunner(base[n].spec, loras) for n in LORA_COMPONENTS if n in base}
                 self.variants[key] = {**base, **variant}
@@ -245,7 +251,6 @@ class DenoiserModel(PythonModel):
         from ..batching import StepBatcher
         from ..cache.layers import CacheSettings, open_cache
         from ..deepcache_calibration import load_calibration
-        from ..lora import Loras
         from ..pipeline import StableDiffusion
         from ..specs import UNET_DEEP, UNET_SHALLOW, VAE_DECODER, VAE_ENCODER
         from ..tokenizer import load_tokenizers
@@ -256,8 +261,8 @@ class DenoiserModel(PythonModel):
         # the engines folder's calibrated DeepCache schedules, as read when the model loads
         calibration = load_calibration(self.engines, self.export["fingerprint"])
         # the deployment's LoRAs: a request naming some is encoded again here, by their text encoder variant
-        registry = Loras.from_registry(self.repository / p.LORA_FOLDER, self.export)
-        loras = ServedLoras(registry, int(self.parameters.get(p.LORA_RESIDENT, 0) or 1))
+        registry = self.registered_loras()
+        loras = ServedLoras(registry)
         tokenizers = load_tokenizers(self.engines, self.export["geometry"]["text_encoders"]) if registry.files else []
         self.pipeline = StableDiffusion(runners, self.export, tokenizers, calibration, loras)
         # the cross-request cache named by the deployment (voltacache deploy --cache), or None
