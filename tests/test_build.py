@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 
 import numpy as np
@@ -13,7 +14,9 @@ from voltacache.build import (
     load_engines,
     tensorrt_available,
 )
+from voltacache.deepcache_calibration import SCHEDULES_FILE
 from voltacache.errors import VoltacacheError
+from voltacache.outputs import ENGINES, record_owned
 from voltacache.specs import COMPONENTS, ROWS, UNET_DEEP
 
 TRT_OK, TRT_WHY = tensorrt_available()
@@ -145,14 +148,56 @@ def test_build_refuses_earlier_engines_without_force(onnx_fp32, engines_dir, tmp
     assert snapshot(engines) == before
 
 
-def test_build_force_replaces_earlier_engines(onnx_fp32, engines_dir, tmp_path):
+def test_build_force_replaces_earlier_engines_and_keeps_their_calibration(onnx_fp32, engines_dir, tmp_path):
     engines = copy_engines(engines_dir, tmp_path)
     (engines / "stale.plan").write_bytes(b"from the earlier build")
+    record_owned(engines, ENGINES, "stale.plan")  # as if the earlier build had written it
+    calibration = (engines / SCHEDULES_FILE).read_bytes()
     result = cli("build", "--onnx", onnx_fp32, "--out", engines, "--backend", "onnxruntime", "--force")
     assert result.exit_code == 0, result.output
+    assert "calibrat" not in result.stderr  # the same export: the calibration still holds, nothing to say
     assert not (engines / "stale.plan").exists()
+    assert (engines / SCHEDULES_FILE).read_bytes() == calibration  # hours of work survive a rebuild
+    assert SCHEDULES_FILE in ENGINES.owned(engines)
     assert set(load_engines(engines).runners) == set(COMPONENTS)
     assert listing(tmp_path) == ["engines"]
+
+
+def test_a_rebuild_from_another_export_sets_the_calibration_aside_and_says_so(onnx_fp32, engines_dir, tmp_path):
+    engines = copy_engines(engines_dir, tmp_path)
+    calibration = (engines / SCHEDULES_FILE).read_bytes()
+    onnx = shutil.copytree(onnx_fp32, tmp_path / "onnx")
+    manifest = json.loads((onnx / "manifest.json").read_text())
+    (onnx / "manifest.json").write_text(json.dumps(manifest | {"fingerprint": "f" * 64}))
+    told = f"{engines / SCHEDULES_FILE}: measured on another export than the one built now; kept as"
+    with pytest.warns(UserWarning, match=re.escape(told)) as warned:  # the CLI prints it: "warning: ..."
+        result = cli("build", "--onnx", onnx, "--out", engines, "--backend", "onnxruntime", "--force")
+    assert result.exit_code == 0, result.output
+    kept = [p for p in listing(engines) if p.startswith("deepcache_schedules.other-export-")]
+    assert len(kept) == 1 and (engines / kept[0]).read_bytes() == calibration
+    assert not (engines / SCHEDULES_FILE).exists()
+    assert kept[0] in str(warned[0].message)
+    # set aside is still owned: the next rebuild keeps it as it is
+    result = cli("build", "--onnx", onnx, "--out", engines, "--backend", "onnxruntime", "--force")
+    assert result.exit_code == 0 and (engines / kept[0]).read_bytes() == calibration
+
+
+@pytest.mark.parametrize("extra", ["notes.txt", "photos/", "tokenizer/notes.txt"])
+def test_build_force_never_deletes_what_it_did_not_write(onnx_fp32, engines_dir, tmp_path, extra):
+    engines = copy_engines(engines_dir, tmp_path)
+    path = engines / extra.rstrip("/")
+    path.mkdir() if extra.endswith("/") else path.write_text("mine")
+    before = snapshot(engines)
+    result = cli("build", "--onnx", onnx_fp32, "--out", engines, "--backend", "onnxruntime", "--force")
+    one_error_line(result, 2, f"--out {engines}: holds {extra}, which voltacache did not write there")
+    assert snapshot(engines) == before
+
+
+def test_engines_inside_the_export_are_refused(onnx_fp32, tmp_path):
+    onnx = shutil.copytree(onnx_fp32, tmp_path / "onnx")
+    result = cli("build", "--onnx", onnx, "--out", onnx / "engines", "--backend", "onnxruntime")
+    one_error_line(result, 2, f"--out {onnx / 'engines'}: inside the export {onnx} (its manifest.json)")
+    assert "engines" not in listing(onnx)
 
 
 def test_build_never_replaces_a_users_folder(onnx_fp32, tmp_path):
@@ -170,9 +215,9 @@ def test_build_from_a_folder_that_is_not_an_export(tmp_path):
     folder.mkdir()
     (folder / "cat.jpg").write_bytes(b"\xff\xd8")
     result = cli("build", "--onnx", folder, "--out", tmp_path / "engines")
-    one_error_line(result, 1, f"{folder / 'manifest.json'}: no export manifest", "voltacache export")
-    (folder / "manifest.json").write_text('{"format": 1}')
+    one_error_line(result, 2, f"--onnx {folder}: not an export (no manifest.json in it)", "voltacache export")
+    (folder / "manifest.json").write_text('{"format": 1, "fingerprint": "x", "components": {}}')
     result = cli("build", "--onnx", folder, "--out", tmp_path / "engines")
     one_error_line(result, 1, f"{folder / 'manifest.json'}: not a voltacache export manifest")
-    one_error_line(cli("build", "--onnx", tmp_path / "nope", "--out", tmp_path / "engines"), 1, "no such folder")
+    one_error_line(cli("build", "--onnx", tmp_path / "nope", "--out", tmp_path / "engines"), 2, "no such folder")
     assert listing(tmp_path) == ["photos"]

@@ -14,6 +14,7 @@ import pytest
 from voltacache.deepcache_calibration import SCHEDULES_FILE
 from voltacache.errors import InvalidRequest
 from voltacache.pipeline import StableDiffusion
+from voltacache.request import Request
 from voltacache.specs import DEEP_FEATURE, UNET_DEEP, UNET_SHALLOW
 
 PROMPT = "a photo of an astronaut riding a horse"
@@ -132,3 +133,47 @@ def test_adaptive_refreshes_where_its_rule_says_on_the_latents_it_read(sd):
     expected = [k for k, x in enumerate(samples) if replay.due(k, x)]
     assert [k for k, (name, _) in enumerate(log) if name == UNET_DEEP] == expected
     assert 1 < result.stats.unet_deep_calls == len(expected) < 12
+
+
+@pytest.mark.slow  # two short calibrations of the tiny model
+def test_the_advice_for_a_broken_calibration_is_advice_calibrate_accepts(engines_dir, tmp_path):
+    """A torn calibration says `calibrate --force`, and calibrate --force replaces it (it wrote it); a file
+    copied in from elsewhere says to move it out, and after that calibrate writes one."""
+    import re
+
+    from helpers import cli
+
+    from voltacache.outputs import ENGINES
+
+    engines = tmp_path / "engines"
+    shutil.copytree(engines_dir, engines)
+    (engines / SCHEDULES_FILE).write_text('{"format": 1, "stee')
+    with pytest.raises(InvalidRequest, match="not a readable DeepCache calibration") as refused:
+        StableDiffusion.from_engines(engines).check(
+            Request(PROMPT, steps=12, cache_interval=3, cache_schedule="calibrated")
+        )
+    advice = re.search(r"run `voltacache (calibrate [^`]*)`", str(refused.value)).group(1).split()
+    assert advice == ["calibrate", "--engines", str(engines), "--force"]
+    calibrate_args = ["--steps", "4", "--intervals", "2", "--prompts", str(prompt_file(tmp_path))]
+    assert cli(*advice, *calibrate_args).exit_code == 0
+    assert json.loads((engines / SCHEDULES_FILE).read_text())["steps"].keys() == {"4"}
+
+    record = json.loads((engines / "engines.json").read_text())
+    record["owned"].remove(SCHEDULES_FILE)  # as if the user had copied it in
+    (engines / "engines.json").write_text(json.dumps(record))
+    assert SCHEDULES_FILE not in ENGINES.owned(engines)
+    with pytest.raises(InvalidRequest, match="calibrate did not write deepcache_schedules.json in these engines: move"):
+        StableDiffusion.from_engines(engines).check(
+            Request(PROMPT, steps=12, cache_interval=3, cache_schedule="calibrated")
+        )
+    result = cli("calibrate", "--engines", engines, "--force", *calibrate_args)
+    assert result.exit_code == 2 and "voltacache did not write it" in result.stderr
+    (engines / SCHEDULES_FILE).rename(tmp_path / "theirs.json")
+    assert cli("calibrate", "--engines", engines, *calibrate_args).exit_code == 0
+    assert SCHEDULES_FILE in ENGINES.owned(engines)
+
+
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red square on a blue background\n")
+    return path

@@ -5,7 +5,7 @@ from helpers import cli, one_error_line, snapshot
 from onnx import TensorProto, helper
 
 from voltacache import export
-from voltacache.errors import ExportError
+from voltacache.errors import ExportError, UsageError
 from voltacache.export import ExportOptions, export_model, fp16_overflows, model_fingerprint, read_manifest
 from voltacache.specs import COMPONENTS, ROWS, UNET_DEEP, UNET_SHALLOW
 
@@ -77,15 +77,16 @@ def test_export_fails_when_onnx_disagrees(tiny_dir, tmp_path, monkeypatch):
 
 
 def test_bad_options(tiny_dir, tmp_path):
-    with pytest.raises(ExportError, match="--precision"):
+    """Mistakes in what was asked: UsageError (exit 2), found before anything loads."""
+    with pytest.raises(UsageError, match="--precision"):
         export_model(tiny_dir, tmp_path, ExportOptions(precision="int4"))
-    with pytest.raises(ExportError, match="--opset 17"):
+    with pytest.raises(UsageError, match="--opset 17"):
         export_model(tiny_dir, tmp_path, ExportOptions(opset=17))
-    with pytest.raises(ExportError, match="multiples of 64"):
+    with pytest.raises(UsageError, match="multiple of 8 pixels \\(of 64"):
         export_model(tiny_dir, tmp_path, ExportOptions(height=100))
-    with pytest.raises(ExportError, match="--batch-sizes 1,2: use positive multiples of --batch 2"):
+    with pytest.raises(UsageError, match="--batch-sizes 1,2: use positive multiples of --batch 2"):
         export_model(tiny_dir, tmp_path, ExportOptions(batch=2, batch_sizes=(1, 2)))
-    with pytest.raises(ExportError, match="--batch-sizes 0,1"):
+    with pytest.raises(UsageError, match="--batch-sizes 0,1"):
         export_model(tiny_dir, tmp_path, ExportOptions(batch_sizes=(1, 0)))
 
 
@@ -99,11 +100,11 @@ def test_batch_sizes_default_to_multiples_of_the_batch():
 def test_cli_export_refuses_bad_batch_sizes(tiny_dir, tmp_path):
     for value in ("1,two", "1,,2", ""):
         one_error_line(
-            cli("export", "--model", tiny_dir, "--out", tmp_path / "o", "--batch-sizes", value), 1, "--batch-sizes"
+            cli("export", "--model", tiny_dir, "--out", tmp_path / "o", "--batch-sizes", value), 2, "--batch-sizes"
         )
     one_error_line(
         cli("export", "--model", tiny_dir, "--out", tmp_path / "o", "--batch", "2", "--batch-sizes", "2,3"),
-        1,
+        2,
         "--batch-sizes 2,3: use positive multiples of --batch 2",
     )
     assert not (tmp_path / "o").exists()
@@ -227,11 +228,30 @@ def test_cli_export_interrupted_leaves_the_earlier_export_whole(onnx_fp32, tiny_
 def test_cli_export_force_replaces_an_earlier_export(onnx_fp32, tiny_dir, tmp_path):
     import shutil
 
+    from voltacache.outputs import EXPORT, record_owned
+
     out = shutil.copytree(onnx_fp32, tmp_path / "onnx")
     (out / "stale.txt").write_text("from the earlier export")
+    record_owned(out, EXPORT, "stale.txt")  # as if the earlier export had written it
     result = cli(
         "export", "--model", tiny_dir, "--out", out, "--precision", "fp32", "--deepcache-branch", "0", "--force"
     )
     assert result.exit_code == 0, result.output
     assert read_manifest(out)["deepcache_branch"] == "0" and not (out / "stale.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["onnx"]
+
+
+@pytest.mark.parametrize("extra", ["notes.txt", "engines/"])
+def test_export_force_refuses_a_folder_holding_what_it_did_not_write(onnx_fp32, tiny_dir, tmp_path, extra):
+    """A user's file, or engines built inside the export by an older version: named, nothing touched, no work done."""
+    import shutil
+
+    out = shutil.copytree(onnx_fp32, tmp_path / "onnx")
+    if extra == "engines/":
+        shutil.copytree(onnx_fp32, out / "engines")  # any folder of its own: another output, or the user's
+    else:
+        (out / extra).write_text("mine")
+    before = snapshot(out)
+    result = cli("export", "--model", tiny_dir, "--out", out, "--precision", "fp32", "--force")
+    one_error_line(result, 2, f"--out {out}: holds {extra}", "which voltacache did not write there")
+    assert snapshot(out) == before

@@ -103,7 +103,7 @@ def test_engines_refuse_an_export_calibrated_on_another_set(onnx_int8, tiny_dir,
 def test_calibration_options_need_int8(tiny_dir, tmp_path):
     one_error_line(
         cli("export", "--model", tiny_dir, "--out", tmp_path / "o", "--precision", "fp32", "--calibration-steps", "4"),
-        1,
+        2,
         "only with --precision int8",
     )
     one_error_line(
@@ -118,7 +118,7 @@ def test_calibration_options_need_int8(tiny_dir, tmp_path):
             "--calibration-prompts",
             tmp_path,
         ),
-        1,
+        2,
         "--calibration-prompts",
     )
     assert not (tmp_path / "o").exists()

@@ -37,7 +37,7 @@ class Ticket:
     embeddings: np.ndarray
     pooled: np.ndarray
     done: Callable[[Generation | None, BaseException | None], None]
-    cancelled: Callable[[], bool] = lambda: False
+    cancelled: Callable[[], bool | str | None] = lambda: False  # truthy (a reason) once the client went away
     submitted: float = field(default_factory=time.perf_counter)
     work: Work | None = None
 
@@ -145,8 +145,9 @@ class StepBatcher:
                 ticket = self.waiting.popleft()
             tick.admitted += 1
             tick.queue_seconds.append(time.perf_counter() - ticket.submitted)
-            if ticket.cancelled():
-                ticket.answer(error=Cancelled("cancelled before it started"))
+            why = ticket.cancelled()
+            if why:
+                ticket.answer(error=Cancelled(f"{why} before it started" if isinstance(why, str) else "cancelled"))
                 continue
             try:
                 self.pipeline.check(ticket.request)
@@ -161,9 +162,12 @@ class StepBatcher:
                 self.active.append(ticket)
 
     def _drop_cancelled(self) -> None:
-        for ticket in [t for t in self.active if t.cancelled()]:
-            self.active.remove(ticket)
-            ticket.answer(error=Cancelled(f"cancelled after {ticket.work.index} of {len(ticket.work.timesteps)} steps"))
+        for ticket in list(self.active):
+            why = ticket.cancelled()
+            if why:
+                self.active.remove(ticket)
+                steps = f"after {ticket.work.index} of {len(ticket.work.timesteps)} steps"
+                ticket.answer(error=Cancelled(f"{why} {steps}" if isinstance(why, str) else f"cancelled {steps}"))
 
     def _finish(self, tickets: list[Ticket]) -> None:
         """Decode together; if that fails, one by one, so that one bad request fails alone."""

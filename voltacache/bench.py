@@ -59,8 +59,9 @@ def engines_for(
 ) -> Path:
     """Engines for one DeepCache branch and precision (fp32, or int8 U-Nets calibrated on `calibration`,
     default Calibration()), exported and built once per workdir, model and calibration."""
-    from .build import build_engines, read_engine_manifest
+    from .build import build_engines
     from .export import ExportOptions, export_model, model_fingerprint
+    from .manifests import read_engine_manifest
 
     options = ExportOptions(precision, 1, size, size, 23, branch, calibration=calibration)
     options.check()

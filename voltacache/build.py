@@ -11,6 +11,7 @@ source ONNX, and engines from an export made before step batching.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -19,15 +20,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ExportError, RebuildNeeded, UsageError, VoltacacheError, read_json
-from .export import current_export, read_manifest, specs_from_manifest
-from .outputs import json_marker, refuse_overlap, staged_output
+from .deepcache_calibration import carry_calibrations
+from .errors import ExportError, RebuildNeeded, UsageError, VoltacacheError
+from .manifests import ENGINE_MANIFEST, current_export, read_engine_manifest, read_manifest, specs_from_manifest
+from .outputs import ENGINES, refuse_overlap, staged_output
 from .runners import OnnxRuntimeRunner, Runner, TensorRTRunner
 from .specs import COMPONENTS, TEXT_IDS
 from .tokenizer import TOKENIZER_DIRS
 
-ENGINE_MANIFEST = "engines.json"
-is_engines = json_marker(ENGINE_MANIFEST, "backend", "files", "export")  # a folder `build_engines` wrote
 # Recorded in the manifest and applied by every runtime that loads these engines.
 ORT_SESSION_OPTIONS = {
     "graph_optimization_level": "ORT_ENABLE_ALL",
@@ -116,6 +116,7 @@ def build_engines(
     timing_cache: Path | None = None,
     force: bool = False,
     refittable: bool = False,
+    reason: str | None = None,
 ) -> dict:
     """Build one engine per component of the export in `onnx_dir`; returns the engine manifest.
     `refittable`: TensorRT engines whose weights a LoRA can replace (voltacache.lora); ONNX Runtime's
@@ -127,9 +128,12 @@ def build_engines(
     """
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
     export = read_manifest(onnx_dir)
-    backend, reason = choose_backend(backend)
+    if reason is None:  # else the caller chose (and said why)
+        backend, reason = choose_backend(backend)
     refuse_overlap(out_dir, onnx_dir, "--out", "--onnx")
-    with staged_output(out_dir, force=force, ours=is_engines, arg="--out", what="engines folder") as stage:
+    # the engines' DeepCache calibration is measured on the export: kept over a rebuild of the same one
+    carry = functools.partial(carry_calibrations, fingerprint=export["fingerprint"])
+    with staged_output(out_dir, ENGINES, force=force, arg="--out", carry=carry) as stage:
         return _build(onnx_dir, stage, export, backend, reason, optimization_level, progress, timing_cache, refittable)
 
 
@@ -288,10 +292,6 @@ class Engines:
     @property
     def export(self) -> dict:
         return self.manifest["export"]
-
-
-def read_engine_manifest(engine_dir: Path) -> dict:
-    return read_json(Path(engine_dir) / ENGINE_MANIFEST, "engine manifest", "rebuild with `voltacache build`")
 
 
 def check_compatible(manifest: dict, engine_dir: Path) -> None:

@@ -13,7 +13,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import CheckpointError
+from .errors import CheckpointError, UsageError
 from .single_file import check_safetensors, checkpoint_family, unet_in_channels
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -66,6 +66,32 @@ def load_pipeline(path: str | Path, allow_pickle: bool = False, config: str | Pa
     if family not in SINGLE_FILE_FAMILIES:
         raise CheckpointError(f"{path}: a {family} checkpoint; voltacache loads SD 1.x, SD 2.x and SDXL")
     return _load_single_file(path, family, config, unet_in_channels(header))
+
+
+def check_model_path(path: Path, allow_pickle: bool = False, arg: str = "--model") -> None:
+    """What the command line can be told about a checkpoint path before anything loads: it exists, it is a
+    diffusers folder or a single-file checkpoint (a pickle only when allowed), not an output of ours."""
+    from .outputs import kind_of
+
+    path = Path(path)
+    give = "give a diffusers folder (with model_index.json) or a single .safetensors checkpoint"
+    if not path.exists():
+        raise UsageError(f"{arg} {path}: no such file or folder; {give}")
+    if path.is_dir():
+        kind = kind_of(path)
+        if kind is not None and not (path / "model_index.json").is_file():
+            raise UsageError(f"{arg} {path}: {kind.article} {kind.what} voltacache wrote, not a model; {give}")
+        if not (path / "model_index.json").is_file():
+            raise UsageError(f"{arg} {path}: not a diffusers pipeline folder (no model_index.json); {give}")
+        return
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise UsageError(
+            f"{arg} {path}: {suffix} is a pickle checkpoint, which can run arbitrary code when loaded; "
+            "convert it to .safetensors, or pass --allow-pickle if you trust its source"
+        )
+    if suffix not in PICKLE_SUFFIXES and suffix != ".safetensors":
+        raise UsageError(f"{arg} {path}: not a checkpoint; {give}")
 
 
 def _load_folder(path: Path, allow_pickle: bool):
@@ -145,7 +171,14 @@ def _load_single_file(path: Path, family: str, config: str | Path | None, in_cha
                 **pipeline_options(pipeline_class),
             )
     except (OSError, RuntimeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: could not be loaded against the configs in {config_dir} ({e})") from e
+        first = " ".join(str(e).split()).split(". If you want", 1)[0]  # diffusers' advice is not ours to give
+        if config is None and ("shape" in first or "size" in first):
+            raise CheckpointError(
+                f"{path}: its weights do not fit the {family} configs voltacache ships ({first}); a checkpoint "
+                "of other widths needs --config DIR, the diffusers folder of its architecture (for the single "
+                "file `init-tiny --single-file` wrote, the folder init-tiny wrote)"
+            ) from e
+        raise CheckpointError(f"{path}: could not be loaded against the configs in {config_dir} ({first})") from e
 
 
 @contextmanager

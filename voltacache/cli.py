@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -18,9 +19,9 @@ from .cache.search import DEFAULT_TOP, MAX_TOP
 from .cache.store import LISTING_ORDERS
 from .deepcache import DEFAULT_REFRESH_THRESHOLD
 from .deepcache_calibration import DEFAULT_INTERVALS, DEFAULT_PROMPTS, DEFAULT_STEPS, SCHEDULES_FILE
-from .errors import UsageError, VoltacacheError
+from .errors import BadConfiguration, UsageError, VoltacacheError
 from .lora import RESIDENT_VARIANTS
-from .outputs import check_target, json_marker, staged_output
+from .outputs import SEARCH_RESULTS, check_file, check_folder, staged_output
 from .request import IMG2IMG_STRENGTH, INPAINT_STRENGTH, MAX_GUIDANCE, MAX_STEPS, Request
 from .schedulers import SCHEDULERS
 
@@ -35,6 +36,16 @@ err = Console(stderr=True)
 
 
 DEBUG = {"on": False}  # --debug: let tracebacks through
+# Known-harmless chatter of the libraries below us (diffusers' and transformers' loading bars, transformers'
+# advice to install torchvision, which would replace the CPU torch): off unless --debug. Our own progress
+# bars (rich) stay. Set before those libraries import, and inherited by the servers a command starts.
+QUIET_THIRD_PARTIES = {
+    "TQDM_DISABLE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DIFFUSERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
 # A warning is one line too ("warning: ..."), not Python's two with the source line.
 warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
 
@@ -45,6 +56,9 @@ def main_options(
 ):
     """Compile Stable Diffusion to ONNX / TensorRT engines and serve it from Triton with caching."""
     DEBUG["on"] = debug
+    if not debug:
+        for key, value in QUIET_THIRD_PARTIES.items():
+            os.environ.setdefault(key, value)
 
 
 def fail(message: str, code: int, details: str = "") -> typer.Exit:
@@ -119,17 +133,11 @@ def init_tiny(
     if preset not in PRESETS:
         raise UsageError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
     if single_file:
-        from .outputs import check_target
         from .single_file import is_our_single_file
 
         # refused before anything is written
-        check_target(
-            single_file,
-            force=force,
-            ours=is_our_single_file,
-            arg="--single-file",
-            what="single-file checkpoint",
-            file=True,
+        check_file(
+            single_file, force=force, ours=is_our_single_file, arg="--single-file", what="single-file checkpoint"
         )
     write_pipeline(out, preset, seed, force=force)
     if single_file:
@@ -181,7 +189,9 @@ def export(
     """Export CLIP, the U-Net split at the DeepCache point, and the VAE to ONNX, validated and linted."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .export import STAGES, ExportOptions, export_model, parse_batch_sizes
+    from .checkpoint import check_model_path
+    from .export_options import ExportOptions, parse_batch_sizes
+    from .outputs import EXPORT, check_folder, refuse_overlap
     from .specs import COMPONENTS
 
     calibration = None
@@ -191,8 +201,22 @@ def export(
         calibration = Calibration.from_file(calibration_prompts, calibration_steps or Calibration.steps)
     sizes = parse_batch_sizes(batch_sizes) if batch_sizes is not None else None
     options = ExportOptions(
-        precision, batch, height, width, opset, deepcache_branch, calibration=calibration, batch_sizes=sizes
+        precision=precision,
+        batch=batch,
+        height=height,
+        width=width,
+        opset=opset,
+        deepcache_branch=deepcache_branch,
+        calibration=calibration,
+        batch_sizes=sizes,
     )
+    options.check()  # before torch and the exporter are imported: a mistake is refused at once
+    check_model_path(model, allow_pickle)
+    refuse_overlap(out, model, "--out", "--model")
+    check_folder(out, EXPORT, force=force)
+
+    from .export import STAGES, export_model
+
     columns = (
         TextColumn("{task.description:<13}"),
         BarColumn(),
@@ -264,8 +288,18 @@ def build(
     """Build static TensorRT engines (GPU) or optimized ONNX Runtime models (CPU)."""
     from rich.progress import Progress
 
-    from .build import build_engines, choose_backend
+    from .outputs import ENGINES, EXPORT, check_folder, refuse_overlap
     from .specs import COMPONENTS
+
+    if backend not in ("auto", "tensorrt", "onnxruntime"):
+        raise UsageError(f"--backend {backend!r}: use auto, tensorrt or onnxruntime")
+    if not onnx.is_dir() or not EXPORT(onnx):
+        what = "no such folder" if not onnx.exists() else "not an export (no manifest.json in it)"
+        raise UsageError(f"--onnx {onnx}: {what}; give the folder `voltacache export` wrote")
+    refuse_overlap(out, onnx, "--out", "--onnx")
+    check_folder(out, ENGINES, force=force)
+
+    from .build import build_engines, choose_backend
 
     chosen, reason = choose_backend(backend)
     announce = f"backend: {chosen} ({escape(reason)})"
@@ -282,7 +316,7 @@ def build(
 
     try:
         manifest = build_engines(
-            onnx, out, chosen, optimization_level, progress=progress, force=force, refittable=refittable
+            onnx, out, chosen, optimization_level, progress=progress, force=force, refittable=refittable, reason=reason
         )
         bars.update(task, description="done", completed=len(COMPONENTS))
     finally:
@@ -392,7 +426,12 @@ def deploy(
     lora: list[str] = typer.Option(
         [], help="NAME=FILE: register a LoRA (.safetensors) that requests may name, with a scale. Repeatable."
     ),
-    lora_resident: int = typer.Option(RESIDENT_VARIANTS, help="LoRA variants each engine keeps loaded (1-16)."),
+    lora_resident: int | None = typer.Option(
+        None, help=f"LoRA variants each engine keeps loaded (1-16; default {RESIDENT_VARIANTS})."
+    ),
+    drop_lora: list[str] = typer.Option(
+        [], help="NAME: unregister a LoRA the repository registered before (they are kept otherwise). Repeatable."
+    ),
 ):
     """Write a Triton model repository with the txt2img / img2img ensembles."""
     from .lora import LoraFile
@@ -407,20 +446,31 @@ def deploy(
             raise UsageError(f"--lora {name}: registered twice; give each name once")
         registered[name] = LoraFile.open(name, Path(path), f"--lora {option}:")
 
-    settings = CacheSettings(
-        None if cache == "off" else cache,
-        cache_embedder,
-        blob_store,
-        cache_ttl,
-        cache_policy,
-        cache_max_entries,
-        cache_max_bytes,
-        cache_threshold,
-        cache_bands,
-    )
+    try:
+        settings = CacheSettings(
+            None if cache == "off" else cache,
+            cache_embedder,
+            blob_store,
+            cache_ttl,
+            cache_policy,
+            cache_max_entries,
+            cache_max_bytes,
+            cache_threshold,
+            cache_bands,
+        )
+    except BadConfiguration as e:  # deploy names the index option --cache
+        raise BadConfiguration(str(e).replace("--cache-index ", "--cache ", 1)) from None
     print(
         write_repository(
-            engines, repo, component_backend, denoiser_instances, settings, step_batching, registered, lora_resident
+            engines,
+            repo,
+            component_backend,
+            denoiser_instances,
+            settings,
+            step_batching,
+            registered,
+            lora_resident,
+            tuple(drop_lora),
         )
     )
 
@@ -552,33 +602,35 @@ def generate(
         raise UsageError(f"--concurrency {concurrency}: at least 1")
     if mask_image is not None and init_image is None:
         raise UsageError("--mask-image: inpainting repaints part of an image; give it with --init-image")
+    if strength is not None and init_image is None:
+        raise UsageError("--strength: how much of an init image is repainted; give it with --init-image")
     lines = read_prompts(prompts) if prompts else [Prompt(0, prompt)] if prompt else []
     if not lines:
         raise UsageError("give a prompt, or --prompts FILE with at least one line")
     lora_files, loras = lora_options(lora, files=engines is not None)
     template = Request(
         prompt if prompts is None else "(each line's own prompt)",
-        negative_prompt,
-        steps,
-        guidance,
-        seed,
-        scheduler,
-        cache_interval,
-        cache_schedule,
-        read_image(init_image, "--init-image") if init_image else None,
-        strength,
-        cache,
-        height,
-        width,
-        parse_pair(original_size, "--original-size"),
-        parse_pair(crop_top_left, "--crop-top-left"),
-        parse_pair(target_size, "--target-size"),
-        refresh_threshold,
-        loras,
+        negative_prompt=negative_prompt,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        scheduler=scheduler,
+        cache_interval=cache_interval,
+        cache_schedule=cache_schedule,
+        init_image=read_image(init_image, "--init-image") if init_image else None,
+        strength=strength,
+        cache_mode=cache,
+        height=height,
+        width=width,
+        original_size=parse_pair(original_size, "--original-size"),
+        crop_top_left=parse_pair(crop_top_left, "--crop-top-left"),
+        target_size=parse_pair(target_size, "--target-size"),
+        refresh_threshold=refresh_threshold,
+        loras=loras,
         mask_image=read_mask(mask_image, "--mask-image") if mask_image else None,
     ).check()  # the options once (a file's lines each with its own request)
     if engines is not None:
-        from .build import read_engine_manifest
+        from .manifests import read_engine_manifest
 
         per_request = read_engine_manifest(engines)["export"]["batch"]
         batch = Batch(lines, template, output, per_request, force)
@@ -603,6 +655,8 @@ def generate(
                 )
     except KeyboardInterrupt:
         raise fail(f"interrupted: {batch.written} of {len(batch.paths)} images written (kept)", 130) from None
+    if batch.failures and len(lines) == 1:  # one prompt: its failure is the command's, said once
+        raise batch.failures[0].error
     for failure in batch.failures:
         print(f"error: {failure}", file=sys.stderr)
     if batch.failures:
@@ -665,10 +719,32 @@ def bench(
     ),
 ):
     """Benchmark against diffusers and DeepCache, side by side: seconds per image, speedups, plots."""
-    from .bench import BenchConfig, main, table
+    import importlib.util
 
-    def ints(text):
-        return tuple(int(x) for x in text.split(",") if x)
+    from .checkpoint import check_model_path
+
+    def ints(text, option="--intervals"):
+        try:
+            values = tuple(int(x) for x in text.split(",") if x)
+        except ValueError:
+            values = ()
+        if not values or min(values) < 1:
+            raise UsageError(f"{option} {text!r}: whole numbers of 1 or more, separated by commas, e.g. 1,2,3")
+        return values
+
+    for option, value in (("--steps", steps), ("--repeats", repeats)):
+        if value < 1:
+            raise UsageError(f"{option} {value}: 1 or more")
+    if size < 64 or size % 64:
+        raise UsageError(f"--size {size}: a positive multiple of 64 pixels, e.g. 256")
+    check_model_path(model)
+    missing = [m for m in ("DeepCache", "matplotlib", "psutil") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(
+            f"bench compares with {missing[0]}, which is not installed: pip install -e '.[bench]' (`make bench` does)"
+        )
+
+    from .bench import BenchConfig, main, table
 
     def names(text):
         return tuple(x for x in text.split(",") if x)
@@ -681,7 +757,7 @@ def bench(
         7.5,
         repeats,
         ints(intervals),
-        ints(deepcache_intervals),
+        ints(deepcache_intervals, "--deepcache-intervals"),
         names(branches),
         names(triton_branches),
         out or Path(f"docs/results/{name}.json"),
@@ -816,8 +892,8 @@ def cache_warm(
     force: bool = typer.Option(False, help="Replace image files that exist."),
 ):
     """Generate and store the prompts of a file (refresh mode: each is computed and stored)."""
-    from .build import read_engine_manifest
     from .generate import Batch, generate_in_process, read_prompts
+    from .manifests import read_engine_manifest
 
     lines = read_prompts(prompts)
     if not lines:
@@ -858,13 +934,10 @@ def _search(query, url, protocol, index, engines, embedder, blob_store):
     return search_index(query, index, blob_store, engines, embedder)
 
 
-SEARCH_RESULTS = dict(ours=json_marker("search.json", "query", "results"), arg="--out", what="search results folder")
-
-
 def _search_and_show(query, out: Path | None, force: bool, *where) -> None:
     """Check --out first (before any compute), search, then show and write what was found."""
     if out is not None:
-        check_target(out, force=force, **SEARCH_RESULTS)
+        check_folder(out, SEARCH_RESULTS, force=force)
     _show(_search(query, *where), query, out, force)
 
 
@@ -886,7 +959,7 @@ def _show(found, query, out: Path | None, force: bool) -> None:
         )
     if out is None:
         return
-    with staged_output(out, force=force, **SEARCH_RESULTS) as stage:
+    with staged_output(out, SEARCH_RESULTS, force=force) as stage:
         records = []
         for rank, f in enumerate(found, 1):
             record = f.record()
@@ -961,12 +1034,38 @@ def ui(
     from .serving.server import check_port
     from .ui.app import serve_page
 
+    check_port("--port", host, port)  # before anything: a port that cannot be bound is the command line's
     client = Client(url, protocol)
     client.image_shape()  # a server that does not answer: one line now, not on the first click
-    check_port("--port", host, port)
     err.print(f"voltacache ui on http://{host}:{port} (Ctrl-C stops it)", soft_wrap=True)
     serve_page(client, host, port)
 
 
 def main():
-    sys.exit(app())
+    """The entry point: every failure one line, exit 2 for a command line that cannot be parsed (click's
+    own messages, folded into one line), 130 for Ctrl-C."""
+    import signal
+
+    from typer._click import exceptions as parsing  # typer 0.29 carries its own click (pyproject pins it)
+
+    try:
+        try:
+            code = app(standalone_mode=False)
+        finally:  # the command is over, its outputs whole: a late Ctrl-C must not change what it did or say more
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except parsing.NoArgsIsHelpError as e:
+        print(e.format_message())
+        code = 2
+    except parsing.UsageError as e:
+        hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+        print("error: " + " ".join(e.format_message().split()) + hint, file=sys.stderr)
+        code = 2
+    except typer.Abort:  # Ctrl-C while the command line was read
+        print("error: interrupted", file=sys.stderr)
+        code = 130
+    except typer.Exit as e:
+        code = e.exit_code
+    except KeyboardInterrupt:  # between the command's end and here
+        print("error: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code or 0)

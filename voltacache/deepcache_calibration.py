@@ -32,7 +32,9 @@ import numpy as np
 
 from .deepcache import FixedSchedule, relative_change, uniform_steps
 from .errors import InvalidRequest, UsageError, VoltacacheError
-from .outputs import check_target, staged_output
+from .manifests import read_engine_manifest
+from .outputs import ENGINES, check_file, record_owned, staged_file
+from .specs import Geometry
 
 SCHEDULES_FILE = "deepcache_schedules.json"
 FORMAT = 1
@@ -57,10 +59,23 @@ class ScheduleCalibration:
     fingerprint: str
     id: str  # what a cache entry of a calibrated request is scoped by: a new calibration changes images
     steps: dict  # str(step count) -> {"timesteps": [...], "schedules": {str(N): [refresh steps]}, ...}
+    engines: Path | None = None  # the engines folder it lives in (its advice names it)
+
+    def advice(self, steps: int, interval: int) -> str:
+        """The calibrate command that adds `steps` and `interval` and keeps what is calibrated now."""
+        counts = sorted({int(s) for s in self.steps} | {steps})
+        ns = sorted({int(n) for run in self.steps.values() for n in run["schedules"]} | {interval})
+        command = (
+            f"voltacache calibrate --engines {self.engines} --steps {','.join(map(str, counts))} "
+            f"--intervals {','.join(map(str, ns))}"
+        )
+        if SCHEDULES_FILE in (ENGINES.owned(self.engines) or set()):
+            return f"run `{command} --force`, or use uniform"
+        return f"calibrate did not write {SCHEDULES_FILE} in these engines: move it out, then run `{command}`"
 
     @classmethod
     def read(cls, path: Path, fingerprint: str) -> ScheduleCalibration:
-        remedy = f"run `voltacache calibrate --engines {path.parent} --force`"
+        remedy = recalibrate(path.parent)
         try:
             text = path.read_text()
             data = json.loads(text)
@@ -76,7 +91,7 @@ class ScheduleCalibration:
             raise CalibrationError(f"{path}: not a DeepCache calibration of this version; {remedy}")
         if data["fingerprint"] != fingerprint:
             raise CalibrationError(f"{path}: calibrated on another model or DeepCache split; {remedy}")
-        return cls(fingerprint, hashlib.sha256(text.encode()).hexdigest()[:16], runs)
+        return cls(fingerprint, hashlib.sha256(text.encode()).hexdigest()[:16], runs, path.parent)
 
     def check(self, steps: int, interval: int) -> None:
         run = self.steps.get(str(steps))
@@ -84,13 +99,13 @@ class ScheduleCalibration:
             have = ", ".join(sorted(self.steps, key=int))
             raise InvalidRequest(
                 f"cache_schedule calibrated: these engines are calibrated for {have} steps, not {steps}; "
-                f"run `voltacache calibrate --steps {steps}` on them, or use uniform"
+                + self.advice(steps, interval)
             )
         if str(interval) not in run["schedules"]:
             have = ", ".join(sorted(run["schedules"], key=int))
             raise InvalidRequest(
                 f"cache_interval {interval}: calibrated for N = {have} at {steps} steps; "
-                f"run `voltacache calibrate --intervals` with {interval}, or use uniform"
+                + self.advice(steps, interval)
             )
 
     def refreshes(self, steps: int, timesteps, interval: int) -> set[int]:
@@ -118,6 +133,17 @@ class NoScheduleCalibration:
         self.check(steps, interval)
 
 
+def recalibrate(engine_dir: Path) -> str:
+    """What to do about the engines' calibration file, as `calibrate` will accept it: replace it with
+    --force where calibrate wrote it, else move it out first (calibrate replaces only what it wrote)."""
+    if SCHEDULES_FILE in (ENGINES.owned(engine_dir) or set()):
+        return f"run `voltacache calibrate --engines {engine_dir} --force`"
+    return (
+        f"voltacache calibrate did not write it in these engines: move it out of {engine_dir}, then run "
+        f"`voltacache calibrate --engines {engine_dir}`"
+    )
+
+
 def load_calibration(engine_dir: Path, fingerprint: str) -> ScheduleCalibration | NoScheduleCalibration:
     path = Path(engine_dir) / SCHEDULES_FILE
     if not path.is_file():
@@ -130,15 +156,33 @@ def load_calibration(engine_dir: Path, fingerprint: str) -> ScheduleCalibration 
         return NoScheduleCalibration(str(e))
 
 
-def ours(path: Path) -> bool:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and {"format", "fingerprint", "steps"} <= set(data)
+def carry_calibrations(earlier: Path, owned: set[str], stage: Path, fingerprint: str) -> None:
+    """A rebuild keeps the engines' calibrations (outputs.Carry): the current one when it was measured on
+    the export being built, else set aside under a name that says why (never deleted, the user told);
+    those set aside before stay as they are."""
+    import shutil
+    import warnings
 
-
-ours.marker = None
+    for rel in sorted(r for r in owned if r.startswith("deepcache_schedules") and r.endswith(".json")):
+        name = rel
+        if rel == SCHEDULES_FILE:
+            try:
+                measured_on = json.loads((earlier / rel).read_text())["fingerprint"]
+                why = None if measured_on == fingerprint else f"other-export-{str(measured_on)[:12]}"
+            except (OSError, ValueError, KeyError, TypeError):
+                why = f"unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+            if why is not None:
+                name = f"deepcache_schedules.{why}.json"
+                for n in range(1, 1000):
+                    if name not in owned:
+                        break
+                    name = f"deepcache_schedules.{why}-{n}.json"
+                warnings.warn(
+                    f"{earlier / rel}: measured on another export than the one built now; kept as "
+                    f"{earlier / name}; run `voltacache calibrate --engines {earlier}` for these engines",
+                    stacklevel=2,
+                )
+        shutil.copy2(earlier / rel, stage / name)
 
 
 def parse_counts(text: str, arg: str, low: int) -> tuple[int, ...]:
@@ -165,12 +209,26 @@ def calibrate(
 ) -> dict:
     """Measure the engines in `engine_dir` and write SCHEDULES_FILE there; returns what was written.
     `progress(description)` is called after every generation."""
-    from .pipeline import StableDiffusion
-
     engine_dir = Path(engine_dir)
     target = engine_dir / SCHEDULES_FILE
-    check = dict(force=force, ours=ours, arg="--engines", what="DeepCache calibration", file=True)
-    check_target(target, **check)  # before the work, not after it
+    export = read_engine_manifest(engine_dir)["export"]
+    if Geometry(**export["geometry"]).inpainting:
+        raise UsageError(
+            f"--engines {engine_dir}: calibrate is not offered for inpainting engines (its runs are text-to-image, "
+            "which their U-Net cannot do); use the uniform, nonuniform or adaptive schedule"
+        )
+    unusable = [n for n in intervals if all(n >= count for count in steps)]
+    if unusable:
+        raise UsageError(
+            f"--intervals {unusable[0]}: N must be below a calibrated step count ({', '.join(map(str, steps))}): "
+            "the full U-Net every N steps leaves no shallow step otherwise"
+        )
+    ours = lambda path: path.name in (ENGINES.owned(engine_dir) or set())  # noqa: E731
+    check = dict(force=force, ours=ours, arg="--engines", what="DeepCache calibration")
+    check_file(target, **check)  # before the work, not after it
+
+    from .pipeline import StableDiffusion  # torch: after every check
+
     sd = StableDiffusion.from_engines(engine_dir)
     started = time.perf_counter()
     runs = {}
@@ -196,8 +254,9 @@ def calibrate(
         "seconds": round(time.perf_counter() - started, 1),
         "steps": runs,
     }
-    with staged_output(target, **check) as tmp:
+    with staged_file(target, **check) as tmp:
         tmp.write_text(json.dumps(data, indent=1))
+    record_owned(engine_dir, ENGINES, SCHEDULES_FILE)
     return data
 
 

@@ -20,7 +20,6 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +27,11 @@ import onnx
 import torch
 
 from .components import torch_modules
-from .errors import ExportError, read_json
+from .errors import ExportError
+from .export_options import ExportOptions, parse_batch_sizes  # noqa: F401 (how callers name them)
 from .lora import LORA_COMPONENTS, export_targets
-from .outputs import json_marker, refuse_overlap, staged_output
-from .quantize import Calibration
+from .manifests import EXPORT_FORMAT, MANIFEST, read_manifest  # noqa: F401 (read_manifest: export's reader)
+from .outputs import EXPORT, refuse_overlap, staged_output
 from .single_file import model_family
 from .specs import (
     COMPONENTS,
@@ -56,72 +56,11 @@ from .tokenizer import TOKENIZER_DIRS
 from .trt_lint import lint
 from .unet_split import shallow_layer_count
 
-MANIFEST = "manifest.json"
-is_export = json_marker(MANIFEST, "format", "fingerprint", "components")  # a folder `export_model` wrote
 # Max abs error against PyTorch fp32, relative to max(1, max |reference|). Measured: fp32 ~1e-6;
 # fp16 ~3e-3 on random weights, whose activations are wider than a trained model's.
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}
-PRECISIONS = ("fp16", "fp32", "int8")  # int8: the U-Nets quantized (voltacache.quantize), the rest fp32
 EXTERNAL_DATA_BYTES = 1_800_000_000
 PROBE_CHUNK = 400  # protobuf's 2 GB limit, with room for the graph itself
-SIZE_STEPS = (1, 2, 4, 8)  # default engine sizes, in multiples of --batch
-
-
-@dataclass
-class ExportOptions:
-    precision: str = "fp16"
-    batch: int = 1
-    height: int | None = None  # default: the model's native size
-    width: int | None = None
-    opset: int = 23
-    deepcache_branch: str = "block"
-    seed: int = 0
-    calibration: Calibration | None = None  # int8: what the U-Nets are calibrated on (default: Calibration())
-    # images per engine call the engines are built for (sorted, unique); default batch x SIZE_STEPS
-    batch_sizes: tuple[int, ...] | None = None
-
-    def __post_init__(self):
-        if self.precision == "int8" and self.calibration is None:
-            self.calibration = Calibration()
-        if self.batch_sizes is None:
-            self.batch_sizes = tuple(self.batch * k for k in SIZE_STEPS)
-        self.batch_sizes = tuple(sorted(set(self.batch_sizes)))
-
-    def check(self):
-        if self.precision not in PRECISIONS:
-            raise ExportError(f"--precision {self.precision!r}: use fp16, fp32 or int8")
-        if self.opset not in (18, 23):
-            raise ExportError(f"--opset {self.opset}: use 23 (fused Attention) or 18 (unfused, TensorRT < 10.14)")
-        if self.batch < 1:
-            raise ExportError(f"--batch {self.batch}: use 1 or more images per request")
-        if not self.batch_sizes or any(n < 1 or n % self.batch for n in self.batch_sizes):
-            sizes = ",".join(map(str, self.batch_sizes))
-            raise ExportError(f"--batch-sizes {sizes}: use positive multiples of --batch {self.batch}, e.g. 1,2,4,8")
-        if self.precision == "int8":
-            self.calibration.check()
-        elif self.calibration is not None:
-            raise ExportError("--calibration-prompts / --calibration-steps: only with --precision int8")
-
-    @property
-    def graph_precision(self) -> str:
-        """The precision the graphs are exported in, before any quantization."""
-        return "fp32" if self.precision == "int8" else self.precision
-
-    def fingerprint(self, model: str) -> str:
-        """What the images depend on: the weights, and how they were compiled (a cache entry of one
-        export is never served for another)."""
-        # Shapes are not in it (nor batch_sizes): a row's result does not depend on how many rows share its call.
-        calibration = self.calibration.id if self.calibration else ""
-        text = f"{model}|{self.precision}|{calibration}|{self.opset}|{self.deepcache_branch}"
-        return hashlib.sha256(text.encode()).hexdigest()
-
-
-def parse_batch_sizes(text: str) -> tuple[int, ...]:
-    """`--batch-sizes 1,2,4,8` -> (1, 2, 4, 8); ExportOptions.check judges the numbers."""
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise ExportError(f"--batch-sizes {text!r}: give image counts separated by commas, e.g. 1,2,4,8") from None
 
 
 def model_fingerprint(path: Path) -> str:
@@ -378,7 +317,7 @@ def export_model(
     """
     options.check()
     refuse_overlap(out_dir, model_path, "--out", "--model")
-    with staged_output(out_dir, force=force, ours=is_export, arg="--out", what="export") as stage:
+    with staged_output(out_dir, EXPORT, force=force, arg="--out") as stage:
         return _export(Path(model_path), stage, options, allow_pickle, config, progress)
 
 
@@ -563,35 +502,3 @@ def _versions() -> dict:
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,
     }
-
-
-# Format 2: graphs with a dynamic row dimension (step batching) and the geometry of SDXL's inputs. Older
-# graphs have a fixed row dimension, and their manifests lack what the specs now read.
-EXPORT_FORMAT = 2
-OLDER_EXPORT = "exported by an older voltacache (before step batching and SDXL); run `voltacache export` again"
-
-
-def current_export(manifest: dict) -> bool:
-    return manifest.get("format", 1) >= EXPORT_FORMAT and bool(manifest.get("batch_sizes"))
-
-
-def read_manifest(onnx_dir: Path) -> dict:
-    """The manifest of an export folder; anything else is refused with the file named."""
-    onnx_dir = Path(onnx_dir)
-    if not onnx_dir.is_dir():
-        raise ExportError(f"{onnx_dir}: no such folder; give the folder `voltacache export` wrote")
-    path = onnx_dir / MANIFEST
-    remedy = "give the folder `voltacache export` wrote, or run `voltacache export` again"
-    manifest = read_json(path, "export manifest", remedy, ExportError)
-    components = manifest.get("components") if isinstance(manifest, dict) else None
-    missing = [name for name in COMPONENTS if not isinstance((components or {}).get(name), dict)]
-    if not isinstance(components, dict) or missing or "precision" not in manifest:
-        what = f"no entry for {', '.join(missing)}" if isinstance(components, dict) and missing else "not one"
-        raise ExportError(f"{path}: not a voltacache export manifest ({what}); {remedy}")
-    if not current_export(manifest):
-        raise ExportError(f"{path}: {OLDER_EXPORT}")
-    return manifest
-
-
-def specs_from_manifest(manifest: dict) -> dict[str, ComponentSpec]:
-    return {name: ComponentSpec.from_json(name, entry) for name, entry in manifest["components"].items()}

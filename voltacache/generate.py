@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InvalidRequest, OutputExists, ServerFailed, UsageError, VoltacacheError
+from .outputs import check_writable
 from .request import Request
 
 
@@ -30,6 +31,7 @@ class Prompt:
 class Failure:
     prompt: Prompt
     message: str
+    error: Exception | None = None
 
     def __str__(self) -> str:
         where = f"line {self.prompt.line}" if self.prompt.line else "the prompt"
@@ -62,7 +64,8 @@ def output_paths(output: Path, count: int) -> list[Path]:
 
 
 def check_outputs(paths: list[Path], force: bool) -> None:
-    """Refuse before any compute: a folder, an unknown image format, or a file that exists (without --force)."""
+    """Refuse before any compute: a folder, an unknown image format, a place that cannot be written, or a
+    file that exists (without --force)."""
     from PIL import Image
 
     first = paths[0]
@@ -70,6 +73,7 @@ def check_outputs(paths: list[Path], force: bool) -> None:
         raise UsageError(f"-o {first}: is a folder; name an image file, such as {first / 'out.png'}")
     if first.suffix.lower() not in Image.registered_extensions():
         raise UsageError(f"-o {first}: {first.suffix or 'no extension'} is not an image format; use .png or .jpg")
+    check_writable(first, "-o")
     existing = [p for p in paths if p.exists()]
     if existing and not force:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
@@ -131,20 +135,33 @@ class Batch:
             yield record(path, self.requests[index], result, **extra)
 
     def fail(self, index: int, error: Exception) -> None:
-        self.failures.append(Failure(self.prompts[index], str(error)))
+        self.failures.append(Failure(self.prompts[index], str(error), error))
+
+
+def check_in_process(engines: Path, template: Request, loras: dict | None = None):
+    """What the engines can do, read from their manifest, against the request's options (and the LoRA
+    files against their weights): a mistake is refused before any engine loads. Returns the Capabilities."""
+    from .capabilities import Capabilities
+
+    capabilities = Capabilities.of_engines(engines, loras)
+    capabilities.check(template)
+    for name in loras or {}:
+        capabilities.loras.components(name)
+    return capabilities
 
 
 def generate_in_process(engines: Path, batch: Batch, cache_settings=None, loras: dict | None = None):
     """Yield records as images are written, one request at a time. `loras`: {name: LoraFile} the
     requests name, each checked against the engines before the first image."""
     from .cache.layers import CacheSettings, open_cache
+
+    capabilities = check_in_process(engines, batch.requests[0], loras)  # before torch and the engines load
+
     from .pipeline import StableDiffusion
 
-    pipe = StableDiffusion.from_engines(engines, loras=loras)
+    pipe = StableDiffusion.from_engines(engines, loras=capabilities.loras)
     if pipe.batch != batch.per_request:
         raise VoltacacheError(f"--engines {engines}: engines of batch {pipe.batch}, expected {batch.per_request}")
-    for name in loras or {}:
-        pipe.loras.components(name)
     # a cache that cannot be opened is reported once; the images come all the same
     cache = open_cache(
         cache_settings or CacheSettings(), pipe.export["fingerprint"], pipe.export["geometry"]["pooled_dim"]
@@ -153,6 +170,8 @@ def generate_in_process(engines: Path, batch: Batch, cache_settings=None, loras:
         try:
             result = pipe(request, cache=cache)
         except InvalidRequest as e:
+            if len(batch.requests) == 1:  # one prompt: its mistake is the command's
+                raise
             batch.fail(index, e)
             continue
         stats = result.stats
@@ -163,16 +182,19 @@ def generate_in_process(engines: Path, batch: Batch, cache_settings=None, loras:
 
 def generate_served(url: str, protocol: str, batch: Batch, concurrency: int):
     """Yield records as responses arrive, `concurrency` requests in flight. The workers are daemon
-    threads: on Ctrl-C the caller stops reading and the process ends without waiting for them."""
+    threads: on Ctrl-C the caller stops reading, the server is told to drop what is in flight (its
+    slots freed), and the process ends without waiting for them."""
     from .serving.client import Client
 
     Client(url, protocol)  # a malformed URL or protocol fails here, once, not in every worker
     todo, done = queue.Queue(), queue.Queue()
     for item in enumerate(batch.requests):
         todo.put(item)
+    clients = []
 
     def work():
         client = Client(url, protocol)  # one channel per thread
+        clients.append(client)
         while True:
             try:
                 index, request = todo.get_nowait()
@@ -185,11 +207,19 @@ def generate_served(url: str, protocol: str, batch: Batch, concurrency: int):
 
     for _ in range(max(1, min(concurrency, len(batch.requests)))):
         threading.Thread(target=work, daemon=True).start()
-    for _ in batch.requests:
-        index, served, error = done.get()
-        if error is not None:
-            batch.fail(index, error)
-            if isinstance(error, ServerFailed):  # the server is gone: the rest would fail alike
-                raise error
-            continue
-        yield from batch.finish(index, served.images, served)
+    finished = False
+    try:
+        for _ in batch.requests:
+            index, served, error = done.get()
+            if error is not None:
+                batch.fail(index, error)
+                if isinstance(error, ServerFailed):  # the server is gone: the rest would fail alike
+                    raise error
+                continue
+            yield from batch.finish(index, served.images, served)
+        finished = True
+    finally:
+        if not finished:  # Ctrl-C, or the caller stopped reading: free the server's slots
+            todo.queue.clear()
+            for client in list(clients):
+                client.cancel(timeout_s=2)

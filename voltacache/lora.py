@@ -56,6 +56,11 @@ def lora_options(options: list[str], files: bool) -> tuple[dict[str, LoraFile], 
     opened, loras = {}, []
     for option in options:
         target, scale = parse_lora(option)
+        head, sep, tail = option.rpartition(":")
+        named = Path(head).is_file() if files else bool(LORA_NAME.fullmatch(head))
+        if target == option and sep and named and not (files and Path(option).is_file()):
+            what = "FILE" if files else "NAME"
+            raise UsageError(f"--lora {option}: scale {tail!r} is not a number; give {what}:SCALE, e.g. {head}:0.8")
         if files:
             path = Path(target)
             name = re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem).lstrip("_.-")[:60] or "lora"
@@ -104,6 +109,15 @@ class LoraFile:
             while chunk := f.read(1 << 22):
                 digest.update(chunk)
         return cls(name, path, digest.hexdigest())
+
+
+def read_registry(folder: Path) -> dict[str, LoraFile]:
+    """{name: LoraFile} of a deployment's registered LoRAs: folder/REGISTRY and the files beside it."""
+    import json
+
+    folder = Path(folder)
+    entries = json.loads((folder / REGISTRY).read_text()) if (folder / REGISTRY).is_file() else {}
+    return {name: LoraFile(name, folder / entry["file"], entry["sha256"]) for name, entry in entries.items()}
 
 
 def lora_changes(path: Path, family: str, scale: float) -> dict[str, torch.Tensor]:  # noqa: F821
@@ -279,9 +293,14 @@ class Loras:
             if name not in self.files:
                 known = ", ".join(sorted(self.files)) or "none"
                 raise InvalidRequest(f"lora {name!r}: not registered here (registered: {known})")
-        if loras and self.export["precision"] == "int8":
+        if loras:
+            self.check_engines()
+
+    def check_engines(self) -> None:
+        """Whether these engines can take a LoRA at all."""
+        if self.export["precision"] == "int8":
             raise InvalidRequest("lora: not on int8 engines (their weights are quantized); export fp16 or fp32")
-        if loras and not all(self.targets.values()):
+        if not all(self.targets.values()):
             raise InvalidRequest(
                 "lora: these engines come from an export that did not record its LoRA targets; "
                 "run `voltacache export` and `voltacache build` again"
@@ -344,13 +363,8 @@ class Loras:
 
     @classmethod
     def from_registry(cls, folder: Path, export: dict, resident: int = RESIDENT_VARIANTS) -> Loras:
-        """The LoRAs a deployment registered (voltacache deploy --lora): folder/REGISTRY and the files beside it."""
-        import json
-
-        folder = Path(folder)
-        entries = json.loads((folder / REGISTRY).read_text()) if (folder / REGISTRY).is_file() else {}
-        files = {name: LoraFile(name, folder / entry["file"], entry["sha256"]) for name, entry in entries.items()}
-        return cls(files, export, resident)
+        """The LoRAs a deployment registered (voltacache deploy --lora)."""
+        return cls(read_registry(folder), export, resident)
 
     def write_registry(self, folder: Path) -> None:
         """Copy every LoRA file into `folder` (the deployment's own copy: a file changed later changes
@@ -369,6 +383,7 @@ class Loras:
         """The components whose weights a registered LoRA changes; a LoRA that cannot apply to these
         engines is refused here (deploy checks each one when it is registered)."""
         try:
+            self.check_engines()
             changes = self._changes(name, 1.0)
         except UsageError as e:
             raise BadConfiguration(f"--lora {name}: {e}") from None

@@ -1,76 +1,228 @@
-"""Write an output so that a failure never leaves it half-written and nothing a user owns is lost.
+"""What voltacache owns, and how it writes it so that nothing a user owns is ever lost.
 
-Every command writes into a temporary sibling of its output (`.<name>.tmp-<pid>` beside it) and
-renames that into place only once everything succeeded: a failure or Ctrl-C removes the sibling
-and leaves the previous output whole. An existing output is replaced only when voltacache wrote it
-(`ours(path)`: its marker file is there) and the caller asked for it (`--force`); an empty folder
-may be written into; anything else is refused, --force or not.
+Every folder a command writes (an export, an engines folder, a model repository, a pipeline, search
+results) is an *output* of one kind: a marker file at its root says which kind, and lists every file
+voltacache wrote there (`owned`, written when the output is committed; artifacts other commands add
+later, such as a DeepCache calibration, are added to the list by `record_owned`). The rules:
+
+- An output is written into a temporary sibling (`.<name>.tmp-<pid>`) and renamed into place only
+  once everything succeeded: a failure or Ctrl-C removes the sibling and leaves the earlier output whole.
+- Replacing an earlier output needs `force`, and replaces only the files its marker lists. Anything
+  else found inside (a user's file, a folder, an output nested in it) is refused in one line naming it,
+  `force` or not; the user moves it out. After the swap only the listed files are deleted.
+- Owned artifacts that the new output does not invalidate are carried into it (`carry`).
+- An output is never created inside another output, nor over a folder voltacache did not write.
+
+Single files (an image, a calibration, a single-file checkpoint) follow the same staging with `staged_file`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
-import shutil
+import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import OutputExists, UsageError
 
-Ours = Callable[[Path], bool]
+OWNED = "owned"  # the marker's list of the files voltacache wrote in the output, relative, '/'-separated
 
 
-def json_marker(name: str, *keys: str) -> Ours:
-    """`ours` for a folder voltacache wrote: `name` at its root, a JSON object with these keys."""
+@dataclass(frozen=True)
+class OutputKind:
+    """A kind of folder voltacache writes: its marker (a JSON object holding `keys`) and, for outputs
+    written before markers listed their files, the patterns of what those versions wrote there."""
 
-    def ours(folder: Path) -> bool:
+    what: str
+    marker: str
+    keys: tuple[str, ...]
+    legacy: tuple[str, ...] = ()
+
+    @property
+    def article(self) -> str:
+        return "an" if self.what[0] in "aeiou" else "a"
+
+    def read_marker(self, folder: Path) -> dict | None:
         try:
-            data = json.loads((Path(folder) / name).read_text())
+            data = json.loads((Path(folder) / self.marker).read_text())
         except (OSError, ValueError):
-            return False
-        return isinstance(data, dict) and all(key in data for key in keys)
+            return None
+        return data if isinstance(data, dict) and all(key in data for key in self.keys) else None
 
-    ours.marker = name
-    return ours
+    def __call__(self, folder: Path) -> bool:
+        """Whether voltacache wrote `folder` as an output of this kind."""
+        return Path(folder).is_dir() and self.read_marker(folder) is not None
+
+    def owned(self, folder: Path) -> set[str] | None:
+        """The files voltacache wrote in `folder` (relative, '/'-separated), or None when it is not ours."""
+        folder = Path(folder)
+        data = self.read_marker(folder) if folder.is_dir() else None
+        if data is None:
+            return None
+        if isinstance(data.get(OWNED), list):
+            return {str(p) for p in data[OWNED]} | {self.marker}
+        patterns = (self.marker, *self.legacy)
+        return {rel for rel in files_in(folder) if any(matches(rel, p) for p in patterns)}
+
+
+EXPORT = OutputKind(
+    "export",
+    "manifest.json",
+    ("format", "fingerprint", "components"),
+    ("*.onnx", "*.onnx.data", "tokenizer/**", "tokenizer_2/**"),
+)
+ENGINES = OutputKind(
+    "engines folder",
+    "engines.json",
+    ("backend", "files", "export"),
+    ("*.onnx", "*.onnx.data", "*.plan", "tokenizer/**", "tokenizer_2/**", "deepcache_schedules.json"),
+)
+REPOSITORY = OutputKind(
+    "model repository", "voltacache.json", ("engines", "component_backend"), ("*/config.pbtxt", "*/1/**", "*/loras/**")
+)
+PIPELINE = OutputKind(
+    "pipeline folder",
+    "voltacache_preset.json",
+    ("preset",),
+    ("model_index.json", "*/*.json", "*/*.safetensors", "*/*.txt"),
+)
+SEARCH_RESULTS = OutputKind("search results folder", "search.json", ("query", "results"), ("*.png",))
+OUTPUT_KINDS = (EXPORT, ENGINES, REPOSITORY, PIPELINE, SEARCH_RESULTS)
+
+
+def kind_of(folder: Path, kinds: tuple[OutputKind, ...] = OUTPUT_KINDS) -> OutputKind | None:
+    """Which kind of output `folder` is, if voltacache wrote it."""
+    return next((kind for kind in kinds if kind(folder)), None)
+
+
+def files_in(folder: Path) -> list[str]:
+    """Every file (and symbolic link) under `folder`, relative and '/'-separated, and every empty
+    folder, with a trailing '/'."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        base = Path(root).relative_to(folder)
+        links = [d for d in dirs if (Path(root) / d).is_symlink()]  # os.walk lists them as folders
+        found += [(base / name).as_posix() for name in (*files, *links)]
+        if not dirs and not files and root != str(folder):
+            found.append(base.as_posix() + "/")
+    return sorted(found)
+
+
+def foreign(folder: Path, owned: set[str]) -> list[str]:
+    """What is in `folder` that voltacache did not write: files not in `owned`, and folders holding none
+    of them (named once, with a trailing '/')."""
+    parents = {p.as_posix() for rel in owned for p in Path(rel).parents}
+    found = []
+    for root, dirs, files in os.walk(folder):
+        base = Path(root).relative_to(folder)
+        walk = []
+        for name in sorted(dirs):
+            rel = (base / name).as_posix()
+            if (Path(root) / name).is_symlink():  # a link is a file here: owned or not, never followed
+                found += [] if rel in owned else [rel]
+            elif rel in parents or rel + "/" in owned:
+                walk.append(name)
+            else:
+                found.append(rel + "/")
+        dirs[:] = walk
+        found += [(base / name).as_posix() for name in sorted(files) if (base / name).as_posix() not in owned]
+    return found
+
+
+def matches(rel: str, pattern: str) -> bool:
+    """`pattern` against a relative path: `*` within one path segment, a trailing `/**` for anything below."""
+    if pattern.endswith("/**"):
+        head = pattern[:-3]
+        parts = rel.split("/")
+        return any(fnmatch.fnmatchcase("/".join(parts[:n]), head) for n in range(1, len(parts)))
+    return rel.count("/") == pattern.count("/") and fnmatch.fnmatchcase(rel, pattern)
 
 
 def _reason(e: OSError) -> str:
     return e.strerror or str(e)
 
 
-def check_target(
-    target: str | Path, *, force: bool, ours: Ours, arg: str = "--out", what: str = "output", file: bool = False
-) -> Path:
-    """Refuse a target that may not be written; returns it as an absolute path.
+def refuse_nested(target: Path, arg: str, kinds: tuple[OutputKind, ...] = OUTPUT_KINDS) -> None:
+    """An output inside another output would be lost or carried off with it: refuse it at creation."""
+    for parent in Path(os.path.abspath(target)).parents:
+        kind = kind_of(parent, kinds)
+        if kind is not None:
+            raise UsageError(
+                f"{arg} {target}: inside the {kind.what} {parent} (its {kind.marker}); an output inside "
+                "another would be replaced or moved with it: name a folder outside it"
+            )
 
-    Fine: nothing there, an empty folder (not for `file`), or what `ours` recognizes with `force`.
-    """
+
+def check_folder(target: str | Path, kind: OutputKind, *, force: bool, arg: str = "--out") -> Path:
+    """Refuse a folder that may not be written; returns it as an absolute path.
+
+    Fine: nothing there, an empty folder, or an earlier output of `kind` holding nothing but what
+    voltacache wrote, with `force`. Checked again when the new output is committed."""
     target = Path(os.path.abspath(target))
-    kind = "file" if file else "folder"
     if not target.name:
-        raise UsageError(f"{arg} {target}: name a {kind} to write the {what} into")
+        raise UsageError(f"{arg} {target}: name a folder to write the {kind.what} into")
     if target.is_symlink():
-        raise OutputExists(f"{arg} {target}: a symbolic link; name the {kind} it points to, or another path")
+        raise OutputExists(f"{arg} {target}: a symbolic link; name the folder it points to, or another path")
+    kinds = (kind, *OUTPUT_KINDS)
+    refuse_nested(target, arg, kinds)
     if not target.exists():
         return target
-    if file and target.is_dir():
+    if not target.is_dir():
+        raise OutputExists(f"{arg} {target}: a file, not a folder; name another path for the {kind.what}")
+    try:
+        empty = not any(target.iterdir())
+    except OSError as e:
+        raise UsageError(f"{arg} {target}: cannot read it ({_reason(e)})") from e
+    if empty:
+        return target  # written into (replaced by the new one)
+    owned = kind.owned(target)
+    if owned is None:
+        other = kind_of(target, kinds)
+        why = f"it is {other.article} {other.what}" if other else f"no {kind.marker} in it"
+        raise OutputExists(
+            f"{arg} {target}: not {kind.article} {kind.what} ({why}); voltacache replaces only what it wrote: "
+            "name a new or empty folder"
+        )
+    extra = foreign(target, owned)
+    if extra:
+        nested = kind_of(target / extra[0], kinds) if extra[0].endswith("/") else None
+        what = f" ({nested.article} {nested.what} of its own)" if nested else ""
+        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+        raise OutputExists(
+            f"{arg} {target}: holds {extra[0]}{what}{more}, which voltacache did not write there; it replaces "
+            f"only what it wrote: move that out of {target.name}, or name another folder"
+        )
+    if not force:
+        raise OutputExists(
+            f"{arg} {target}: holds an earlier {kind.what}; pass --force to replace it "
+            "(it stays until the new one is complete), or name another path"
+        )
+    return target
+
+
+def check_file(
+    target: str | Path, *, force: bool, ours: Callable[[Path], bool], arg: str = "--out", what: str = "output"
+) -> Path:
+    """Refuse a file that may not be written: a folder, a link, or an existing file voltacache did
+    not write (`ours`) or, without `force`, one it did. Returns it as an absolute path."""
+    target = Path(os.path.abspath(target))
+    if not target.name:
+        raise UsageError(f"{arg} {target}: name a file to write the {what} into")
+    if target.is_symlink():
+        raise OutputExists(f"{arg} {target}: a symbolic link; name the file it points to, or another path")
+    if not target.exists():
+        return target
+    if target.is_dir():
         raise OutputExists(f"{arg} {target}: a folder, not a file; name a file for the {what}")
-    if not file:
-        if not target.is_dir():
-            raise OutputExists(f"{arg} {target}: a file, not a folder; name another path for the {what}")
-        try:
-            if not any(target.iterdir()):
-                return target  # an empty folder: written into (replaced by the new one)
-        except OSError as e:
-            raise UsageError(f"{arg} {target}: cannot read it ({_reason(e)})") from e
     if not ours(target):
-        marker = getattr(ours, "marker", None)
-        why = f"no {marker} in it" if marker else "voltacache did not write it"
         article = "an" if what[0] in "aeiou" else "a"
         raise OutputExists(
-            f"{arg} {target}: not {article} {what} ({why}); voltacache replaces only what it wrote: "
-            f"name a new or empty {kind}"
+            f"{arg} {target}: not {article} {what} (voltacache did not write it); voltacache replaces only what "
+            "it wrote: name a new file"
         )
     if not force:
         raise OutputExists(
@@ -124,6 +276,9 @@ def _remove_empty(folders: list[Path]) -> None:
 
 
 def _discard(path: Path) -> None:
+    """Remove a staging sibling: voltacache made it and wrote everything in it."""
+    import shutil
+
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -131,40 +286,139 @@ def _discard(path: Path) -> None:
             path.unlink()
 
 
-@contextlib.contextmanager
-def staged_output(
-    target: str | Path, *, force: bool = False, ours: Ours, arg: str = "--out", what: str = "output", file: bool = False
-) -> Iterator[Path]:
-    """Yield a temporary sibling of `target` to write into (a new folder; for `file`, a path to write);
-    on success it is renamed into place, on any failure (Ctrl-C too) removed, `target` untouched."""
-    checks = dict(force=force, ours=ours, arg=arg, what=what, file=file)
-    target = check_target(target, **checks)
+def _stage(target: Path, arg: str, make: Callable[[Path], None]) -> tuple[Path, list[Path]]:
     created = _make_parents(target.parent, arg, target)
     staging = _sibling(target, "tmp")
     try:
-        staging.touch(exist_ok=False) if file else staging.mkdir()
+        make(staging)
     except OSError as e:
         _remove_empty(created)
         raise UsageError(f"{arg} {target}: cannot write there ({_reason(e)}); name a writable path") from e
+    return staging, created
+
+
+Carry = Callable[[Path, set, Path], None]  # (earlier output, its owned files, the new output's staging folder)
+
+
+@contextlib.contextmanager
+def staged_output(
+    target: str | Path, kind: OutputKind, *, force: bool = False, arg: str = "--out", carry: Carry | None = None
+) -> Iterator[Path]:
+    """Yield a new temporary sibling of `target` to write the output into; on success the files are
+    listed in its marker, `carry` copies what the earlier output keeps over, and it is renamed into
+    place (the earlier output's own files deleted); on any failure (Ctrl-C too) it is removed and
+    `target` is untouched. The body must write `kind.marker`."""
+    target = check_folder(target, kind, force=force, arg=arg)
+    staging, created = _stage(target, arg, Path.mkdir)
     try:
         yield staging
-        _commit(staging, target, checks)
+        _commit(staging, target, kind, force, arg, carry)
     except BaseException:
         _discard(staging)
         _remove_empty(created)
         raise
 
 
-def _commit(staging: Path, target: Path, checks: dict) -> None:
-    check_target(target, **checks)  # again: something may have appeared there meanwhile
-    if checks["file"] or not target.exists() or not any(target.iterdir()):
-        os.replace(staging, target)  # atomic, also over an old file or an empty folder
+def _commit(staging: Path, target: Path, kind: OutputKind, force: bool, arg: str, carry: Carry | None) -> None:
+    check_folder(target, kind, force=force, arg=arg)  # again: something may have appeared there meanwhile
+    earlier = kind.owned(target) if target.exists() else None
+    if earlier is not None and carry is not None:
+        carry(target, earlier, staging)
+    _write_owned(staging, kind, set(files_in(staging)))
+    if earlier is None:
+        os.replace(staging, target)  # atomic, also over an empty folder
         return
     aside = _sibling(target, "old")
-    os.replace(target, aside)
+    with uninterrupted():  # the swap and the old files' removal end as one: a Ctrl-C now changes nothing
+        os.replace(target, aside)
+        try:
+            os.replace(staging, target)
+        except BaseException:
+            os.replace(aside, target)
+            raise
+        remove_owned(aside, earlier)
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Ctrl-C is ignored while an output is being put in place (in the main thread, where Python takes it):
+    moments of renames and deletions that must not stop half-way; the command then ends as it would have."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+def remove_owned(folder: Path, owned: set[str]) -> None:
+    """Delete the files voltacache wrote in `folder`, then the folders they leave empty; anything else
+    (it appeared after the last check) stays, and the user is told where."""
+    for rel in owned:
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+            (folder / rel).unlink()
+    for root, _, _ in sorted(os.walk(folder), key=lambda entry: -len(entry[0])):
+        with contextlib.suppress(OSError):
+            os.rmdir(root)
+    if folder.exists():
+        warnings.warn(
+            f"{folder}: kept, it holds files voltacache did not write (move them where they belong)", stacklevel=2
+        )
+
+
+def _write_owned(folder: Path, kind: OutputKind, owned: set[str]) -> None:
+    path = folder / kind.marker
+    data = json.loads(path.read_text())
+    data[OWNED] = sorted(owned - {kind.marker})
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    staging.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(staging, path)
+
+
+def record_owned(folder: Path, kind: OutputKind, *added: str) -> None:
+    """Add files another command wrote into an output (a calibration into engines) to what it owns."""
+    owned = kind.owned(folder)
+    if owned is None:
+        raise UsageError(f"{folder}: not {kind.article} {kind.what}")
+    _write_owned(Path(folder), kind, owned | set(added))
+
+
+@contextlib.contextmanager
+def staged_file(
+    target: str | Path, *, ours: Callable[[Path], bool], force: bool = False, arg: str = "--out", what: str = "output"
+) -> Iterator[Path]:
+    """Yield a temporary sibling path of `target` to write the file; renamed over `target` on success,
+    removed on any failure."""
+    checks = dict(force=force, ours=ours, arg=arg, what=what)
+    target = check_file(target, **checks)
+    staging, created = _stage(target, arg, lambda path: path.touch(exist_ok=False))
+    try:
+        yield staging
+        check_file(target, **checks)
         os.replace(staging, target)
     except BaseException:
-        os.replace(aside, target)
+        _discard(staging)
+        _remove_empty(created)
         raise
-    shutil.rmtree(aside, ignore_errors=True)
+
+
+def check_writable(path: Path, arg: str) -> None:
+    """A file can be written at `path`: its nearest existing ancestor is a folder where a file can be
+    made (tried, then removed), and nothing on the way is a file."""
+    import tempfile
+
+    folder = Path(os.path.abspath(path)).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UsageError(f"{arg} {path}: {folder} is a file, not a folder; name a path in a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".voltacache-probe-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{arg} {path}: cannot write in {folder} ({e.strerror or e}); name a writable path") from None

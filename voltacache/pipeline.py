@@ -16,12 +16,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .capabilities import Capabilities
 from .deepcache import AdaptiveSchedule, FixedSchedule, full_steps
 from .deepcache_calibration import NoScheduleCalibration, load_calibration
 from .errors import InvalidRequest
 from .images import fit_image, fit_mask, to_uint8, to_unit_range
 from .lora import RESIDENT_VARIANTS, Loras
-from .request import SIZE_CONDITIONING, Images, Request, denoising_steps
+from .request import Images, Request, denoising_steps
 from .schedulers import make_scheduler
 from .specs import (
     CONTEXT,
@@ -41,7 +42,6 @@ from .specs import (
     UNET_SHALLOW,
     VAE_DECODER,
     VAE_ENCODER,
-    Geometry,
 )
 from .tokenizer import load_tokenizers, text_encoder_feeds
 
@@ -205,8 +205,6 @@ class StableDiffusion:
         self.family = export["family"]
         self.vae_scale = export["geometry"]["vae_scale"]
         self.latent_channels = export["geometry"]["latent_channels"]
-        self.inpainting_unet = Geometry(**export["geometry"]).inpainting  # SD 1.5 inpainting's 9-channel U-Net
-        self.size_conditioned = export["geometry"]["time_ids"] > 0  # SDXL's time ids
         self.zero_empty_negative = export["zero_empty_negative"]
         self.scaling_factor = export["scaling_factor"]
         self.scheduler_config = export["scheduler_config"]
@@ -217,20 +215,24 @@ class StableDiffusion:
         )
         # the LoRAs a request may name, and the engine variants they make (voltacache.lora)
         self.loras = loras if loras is not None else Loras({}, export)
+        # what a request may ask of these engines, as the CLI checks it before they load
+        self.capabilities = Capabilities(export, self.calibration, self.loras)
+        self.inpainting_unet = self.capabilities.inpainting_unet  # SD 1.5 inpainting's 9-channel U-Net
+        self.size_conditioned = self.capabilities.size_conditioned  # SDXL's time ids
 
     @classmethod
     def from_engines(
         cls, engine_dir, cuda_graph: bool = False, loras: dict | None = None, resident: int = RESIDENT_VARIANTS
     ) -> StableDiffusion:
-        """`loras`: {name: LoraFile} a request may name (generate --lora)."""
+        """`loras`: {name: LoraFile} a request may name (generate --lora), or a `Loras` already made."""
         from .build import load_engines
 
         engines = load_engines(engine_dir, cuda_graph=cuda_graph)
         tokenizers = load_tokenizers(engine_dir, engines.export["geometry"]["text_encoders"])
         calibration = load_calibration(engine_dir, engines.export["fingerprint"])
-        return cls(
-            engines.runners, engines.export, tokenizers, calibration, Loras(loras or {}, engines.export, resident)
-        )
+        if not isinstance(loras, Loras):
+            loras = Loras(loras or {}, engines.export, resident)
+        return cls(engines.runners, engines.export, tokenizers, calibration, loras)
 
     def __call__(self, request: Request | str, /, *, cache=None, **fields) -> Generation:
         """`sd("a cat", steps=20, seed=1)` or `sd(Request(...))`: the fields of voltacache.request.Request.
@@ -254,18 +256,7 @@ class StableDiffusion:
 
     def check(self, request: Request) -> None:
         """The request's own checks, then what these engines can do."""
-        request.check()
-        request.check_size(self.height, self.width)
-        given = [name for name in SIZE_CONDITIONING if getattr(request, name) is not None]
-        if given and not self.size_conditioned:
-            raise InvalidRequest(f"{given[0]}: size conditioning is SDXL's; this is an {self.family} model")
-        if self.inpainting_unet and not request.inpaint:
-            raise InvalidRequest(
-                "mask_image: this is an inpainting model (its U-Net reads a mask); give init_image and mask_image"
-            )
-        if request.cache_schedule == "calibrated":
-            self.calibration.check(request.steps, request.cache_interval)
-        self.loras.check(request.loras)
+        self.capabilities.check(request.check())
 
     def runners_for(self, request: Request) -> dict:
         """The engines a request runs on: the base ones, or its LoRAs' variant of them."""

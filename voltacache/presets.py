@@ -17,19 +17,17 @@ import json
 from importlib import resources
 from pathlib import Path
 
-import diffusers
-import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from .outputs import PIPELINE, staged_output
 
-from .tokenizer import clip_tokenizer
+# torch, diffusers and transformers are imported where a pipeline is made: `init-tiny --preset typo` is
+# refused in a fraction of a second, not after seconds of imports.
 
 CONFIGS = Path(str(resources.files("voltacache") / "configs"))
 FAMILIES = ("sd15", "sd2", "sdxl")
 SD15_CONFIG_DIR = CONFIGS / "sd15"
 # The text encoders and tokenizers of each family; a tokenizer's pad token where it is not CLIP's end
 # token (OpenCLIP pads with "!", id 0; the text encoders read the padding, so it must match).
-TEXT_ENCODERS = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
+TEXT_ENCODERS = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}  # transformers
 TOKENIZERS = {"sd15": {"tokenizer": None}, "sd2": {"tokenizer": "!"}, "sdxl": {"tokenizer": None, "tokenizer_2": "!"}}
 
 # Overrides of the SD 1.5 configs: same block types, tiny widths.
@@ -117,6 +115,10 @@ def image_size(preset: str) -> int:
 def random_pipeline(preset: str = "tiny", seed: int = 0):
     """A diffusers pipeline (StableDiffusionPipeline or StableDiffusionXLPipeline) with the preset's
     topology and seeded random weights."""
+    import torch
+    import transformers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     family = PRESETS[preset][0]
@@ -127,12 +129,16 @@ def random_pipeline(preset: str = "tiny", seed: int = 0):
     for name, cls in TEXT_ENCODERS.items():
         if (CONFIGS / family / name).is_dir():
             config = {k: v for k, v in component_config(name, preset).items() if k != "architectures"}
-            encoders[name] = cls(CLIPTextConfig(**config))
+            encoders[name] = getattr(transformers, cls)(transformers.CLIPTextConfig(**config))
     return assemble(family, unet=unet, vae=vae, **encoders)
 
 
 def trained_pipeline(preset: str):
     """The shipped weights of a trained preset, in fp32 (fp16 is only how they are stored)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
     root = TRAINED[preset]
     return assemble(
         PRESETS[preset][0],
@@ -144,6 +150,8 @@ def trained_pipeline(preset: str):
 
 def family_tokenizers(family: str) -> dict:
     """The real CLIP tokenizer(s) of a family, built offline, by pipeline component name."""
+    from .tokenizer import clip_tokenizer
+
     return {name: clip_tokenizer(pad_token=pad) for name, pad in TOKENIZERS[family].items()}
 
 
@@ -157,6 +165,8 @@ def pipeline_options(pipeline_class) -> dict:
 
 def assemble(family: str, **models):
     """The family's pipeline of these models, with its real tokenizers and its scheduler config."""
+    import diffusers
+
     root = CONFIGS / family
     index = json.loads((root / "model_index.json").read_text())
     pipeline_class = getattr(diffusers, index["_class_name"])
@@ -170,17 +180,7 @@ def assemble(family: str, **models):
 
 # Written beside model_index.json by `write_pipeline`: what marks the folder as ours to replace (a
 # downloaded diffusers folder has a model_index.json too, and must never be replaced).
-PRESET_MARKER = "voltacache_preset.json"
-
-
-def is_written_pipeline(folder: Path) -> bool:
-    """Whether `folder` is a pipeline `write_pipeline` wrote."""
-    from .outputs import json_marker
-
-    return (Path(folder) / "model_index.json").is_file() and json_marker(PRESET_MARKER, "preset")(folder)
-
-
-is_written_pipeline.marker = PRESET_MARKER
+PRESET_MARKER = PIPELINE.marker
 
 
 def write_pipeline(out_dir: Path, preset: str = "tiny", seed: int = 0, force: bool = False, arg: str = "OUT") -> Path:
@@ -189,9 +189,7 @@ def write_pipeline(out_dir: Path, preset: str = "tiny", seed: int = 0, force: bo
 
     Written into a temporary sibling and renamed into place when complete; an existing folder is
     replaced only with `force` and only when this function wrote it (voltacache_preset.json)."""
-    from .outputs import staged_output
-
-    with staged_output(out_dir, force=force, ours=is_written_pipeline, arg=arg, what="pipeline folder") as stage:
+    with staged_output(out_dir, PIPELINE, force=force, arg=arg) as stage:
         pipe = trained_pipeline(preset) if preset in TRAINED else random_pipeline(preset, seed)
         pipe.save_pretrained(stage, safe_serialization=True)
         (stage / PRESET_MARKER).write_text(json.dumps({"preset": preset, "seed": seed}, indent=2))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ExportError
+from .errors import UsageError
 from .specs import CONTEXT, DEEP_FEATURE, INPUT_IDS, NOISE_PRED, SAMPLE, TEXT_EMBEDDINGS, TIMESTEP
 
 DEFAULT_PROMPTS = (
@@ -60,14 +60,14 @@ class Calibration:
         try:
             lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
-            raise ExportError(f"--calibration-prompts {path}: cannot be read ({e})") from None
+            raise UsageError(f"--calibration-prompts {path}: cannot be read ({e})") from None
         if not lines:
-            raise ExportError(f"--calibration-prompts {path}: no prompt in it")
+            raise UsageError(f"--calibration-prompts {path}: no prompt in it")
         return cls(prompts=tuple(lines), steps=steps)
 
     def check(self) -> None:
         if not 1 <= self.steps <= 1000:
-            raise ExportError(f"--calibration-steps {self.steps}: use 1 to 1000 (10 to 20 covers the schedule)")
+            raise UsageError(f"--calibration-steps {self.steps}: use 1 to 1000 (10 to 20 covers the schedule)")
 
     def to_json(self) -> dict:
         return {**asdict(self), "id": self.id}

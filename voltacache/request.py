@@ -146,6 +146,14 @@ class Request:
                 f"cache_interval {self.cache_interval}: the adaptive schedule refreshes by refresh_threshold; "
                 "leave the interval at 1, or choose uniform, nonuniform or calibrated"
             )
+        if self.cache_schedule == "calibrated" and not 2 <= self.cache_interval < self.steps:
+            raise InvalidRequest(
+                f"cache_interval {self.cache_interval}: a calibrated schedule runs the full U-Net on fewer steps "
+                f"than all {self.steps}, at N from 2 to {self.steps - 1}"
+                + (" (uniform N = 1 runs every step in full)" if self.cache_interval == 1 else "")
+                if self.steps > 2
+                else f"steps {self.steps}: a calibrated schedule needs 3 steps or more; use uniform"
+            )
         if self.refresh_threshold is not None:
             if self.cache_schedule != "adaptive":
                 raise InvalidRequest("refresh_threshold: only with cache_schedule adaptive")

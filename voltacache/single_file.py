@@ -13,9 +13,6 @@ import re
 import struct
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
 # A key that only that family has, checked in order (the SD 1.x / 2.x keys are shared, so last).
 FAMILY_KEYS = [
     ("SD3", "model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight"),
@@ -219,6 +216,8 @@ def _open_clip(state_dict: dict) -> dict:
                 out[f"transformer.resblocks.{i}.{OPEN_CLIP_LAYER[module]}.{param}"] = value
             elif module == "self_attn.q_proj":
                 qkv = [state_dict[f"encoder.layers.{i}.self_attn.{x}_proj.{param}"] for x in "qkv"]
+                import torch
+
                 out[f"transformer.resblocks.{i}.attn.in_proj_{param}"] = torch.cat(qkv)
             elif module not in ("self_attn.k_proj", "self_attn.v_proj"):
                 raise KeyError(f"text encoder weight {key} has no OpenCLIP name")
@@ -231,7 +230,9 @@ def save_single_file(pipe, path: Path, force: bool = False, arg: str = "--single
 
     Written beside `path` and renamed into place when complete; an existing file is replaced only
     with `force` and only when this function wrote it (its metadata says so)."""
-    from .outputs import staged_output
+    from safetensors.torch import save_file
+
+    from .outputs import staged_file
 
     state = {}
     state.update(_rename(pipe.unet.state_dict(), _unet_modules(pipe.unet.config), UNET))
@@ -240,8 +241,6 @@ def save_single_file(pipe, path: Path, force: bool = False, arg: str = "--single
         weights = (_clip if layout == "clip" else _open_clip)(getattr(pipe, name).state_dict())
         state.update({prefix + k: v for k, v in weights.items()})
     tensors = {k: v.contiguous() for k, v in state.items()}
-    with staged_output(
-        path, force=force, ours=is_our_single_file, arg=arg, what="single-file checkpoint", file=True
-    ) as stage:
+    with staged_file(path, force=force, ours=is_our_single_file, arg=arg, what="single-file checkpoint") as stage:
         save_file(tensors, str(stage), metadata={"format": "pt", **MARKER})
     return path

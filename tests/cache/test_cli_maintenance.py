@@ -2,6 +2,7 @@
 (no --dim), a mistyped path refused, a corrupt index repaired (set aside, never deleted)."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -92,12 +93,12 @@ def test_an_unreachable_server_is_one_line_within_seconds(tmp_path):
     assert "--blob-store" in one_line_error(cache("stats", "--cache-index", "http://127.0.0.1:1"), 2)
 
 
-@pytest.mark.parametrize("how", ["garbage", "a file"])
+@pytest.mark.parametrize("how", ["garbage"])
 def test_repair_sets_a_corrupt_index_aside_and_starts_a_fresh_one(how, tmp_path):
     index = make_index(tmp_path)
     blobs = sorted(p for p in (tmp_path / "cache-blobs").rglob("*") if p.is_file())
     corrupt(index, how)
-    before = Path(index).read_bytes() if how == "a file" else None
+    before = None
     assert "cache repair --cache-index" in one_line_error(cache("stats", "--cache-index", index), 1)
     assert "clear --force" in one_line_error(cache("clear", "--cache-index", index), 1)
 
@@ -142,3 +143,24 @@ def test_corrupt_index_error_is_one_line_on_the_real_stderr(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: cache index {index}: cannot be read")
+
+
+@pytest.mark.parametrize("what", ["notes.txt", "photos", "cache.db"])
+@pytest.mark.parametrize("command", ["stats", "clear", "purge-expired", "repair"])
+def test_the_cache_commands_touch_nothing_but_an_index(command, what, tmp_path):
+    """A plain file, a folder of something else, or garbage where an index was: one line, nothing renamed or
+    removed, and no advice to repair it (repair never renames what milvus-lite did not write)."""
+    path = tmp_path / what
+    if what == "photos":
+        path.mkdir()
+        (path / "cat.jpg").write_bytes(b"mine")
+    else:
+        path.write_bytes(b"my notes" if what == "notes.txt" else os.urandom(4096))
+    before = {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    extra = ["--force"] if command == "clear" else []
+    message = one_line_error(cache(command, "--cache-index", path, *extra), 2)
+    kind = "a folder" if what == "photos" else "a file"
+    assert f"--cache-index {path}: {kind}, not a milvus-lite index; nothing was changed" in message
+    assert "repair" not in message
+    assert {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [what]

@@ -121,13 +121,75 @@ def test_a_repository_overlapping_the_engines_is_refused(engines_dir, tmp_path, 
 
 
 def test_deploying_twice_replaces_its_own_repository(engines_dir, tmp_path):
+    from voltacache.outputs import REPOSITORY, record_owned
+
     repo = deploy(engines_dir, tmp_path / "repo")
-    (repo / "stale").mkdir()
+    (repo / "stale" / "1").mkdir(parents=True)
+    (repo / "stale" / "config.pbtxt").write_text('name: "stale"')
+    record_owned(repo, REPOSITORY, "stale/config.pbtxt", "stale/1/")  # a model an earlier deploy wrote
     result = cli("deploy", "--engines", engines_dir, "--repo", repo, "--component-backend", "onnxruntime")
     assert result.exit_code == 0, result.output
     assert read_config(repo, "unet_deep").backend == "onnxruntime" and not (repo / "stale").exists()
     assert {d.name for d in repo.iterdir() if d.is_dir()} == MODELS
     assert listing(tmp_path) == ["repo"]
+
+
+@pytest.mark.parametrize("extra", ["my_model/", "notes.txt", "denoiser/1/notes.txt"])
+def test_a_repeated_deploy_never_deletes_what_it_did_not_write(engines_dir, tmp_path, extra):
+    """A model the user added to the repository, or any file: deploy names it and writes nothing."""
+    repo = deploy(engines_dir, tmp_path / "repo")
+    path = repo / extra.rstrip("/")
+    if extra.endswith("/"):
+        (path / "1").mkdir(parents=True)
+        (path / "config.pbtxt").write_text('name: "my_model"')
+    else:
+        path.write_text("mine")
+    before = snapshot(repo)
+    result = cli("deploy", "--engines", engines_dir, "--repo", repo)
+    one_error_line(result, 2, f"--repo {repo}: holds {extra}, which voltacache did not write there")
+    assert snapshot(repo) == before
+
+
+def test_registered_loras_survive_a_repeated_deploy(engines_dir, lora_files, tmp_path):
+    from voltacache.lora import read_registry
+
+    repo = tmp_path / "repo"
+    assert (
+        cli("deploy", "--engines", engines_dir, "--repo", repo, "--lora", f"style={lora_files['style']}").exit_code == 0
+    )
+    registered = (repo / p.LORA_FOLDER / "style.safetensors").read_bytes()
+    # a new deploy without --lora (say, another cache setting) keeps them; --lora adds to them
+    result = cli("deploy", "--engines", engines_dir, "--repo", repo, "--lora", f"other={lora_files['other']}")
+    assert result.exit_code == 0, result.output
+    assert set(read_registry(repo / p.LORA_FOLDER)) == {"style", "other"}
+    assert (repo / p.LORA_FOLDER / "style.safetensors").read_bytes() == registered
+    assert cli("deploy", "--engines", engines_dir, "--repo", repo, "--no-step-batching").exit_code == 0
+    assert set(read_registry(repo / p.LORA_FOLDER)) == {"style", "other"}
+    # unregistered by name only
+    result = cli("deploy", "--engines", engines_dir, "--repo", repo, "--drop-lora", "style")
+    assert result.exit_code == 0, result.output
+    assert set(read_registry(repo / p.LORA_FOLDER)) == {"other"}
+    one_error_line(
+        cli("deploy", "--engines", engines_dir, "--repo", repo, "--drop-lora", "nope"),
+        2,
+        f"--drop-lora nope: not registered in --repo {repo} (registered: other)",
+    )
+
+
+def test_lora_options_that_do_nothing_are_refused(engines_dir, tmp_path):
+    repo = tmp_path / "repo"
+    result = cli("deploy", "--engines", engines_dir, "--repo", repo, "--lora-resident", "3")
+    one_error_line(result, 2, "--lora-resident: only with LoRAs to keep resident; register them with --lora")
+    result = cli(
+        "deploy", "--engines", engines_dir, "--repo", repo, "--no-step-batching", "--denoiser-instances", "100"
+    )
+    one_error_line(result, 2, "--denoiser-instances 100: use 1 to 32")
+    assert not repo.exists()
+
+
+def test_a_repository_inside_the_engines_or_an_export_is_refused(engines_dir, onnx_fp32, tmp_path):
+    result = cli("deploy", "--engines", engines_dir, "--repo", onnx_fp32 / "repo")
+    one_error_line(result, 2, f"--repo {onnx_fp32 / 'repo'}: inside the export {onnx_fp32}")
 
 
 def test_a_failed_deploy_leaves_the_earlier_repository_whole(engines_dir, tmp_path, monkeypatch):

@@ -193,3 +193,101 @@ def test_sigterm_to_serve_stops_everything(triton_repo, tmp_path, ports):
     assert rest == ["voltacache warning: test cache cannot be opened; serving without it", "tritonserver stopped"]
     assert not group_alive(tritonserver)
     assert not shm_regions(f"voltacache{serve.pid}_")
+
+
+def wait_ready(serve, timeout=120) -> list[str]:
+    """stderr lines of `voltacache serve` until it says it is ready."""
+    lines, deadline = [], time.monotonic() + timeout
+    while not (lines and "ready" in lines[-1]) and time.monotonic() < deadline:
+        lines.append(serve.stderr.readline())
+    assert "ready" in lines[-1], lines
+    return lines
+
+
+@pytest.mark.triton
+def test_a_server_never_outlives_serve_killed_hard(triton_repo, tmp_path, ports):
+    """SIGKILL (the OOM killer) gives serve no chance to stop anything: the kernel stops its tritonserver
+    (PR_SET_PDEATHSIG), which unloads its models and ends its stubs; ports and shared memory come back."""
+    from voltacache.serving.server import servers_of
+
+    repo = shutil.copytree(triton_repo, tmp_path / "repo")
+    serve = subprocess.Popen(serve_command(repo, ports), stderr=subprocess.PIPE, text=True)
+    wait_ready(serve)
+    (tritonserver,) = children(serve.pid)
+    assert [s.pid for s in servers_of(repo)] == [tritonserver]
+    serve.kill()
+    serve.wait()
+    deadline = time.monotonic() + 60
+    while group_alive(tritonserver) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not group_alive(tritonserver), "tritonserver outlived voltacache serve"
+    assert not shm_regions(f"voltacache{serve.pid}_")
+    assert servers_of(repo) == []
+
+
+@pytest.mark.triton
+def test_serve_stops_a_server_a_killed_serve_left_and_names_a_running_one(triton_repo, tmp_path, ports):
+    """A leftover of an earlier `voltacache serve` (its starter gone, our shared-memory prefix: provably
+    ours) is stopped with a word; a server another serve runs stays, and holding a port it is named."""
+    from voltacache.serving.server import servers_of
+
+    repo = shutil.copytree(triton_repo, tmp_path / "repo")
+    # what a tritonserver started without the parent-death tie is left as when its starter is SIGKILLed
+    leave = (
+        "import subprocess, sys\n"
+        "from voltacache.serving.server import TritonServer\n"
+        f"cmd, env = TritonServer({str(repo)!r}, **{ports!r}).command()\n"
+        "p = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, "
+        "stderr=subprocess.DEVNULL)\n"
+        "print(p.pid)\n"
+    )
+    leftover = int(subprocess.run([sys.executable, "-c", leave], capture_output=True, text=True).stdout)
+    deadline = time.monotonic() + 60
+    while not servers_of(repo) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [s.orphaned for s in servers_of(repo)] == [True]
+    serve = subprocess.Popen(serve_command(repo, ports), stderr=subprocess.PIPE, text=True)
+    try:
+        lines = wait_ready(serve)
+        assert any(f"stopped tritonserver pid {leftover}" in line and "was killed" in line for line in lines), lines
+        assert not group_alive(leftover)
+        result, seconds, _ = serve_fails(repo, ports)
+        (running,) = children(serve.pid)
+        assert result.returncode == 2 and seconds < 10
+        line = one_error_line(result)
+        assert f"is in use on 127.0.0.1 by tritonserver pid {running} (serving {repo.resolve()}" in line
+        assert f"kill {running}" in line
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(60)
+
+
+@pytest.mark.parametrize(
+    "option, value, words",
+    [
+        ("--http-port", "99999", "--http-port 99999: a port is a number from 1 to 65535"),
+        ("--metrics-port", "0", "--metrics-port 0: a port is a number from 1 to 65535"),
+    ],
+)
+def test_serve_checks_every_argument_before_starting_anything(triton_repo, tmp_path, ports, option, value, words):
+    from voltacache.serving.server import servers_of
+
+    repo = shutil.copytree(triton_repo, tmp_path / "repo")
+    command = [a for a in serve_command(repo, ports) if not a.startswith(option)] + [f"{option}={value}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert words in one_error_line(result)
+    assert servers_of(repo) == []  # nothing was started, so nothing is left
+
+
+def test_serve_says_where_engines_went(engines_dir, tmp_path, ports):
+    from voltacache.serving.deploy import deploy
+
+    engines = shutil.copytree(engines_dir, tmp_path / "engines")
+    repo = deploy(engines, tmp_path / "repo")
+    engines.rename(tmp_path / "moved")
+    result, seconds, _ = serve_fails(repo, ports)
+    assert result.returncode == 2 and seconds < 10
+    line = one_error_line(result)
+    assert f"--repo {repo}: its engines {engines} are gone (moved or deleted)" in line
+    assert "voltacache deploy --engines" in line

@@ -115,3 +115,78 @@ def test_tick_and_queue_time_are_metrics(triton):
     served(triton, dict(steps=3, seed=77, scheduler="ddim"))
     for name in ("voltacache_ticks_total", "voltacache_tick_seconds_total", "voltacache_queue_seconds_total"):
         assert metric(triton, name, p.DENOISER) > 0, name
+
+
+def _ticks_after(triton, stop: float, settle: float = 1.5) -> float:
+    """Ticks the denoiser ran from the moment `stop` passed until it went idle."""
+    deadline = time.monotonic() + 60
+    while _running(triton):
+        assert time.monotonic() < deadline, "the cancelled request kept its slot"
+    return metric(triton, "voltacache_ticks_total", p.DENOISER)
+
+
+def test_ctrl_c_on_generate_through_the_ensemble_frees_the_slot(triton, tmp_path):
+    """Triton 2.51 never tells the models inside an ensemble that its call was cancelled; `generate --url`
+    names its request's id to the denoiser instead: a 1000-step request stopped after a second runs a few
+    more steps, not 1000, and the metric counts it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    cancelled = metric(triton, "voltacache_cancelled_requests_total", p.DENOISER)
+    command = [sys.executable, "-m", "voltacache", "generate", PROMPT, "--url", triton.grpc_url, "--steps", "1000"]
+    command += ["--seed", "11", "--scheduler", "ddim", "--cache", "off", "-o", str(tmp_path / "a.png")]
+    child = subprocess.Popen(
+        command,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal starts it
+    )
+    deadline = time.monotonic() + 60
+    while not _running(triton):
+        assert time.monotonic() < deadline and child.poll() is None
+    time.sleep(1)
+    ticks = metric(triton, "voltacache_ticks_total", p.DENOISER)
+    os.kill(child.pid, signal.SIGINT)
+    _, err = child.communicate(timeout=30)
+    assert child.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    after = _ticks_after(triton, time.monotonic())
+    assert after - ticks < 50, f"{after - ticks} more steps after Ctrl-C"
+    assert metric(triton, "voltacache_cancelled_requests_total", p.DENOISER) == cancelled + 1
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_a_client_that_stops_waiting_frees_the_slot_at_its_deadline(triton):
+    """A client killed before it can say so: the request carries the client's timeout, past which the
+    denoiser drops it."""
+    cancelled = metric(triton, "voltacache_cancelled_requests_total", p.DENOISER)
+    started = time.monotonic()
+    try:
+        Client(triton.grpc_url, timeout_s=2).generate(PROMPT, steps=1000, seed=12, scheduler="ddim", cache_mode="off")
+    except VoltacacheError as e:
+        assert "Deadline" in str(e) or "deadline" in str(e), e
+    else:
+        raise AssertionError("1000 steps within 2 s")
+    _ticks_after(triton, time.monotonic())
+    assert time.monotonic() - started < 30
+    assert metric(triton, "voltacache_cancelled_requests_total", p.DENOISER) == cancelled + 1
+
+
+def test_cancel_names_the_request_by_id(triton):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = Client(triton.grpc_url)
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(client.generate, PROMPT, steps=1000, seed=13, scheduler="ddim", cache_mode="off")
+        deadline = time.monotonic() + 60
+        while not _running(triton):
+            assert time.monotonic() < deadline
+        assert client.cancel() == 1  # its one request in flight
+        try:
+            future.result(timeout=30)
+        except VoltacacheError as e:
+            assert "cancelled by its client after" in str(e), e
+        else:
+            raise AssertionError("a cancelled request answered with an image")
+    assert client.cancel("no-such-request") == 0

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from voltacache.errors import VoltacacheError
+from voltacache.errors import InvalidRequest, VoltacacheError
 from voltacache.serving import protocol as p
 from voltacache.serving.client import Client
 
@@ -118,9 +118,10 @@ BAD_REQUESTS = {
 
 @pytest.mark.parametrize("case", BAD_REQUESTS)
 def test_malformed_request_gets_an_error_and_the_server_keeps_serving(triton, case):
+    """INVALID_ARG, not INTERNAL: the client raises InvalidRequest (exit 2 from the CLI), as in process."""
     client = Client(triton.grpc_url, timeout_s=30)
     started = time.monotonic()
-    with pytest.raises(VoltacacheError):
+    with pytest.raises(InvalidRequest):
         client.infer(p.TXT2IMG, BAD_REQUESTS[case], [p.IMAGES])
     assert time.monotonic() - started < 10
     out = client.infer(p.TXT2IMG, valid(**{p.SEED: np.array([int(time.time_ns() % 10**9)], np.int64)}), [p.IMAGES])
@@ -216,3 +217,27 @@ def test_another_size_is_refused_as_in_process(triton, sd):
     for generate in (sd, Client(triton.grpc_url).generate, Client(triton.http_url, "http").generate):
         with pytest.raises(InvalidRequest, match="static at 64x64"):
             generate(PROMPT, steps=2, height=128)
+
+
+def test_a_served_refusal_is_the_same_one_line_as_in_process(triton, engines_dir, tmp_path):
+    """One prompt: its refusal is the command's (exit 2, one line, no "1 of 1 prompts failed"), served
+    (INVALID_ARG from the denoiser) as in process (found in the manifest before the engines load)."""
+    from helpers import cli
+
+    args = ["generate", PROMPT, "--steps", "7", "--cache-interval", "3", "--cache-schedule", "calibrated"]
+    served = cli(*args, "--url", triton.grpc_url, "-o", tmp_path / "a.png")
+    local = cli(*args, "--engines", engines_dir, "-o", tmp_path / "b.png")
+    for result in (served, local):
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and "calibrated for 12 steps, not 7" in lines[0], result.stderr
+        assert "prompts failed" not in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_wrong_port_says_which_port_it_is(triton):
+    """The metrics port, or the HTTP port spoken to over gRPC: the error says what answers there."""
+    with pytest.raises(VoltacacheError, match="this is a Triton server's metrics port; give its gRPC port"):
+        Client(f"127.0.0.1:{triton.metrics_port}").image_shape()
+    with pytest.raises(VoltacacheError, match="this is a Triton server's HTTP port; give its gRPC port"):
+        Client(triton.http_url).image_shape()

@@ -30,26 +30,23 @@ from .store import (
     release_lite_server,
     unavailable,
     unlock_index,
-    unreadable,
 )
 
 OPTION = "--cache-index"
 
 
 def check_exists(index: str) -> None:
-    """A local index the user names must be a milvus-lite index: refuse a mistyped path (nothing
-    is created) and a folder that is something else. A file is left to the open, which says it
-    cannot be read and how to repair it."""
+    """The cache commands act only on a milvus-lite index (the folder milvus-lite wrote) or a Milvus
+    URL: a mistyped path, a file or a folder of something else is refused, nothing created or touched."""
     if is_server(index):
         return
     path = Path(index)
+    wrote = "give the path `voltacache deploy --cache` or `generate --cache-index` wrote (a folder ending in .db)"
     if not path.exists():
-        raise UsageError(
-            f"{OPTION} {index}: no such cache index; give the path `voltacache deploy --cache` or "
-            "`generate --cache-index` wrote (a folder ending in .db)"
-        )
-    if path.is_dir() and not is_lite_index(path):
-        raise UsageError(f"{OPTION} {index}: a folder that is not a milvus-lite index")
+        raise UsageError(f"{OPTION} {index}: no such cache index; {wrote}")
+    if not is_lite_index(path):
+        what = "a folder" if path.is_dir() else "a file"
+        raise UsageError(f"{OPTION} {index}: {what}, not a milvus-lite index; nothing was changed; {wrote}")
 
 
 def blob_location(index: str, blob_store: str | None) -> str:
@@ -126,9 +123,6 @@ def open_existing(index: str, blob_store: str | None = None, embedder: str | Non
     one that cannot be read, that another process has open, or a server that does not answer."""
     check_exists(index)
     blobs = blob_location(index, blob_store)
-    path = Path(index)
-    if not is_server(index) and not path.is_dir():
-        raise unavailable(index, unreadable(index, None))
     found = choose(index, embedder)
     if found is None:
         return None
@@ -144,9 +138,6 @@ def empty_stats(index: str) -> dict:
 def index_problem(index: str) -> str | None:
     """Why a milvus-lite index (held by this process) cannot be read, or None when every row of
     every collection reads back."""
-    path = Path(index)
-    if not path.is_dir():
-        return "it is a file, not a milvus-lite index folder"
     try:
         client = connect(index)
     except CacheUnavailable as e:
@@ -183,9 +174,9 @@ def repair(index: str, blob_store: str | None = None, purge_blobs: bool = False)
     try:
         if holds(key) > 1:
             raise unavailable(index, "open in this process; close it first")
-        if path.is_dir() and lite_lock_held(path):
+        if lite_lock_held(path):
             raise unavailable(index, in_use(index))
-        found = sorted(set(lite_caches(index) if path.is_dir() else []) | set(blob_caches(blobs)))
+        found = sorted(set(lite_caches(index)) | set(blob_caches(blobs)))
         problem = index_problem(index)
         release_lite_server(index)
         report = {"index": index, "repaired": False, "caches": [collection_name(*c) for c in found]}

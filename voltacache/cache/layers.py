@@ -50,6 +50,7 @@ from .store import (
     is_server,
     reason,
     scope_key,
+    unavailable,
 )
 
 INDEX_OPTION = "--cache-index"  # `deploy` calls it --cache
@@ -169,7 +170,12 @@ class CacheSettings:
     bands: str = DEFAULT_BANDS
 
     def __post_init__(self):
-        """Refuse, naming the option, what cannot work: here, not when a server loads the settings."""
+        self.validate(paths=True)
+
+    def validate(self, paths: bool) -> None:
+        """Refuse, naming the option, what cannot work: here, not when a server loads the settings. `paths`:
+        also what lies at the index's path now (a file, a folder of something else), which a server finds
+        when it opens the cache (then it goes on without it) rather than when it reads its settings."""
         if isinstance(self.index, str) and self.index.strip().lower() in ("", "off", "none"):
             self.index = None
         if self.policy not in POLICIES:
@@ -186,11 +192,11 @@ class CacheSettings:
             if value is not None and not (isinstance(value, int) and value > 0):
                 raise BadConfiguration(f"--cache-{name.replace('_', '-')} {value}: a positive whole number, or none")
         if self.index is not None:
-            self._check_locations()
+            self._check_locations(paths)
 
-    def _check_locations(self):
+    def _check_locations(self, paths: bool = True):
         index, blobs = str(self.index), self.blob_store
-        where = f"{INDEX_OPTION} {index} (deploy: --cache)"
+        where = f"{INDEX_OPTION} {index}"  # deploy names its option --cache (cli.deploy rewords it)
         if is_server(index):
             url = urlparse(index)
             if url.scheme.lower() not in INDEX_SCHEMES or not url.hostname:
@@ -209,11 +215,13 @@ class CacheSettings:
                 raise BadConfiguration(
                     f"{where}: a milvus-lite index is a path ending in .db, e.g. {path.stem or 'cache'}.db"
                 )
-            if path.is_dir() and not is_lite_index(path) and any(path.iterdir()):
+            if paths and path.exists() and not path.is_dir():
+                raise BadConfiguration(f"{where}: a file, not a milvus-lite index; name a new path ending in .db")
+            if paths and path.is_dir() and not is_lite_index(path) and any(path.iterdir()):
                 raise BadConfiguration(
                     f"{where}: an existing folder that is not a milvus-lite index; name a new path ending in .db"
                 )
-            for parent in path.parents:
+            for parent in path.parents if paths else ():
                 if parent.exists():
                     if not parent.is_dir():
                         raise BadConfiguration(f"{where}: {parent} is a file, not a folder")
@@ -221,7 +229,7 @@ class CacheSettings:
         blobs = blobs or (None if is_server(index) else default_blob_store(index))
         if blobs and "://" in blobs and not blobs.startswith("s3://"):
             raise BadConfiguration(f"--blob-store {blobs}: a folder or s3://bucket/prefix")
-        if blobs and "://" not in blobs and Path(blobs).exists() and not Path(blobs).is_dir():
+        if paths and blobs and "://" not in blobs and Path(blobs).exists() and not Path(blobs).is_dir():
             option = "--blob-store" if self.blob_store else f"{where}: its blob folder"
             raise BadConfiguration(f"{option} {blobs}: an existing file, not a folder; name a folder")
 
@@ -260,13 +268,23 @@ class CacheSettings:
                         f"parameter cache_{f.name} {values[f'cache_{f.name}']!r}: not a {convert.__name__}; "
                         "redeploy with `voltacache deploy`"
                     ) from None
-        return cls(**given)
+        settings = cls.__new__(cls)  # checked when written; what lies at the path now is `open`'s concern
+        for f in dataclasses.fields(cls):
+            setattr(settings, f.name, given.get(f.name, f.default))
+        settings.validate(paths=False)
+        return settings
 
     def open(self, fingerprint: str, clip_dim: int, warn: Callable[[str], None] | None = None) -> RequestCache | None:
         """The cache for one model, or None when it is off; CacheUnavailable when it cannot be opened
         (`open_cache` reports that and goes on without it)."""
         if self.index is None:
             return None
+        path = Path(self.index)  # something else may lie where the index was when it was deployed
+        if not is_server(self.index) and path.exists() and not is_lite_index(path):
+            if not path.is_dir():
+                raise unavailable(self.index, "a file, not a milvus-lite index")
+            if any(path.iterdir()):
+                raise unavailable(self.index, "a folder that is not a milvus-lite index")
         options = dict(ttl_s=self.ttl_s, policy=self.policy, max_entries=self.max_entries, max_bytes=self.max_bytes)
         config = CacheConfig(self.semantic_threshold, parse_bands(self.bands))
         return open_request_cache(

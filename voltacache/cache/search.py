@@ -176,7 +176,8 @@ class QueryEncoder:
 
     @classmethod
     def from_engines(cls, engines) -> QueryEncoder:
-        from ..build import load_engines, read_engine_manifest
+        from ..build import load_engines
+        from ..manifests import read_engine_manifest
         from ..specs import TEXT_ENCODER
         from ..tokenizer import load_tokenizers
 
@@ -201,8 +202,8 @@ class QueryEncoder:
 def search_index(query: SearchQuery, index: str, blob_store=None, engines=None, embedder=None) -> list[Found]:
     """`query` in process, on the cache an index holds (its embedder read from the index); the
     entries of the engines' model, or of every model for a listing without `engines`."""
-    from ..build import read_engine_manifest
     from ..errors import UsageError
+    from ..manifests import read_engine_manifest
     from .admin import open_existing
     from .embedders import make_embedder
     from .layers import RequestCache

@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+import re
+import threading
 import time
+import uuid
 
 from ..cache.search import Found, SearchQuery
 from ..cache.search import from_triton as search_results
-from ..errors import ServerFailed, UsageError, VoltacacheError
+from ..errors import InvalidRequest, ServerFailed, UsageError, VoltacacheError
 from ..request import Images, Request
 from . import protocol as p
 
 TRITON_CLIENT_DTYPES = {"float32": "FP32", "int32": "INT32", "int64": "INT64", "uint8": "UINT8", "object": "BYTES"}
 
 
+def check_url(url: str) -> None:
+    """HOST:PORT, as tritonclient takes it: a scheme or a path is the commonest slip."""
+    if not isinstance(url, str) or "://" in url or "/" in url or url.count(":") < 1:
+        bare = str(url).split("://", 1)[-1].split("/", 1)[0]
+        raise UsageError(f"--url {url!r}: give HOST:PORT without a scheme or path, e.g. {bare or '127.0.0.1:8001'}")
+    host, _, port = url.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UsageError(f"--url {url!r}: give HOST:PORT, the port a number from 1 to 65535, e.g. 127.0.0.1:8001")
+
+
 class Client:
     """A voltacache deployment seen from any program: `Client(url).generate("a cat", steps=20)`."""
 
     def __init__(self, url: str, protocol: str = "grpc", timeout_s: float = 600):
+        check_url(url)
         if protocol == "grpc":
             import tritonclient.grpc as triton
         elif protocol == "http":
@@ -30,21 +44,50 @@ class Client:
         except Exception as e:  # tritonclient raises plain exceptions for a malformed URL
             raise UsageError(f"--url {url!r}: not a HOST:PORT address ({e})") from None
         self.shape = None  # (batch, height, width) the deployment serves: image_shape()
+        self.in_flight: set[str] = set()  # ids of the requests this client is waiting for
+        self.lock = threading.Lock()
 
     def infer(self, model: str, values: dict, outputs: list[str]) -> dict:
-        """Send `values` (name -> numpy array) to `model`; the named outputs as numpy arrays."""
+        """Send `values` (name -> numpy array) to `model`; the named outputs as numpy arrays.
+
+        Each call carries a fresh request id, which `cancel` names to free the server's work, and the
+        client's timeout as its deadline: the server stops working on it when this client stops waiting."""
         from tritonclient.utils import InferenceServerException
 
         inputs = self.inputs(values)
         requested = [self.triton.InferRequestedOutput(n) for n in outputs]
+        request_id = uuid.uuid4().hex  # unguessable: whoever knows it can cancel the request
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+        with self.lock:
+            self.in_flight.add(request_id)
         try:
-            result = self.client.infer(model, inputs, outputs=requested, **kwargs)
+            result = self.client.infer(
+                model, inputs, outputs=requested, request_id=request_id, timeout=int(self.timeout_s * 1e6), **kwargs
+            )
         except InferenceServerException as e:
-            raise self.failure(model, e.message() or str(e)) from None
-        except OSError as e:  # HTTP: refused, reset, unreachable
+            raise self.failure(model, e.message() or str(e), e.status()) from None
+        except Exception as e:  # HTTP: refused, reset, unreachable, or not HTTP at all
             raise self.failure(model, str(e)) from None
+        finally:
+            with self.lock:
+                self.in_flight.discard(request_id)
         return {n: result.as_numpy(n) for n in outputs}
+
+    def cancel(self, request_id: str | None = None, timeout_s: float = 5) -> int:
+        """Tell the server to stop the request of this id (default: every request this client is waiting
+        for), so that a client that goes away frees its slot; returns how many the server had in flight.
+        Best effort: a server that does not answer is not waited for longer than `timeout_s`."""
+        with self.lock:
+            ids = [request_id] if request_id else list(self.in_flight)
+        found = 0
+        for rid in ids:
+            other = Client(self.url, self.protocol, timeout_s)  # this one's channel may be busy or closing
+            try:
+                out = other.infer(p.DENOISER, {p.CANCEL: p.CANCEL_TENSOR.encode(rid)}, [p.CANCELLED])
+                found += int(out[p.CANCELLED][0])
+            except VoltacacheError:
+                pass
+        return found
 
     def inputs(self, values: dict) -> list:
         """tritonclient's InferInput for each (name -> numpy array)."""
@@ -56,15 +99,65 @@ class Client:
             inputs.append(tensor)
         return inputs
 
-    def failure(self, model: str, message: str) -> VoltacacheError:
-        """A server that cannot be reached, or the server's own answer to a bad request."""
+    def failure(self, model: str, message: str, status: str | None = None) -> VoltacacheError:
+        """A server that cannot be reached, or the server's own answer to a bad request (INVALID_ARG
+        for a request that is wrong: a UsageError, as in process)."""
         unreachable = ("failed to connect", "connection refused", "unavailable", "errno 111", "name resolution")
-        if any(word in message.lower() for word in unreachable):
-            return ServerFailed(
-                f"--url {self.url}: no voltacache server answers over {self.protocol} ({message.splitlines()[0]}); "
-                "start one with `voltacache serve`"
+        if status is None or any(word in message.lower() for word in unreachable):  # no Triton answered
+            return ServerFailed(f"--url {self.url}: {self.other_port() or self.not_answering(message)}")
+        # the model that failed names itself: Triton's "in ensemble 'txt2img', denoiser: ..." says it twice
+        message = re.sub(r"^in ensemble '[^']*', ", "", message)
+        if not re.match(r"^[a-z_0-9]+: ", message):
+            message = f"{model}: {message}"
+        if status in ("StatusCode.INVALID_ARGUMENT", "400"):
+            return InvalidRequest(message)
+        return VoltacacheError(message)
+
+    def not_answering(self, message: str) -> str:
+        return (
+            f"no voltacache server answers over {self.protocol} ({message.splitlines()[0]}); start one with "
+            "`voltacache serve`"
+        )
+
+    def other_port(self) -> str | None:
+        """What answers at the URL when it is not this protocol's port of a Triton server: its metrics
+        port, or (gRPC) its HTTP port. None otherwise. Asked only after a call failed."""
+        import urllib.error
+        import urllib.request
+
+        if getattr(self, "_other", False) is not False:
+            return self._other
+        self._other = None
+        for path, what in (("/metrics", "metrics"), ("/v2/health/live", "HTTP")):
+            if what == "HTTP" and self.protocol == "http":
+                continue
+            try:
+                with urllib.request.urlopen(f"http://{self.url}{path}", timeout=2) as response:
+                    text = response.read(4096).decode(errors="replace")
+            except (urllib.error.URLError, OSError, ValueError):
+                continue
+            if what == "HTTP" or "nv_" in text or "# HELP" in text:
+                fix = "its gRPC port (default 8001)" if self.protocol == "grpc" else "its HTTP port (default 8000)"
+                hint = " or add --protocol http" if what == "HTTP" else ""
+                self._other = f"this is a Triton server's {what} port; give {fix}{hint}"
+                return self._other
+        if self.protocol == "http" and self._grpc_answers():
+            self._other = (
+                "this is a Triton server's gRPC port; give its HTTP port (default 8000) or drop --protocol http"
             )
-        return VoltacacheError(f"{model}: {message}")
+        return self._other
+
+    def _grpc_answers(self) -> bool:
+        import tritonclient.grpc as grpc
+
+        try:
+            client = grpc.InferenceServerClient(self.url)
+            try:
+                return bool(client.is_server_live(client_timeout=2))
+            finally:
+                client.close()
+        except Exception:  # nothing, or something else, answers
+            return False
 
     def generate(self, request: Request | str, /, **fields) -> Images:
         """`generate("a cat", steps=20, seed=1)` or `generate(Request(...))`, checked here and again in

@@ -17,11 +17,11 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from ..build import read_engine_manifest
 from ..cache.layers import CacheSettings
 from ..errors import UsageError, VoltacacheError
-from ..lora import LORA_COMPONENTS, RESIDENT_VARIANTS, Loras
-from ..outputs import json_marker, refuse_overlap, staged_output
+from ..lora import LORA_COMPONENTS, RESIDENT_VARIANTS, Loras, read_registry
+from ..manifests import read_engine_manifest
+from ..outputs import REPOSITORY, refuse_overlap, staged_output
 from ..runners import WEIGHTS_INSIDE
 from ..specs import COMPONENTS, TEXT_ENCODER, ComponentSpec
 from . import protocol as p
@@ -43,7 +43,7 @@ ADAPTERS = {
 }
 COMPONENT_BACKENDS = ("python", "onnxruntime", "tensorrt")
 DENOISER_INSTANCES = 2  # without step batching: requests denoised in parallel
-is_repository = json_marker(p.REPOSITORY_MARKER, "engines", "component_backend")
+MAX_DENOISER_INSTANCES = 32  # each is a process holding a pipeline; more than the cores only contend
 
 
 def dims(t, rows: str) -> list[int]:
@@ -95,9 +95,9 @@ def ensemble_steps(specs: dict, img2img: bool, inpaint: bool = False) -> list:
         for t in denoiser.inputs
         if (img2img or t.name not in p.IMG2IMG_INPUTS)
         and (inpaint or t.name not in p.INPAINT_INPUTS)
-        and t.name not in p.SEARCH_NAMES
+        and t.name not in p.DIRECT_NAMES
     ]
-    denoiser_outputs = [t for t in denoiser.outputs if t.name not in p.SEARCH_NAMES]
+    denoiser_outputs = [t for t in denoiser.outputs if t.name not in p.DIRECT_NAMES]
     denoised = {t.name: p.DENOISED + t.name for t in denoiser_outputs if t.name != p.COMPUTED_NS}
     return [
         (p.TOKENIZER, same(specs[p.TOKENIZER].inputs), same(specs[p.TOKENIZER].outputs)),
@@ -129,7 +129,8 @@ def deploy(
     cache: CacheSettings = CacheSettings(),
     step_batching: bool = True,
     loras: dict | None = None,
-    lora_resident: int = RESIDENT_VARIANTS,
+    lora_resident: int | None = None,
+    drop_loras: tuple[str, ...] = (),
 ) -> Path:
     """Write the repository; returns its path. `component_backend`: python (ONNX Runtime in a Python
     model: the CPU server), onnxruntime (the NGC container's backend) or tensorrt (.plan engines).
@@ -139,20 +140,26 @@ def deploy(
     without it, `denoiser_instances` denoisers (default 2) each run one request at a time.
 
     `loras`: {name: LoraFile} a request may name (each checked against the engines now, and copied into
-    the repository); the component models keep `lora_resident` variants of their engine loaded.
+    the repository), added to those the repository registered before (a name given again takes the new
+    file; `drop_loras` unregisters); the component models keep `lora_resident` variants loaded (default 2).
 
     `repo` must be new, empty, or a repository `deploy` wrote (voltacache.json at its root): that one
-    is generated output and is replaced whole, once the new one is complete. Anything else there is
-    refused, as is a repository that is, holds or lies inside the engines folder.
+    is generated output and is replaced (the files deploy wrote), once the new one is complete; anything
+    else found in it is refused, as is a repository that is, holds or lies inside the engines folder.
     """
+    from .server import check_servable_path, servers_of
+
     engines, repo = Path(engines), Path(repo)
     refuse_overlap(repo, engines, "--repo", "--engines", inside=True)
+    check_servable_path(repo, "--repo")
     manifest = read_engine_manifest(engines)
     if step_batching and denoiser_instances not in (None, 1):
         raise UsageError(
             f"--denoiser-instances {denoiser_instances}: with step batching one denoiser serves every request in "
             "flight; add --no-step-batching for per-request denoisers"
         )
+    if denoiser_instances is not None and not 1 <= denoiser_instances <= MAX_DENOISER_INSTANCES:
+        raise UsageError(f"--denoiser-instances {denoiser_instances}: use 1 to {MAX_DENOISER_INSTANCES}")
     if component_backend not in COMPONENT_BACKENDS:
         raise UsageError(f"--component-backend {component_backend!r}: use one of {', '.join(COMPONENT_BACKENDS)}")
     if (component_backend == "tensorrt") != (manifest["backend"] == "tensorrt"):
@@ -162,25 +169,53 @@ def deploy(
             raise UsageError(
                 f"{option} {where}: inside --repo {repo}, which a new deploy replaces whole; keep the cache outside it"
             )
-    registry = Loras(loras or {}, manifest["export"], lora_resident)
+    registered = registered_loras(repo, drop_loras)
+    registry = Loras({**registered, **(loras or {})}, manifest["export"], lora_resident or RESIDENT_VARIANTS)
+    if lora_resident is not None and not registry.files:
+        raise UsageError("--lora-resident: only with LoRAs to keep resident; register them with --lora NAME=FILE")
     if registry.files:
         if component_backend != "python":
             raise UsageError(
                 f"--lora: LoRA variants are served by the python component backend, not {component_backend}"
             )
-        if not 1 <= lora_resident <= 16:
+        if not 1 <= registry.resident <= 16:
             raise UsageError(f"--lora-resident {lora_resident}: keep 1 to 16 variants loaded")
         for name in registry.files:
             registry.check(((name, 1.0),))
-            registry.components(name)  # a LoRA these engines cannot take is refused now, not per request
+            try:  # a LoRA these engines cannot take is refused now, not per request
+                registry.components(name)
+            except UsageError as e:
+                if name not in registered or name in (loras or {}):
+                    raise
+                raise UsageError(
+                    f"{e}; it was registered in --repo {repo} before: --drop-lora {name} unregisters it"
+                ) from None
         inside = [f for n, f in manifest["files"].items() if n in LORA_COMPONENTS and f.endswith(".onnx")]
         inside = [f for f in inside if not (Path(engines) / (f + ".data")).is_file()]
         if inside:  # built before ONNX Runtime engines kept their weights beside the graph
             raise UsageError(f"--lora: {Path(engines) / inside[0]} {WEIGHTS_INSIDE}")
-    with staged_output(repo, force=True, ours=is_repository, arg="--repo", what="model repository") as stage:
+    with staged_output(repo, REPOSITORY, force=True, arg="--repo") as stage:
         instances = 1 if step_batching else denoiser_instances or DENOISER_INSTANCES
         _write_repository(engines, stage, manifest, component_backend, instances, cache, step_batching, registry)
+    for server in servers_of(repo):
+        warnings.warn(
+            f"tritonserver pid {server.pid} serves --repo {repo} with the models it loaded before; restart its "
+            "`voltacache serve` to serve this deployment",
+            stacklevel=2,
+        )
     return repo
+
+
+def registered_loras(repo: Path, drop: tuple[str, ...] = ()) -> dict:
+    """The LoRAs a repository `deploy` wrote has registered ({name: LoraFile}), but those in `drop`."""
+    registered = {}
+    if REPOSITORY(repo):
+        registered = read_registry(repo / p.LORA_FOLDER)
+    unknown = [name for name in drop if name not in registered]
+    if unknown:
+        have = ", ".join(sorted(registered)) or "none"
+        raise UsageError(f"--drop-lora {unknown[0]}: not registered in --repo {repo} (registered: {have})")
+    return {name: lora for name, lora in registered.items() if name not in drop}
 
 
 def _write_repository(

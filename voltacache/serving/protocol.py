@@ -53,6 +53,11 @@ TOP_K = "TOP_K"
 THUMBNAIL = "THUMBNAIL"  # the longest side of each image returned, in pixels; 0: as stored
 RESULTS = "RESULTS"  # one JSON record per entry found, best first
 RESULT_IMAGES = "RESULT_IMAGES"  # uint8 (images, height, width, 3); a record's "image" indexes it
+# Sent to the denoiser directly (not through an ensemble): cancel a request in flight by its request id.
+# Triton 2.51 never forwards an ensemble's cancellation to the models inside it (docs/robustness.md); the
+# client names its request's id (every call carries a fresh one) and the denoiser frees its slot.
+CANCEL = "CANCEL"
+CANCELLED = "CANCELLED"  # int32: 1 when a request of that id was in flight (or queued), else 0
 # Between the models of the ensemble.
 RECEIVED_NS = "RECEIVED_NS"
 COMPUTED_NS = "COMPUTED_NS"
@@ -153,6 +158,9 @@ SEARCH_TENSORS = (
 )
 SEARCH_OUTPUTS = (TensorSpec(RESULTS, "object", (-1,)), TensorSpec(RESULT_IMAGES, "uint8", (-1, -1, -1, 3)))
 SEARCH_NAMES = {t.tensor.name for t in SEARCH_TENSORS} | {t.name for t in SEARCH_OUTPUTS}
+CANCEL_TENSOR = RequestTensor("request_id", scalar(CANCEL, "object"))
+CANCEL_INPUT, CANCEL_OUTPUT = CANCEL_TENSOR.tensor, scalar(CANCELLED, "int32")
+DIRECT_NAMES = SEARCH_NAMES | {CANCEL, CANCELLED}  # the denoiser's tensors that no ensemble carries
 IMG2IMG_INPUTS = {t.tensor.name for t in REQUEST_TENSORS if t.img2img_only}
 INPAINT_INPUTS = {t.tensor.name for t in REQUEST_TENSORS if t.inpaint_only}
 OPTIONAL_REQUEST_INPUTS = {t.tensor.name for t in REQUEST_TENSORS if t.optional}
@@ -185,7 +193,9 @@ def serving_specs(export: dict) -> dict[str, ComponentSpec]:
         # the denoiser decodes itself (BLS into vae_decoder), so a cached image skips the decode; it
         # also answers cache_search's requests, as the one process that holds a milvus-lite cache
         DENOISER: ComponentSpec(
-            DENOISER, (*request, embeddings, pooled, key, *search), (image, *STATS, computed, *SEARCH_OUTPUTS)
+            DENOISER,
+            (*request, embeddings, pooled, key, *search, CANCEL_INPUT),
+            (image, *STATS, computed, *SEARCH_OUTPUTS, CANCEL_OUTPUT),
         ),
         POSTPROCESS: ComponentSpec(POSTPROCESS, (image, *STATS, computed, received), (pixels, *STATS)),
         TXT2IMG: ComponentSpec(TXT2IMG, txt2img, (pixels, *STATS)),
@@ -204,6 +214,6 @@ OPTIONAL_INPUTS = {
 
 def optional_inputs(spec: ComponentSpec) -> set[str]:
     """The inputs of a model a request may leave out. Every one of the denoiser's: a generation
-    carries none of the search tensors, a search none of the generation's, and the denoiser names
-    what is missing."""
+    carries none of the search tensors, a search or a cancel none of the generation's, and the
+    denoiser names what is missing."""
     return set(spec.input_names) if spec.name == DENOISER else OPTIONAL_INPUTS.get(spec.name, set())

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CacheUnavailable, InvalidRequest, VoltacacheError
+from ..errors import CacheUnavailable, InvalidRequest, UsageError, VoltacacheError
 from ..request import Request
 from ..specs import TEXT_ENCODER, ComponentSpec
 from . import protocol as p
@@ -73,7 +73,9 @@ class PythonModel:
     def error_response(self, error: Exception):
         pb_utils = pb()
         if isinstance(error, VoltacacheError):  # the request's fault, or a failure it names: say so and serve on
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.spec.name}: {error}"))
+            # INVALID_ARG: the request is wrong (as a UsageError exits 2 in process); else INTERNAL
+            code = pb_utils.TritonError.INVALID_ARG if isinstance(error, UsageError) else pb_utils.TritonError.INTERNAL
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.spec.name}: {error}", code))
         # keep serving; the log keeps the traceback
         pb_utils.Logger.log_error("".join(traceback.format_exception(error)))
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.spec.name}: internal error {error!r}"))
@@ -272,6 +274,7 @@ class DenoiserModel(PythonModel):
         self.cache = open_cache(settings, fingerprint, dim, warn=pb().Logger.log_warn)
         self.cache_index = settings.index
         self.metrics = Metrics(pb(), self.spec.name)
+        self.cancels = Cancellations()
         self.batcher = None
         if self.parameters.get(p.STEP_BATCHING) == "on":
             self.batcher = StepBatcher(self.pipeline, self.cache, on_tick=self.metrics.tick).start()
@@ -283,8 +286,8 @@ class DenoiserModel(PythonModel):
 
         for request in requests:
             sender = request.get_response_sender()
-            if self.is_search(request):  # answered here, between the batcher's ticks
-                self.send(sender, self.respond(self.search, request))
+            if self.is_direct(request):  # a search or a cancel: answered here, between the batcher's ticks
+                self.send(sender, self.respond(self.direct, request))
                 continue
             try:
                 inputs = self.inputs(request)
@@ -293,7 +296,7 @@ class DenoiserModel(PythonModel):
                 continue
             # `done` holds the request: Triton frees its tensors once it is answered
             done = functools.partial(self.answer, sender, request)
-            self.batcher.submit(Ticket(*inputs, done=done, cancelled=request.is_cancelled))
+            self.batcher.submit(Ticket(*inputs, done=done, cancelled=self.cancels.watch(request)))
         return None
 
     def finalize(self):
@@ -304,6 +307,7 @@ class DenoiserModel(PythonModel):
         """The step batcher's `done`: the request's response, from the batcher's thread."""
         from ..batching import Cancelled
 
+        self.cancels.forget(request)
         if isinstance(error, Cancelled):
             self.metrics.counter("voltacache_cancelled_requests_total", "Requests whose client went away").increment(1)
         self.send(sender, self.error_response(error) if error is not None else self.respond(self.outputs, result))
@@ -328,6 +332,17 @@ class DenoiserModel(PythonModel):
     def is_search(self, request) -> bool:
         return pb().get_input_tensor_by_name(request, p.SEARCH) is not None
 
+    def is_direct(self, request) -> bool:
+        """A request sent to the denoiser itself: a cache search, or a cancel."""
+        return self.is_search(request) or pb().get_input_tensor_by_name(request, p.CANCEL) is not None
+
+    def direct(self, request) -> dict:
+        if self.is_search(request):
+            return self.search(request)
+        target = p.CANCEL_TENSOR.decode(self.input(request, p.CANCEL))
+        found = self.cancels.cancel(target)
+        return {p.CANCELLED: np.array([int(found)], np.int32)}
+
     def search(self, request) -> dict:
         """A cache_search request: this process holds the cache (a milvus-lite index opens in one)."""
         from ..cache.search import SearchQuery, search, to_triton
@@ -343,8 +358,8 @@ class DenoiserModel(PythonModel):
         return to_triton(search(self.cache, query, None if pooled is None else pooled[self.pipeline.batch]))
 
     def run(self, request):
-        if self.is_search(request):
-            return self.search(request)
+        if self.is_direct(request):
+            return self.direct(request)
         started = time.perf_counter()
         result = self.pipeline.generate_images(*self.inputs(request), cache=self.cache)
         result.seconds = time.perf_counter() - started
@@ -365,6 +380,61 @@ class DenoiserModel(PythonModel):
             p.SIMILARITY: np.array([result.similarity], np.float32),
             p.COMPUTED_NS: np.array([time.monotonic_ns()], np.int64),
         }
+
+
+class Cancellations:
+    """How a request in the step batcher learns that its client went away. Triton 2.51 checks an
+    ensemble's cancellation only between its steps, so the denoiser never sees it (docs/robustness.md);
+    a client that goes away sends CANCEL with its request's id instead (every voltacache call carries a
+    fresh one), and a request also ends at its deadline (its `timeout`, the client's own), which frees
+    the slot of a client killed before it could say so. A direct gRPC call's own cancellation counts too."""
+
+    REMEMBER_S = 300  # a cancel may arrive before its request reached the denoiser (tokenizer, text encoder)
+
+    def __init__(self):
+        import threading
+
+        self.lock = threading.Lock()
+        self.asked: dict[str, float] = {}  # request id -> when its cancel arrived
+        self.watched: dict[str, int] = {}  # request id -> requests of that id in the batcher
+
+    def watch(self, request) -> Callable[[], str | None]:
+        """The ticket's `cancelled`: why the request should stop now, or None."""
+        request_id = request.request_id() or ""
+        timeout_us = request.timeout() if hasattr(request, "timeout") else 0
+        deadline = time.monotonic() + timeout_us / 1e6 if timeout_us else None
+        if request_id:
+            with self.lock:
+                self.watched[request_id] = self.watched.get(request_id, 0) + 1
+
+        def cancelled() -> str | None:
+            if request.is_cancelled():
+                return "cancelled by its client"
+            if request_id and request_id in self.asked:
+                return "cancelled by its client"
+            if deadline is not None and time.monotonic() > deadline:
+                return f"past its deadline ({timeout_us / 1e6:g} s)"
+            return None
+
+        return cancelled
+
+    def forget(self, request) -> None:
+        request_id = request.request_id() or ""
+        with self.lock:
+            if self.watched.get(request_id, 0) > 1:
+                self.watched[request_id] -= 1
+            else:
+                self.watched.pop(request_id, None)
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel the requests of this id; whether one was in the batcher."""
+        if not request_id:
+            raise InvalidRequest("CANCEL: give the request id of the request to cancel")
+        now = time.monotonic()
+        with self.lock:
+            self.asked = {k: t for k, t in self.asked.items() if now - t < self.REMEMBER_S}
+            self.asked[request_id] = now
+            return request_id in self.watched
 
 
 class Metrics:

@@ -9,6 +9,7 @@ PATH (else the models cannot import numpy or voltacache).
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import json
 import os
@@ -22,12 +23,14 @@ import sysconfig
 import tempfile
 import time
 import urllib.request
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
 from ..errors import ServerFailed, UsageError, VoltacacheError
+from ..outputs import check_writable
 from .protocol import REPOSITORY_MARKER
 
 READY_TIMEOUT_S = 120
@@ -80,27 +83,62 @@ def server_environment() -> dict:
     return env
 
 
-def preflight(repo: Path, host: str, ports: dict[str, int]) -> None:
+def preflight(repo: Path, host: str, ports: dict[str, int], log_file: Path | None = None) -> None:
     """Refuse in milliseconds what tritonserver would fail on only after loading models, or not at
-    all: an empty folder is a repository it serves, ready, with no models."""
+    all: an empty folder is a repository it serves, ready, with no models. Every argument is checked
+    before anything starts."""
     repo = Path(repo)
-    if not repo.is_dir():
+    if not repo.exists():
         raise UsageError(f"--repo {repo}: no such folder; write one with `voltacache deploy`")
-    if not (repo / REPOSITORY_MARKER).is_file():
+    if not repo.is_dir():
+        raise UsageError(f"--repo {repo}: a file, not a folder; give the folder `voltacache deploy --repo` wrote")
+    check_servable_path(repo, "--repo")
+    try:
+        engines = Path(json.loads((repo / REPOSITORY_MARKER).read_text())["engines"])
+    except (OSError, ValueError, KeyError, TypeError):
         raise UsageError(
             f"--repo {repo} is not a repository written by `voltacache deploy` (no {REPOSITORY_MARKER}); "
             "pass the folder `voltacache deploy --repo` wrote"
+        ) from None
+    if not (engines / "engines.json").is_file():
+        raise UsageError(
+            f"--repo {repo}: its engines {engines} are gone (moved or deleted); run `voltacache deploy "
+            f"--engines <where they are now> --repo {repo}` again"
         )
     taken = {}
     for option, port in ports.items():
+        check_port_number(option, port)
         if port in taken:
             raise UsageError(f"{option} {port} is also the {taken[port]}; pick another")
         taken[port] = option
+    if log_file is not None:
+        if Path(log_file).is_dir():
+            raise UsageError(f"--log-file {log_file}: a folder; name a file for tritonserver's log")
+        check_writable(Path(log_file), "--log-file")
+    stop_leftovers(repo)
+    for option, port in ports.items():
         check_port(option, host, port)
+
+
+def check_servable_path(repo: Path, arg: str) -> None:
+    """Triton's Python-backend stubs take the model repository's path split at whitespace: a repository
+    whose path holds a space never loads (the stubs crash, the server waits out its timeout)."""
+    resolved = str(Path(repo).resolve())
+    if any(c.isspace() for c in resolved):
+        raise UsageError(
+            f"{arg} {repo}: its path holds whitespace ({resolved!r}), which Triton's Python backend cannot load "
+            "models from; name a path without spaces"
+        )
+
+
+def check_port_number(option: str, port) -> None:
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise UsageError(f"{option} {port}: a port is a number from 1 to 65535")
 
 
 def check_port(option: str, host: str, port: int) -> None:
     """Refuse a port that is in use on `host`, or an address that cannot be bound, naming the option."""
+    check_port_number(option, port)
     try:
         family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as e:
@@ -113,8 +151,108 @@ def check_port(option: str, host: str, port: int) -> None:
             probe.bind(address)
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
-                raise UsageError(f"{option} {port} is in use on {host}; pick another") from None
+                raise UsageError(f"{option} {port} is in use on {host}{holder(port)}; pick another") from None
             raise UsageError(f"{option} {port} on --host {host}: cannot bind ({e.strerror})") from None
+
+
+SHM_PREFIX = re.compile(r"shm-region-prefix-name=voltacache(\d+)_")
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    """A tritonserver process found on this machine serving a repository."""
+
+    pid: int
+    parent: int  # its parent process (1 or a subreaper once that parent died)
+    started_by: int | None  # the pid of the voltacache process that started it (its shared-memory prefix)
+    ports: dict
+    repository: str = ""
+
+    @property
+    def orphaned(self) -> bool:
+        """Started by a voltacache process that is gone (killed hard: nothing stopped its server)."""
+        return self.started_by is not None and self.parent != self.started_by and not _alive(self.started_by)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def servers_of(repo: Path | None) -> list[RunningServer]:
+    """The tritonserver processes serving `repo` (every one for None), read from /proc: their command lines."""
+    wanted = f"--model-repository={Path(repo).resolve()}" if repo is not None else None
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+        if not args[0].endswith("tritonserver") or (wanted is not None and wanted not in args):
+            continue
+        prefix = next((m for m in map(SHM_PREFIX.search, args) if m), None)
+        ports = {a.split("=")[0][2:]: a.split("=", 1)[1] for a in args if re.match(r"--\w+-port=", a)}
+        repository = next((a.split("=", 1)[1] for a in args if a.startswith("--model-repository=")), "")
+        found.append(RunningServer(int(proc.name), parent, int(prefix.group(1)) if prefix else None, ports, repository))
+    return found
+
+
+def stop_leftovers(repo: Path) -> None:
+    """A tritonserver a hard-killed `voltacache serve` left serving this repository is stopped: it is
+    provably ours (our shared-memory prefix, its starter gone). Servers another serve runs stay; one that
+    holds a port this start needs is named by the port check."""
+    for server in servers_of(repo):
+        if server.orphaned:
+            ports = ", ".join(f"{k} {v}" for k, v in server.ports.items())
+            try:
+                _stop_group(server.pid)
+            except PermissionError:
+                continue  # not ours to stop after all
+            warnings.warn(
+                f"stopped tritonserver pid {server.pid} ({ports}): left serving {repo} by a voltacache serve "
+                f"(pid {server.started_by}) that was killed",
+                stacklevel=2,
+            )
+
+
+def holder(port: int) -> str:
+    """Which tritonserver (if one) was started on `port`, for the error that says the port is taken."""
+    for server in servers_of(None):
+        if str(port) in server.ports.values():
+            return f" by tritonserver pid {server.pid} (serving {server.repository}; kill {server.pid} to stop it)"
+    return ""
+
+
+def _stop_group(pid: int, timeout: float = 30) -> None:
+    """SIGTERM to a server's process group (it unloads its models, stops its stubs), SIGKILL if it lingers."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, timeout)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+
+
+def die_with_parent(parent: int) -> None:
+    """In the child before exec: the kernel sends it SIGTERM when the process that started it dies,
+    even by SIGKILL (PR_SET_PDEATHSIG), so a server never outlives its command."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the call took effect
+        os._exit(1)
 
 
 def _message(line: str) -> tuple[str, str]:
@@ -198,7 +336,7 @@ class TritonServer:
         ServerFailed with the log lines that say why as `details`. Once `cancelled()` (a signal
         came) the start stops at once and raises KeyboardInterrupt."""
         ports = {"--http-port": self.http_port, "--grpc-port": self.grpc_port, "--metrics-port": self.metrics_port}
-        preflight(self.repo, self.host, ports)
+        preflight(self.repo, self.host, ports, self.log_file)
         cmd, env = self.command()
         if self.log_file:
             self.log = Path(self.log_file)
@@ -209,7 +347,14 @@ class TritonServer:
             self.log = Path(name)
         with open(self.log, "ab") as log:
             # Its own process group, so a stop reaches the Python-backend stubs too.
-            self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                cmd,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=functools.partial(die_with_parent, os.getpid()),
+            )
         try:
             self.wait_ready(timeout, cancelled)
         except KeyboardInterrupt:  # cancelled, or a Ctrl-C where Python's own handler is on

@@ -168,7 +168,17 @@ def make_app(client) -> Starlette:
 
 
 def serve_page(client, host: str, port: int) -> None:
-    """Serve the page until Ctrl-C (uvicorn; its access log off: the page asks on every keystroke)."""
+    """Serve the page until Ctrl-C (uvicorn; its access log off: the page asks on every keystroke). A
+    start that fails (the port taken since it was checked) is one line, and nothing is left running."""
     import uvicorn
 
-    uvicorn.run(make_app(client), host=host, port=port, log_level="warning", access_log=False)
+    from ..errors import ServerFailed
+
+    config = uvicorn.Config(make_app(client), host=host, port=port, log_level="critical", access_log=False)
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's own exit on a failed bind
+        pass
+    if not server.started:
+        raise ServerFailed(f"--port {port}: the page could not start on {host}:{port} (taken meanwhile?); pick another")

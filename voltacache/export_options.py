@@ -1,0 +1,79 @@
+"""What `voltacache export` is asked for, checked before anything heavy is imported or loaded.
+
+Torch-free: the CLI refuses a bad option in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from .errors import UsageError
+from .quantize import Calibration
+
+PRECISIONS = ("fp16", "fp32", "int8")  # int8: the U-Nets quantized (voltacache.quantize), the rest fp32
+SIZE_STEPS = (1, 2, 4, 8)  # default engine sizes, in multiples of --batch
+
+
+@dataclass
+class ExportOptions:
+    precision: str = "fp16"
+    batch: int = 1
+    height: int | None = None  # default: the model's native size
+    width: int | None = None
+    opset: int = 23
+    deepcache_branch: str = "block"
+    seed: int = 0
+    calibration: Calibration | None = None  # int8: what the U-Nets are calibrated on (default: Calibration())
+    # images per engine call the engines are built for (sorted, unique); default batch x SIZE_STEPS
+    batch_sizes: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.precision == "int8" and self.calibration is None:
+            self.calibration = Calibration()
+        if self.batch_sizes is None:
+            self.batch_sizes = tuple(self.batch * k for k in SIZE_STEPS)
+        self.batch_sizes = tuple(sorted(set(self.batch_sizes)))
+
+    def check(self):
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision {self.precision!r}: use fp16, fp32 or int8")
+        if self.opset not in (18, 23):
+            raise UsageError(f"--opset {self.opset}: use 23 (fused Attention) or 18 (unfused, TensorRT < 10.14)")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (value < 8 or value % 8):
+                raise UsageError(f"--{name} {value}: a positive multiple of 8 pixels (of 64 for SD's U-Nets), e.g. 512")
+        branch = self.deepcache_branch  # the input of up_blocks[-1], or a DeepCache branch (voltacache.unet_split)
+        if not (branch == "block" or (isinstance(branch, str) and branch.isdigit())):
+            raise UsageError(f"--deepcache-branch {branch!r}: use block, or a DeepCache branch number such as 0")
+        if self.batch < 1:
+            raise UsageError(f"--batch {self.batch}: use 1 or more images per request")
+        if not self.batch_sizes or any(n < 1 or n % self.batch for n in self.batch_sizes):
+            sizes = ",".join(map(str, self.batch_sizes))
+            raise UsageError(f"--batch-sizes {sizes}: use positive multiples of --batch {self.batch}, e.g. 1,2,4,8")
+        if self.precision == "int8":
+            self.calibration.check()
+        elif self.calibration is not None:
+            raise UsageError("--calibration-prompts / --calibration-steps: only with --precision int8")
+
+    @property
+    def graph_precision(self) -> str:
+        """The precision the graphs are exported in, before any quantization."""
+        return "fp32" if self.precision == "int8" else self.precision
+
+    def fingerprint(self, model: str) -> str:
+        """What the images depend on: the weights, and how they were compiled (a cache entry of one
+        export is never served for another)."""
+        # Shapes are not in it (nor batch_sizes): a row's result does not depend on how many rows share its call.
+        calibration = self.calibration.id if self.calibration else ""
+        text = f"{model}|{self.precision}|{calibration}|{self.opset}|{self.deepcache_branch}"
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """`--batch-sizes 1,2,4,8` -> (1, 2, 4, 8); ExportOptions.check judges the numbers."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"--batch-sizes {text!r}: give image counts separated by commas, e.g. 1,2,4,8") from None
