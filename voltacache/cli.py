@@ -57,8 +57,18 @@ def main_options(
     """Compile Stable Diffusion to ONNX / TensorRT engines and serve it from Triton with caching."""
     DEBUG["on"] = debug
     if not debug:
-        for key, value in QUIET_THIRD_PARTIES.items():
-            os.environ.setdefault(key, value)
+        quiet_third_parties()
+
+
+def quiet_third_parties() -> None:
+    import logging
+
+    for key, value in QUIET_THIRD_PARTIES.items():
+        os.environ.setdefault(key, value)
+    # torch.onnx's exporter says, for each graph, that torchvision's ops are not registered (we have none)
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    # and torch's own pytree deprecation, raised inside torch.export
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 def fail(message: str, code: int, details: str = "") -> typer.Exit:
@@ -302,7 +312,7 @@ def build(
     from .build import build_engines, choose_backend
 
     chosen, reason = choose_backend(backend)
-    announce = f"backend: {chosen} ({escape(reason)})"
+    announce = f"backend: {chosen} ({escape(reason)})"  # printed soft-wrapped: one line in a log
     # The backend and the bar appear when the work starts (a refused --out or a folder that is no export
     # is one line on stderr); off a terminal, no bar, and the backend once the build is done.
     bars = Progress(console=err, disable=not err.is_terminal)
@@ -310,7 +320,7 @@ def build(
 
     def progress(component):
         if err.is_terminal and not bars.live.is_started:
-            err.print(announce)
+            err.print(announce, soft_wrap=True)
             bars.start()
         bars.update(task, description=component, completed=COMPONENTS.index(component))
 
@@ -322,7 +332,7 @@ def build(
     finally:
         bars.stop()
     if not err.is_terminal:
-        err.print(announce)
+        err.print(announce, soft_wrap=True)
     if manifest["export"]["precision"] == "fp16" and chosen == "onnxruntime":
         err.print(
             "[yellow]note:[/] fp16 runs slower than fp32 on ONNX Runtime's CPU provider; export fp32 to serve on CPU"
