@@ -33,7 +33,7 @@ from rich.progress import Progress
 
 from voltacache.benchmark import machine, save_figure, write_json
 from voltacache.cache.layers import open_request_cache
-from voltacache.pipeline import StableDiffusion
+from voltacache.pipeline.stable_diffusion import StableDiffusion
 from voltacache.specs import TEXT_ENCODER, UNET_DEEP, UNET_SHALLOW, VAE_DECODER
 
 SUBJECTS = [

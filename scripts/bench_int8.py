@@ -30,8 +30,8 @@ def median_seconds(run, repeats: int) -> float:
 
 
 def unet_calls(fp32: Path, int8: Path, repeats: int) -> dict:
-    from voltacache.build import load_engines
-    from voltacache.export import random_inputs
+    from voltacache.compile.export import random_inputs
+    from voltacache.runtime.engines import load_engines
     from voltacache.specs import TIMESTEP, UNET_DEEP, Geometry
 
     runners = {

@@ -22,9 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import write_lora  # noqa: E402  (the LoRA files the tests use, at a trainer's rank)
 
-from voltacache.checkpoint import load_pipeline  # noqa: E402
-from voltacache.lora import LoraFile  # noqa: E402
-from voltacache.pipeline import StableDiffusion  # noqa: E402
+from voltacache.compile.checkpoint import load_pipeline
+from voltacache.pipeline.lora import LoraFile
+from voltacache.pipeline.stable_diffusion import StableDiffusion
 
 PROMPT = "a watercolor painting of a lighthouse at dusk"
 

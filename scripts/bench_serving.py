@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from voltacache.benchmark import alternate, free_port, machine, summarize, write_json
-from voltacache.pipeline import StableDiffusion
+from voltacache.pipeline.stable_diffusion import StableDiffusion
 from voltacache.serving.client import Client
 from voltacache.serving.deploy import deploy
 from voltacache.serving.server import TritonServer

@@ -7,7 +7,7 @@
   TRITONSERVER_REQUEST_RELEASE_RESCHEDULE (and a None response) and comes back in a later execute.
   Triton gives each request its own correlation id (it starts a sequence per request), which keys
   the request's state across executes.
-- threaded: voltacache's way (voltacache.batching.StepBatcher). `execute` hands each request to a
+- threaded: voltacache's way (voltacache.pipeline.batching.StepBatcher). `execute` hands each request to a
   thread and returns None; the thread ticks over every request in flight and answers each through
   its response sender with TRITONSERVER_RESPONSE_COMPLETE_FINAL.
 

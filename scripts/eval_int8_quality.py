@@ -4,7 +4,7 @@ For each of the 168 evaluation captions (144 trained, 24 held-out pairs) at the 
 (DDIM 20 steps, guidance 5, seed 1000 + caption index): adherence (scripts/eval_shapes_quality.py's
 checker) and PSNR against the fp32 uncached image, for fp32 and int8 without DeepCache and with
 DeepCache N=3 on both branches. The int8 U-Nets are calibrated on the default calibration set
-(voltacache.quantize.DEFAULT_PROMPTS: general prompts, three of them shapes captions).
+(voltacache.compile.options.DEFAULT_PROMPTS: general prompts, three of them shapes captions).
 
     python scripts/eval_int8_quality.py --model build/demo/model
 """
@@ -20,8 +20,8 @@ from rich.progress import Progress
 
 from voltacache.bench import engines_for
 from voltacache.benchmark import machine, write_json
-from voltacache.pipeline import StableDiffusion
-from voltacache.quantize import Calibration
+from voltacache.compile.options import Calibration
+from voltacache.pipeline.stable_diffusion import StableDiffusion
 from voltacache.shapes.checker import check
 
 PRECISIONS = ("fp32", "int8")

@@ -4,12 +4,12 @@
    output at step j on step i's deep feature is compared with its own (relative L1, uncached
    trajectories of the calibration captions). A dynamic program then places the refreshes to
    minimize the summed error, each step weighted by (sigma_j - sigma_j+1)^p, its share of the
-   denoised estimate. Shipped instead: a search on the final latents (voltacache.deepcache_calibration).
+   denoised estimate. Shipped instead: a search on the final latents (voltacache.pipeline.calibration).
 2. Scale-shift alignment (Wimbauer et al.): a per-channel scale and shift of the cached feature
    for each shallow step, fitted by least squares on the calibration trajectories (uncached,
    feature of the last refresh -> feature of the step).
 3. The adaptive rule with the guided output as its indicator, instead of the latents that
-   voltacache.deepcache.AdaptiveSchedule reads.
+   voltacache.pipeline.deepcache.AdaptiveSchedule reads.
 
     .venv/bin/python scripts/eval_schedule_variants.py --model build/shapes/model
 
@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 from eval_shapes_quality import CALIBRATION_SEED, calibration_captions, psnr
 
-from voltacache import pipeline as P
 from voltacache.bench import engines_for
 from voltacache.benchmark import machine, write_json
-from voltacache.deepcache import FixedSchedule, relative_change, uniform_steps
 from voltacache.images import to_uint8
-from voltacache.pipeline import StableDiffusion, Stats, guided
+from voltacache.pipeline import stable_diffusion as P
+from voltacache.pipeline.deepcache import FixedSchedule, relative_change, uniform_steps
+from voltacache.pipeline.stable_diffusion import StableDiffusion, Stats, guided
 from voltacache.request import Request
 from voltacache.schedulers import make_scheduler
 from voltacache.shapes.checker import check

@@ -30,9 +30,9 @@ from rich.progress import Progress
 from voltacache.bench import engines_for
 from voltacache.benchmark import machine, save_figure, write_json
 from voltacache.cache.layers import NIRVANA_BANDS, CacheConfig, checkpoint_steps, parse_bands
-from voltacache.deepcache_calibration import calibrate
 from voltacache.images import to_uint8
-from voltacache.pipeline import StableDiffusion, Stats
+from voltacache.pipeline.calibrate import calibrate
+from voltacache.pipeline.stable_diffusion import StableDiffusion, Stats
 from voltacache.request import Request
 from voltacache.shapes.checker import check, parse_caption
 from voltacache.shapes.dataset import COLORS, SHAPES, evaluation_captions

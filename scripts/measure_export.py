@@ -22,7 +22,8 @@ from voltacache.benchmark import machine, write_json
 EXPORT = """
 import sys
 from pathlib import Path
-from voltacache.export import ExportOptions, export_model
+from voltacache.compile.export import export_model
+from voltacache.compile.options import ExportOptions
 size = int(sys.argv[3])
 options = ExportOptions(precision=sys.argv[4], height=size, width=size)
 export_model(Path(sys.argv[1]), Path(sys.argv[2]), options, force=True)
@@ -50,7 +51,7 @@ def main():
 
     model = args.out / "model"
     if not model.is_dir():
-        code = "import sys; from pathlib import Path; from voltacache.presets import write_pipeline; "
+        code = "import sys; from pathlib import Path; from voltacache.compile.presets import write_pipeline; "
         code += "write_pipeline(Path(sys.argv[1]), sys.argv[2])"
         seconds, _ = child(code, model, args.preset)
         print(f"wrote {args.preset} with random weights in {seconds:.0f} s")

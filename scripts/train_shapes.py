@@ -36,9 +36,9 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from voltacache.presets import SD15_CONFIG_DIR, assemble, component_config
+from voltacache.compile.presets import SD15_CONFIG_DIR, assemble, component_config
+from voltacache.runtime.tokenizer import clip_tokenizer
 from voltacache.shapes import dataset
-from voltacache.tokenizer import clip_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 WEIGHTS_DIR = REPO / "voltacache" / "weights" / "shapes"

@@ -28,14 +28,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    from voltacache.presets import write_pipeline
+    from voltacache.compile.presets import write_pipeline
 
     return write_pipeline(tmp_path_factory.mktemp("model") / "tiny", "tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_dir):
-    from voltacache.checkpoint import load_pipeline
+    from voltacache.compile.checkpoint import load_pipeline
 
     return load_pipeline(tiny_dir)
 
@@ -43,7 +43,8 @@ def tiny_pipe(tiny_dir):
 @pytest.fixture(scope="session")
 def onnx_fp32(tiny_dir, tmp_path_factory):
     """The tiny model exported once per session in fp32 (what a CPU serves), block split, opset 23."""
-    from voltacache.export import ExportOptions, export_model
+    from voltacache.compile.export import export_model
+    from voltacache.compile.options import ExportOptions
 
     out = tmp_path_factory.mktemp("onnx") / "fp32"
     export_model(tiny_dir, out, ExportOptions(precision="fp32"))
@@ -57,7 +58,8 @@ CALIBRATION_PROMPTS = ("a red square on a blue background", "a photo of an astro
 def onnx_fp16_branch0(tiny_dir, tmp_path_factory):
     """The tiny model in fp16 (the export's default precision), opset 18, DeepCache split at branch 0: the
     other side of every export option onnx_fp32 takes."""
-    from voltacache.export import ExportOptions, export_model
+    from voltacache.compile.export import export_model
+    from voltacache.compile.options import ExportOptions
 
     out = tmp_path_factory.mktemp("onnx") / "fp16_b0_o18"
     export_model(tiny_dir, out, ExportOptions(precision="fp16", opset=18, deepcache_branch="0"))
@@ -67,8 +69,8 @@ def onnx_fp16_branch0(tiny_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def engines_dir(onnx_fp32, tmp_path_factory):
     """ONNX Runtime engines built once per session from the fp32 export."""
-    from voltacache.build import build_engines
-    from voltacache.deepcache_calibration import calibrate
+    from voltacache.compile.build import build_engines
+    from voltacache.pipeline.calibrate import calibrate
 
     out = tmp_path_factory.mktemp("engines") / "ort"
     build_engines(onnx_fp32, out, backend="onnxruntime")
@@ -79,9 +81,10 @@ def engines_dir(onnx_fp32, tmp_path_factory):
 
 def tiny_family(tmp_path_factory, preset: str):
     """(model folder, engines folder) of a tiny preset of another family, exported in fp32 and built once."""
-    from voltacache.build import build_engines
-    from voltacache.export import ExportOptions, export_model
-    from voltacache.presets import write_pipeline
+    from voltacache.compile.build import build_engines
+    from voltacache.compile.export import export_model
+    from voltacache.compile.options import ExportOptions
+    from voltacache.compile.presets import write_pipeline
 
     root = tmp_path_factory.mktemp(preset)
     model = write_pipeline(root / "model", preset, seed=0)
@@ -104,7 +107,7 @@ def sd2_tiny(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sd(engines_dir):
-    from voltacache.pipeline import StableDiffusion
+    from voltacache.pipeline.stable_diffusion import StableDiffusion
 
     return StableDiffusion.from_engines(engines_dir)
 
@@ -171,7 +174,7 @@ def cached_server(engines_dir, lora_files, tmp_path_factory):
                 )
             ]
         )
-    from voltacache.lora import LoraFile
+    from voltacache.pipeline.lora import LoraFile
 
     loras = {name: LoraFile.open(name, lora_files[name]) for name in ("style", "other")}
     repo = deploy(engines_dir, root / "repo", cache=settings, loras=loras)

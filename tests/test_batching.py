@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from voltacache.batching import Cancelled, StepBatcher, Ticket
 from voltacache.errors import InvalidRequest
+from voltacache.pipeline.batching import Cancelled, StepBatcher, Ticket
 from voltacache.request import Request
 
 PROMPT = "a photo of an astronaut riding a horse"
@@ -143,6 +143,6 @@ def test_thread_serves_and_closes(sd):
 
 
 def _inputs(sd, request):
-    from voltacache.pipeline import Stats
+    from voltacache.pipeline.stable_diffusion import Stats
 
     return (request, *sd.encode_prompt(request, Stats()))

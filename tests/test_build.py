@@ -6,17 +6,12 @@ import numpy as np
 import pytest
 from helpers import cli, listing, one_error_line, snapshot
 
-from voltacache.build import (
-    ENGINE_MANIFEST,
-    RebuildNeeded,
-    build_engines,
-    choose_backend,
-    load_engines,
-    tensorrt_available,
-)
-from voltacache.deepcache_calibration import SCHEDULES_FILE
-from voltacache.errors import VoltacacheError
+from voltacache.compile.build import build_engines, choose_backend
+from voltacache.errors import RebuildNeeded, VoltacacheError
 from voltacache.outputs import ENGINES, record_owned
+from voltacache.pipeline.calibration import SCHEDULES_FILE
+from voltacache.runtime.engines import load_engines, tensorrt_available
+from voltacache.runtime.manifests import ENGINE_MANIFEST
 from voltacache.specs import COMPONENTS, ROWS, UNET_DEEP
 
 TRT_OK, TRT_WHY = tensorrt_available()

@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from voltacache.checkpoint import load_pipeline
+from voltacache.compile.checkpoint import load_pipeline
+from voltacache.compile.single_file import checkpoint_family, safetensors_header, save_single_file
 from voltacache.errors import CheckpointError
-from voltacache.single_file import checkpoint_family, safetensors_header, save_single_file
 
 
 def weights_equal(a, b):
@@ -46,7 +46,7 @@ FAMILY_PRESETS = {
 @pytest.fixture(scope="module", params=list(FAMILY_PRESETS))
 def family_single_file(request, tmp_path_factory):
     """(preset, its pipeline, a folder of its configs, the single file written from it)."""
-    from voltacache.presets import random_pipeline
+    from voltacache.compile.presets import random_pipeline
 
     root = tmp_path_factory.mktemp(request.param)
     pipe = random_pipeline(request.param)

@@ -25,7 +25,7 @@ def test_every_subcommand_has_help(name):
 
 @pytest.mark.slow
 def test_init_tiny_writes_loadable_pipeline(tmp_path):
-    from voltacache.checkpoint import load_pipeline
+    from voltacache.compile.checkpoint import load_pipeline
 
     single = tmp_path / "tiny.safetensors"
     result = runner.invoke(app, ["init-tiny", str(tmp_path / "m"), "--seed", "3", "--single-file", str(single)])

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from voltacache.deepcache import AdaptiveSchedule, full_steps
+from voltacache.pipeline.deepcache import AdaptiveSchedule, full_steps
 
 
 @pytest.mark.parametrize("steps, interval", [(20, 1), (20, 2), (20, 3), (50, 5), (7, 10)])

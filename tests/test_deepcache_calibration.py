@@ -11,9 +11,9 @@ import shutil
 import numpy as np
 import pytest
 
-from voltacache.deepcache_calibration import SCHEDULES_FILE
 from voltacache.errors import InvalidRequest
-from voltacache.pipeline import StableDiffusion
+from voltacache.pipeline.calibration import SCHEDULES_FILE
+from voltacache.pipeline.stable_diffusion import StableDiffusion
 from voltacache.request import Request
 from voltacache.specs import DEEP_FEATURE, UNET_DEEP, UNET_SHALLOW
 
@@ -116,7 +116,7 @@ def test_cache_entries_are_scoped_by_calibration_and_threshold(sd):
 
 def test_adaptive_refreshes_where_its_rule_says_on_the_latents_it_read(sd):
     """Replays the rule on the latents each step read (DDIM feeds the latents unscaled, the pair stacked)."""
-    from voltacache.deepcache import AdaptiveSchedule
+    from voltacache.pipeline.deepcache import AdaptiveSchedule
 
     log, samples = [], []
 

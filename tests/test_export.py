@@ -4,9 +4,11 @@ import pytest
 from helpers import cli, one_error_line, snapshot
 from onnx import TensorProto, helper
 
-from voltacache import export
+from voltacache.compile import export
+from voltacache.compile.export import export_model, fp16_overflows, model_fingerprint
+from voltacache.compile.options import ExportOptions, parse_batch_sizes
 from voltacache.errors import ExportError, UsageError
-from voltacache.export import ExportOptions, export_model, fp16_overflows, model_fingerprint, read_manifest
+from voltacache.runtime.manifests import read_manifest
 from voltacache.specs import COMPONENTS, ROWS, UNET_DEEP, UNET_SHALLOW
 
 
@@ -94,7 +96,7 @@ def test_batch_sizes_default_to_multiples_of_the_batch():
     assert ExportOptions().batch_sizes == (1, 2, 4, 8)
     assert ExportOptions(batch=2).batch_sizes == (2, 4, 8, 16)
     assert ExportOptions(batch_sizes=(4, 1, 2, 4)).batch_sizes == (1, 2, 4)  # sorted, unique
-    assert export.parse_batch_sizes("1,2,4,8") == (1, 2, 4, 8)
+    assert parse_batch_sizes("1,2,4,8") == (1, 2, 4, 8)
 
 
 def test_cli_export_refuses_bad_batch_sizes(tiny_dir, tmp_path):

@@ -8,9 +8,9 @@ import pytest
 from helpers import PROMPT, diffusers_image, levels
 from PIL import Image
 
-from voltacache.checkpoint import load_pipeline
+from voltacache.compile.checkpoint import load_pipeline
 from voltacache.errors import InvalidRequest
-from voltacache.pipeline import StableDiffusion
+from voltacache.pipeline.stable_diffusion import StableDiffusion
 from voltacache.schedulers import SCHEDULERS
 
 MAX_LEVELS, MAX_FRACTION = 1, 0.005  # as for SD 1.5 (tests/test_pipeline.py)
@@ -122,8 +122,9 @@ def test_a_cache_entry_of_one_family_is_never_served_to_another(sd, sdxl_tiny, t
 
 
 def test_int8_export_of_sdxl_is_refused_before_any_work(sdxl_tiny, tmp_path):
+    from voltacache.compile.export import export_model
+    from voltacache.compile.options import ExportOptions
     from voltacache.errors import ExportError
-    from voltacache.export import ExportOptions, export_model
 
     with pytest.raises(ExportError, match="--precision int8: calibrated for SD 1.x/2.x U-Nets only so far"):
         export_model(sdxl_tiny[0], tmp_path / "onnx", ExportOptions(precision="int8"))
@@ -150,7 +151,7 @@ def test_fp16_export_keeps_sdxls_vae_in_fp32(sdxl_tiny, tiny_pipe):
     """SDXL's VAE overflows in fp16 (its config says force_upcast): in an fp16 export it stays fp32, as
     diffusers upcasts it; the rest is fp16 and checked by the overflow probe. (The full SDXL's fp16 export
     at 512 wrote its VAE graphs in fp32: docs/benchmarks.md.)"""
-    from voltacache.export import component_precision
+    from voltacache.compile.export import component_precision
 
     xl = load_pipeline(sdxl_tiny[0])
     for pipe, vae in ((xl, "fp32"), (tiny_pipe, "fp16")):

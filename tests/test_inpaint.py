@@ -53,7 +53,7 @@ def test_mask_travels_in_the_inpaint_ensemble(tmp_path):
     path = tmp_path / "mask.png"
     Image.fromarray(MASK).save(path)
     request = Request.of(PROMPT, init_image=INIT, mask_image=path, strength=0.5).check()
-    assert request.inpaint and request.model == p.INPAINT and np.array_equal(request.mask_image, MASK)
+    assert request.inpaint and p.ensemble(request) == p.INPAINT and np.array_equal(request.mask_image, MASK)
     tensors = request.to_triton()
     assert tensors[p.MASK_IMAGE].shape == (64, 64, 1)  # a grayscale mask travels as one plane
     back = Request.from_triton(tensors.get)
@@ -79,7 +79,7 @@ def test_latent_blending_equals_diffusers(sd, tiny_pipe, scheduler, strength):
 def test_latent_blending_keeps_the_image_latents_outside_the_mask(sd):
     """After the last step the latents outside the mask are the init image's, whatever the prompt; inside, not."""
     from voltacache.images import fit_image, to_unit_range
-    from voltacache.pipeline import Stats
+    from voltacache.pipeline.stable_diffusion import Stats
 
     image = to_unit_range(fit_image(INIT, 64, 64))
     latents = []
@@ -102,14 +102,14 @@ def inpaint_tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def inpaint_sd(inpaint_tiny):
-    from voltacache.pipeline import StableDiffusion
+    from voltacache.pipeline.stable_diffusion import StableDiffusion
 
     return StableDiffusion.from_engines(inpaint_tiny[1])
 
 
 @pytest.mark.slow
 def test_nine_channel_unet_is_exported_and_equals_diffusers(inpaint_tiny, inpaint_sd):
-    from voltacache.checkpoint import load_pipeline
+    from voltacache.compile.checkpoint import load_pipeline
 
     model, _ = inpaint_tiny
     pipe = load_pipeline(model)
@@ -148,7 +148,7 @@ def test_nine_channel_deployment_declares_the_nine_channel_sample(inpaint_tiny, 
         dims = {i.name: list(i.dims) for i in config.input}
         assert dims["sample"] == [-1, 9, 8, 8], dims
     inpaint = text_format.Parse((repo / p.INPAINT / "config.pbtxt").read_text(), mc.ModelConfig())
-    assert {i.name for i in inpaint.input if not i.optional} >= {p.INIT_IMAGE, p.MASK_IMAGE, p.STRENGTH}
+    assert {i.name for i in inpaint.input if not i.optional} == {p.PROMPT, p.INIT_IMAGE, p.MASK_IMAGE}
 
 
 def test_cache_is_scoped_by_mask(sd, tmp_path):
@@ -193,9 +193,9 @@ def test_cli_inpaints_and_refuses_a_mask_without_image(engines_dir, sd, tmp_path
 
 def test_inpainting_single_file_loads_with_its_nine_channels(tiny_dir, tmp_path):
     """A single file's U-Net reads what its header says, whatever the config folder it is read against says."""
-    from voltacache.checkpoint import load_pipeline
-    from voltacache.presets import random_pipeline
-    from voltacache.single_file import save_single_file
+    from voltacache.compile.checkpoint import load_pipeline
+    from voltacache.compile.presets import random_pipeline
+    from voltacache.compile.single_file import save_single_file
 
     pipe = random_pipeline("inpaint-tiny", seed=0)
     save_single_file(pipe, tmp_path / "inpaint.safetensors")
@@ -208,8 +208,8 @@ def test_inpainting_single_file_loads_with_its_nine_channels(tiny_dir, tmp_path)
 def test_nine_channel_sample_is_written_once_in_the_geometry(tiny_pipe):
     """The U-Net's sample reads sample_channels, its noise prediction and the VAE the latent channels; a
     manifest written before inpainting (no sample_channels) reads as before."""
+    from voltacache.compile.unet_split import shallow_layer_count
     from voltacache.specs import NOISE_PRED, SAMPLE, UNET_DEEP, UNET_SHALLOW, Geometry, component_specs
-    from voltacache.unet_split import shallow_layer_count
 
     geometry = Geometry.from_pipeline(tiny_pipe, shallow_layer_count(tiny_pipe.unet, "block"))
     old = {k: v for k, v in geometry.__dict__.items() if k != "sample_channels"}

@@ -1,4 +1,4 @@
-"""LoRA on built engines (voltacache.lora): parity with diffusers' load_lora_weights + fuse_lora, the base
+"""LoRA on built engines (voltacache.pipeline.lora): parity with diffusers' load_lora_weights + fuse_lora, the base
 engines untouched, kohya files, variants and their cache scope, and one-line refusals."""
 
 from __future__ import annotations
@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from helpers import PROMPT, cli, fused_pipeline, levels, one_error_line, write_lora
 
-from voltacache.build import tensorrt_available
 from voltacache.errors import InvalidRequest, UsageError, VoltacacheError
-from voltacache.lora import LoraFile, parse_lora
-from voltacache.pipeline import StableDiffusion
+from voltacache.pipeline.lora import LoraFile
+from voltacache.pipeline.stable_diffusion import StableDiffusion
+from voltacache.request import LoraRequest
+from voltacache.runtime.engines import tensorrt_available
 
 STEPS, SEED = 8, 3
 
@@ -88,7 +89,7 @@ def test_unknown_lora_name_is_refused(lora_sd):
 
 
 def test_lora_for_another_architecture_is_refused(engines_dir, sd2_tiny, tmp_path):
-    from voltacache.checkpoint import load_pipeline
+    from voltacache.compile.checkpoint import load_pipeline
 
     foreign = write_lora(load_pipeline(sd2_tiny[0]), tmp_path / "sd2.safetensors")
     sd = StableDiffusion.from_engines(engines_dir, loras={"sd2": LoraFile.open("sd2", foreign)})
@@ -126,7 +127,7 @@ def test_lora_with_deepcache(lora_sd, sd):
     ],
 )
 def test_parse_lora(text, expected):
-    assert parse_lora(text) == expected
+    assert LoraRequest.parse(text) == expected
 
 
 def test_generate_with_lora_in_process(engines_dir, lora_files, tmp_path):
@@ -168,7 +169,8 @@ TRT_OK, TRT_WHY = tensorrt_available()
 def test_tensorrt_refit_matches_the_onnxruntime_variant(onnx_fp32, engines_dir, lora_files, tmp_path):
     """Refittable engines take a LoRA by refit; the refitted U-Net equals ONNX Runtime's variant, and the
     base engine is left as it was. Engines built without --refittable refuse in one line."""
-    from voltacache.build import build_engines, load_engines
+    from voltacache.compile.build import build_engines
+    from voltacache.runtime.engines import load_engines
     from voltacache.specs import UNET_DEEP
 
     files = {"style": LoraFile.open("style", lora_files["style"])}
@@ -202,8 +204,8 @@ def test_tensorrt_refit_matches_the_onnxruntime_variant(onnx_fp32, engines_dir, 
 def test_engines_that_cannot_take_a_lora_refuse_it(engines_dir, lora_files, change, message):
     import copy
 
-    from voltacache.build import read_engine_manifest
-    from voltacache.lora import Loras
+    from voltacache.pipeline.lora import Loras
+    from voltacache.runtime.manifests import read_engine_manifest
 
     export = copy.deepcopy(read_engine_manifest(engines_dir)["export"])
     change(export)
@@ -228,7 +230,7 @@ def test_lora_with_inpainting_equals_diffusers(lora_sd, tiny_pipe, lora_files):
 @pytest.fixture(scope="module")
 def fp16_engines(onnx_fp16_branch0, tmp_path_factory):
     """The tiny model in fp16, the export's default: its weights reach ONNX Runtime's kernels through casts."""
-    from voltacache.build import build_engines
+    from voltacache.compile.build import build_engines
 
     out = tmp_path_factory.mktemp("fp16") / "engines"
     build_engines(onnx_fp16_branch0, out, backend="onnxruntime")
@@ -257,7 +259,7 @@ def test_variant_computes_what_the_engine_with_the_lora_written_in_computes(
     weights) see the replacements, not the file's weights (they did not, once: fp16 LoRAs did nothing)."""
     import onnxruntime as ort
 
-    from voltacache.lora import new_weights, touched
+    from voltacache.pipeline.lora import new_weights, touched
 
     engines = engines_dir if precision == "fp32" else request.getfixturevalue("fp16_engines")
     sd = StableDiffusion.from_engines(engines, loras={"style": LoraFile.open("style", lora_files["style"])})

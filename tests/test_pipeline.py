@@ -6,7 +6,7 @@ import torch
 from helpers import PROMPT, diffusers_image, levels
 from PIL import Image
 
-from voltacache.pipeline import InvalidRequest, StableDiffusion
+from voltacache.pipeline.stable_diffusion import InvalidRequest, StableDiffusion
 from voltacache.schedulers import make_scheduler
 
 # Tolerance against diffusers, fp32 ONNX Runtime vs PyTorch: every channel within 1 of 255 levels,

@@ -5,7 +5,7 @@ import pytest
 import torch
 from helpers import listing, one_error_line
 
-from voltacache.presets import TRAINED, component_config, random_pipeline
+from voltacache.compile.presets import TRAINED, component_config, random_pipeline
 
 
 def generate(pipe, seed):
@@ -71,7 +71,7 @@ def init_tiny(*args):
 def test_init_tiny_replaces_its_own_pipeline_only_with_force(tiny_dir, tmp_path):
     import shutil
 
-    from voltacache.presets import PRESET_MARKER
+    from voltacache.compile.presets import PRESET_MARKER
 
     out = shutil.copytree(tiny_dir, tmp_path / "tiny")
     weights = out / "unet" / "diffusion_pytorch_model.safetensors"
@@ -87,8 +87,8 @@ def test_init_tiny_replaces_its_own_pipeline_only_with_force(tiny_dir, tmp_path)
 def test_init_tiny_never_replaces_a_downloaded_pipeline(tiny_dir, tmp_path):
     import shutil
 
+    from voltacache.compile.presets import PRESET_MARKER, write_pipeline
     from voltacache.errors import OutputExists
-    from voltacache.presets import PRESET_MARKER, write_pipeline
 
     out = shutil.copytree(tiny_dir, tmp_path / "sd15")  # a diffusers folder voltacache did not write
     (out / PRESET_MARKER).unlink()

@@ -8,10 +8,14 @@ import onnx
 import pytest
 from helpers import cli, one_error_line
 
-from voltacache.build import RebuildNeeded, build_engines, load_engines, tensorrt_available
-from voltacache.export import ExportOptions, export_model, read_manifest
-from voltacache.pipeline import StableDiffusion
-from voltacache.quantize import QUANTIZED_OPS, Calibration, outer_convolutions
+from voltacache.compile.build import build_engines
+from voltacache.compile.export import export_model
+from voltacache.compile.options import Calibration, ExportOptions
+from voltacache.compile.quantize import QUANTIZED_OPS, outer_convolutions
+from voltacache.errors import RebuildNeeded
+from voltacache.pipeline.stable_diffusion import StableDiffusion
+from voltacache.runtime.engines import load_engines, tensorrt_available
+from voltacache.runtime.manifests import read_manifest
 from voltacache.specs import TEXT_ENCODER, UNET_DEEP, UNET_SHALLOW, VAE_DECODER
 
 pytestmark = pytest.mark.slow  # an export and a calibration of their own

@@ -64,27 +64,27 @@ def test_triton_round_trip(img2img):
     loras = (("style", 0.5), ("other", -1.25)) if img2img else ()  # LoRAs travel when given, as the sizes do
     request = Request(
         "a cat",
-        "blurry",
-        12,
-        5.0,
-        7,
-        "euler",
-        interval,
-        schedule,
-        image,
-        0.5,
-        "refresh",
-        None,
-        None,
-        *sizes,
-        threshold,
-        loras,
+        negative_prompt="blurry",
+        steps=12,
+        guidance=5.0,
+        seed=7,
+        scheduler="euler",
+        cache_interval=interval,
+        cache_schedule=schedule,
+        init_image=image,
+        strength=0.5,
+        cache_mode="refresh",
+        original_size=sizes[0],
+        crop_top_left=sizes[1],
+        target_size=sizes[2],
+        refresh_threshold=threshold,
+        loras=loras,
     ).check()
     tensors = request.to_triton()
-    # left out: txt2img's img2img tensors and unset optional ones; here no inpainting mask
+    # left out: txt2img's image tensors and unset ones (None or no LoRAs); here no inpainting mask
     everything = {t.tensor.name for t in p.REQUEST_TENSORS}
-    txt2img = {t.tensor.name for t in p.REQUEST_TENSORS if t.img2img_only or t.optional}
-    assert set(tensors) == everything - ({p.MASK_IMAGE} if img2img else txt2img)
+    unset = {p.ORIGINAL_SIZE, p.CROP_TOP_LEFT, p.TARGET_SIZE, p.REFRESH_THRESHOLD, p.LORAS}
+    assert set(tensors) == everything - ({p.MASK_IMAGE} if img2img else p.IMAGE_INPUTS | unset)
     assert tensors[p.PROMPT].dtype == object and tensors[p.STEPS].dtype == np.int32
     back = Request.from_triton(tensors.get)
     sent = request if img2img else request.replace(strength=Request.strength)  # txt2img sends no strength
@@ -92,7 +92,7 @@ def test_triton_round_trip(img2img):
     assert (back.init_image is None) == (not img2img)
     if img2img:
         assert np.array_equal(back.init_image, image)
-    assert request.model == (p.IMG2IMG if img2img else p.TXT2IMG)
+    assert p.ensemble(request) == (p.IMG2IMG if img2img else p.TXT2IMG)
 
 
 def test_random_seed_travels_as_minus_one():
@@ -103,8 +103,9 @@ def test_random_seed_travels_as_minus_one():
 
 def test_from_triton_names_what_is_wrong():
     tensors = Request("a cat").to_triton()
-    with pytest.raises(InvalidRequest, match="missing input STEPS"):
-        Request.from_triton({k: v for k, v in tensors.items() if k != p.STEPS}.get)
+    assert Request.from_triton({k: v for k, v in tensors.items() if k != p.STEPS}.get).steps == Request.steps
+    with pytest.raises(InvalidRequest, match="missing input PROMPT"):
+        Request.from_triton({k: v for k, v in tensors.items() if k != p.PROMPT}.get)
     tensors[p.PROMPT] = np.array([b"\xff\xfe"], dtype=object)
     with pytest.raises(InvalidRequest, match="PROMPT is not valid UTF-8"):
         Request.from_triton(tensors.get)
@@ -115,7 +116,7 @@ def test_client_and_light_models_import_without_torch():
     code = (
         "import sys\n"
         "import voltacache.request, voltacache.serving.client, voltacache.serving.python_models\n"
-        "import voltacache.tokenizer, voltacache.images, voltacache.generate\n"
+        "import voltacache.runtime.tokenizer, voltacache.images, voltacache.generate\n"
         "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules, "
         "[m for m in ('torch', 'diffusers') if m in sys.modules]\n"
     )
@@ -138,6 +139,6 @@ def test_deepcache_schedule_fields_checked(fields, words):
 
 
 def test_adaptive_threshold_defaults():
-    from voltacache.deepcache import DEFAULT_REFRESH_THRESHOLD
+    from voltacache.request import DEFAULT_REFRESH_THRESHOLD
 
     assert Request("a cat", cache_schedule="adaptive").check().threshold == DEFAULT_REFRESH_THRESHOLD

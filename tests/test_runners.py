@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from voltacache.build import load_engines
 from voltacache.errors import VoltacacheError
-from voltacache.runners import Runner, TorchRunner, pad_rows, plan_calls
+from voltacache.runtime.engines import load_engines
+from voltacache.runtime.runners import Runner, TorchRunner, pad_rows, plan_calls
 from voltacache.specs import COMPONENTS, NOISE_PRED, TEXT_ENCODER, UNET_DEEP
 
 
@@ -32,7 +32,7 @@ def rows_of(feeds, i, per_image):
 
 
 def test_onnxruntime_matches_torch(runners, tiny_pipe):
-    from voltacache.components import torch_modules
+    from voltacache.compile.components import torch_modules
 
     spec = runners[UNET_DEEP].spec
     torch_runner = TorchRunner(torch_modules(tiny_pipe, 2)[UNET_DEEP], spec)
@@ -130,7 +130,7 @@ def test_padded_runner_pads_splits_and_slices(runners):
 
 
 def test_served_sessions_do_not_spin_in_process_ones_do(engines_dir):
-    from voltacache.build import load_engines
+    from voltacache.runtime.engines import load_engines
 
     key = "session.intra_op.allow_spinning"
     served = load_engines(engines_dir, components=["vae_decoder"], served=True).runners["vae_decoder"]

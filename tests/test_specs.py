@@ -1,5 +1,6 @@
 import pytest
 
+from voltacache.compile.unet_split import shallow_layer_count
 from voltacache.specs import (
     COMPONENTS,
     DEEP_FEATURE,
@@ -13,7 +14,6 @@ from voltacache.specs import (
     Geometry,
     component_specs,
 )
-from voltacache.unet_split import shallow_layer_count
 
 
 @pytest.fixture(scope="module")

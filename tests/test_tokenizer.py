@@ -2,7 +2,7 @@ import importlib.util
 
 import pytest
 
-from voltacache.tokenizer import MAX_LENGTH, bpe_path, clip_tokenizer
+from voltacache.runtime.tokenizer import MAX_LENGTH, bpe_path, clip_tokenizer
 
 PROMPTS = [
     "a photo of an astronaut riding a horse",

@@ -1,7 +1,7 @@
 import onnx
 from onnx import TensorProto, helper
 
-from voltacache import trt_lint
+from voltacache.compile import trt_lint
 from voltacache.specs import ROWS
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from voltacache.unet_split import UNetDeep, UNetShallow, shallow_layer_count
+from voltacache.compile.unet_split import UNetDeep, UNetShallow, shallow_layer_count
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_unknown_branch(tiny_pipe):
 
 @pytest.fixture(scope="module")
 def sdxl_unet():
-    from voltacache.presets import random_pipeline
+    from voltacache.compile.presets import random_pipeline
 
     return random_pipeline("sdxl-tiny").unet
 

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from .benchmark import free_port, machine, write_json
+from .compile.options import Calibration
 from .errors import VoltacacheError
-from .quantize import Calibration
 
 PROMPT = "a photo of an astronaut riding a horse, highly detailed"
 # Speed does not depend on what int8 was calibrated on: a short calibration keeps the SD 1.5 export
@@ -59,9 +59,10 @@ def engines_for(
 ) -> Path:
     """Engines for one DeepCache branch and precision (fp32, or int8 U-Nets calibrated on `calibration`,
     default Calibration()), exported and built once per workdir, model and calibration."""
-    from .build import build_engines
-    from .export import ExportOptions, export_model, model_fingerprint
-    from .manifests import read_engine_manifest
+    from .compile.build import build_engines
+    from .compile.export import export_model, model_fingerprint
+    from .compile.options import ExportOptions
+    from .runtime.manifests import read_engine_manifest
 
     options = ExportOptions(precision, 1, size, size, 23, branch, calibration=calibration)
     options.check()
@@ -147,7 +148,7 @@ def diffusers_contenders(cfg: BenchConfig) -> list[Contender]:
     import torch
     from DeepCache import DeepCacheSDHelper
 
-    from .checkpoint import load_pipeline
+    from .compile.checkpoint import load_pipeline
     from .schedulers import make_scheduler
 
     pipe = load_pipeline(cfg.model)
@@ -190,7 +191,7 @@ def diffusers_contenders(cfg: BenchConfig) -> list[Contender]:
 
 
 def voltacache_contenders(cfg: BenchConfig) -> list[Contender]:
-    from .pipeline import StableDiffusion
+    from .pipeline.stable_diffusion import StableDiffusion
 
     request = dict(steps=cfg.steps, guidance=cfg.guidance, scheduler="ddim")
     contenders = []
@@ -334,7 +335,7 @@ def batch_size_times(engines: Path, repeats: int) -> dict:
     """Seconds per U-Net call at each batch size the engines were built for (what step batching packs
     requests into): {component: {images: median seconds}}. On a GPU these are the TensorRT profiles'
     times, the input of the throughput plan in docs/benchmarks.md."""
-    from .build import load_engines
+    from .runtime.engines import load_engines
     from .specs import UNET_DEEP, UNET_SHALLOW
 
     loaded = load_engines(engines, components=(UNET_DEEP, UNET_SHALLOW))

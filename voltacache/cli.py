@@ -17,12 +17,12 @@ from rich.markup import escape
 from .cache.layers import DEFAULT_BANDS, NIRVANA_BANDS, CacheConfig, CacheSettings
 from .cache.search import DEFAULT_TOP, MAX_TOP
 from .cache.store import LISTING_ORDERS
-from .deepcache import DEFAULT_REFRESH_THRESHOLD
-from .deepcache_calibration import DEFAULT_INTERVALS, DEFAULT_PROMPTS, DEFAULT_STEPS, SCHEDULES_FILE
 from .errors import BadConfiguration, UsageError, VoltacacheError
-from .lora import RESIDENT_VARIANTS
 from .outputs import SEARCH_RESULTS, check_file, check_folder, staged_output
-from .request import IMG2IMG_STRENGTH, INPAINT_STRENGTH, MAX_GUIDANCE, MAX_STEPS, Request
+from .pipeline.calibrate import DEFAULT_INTERVALS, DEFAULT_PROMPTS, DEFAULT_STEPS
+from .pipeline.calibration import SCHEDULES_FILE
+from .pipeline.lora import RESIDENT_VARIANTS
+from .request import DEFAULT_REFRESH_THRESHOLD, IMG2IMG_STRENGTH, INPAINT_STRENGTH, MAX_GUIDANCE, MAX_STEPS, Request
 from .schedulers import SCHEDULERS
 
 app = typer.Typer(
@@ -138,12 +138,12 @@ def init_tiny(
     ),
 ):
     """Write a Stable Diffusion pipeline (SD 1.5, SD 2.x or SDXL topology): random weights, or the shapes model."""
-    from .presets import PRESETS, write_pipeline
+    from .compile.presets import PRESETS, write_pipeline
 
     if preset not in PRESETS:
         raise UsageError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
     if single_file:
-        from .single_file import is_our_single_file
+        from .compile.single_file import is_our_single_file
 
         # refused before anything is written
         check_file(
@@ -151,8 +151,8 @@ def init_tiny(
         )
     write_pipeline(out, preset, seed, force=force)
     if single_file:
-        from .checkpoint import load_pipeline
-        from .single_file import save_single_file
+        from .compile.checkpoint import load_pipeline
+        from .compile.single_file import save_single_file
 
         save_single_file(load_pipeline(out), single_file, force=force)
         err.print(f"single file: {single_file}")
@@ -199,14 +199,14 @@ def export(
     """Export CLIP, the U-Net split at the DeepCache point, and the VAE to ONNX, validated and linted."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .checkpoint import check_model_path
-    from .export_options import ExportOptions, parse_batch_sizes
+    from .compile.checkpoint import check_model_path
+    from .compile.options import ExportOptions, parse_batch_sizes
     from .outputs import EXPORT, check_folder, refuse_overlap
     from .specs import COMPONENTS
 
     calibration = None
     if calibration_prompts is not None or calibration_steps is not None:
-        from .quantize import Calibration
+        from .compile.options import Calibration
 
         calibration = Calibration.from_file(calibration_prompts, calibration_steps or Calibration.steps)
     sizes = parse_batch_sizes(batch_sizes) if batch_sizes is not None else None
@@ -225,7 +225,7 @@ def export(
     refuse_overlap(out, model, "--out", "--model")
     check_folder(out, EXPORT, force=force)
 
-    from .export import STAGES, export_model
+    from .compile.export import STAGES, export_model
 
     columns = (
         TextColumn("{task.description:<13}"),
@@ -239,7 +239,7 @@ def export(
     tasks = {c: bars.add_task(c, total=len(STAGES), stage="waiting", start=False) for c in COMPONENTS}
 
     def progress(component, stage):
-        # every component is traced first, then converted, checked and linted (voltacache.export.STAGES)
+        # every component is traced first, then converted, checked and linted (voltacache.compile.export.STAGES)
         bars.start()
         task = tasks[component]
         bars.start_task(task)
@@ -309,7 +309,7 @@ def build(
     refuse_overlap(out, onnx, "--out", "--onnx")
     check_folder(out, ENGINES, force=force)
 
-    from .build import build_engines, choose_backend
+    from .compile.build import build_engines, choose_backend
 
     chosen, reason = choose_backend(backend)
     announce = f"backend: {chosen} ({escape(reason)})"  # printed soft-wrapped: one line in a log
@@ -367,9 +367,9 @@ def calibrate(
     from rich.progress import Progress
     from rich.table import Table
 
-    from .deepcache_calibration import calibrate as run_calibration
-    from .deepcache_calibration import parse_counts
     from .generate import read_prompts
+    from .pipeline.calibrate import calibrate as run_calibration
+    from .pipeline.calibrate import parse_counts
     from .request import check_choice, check_number
 
     counts, ns = parse_counts(steps, "--steps", 2), parse_counts(intervals, "--intervals", 2)
@@ -444,7 +444,7 @@ def deploy(
     ),
 ):
     """Write a Triton model repository with the txt2img / img2img ensembles."""
-    from .lora import LoraFile
+    from .pipeline.lora import LoraFile
     from .serving.deploy import deploy as write_repository
 
     registered = {}
@@ -595,7 +595,7 @@ def generate(
     """Generate images in process (--engines) or through Triton (--url): the same request, the same images."""
     from .generate import Batch, Prompt, generate_in_process, generate_served, read_prompts
     from .images import read_image, read_mask
-    from .lora import lora_options
+    from .pipeline.lora import lora_options
 
     if (engines is None) == (url is None):
         raise UsageError("give exactly one of --engines DIR (in process) or --url HOST:PORT (Triton)")
@@ -640,7 +640,7 @@ def generate(
         mask_image=read_mask(mask_image, "--mask-image") if mask_image else None,
     ).check()  # the options once (a file's lines each with its own request)
     if engines is not None:
-        from .manifests import read_engine_manifest
+        from .runtime.manifests import read_engine_manifest
 
         per_request = read_engine_manifest(engines)["export"]["batch"]
         batch = Batch(lines, template, output, per_request, force)
@@ -731,7 +731,7 @@ def bench(
     """Benchmark against diffusers and DeepCache, side by side: seconds per image, speedups, plots."""
     import importlib.util
 
-    from .checkpoint import check_model_path
+    from .compile.checkpoint import check_model_path
 
     def ints(text, option="--intervals"):
         try:
@@ -903,7 +903,7 @@ def cache_warm(
 ):
     """Generate and store the prompts of a file (refresh mode: each is computed and stored)."""
     from .generate import Batch, generate_in_process, read_prompts
-    from .manifests import read_engine_manifest
+    from .runtime.manifests import read_engine_manifest
 
     lines = read_prompts(prompts)
     if not lines:

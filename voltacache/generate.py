@@ -17,6 +17,7 @@ from pathlib import Path
 from .errors import InvalidRequest, OutputExists, ServerFailed, UsageError, VoltacacheError
 from .outputs import check_writable
 from .request import Request
+from .result import Result
 
 
 @dataclass
@@ -93,26 +94,18 @@ def save(image, path: Path) -> None:
         staging.unlink(missing_ok=True)
 
 
-def record(path: Path, request: Request, result, **extra) -> dict:
-    """The JSON record of one image, the same in process and served."""
-    return {
-        "path": str(path),
-        "prompt": request.prompt,
-        "seed": result.seed,
-        "steps": request.steps,
-        "scheduler": request.scheduler,
-        "guidance": request.guidance,
-        "cache_interval": request.cache_interval,
-        "cache_schedule": request.cache_schedule,
-        "unet_deep_calls": result.unet_deep_calls,
-        "unet_shallow_calls": result.unet_shallow_calls,
-        "steps_computed": result.steps_computed,
-        "seconds": round(result.seconds, 4),
-        "cache": result.cache,
-        "similarity": round(result.similarity, 4),
-        **({"loras": [list(pair) for pair in request.loras]} if request.loras else {}),
-        **extra,
-    }
+def record(path: Path, request: Request, result: Result, **extra) -> dict:
+    """The JSON record of one image, the same in process and served: what was asked, then the result."""
+    asked = dict(
+        prompt=request.prompt,
+        steps=request.steps,
+        scheduler=request.scheduler,
+        guidance=request.guidance,
+        cache_interval=request.cache_interval,
+        cache_schedule=request.cache_schedule,
+    )
+    loras = {"loras": [list(pair) for pair in request.loras]} if request.loras else {}
+    return {"path": str(path), **asked, **result.record(), **loras, **extra}
 
 
 class Batch:
@@ -141,7 +134,7 @@ class Batch:
 def check_in_process(engines: Path, template: Request, loras: dict | None = None):
     """What the engines can do, read from their manifest, against the request's options (and the LoRA
     files against their weights): a mistake is refused before any engine loads. Returns the Capabilities."""
-    from .capabilities import Capabilities
+    from .pipeline.capabilities import Capabilities
 
     capabilities = Capabilities.of_engines(engines, loras)
     capabilities.check(template)
@@ -157,7 +150,7 @@ def generate_in_process(engines: Path, batch: Batch, cache_settings=None, loras:
 
     capabilities = check_in_process(engines, batch.requests[0], loras)  # before torch and the engines load
 
-    from .pipeline import StableDiffusion
+    from .pipeline.stable_diffusion import StableDiffusion
 
     pipe = StableDiffusion.from_engines(engines, loras=capabilities.loras)
     if pipe.batch != batch.per_request:

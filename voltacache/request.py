@@ -1,7 +1,13 @@
 """One generation request, the same everywhere: the CLI, the in-process pipeline, the Triton client
-and the Triton denoiser all carry a `Request`. Its defaults are written here once; `check()` runs at
-the edge (CLI, client, pipeline) and again in the server; `to_triton()` / `from_triton()` are built
-from the protocol's tensor table (voltacache.serving.protocol.REQUEST_TENSORS).
+and the Triton models all carry a `Request`. Its defaults are written here once (a served request may
+leave out every field but the prompt: the server applies these), `check()` runs once per process
+where a request enters it, and `to_triton()` / `from_triton()` are its wire codec, built from the
+tensor table below (`REQUEST_TENSORS`), which the model repository's configs read too.
+
+What a request may name is its vocabulary, also here: schedulers (voltacache.schedulers), DeepCache
+schedules, cache modes, LoRAs (`LoraRequest`: a registered name and a scale). Which fields change the
+image is declared on the fields (`scope` metadata): the cross-request cache scopes an entry by them,
+and `description()` tells a person browsing the cache about them, so a new field is scoped by default.
 
 Torch-free on purpose: `generate --url` and the tokenizer/postprocess models import it without
 torch or diffusers.
@@ -11,14 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import KW_ONLY, dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
-from .deepcache import CACHE_SCHEDULES, DEFAULT_REFRESH_THRESHOLD
 from .errors import InvalidRequest
-from .lora import check_loras
 from .schedulers import SCHEDULERS
+from .specs import TensorSpec
 
 MAX_STEPS = 1000  # the trained schedule's length: every scheduler runs up to it
 MAX_GUIDANCE = 50.0  # useful values are 1-15; far beyond it the image saturates to black
@@ -30,42 +37,93 @@ CACHE_MODES = ("on", "off", "refresh")  # the cross-request cache for this reque
 SIZE_CONDITIONING = ("original_size", "crop_top_left", "target_size")
 MAX_CONDITIONING_SIDE = 16384
 IMG2IMG_STRENGTH, INPAINT_STRENGTH = 0.8, 1.0  # diffusers' defaults (img2img, inpainting pipelines)
+# DeepCache: which steps run the full U-Net (voltacache.pipeline.deepcache)
+CACHE_SCHEDULES = ("uniform", "nonuniform", "calibrated", "adaptive")
+DEFAULT_REFRESH_THRESHOLD = 0.2  # adaptive: chosen on the shapes model (docs/benchmarks.md)
 MAX_REFRESH_THRESHOLD = 100.0  # the summed relative change of the output; 0 refreshes every step
+# LoRAs a request names: registered in the deployment (deploy --lora), or files in process (generate --lora)
+LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_LORAS = 8  # per request
+MAX_LORA_SCALE = 10.0  # |scale|; useful values are 0-1.5
+
+
+class LoraRequest(NamedTuple):
+    """One LoRA of a request: a name the engines know, and its scale (`fuse_lora(lora_scale=...)`). A
+    tuple, so `("style", 0.8)` is one too; "style:0.8" on the wire and the command line."""
+
+    name: str
+    scale: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> LoraRequest:
+        """`NAME_OR_FILE[:SCALE]`; the scale defaults to 1 (a file name may hold ':'). Not checked here."""
+        head, sep, tail = text.rpartition(":")
+        if sep and head:
+            try:
+                return cls(head, float(tail))
+            except ValueError:
+                pass
+        return cls(text, 1.0)
+
+    def __str__(self) -> str:
+        return f"{self.name}:{float(self.scale)!r}"  # repr: the float comes back exactly
+
+
+def scoped(kind: str = "value", when: str | None = None, **kwargs):
+    """A field that changes the image: the cache scopes its entries by it (`kind`: how the pipeline reads
+    it; `when`: a Request property that says whether it applies)."""
+    return field(metadata={"scope": kind, "when": when}, **kwargs)
+
+
+def unscoped(**kwargs):
+    """A field that does not change the image (or is the cache key itself: the prompt's embedding, the seed)."""
+    return field(metadata={"scope": None}, **kwargs)
 
 
 @dataclass(frozen=True)
 class Request:
-    """What one generation asks for. `seed` None: drawn (and reported); `height`/`width` None: the
-    engines' static size (anything else is refused); `init_image`: uint8 (height, width, 3) of any
-    size, resized to the engines' size, for img2img; `mask_image` with it: inpainting, uint8 (height, width),
-    (height, width, 1) or RGB (height, width, 3) of any size, white where the image is repainted (resized,
-    grayscale, binarized at 0.5, as diffusers' mask processor does); `original_size`, `crop_top_left`, `target_size`:
-    SDXL's size conditioning (diffusers' arguments of the same names)."""
+    """What one generation asks for; every field but the prompt is keyword-only and has its default here.
 
-    prompt: str
+    Images: `init_image` uint8 (height, width, 3) of any size, resized to the engines' size (img2img);
+    `mask_image` with it, uint8 (height, width), (height, width, 1) or RGB (height, width, 3), white where
+    the image is repainted (inpainting: resized, grayscale, binarized at 0.5, as diffusers' mask processor).
+    `seed` None: drawn and reported. `height`/`width` None: the engines' size (anything else is refused).
+    """
+
+    prompt: str = unscoped()  # the cache looks it up by its embedding
+    _: KW_ONLY
     negative_prompt: str = ""
+    # denoising
     steps: int = 50
     guidance: float = 7.5
-    seed: int | None = None
+    seed: int | None = unscoped(default=None)  # the cache picks a seed of its own entries when none is given
     scheduler: str = "pndm"
-    cache_interval: int = 1  # DeepCache: the full U-Net every N steps (1: off)
+    # DeepCache: the full U-Net every `cache_interval` steps (1: off), where `cache_schedule` places them
+    cache_interval: int = 1
     cache_schedule: str = "uniform"
-    init_image: np.ndarray | None = field(default=None, compare=False, repr=False)
-    strength: float | None = None  # img2img, inpainting: the share of the schedule that runs; None: diffusers' default
-    cache_mode: str = "on"
-    height: int | None = None
-    width: int | None = None
-    original_size: tuple[int, int] | None = None
-    crop_top_left: tuple[int, int] | None = None
-    target_size: tuple[int, int] | None = None
-    refresh_threshold: float | None = None  # adaptive DeepCache: None is DEFAULT_REFRESH_THRESHOLD
-    loras: tuple[tuple[str, float], ...] = ()  # (registered name, scale), applied in this order
-    mask_image: np.ndarray | None = field(default=None, compare=False, repr=False)  # inpainting
+    refresh_threshold: float | None = scoped(default=None, when="adaptive")  # adaptive; None: the default
+    # image input: img2img, and inpainting with a mask
+    init_image: np.ndarray | None = scoped("image", default=None, compare=False, repr=False)
+    strength: float | None = scoped(default=None, when="img2img")  # None: diffusers' default for the kind
+    mask_image: np.ndarray | None = scoped("mask", default=None, compare=False, repr=False)
+    # size: the engines' (static) size, and SDXL's size conditioning (diffusers' arguments of these names)
+    height: int | None = scoped("size", default=None)
+    width: int | None = scoped("size", default=None)
+    original_size: tuple[int, int] | None = scoped("size_conditioning", default=None)
+    crop_top_left: tuple[int, int] | None = scoped("size_conditioning", default=None)
+    target_size: tuple[int, int] | None = scoped("size_conditioning", default=None)
+    # LoRAs, applied in this order: each by its file's content and scale
+    loras: tuple[LoraRequest, ...] = scoped("loras", default=())
+    # the cross-request cache for this request
+    cache_mode: str = unscoped(default="on")
 
     def __post_init__(self):
         if self.strength is None:  # decided once, where the request is made: in process and served alike
             default = INPAINT_STRENGTH if self.mask_image is not None else IMG2IMG_STRENGTH
             object.__setattr__(self, "strength", default)
+        if isinstance(self.loras, (tuple, list)):  # ("name", scale) pairs as LoraRequests; check() judges the rest
+            pairs = (LoraRequest(*p) if isinstance(p, (tuple, list)) and len(p) == 2 else p for p in self.loras)
+            object.__setattr__(self, "loras", tuple(pairs))
 
     @property
     def threshold(self) -> float:
@@ -80,40 +138,55 @@ class Request:
     def inpaint(self) -> bool:
         return self.mask_image is not None
 
+    @property
+    def adaptive(self) -> bool:
+        return self.cache_schedule == "adaptive"
+
     def replace(self, **changes) -> Request:
         return dataclasses.replace(self, **changes)
 
     @classmethod
     def of(cls, request: Request | str, **fields) -> Request:
         """`Request.of("a cat", steps=20)` or `Request.of(request, seed=3)`, as the pipeline and the client
-        take it; `init_image` and `mask_image` may be a path, a PIL image or uint8 pixels."""
+        take it; `init_image` and `mask_image` may be a path, a PIL image or uint8 pixels; `loras` pairs, or
+        {name: scale}."""
         if fields.get("init_image") is not None:
             from .images import read_image
 
             fields["init_image"] = read_image(fields["init_image"])
-        if isinstance(fields.get("loras"), (list, dict)):  # [(name, scale)] or {name: scale}
-            loras = fields["loras"].items() if isinstance(fields["loras"], dict) else fields["loras"]
-            fields["loras"] = tuple(tuple(pair) if isinstance(pair, list) else pair for pair in loras)
+        if isinstance(fields.get("loras"), dict):
+            fields["loras"] = tuple(fields["loras"].items())
         if fields.get("mask_image") is not None:
             from .images import read_mask
 
             fields["mask_image"] = read_mask(fields["mask_image"])
         return request.replace(**fields) if isinstance(request, Request) else cls(request, **fields)
 
+    def scoped_fields(self) -> dict[str, tuple[str, object]]:
+        """{field: (kind, value)} of the fields that change the image and apply to this request (the cache
+        scope's source: voltacache.pipeline.stable_diffusion reads each kind)."""
+        found = {}
+        for f in dataclasses.fields(self):
+            kind = f.metadata.get("scope", "value")
+            if kind is None or (f.metadata.get("when") and not getattr(self, f.metadata["when"])):
+                continue
+            found[f.name] = (kind, getattr(self, f.name))
+        return found
+
     def description(self) -> dict:
-        """What a person browsing the cache is told of the request that made an entry."""
-        about = dict(
-            prompt=self.prompt,
-            negative_prompt=self.negative_prompt,
-            steps=self.steps,
-            guidance=self.guidance,
-            scheduler=self.scheduler,
-            cache_schedule=self.cache_schedule,
-            cache_interval=self.cache_interval,
-        )
-        about |= {"loras": [list(pair) for pair in self.loras]} if self.loras else {}
-        about |= {"img2img": True, "strength": self.strength} if self.img2img else {}
-        return about | ({"inpaint": True} if self.inpaint else {})
+        """What a person browsing the cache is told of the request that made an entry: the prompt and what
+        else changed the image (images and sizes are told by what they are, not their pixels)."""
+        about = {"prompt": self.prompt}
+        for name, (kind, value) in self.scoped_fields().items():
+            if kind == "loras":
+                about |= {"loras": [list(pair) for pair in value]} if value else {}
+            elif kind == "image":
+                about |= {"img2img": True} if value is not None else {}
+            elif kind == "mask":
+                about |= {"inpaint": True} if value is not None else {}
+            elif value is not None:
+                about[name] = list(value) if isinstance(value, tuple) else value
+        return about
 
     def texts(self, batch: int) -> list[str]:
         """What the text encoder reads for `batch` images: the negative prompts first, then the prompts, as
@@ -141,7 +214,7 @@ class Request:
         check_choice("scheduler", self.scheduler, SCHEDULERS)
         check_int("cache_interval", self.cache_interval, 1, MAX_STEPS)
         check_choice("cache_schedule", self.cache_schedule, CACHE_SCHEDULES)
-        if self.cache_schedule == "adaptive" and self.cache_interval != 1:
+        if self.adaptive and self.cache_interval != 1:
             raise InvalidRequest(
                 f"cache_interval {self.cache_interval}: the adaptive schedule refreshes by refresh_threshold; "
                 "leave the interval at 1, or choose uniform, nonuniform or calibrated"
@@ -155,7 +228,7 @@ class Request:
                 else f"steps {self.steps}: a calibrated schedule needs 3 steps or more; use uniform"
             )
         if self.refresh_threshold is not None:
-            if self.cache_schedule != "adaptive":
+            if not self.adaptive:
                 raise InvalidRequest("refresh_threshold: only with cache_schedule adaptive")
             check_number("refresh_threshold", self.refresh_threshold, 0.0, MAX_REFRESH_THRESHOLD)
         check_choice("cache_mode", self.cache_mode, CACHE_MODES)
@@ -180,52 +253,149 @@ class Request:
         return self
 
     def to_triton(self) -> dict[str, np.ndarray]:
-        """The request as the ensemble's input tensors (txt2img leaves out the img2img ones, img2img the mask)."""
-        from .serving.protocol import REQUEST_TENSORS
-
+        """The request as the ensembles' input tensors: what is set (None and () are left out, the server
+        applies the defaults); txt2img leaves out the image inputs, img2img the mask."""
         return {
             t.tensor.name: t.encode(getattr(self, t.field))
             for t in REQUEST_TENSORS
             if (self.img2img or not t.img2img_only)
             and (self.inpaint or not t.inpaint_only)
-            and not (t.optional and getattr(self, t.field) in (None, ()))
+            and (t.field == "seed" or not unset(getattr(self, t.field)))  # None is a seed: drawn by the server
         }
 
     @classmethod
     def from_triton(cls, get) -> Request:
-        """The inverse of `to_triton`: `get(tensor name)` gives a numpy array, or None when absent."""
-        from .serving.protocol import REQUEST_TENSORS
+        """The inverse of `to_triton`: `get(tensor name)` gives a numpy array, or None when absent; every
+        field but the prompt may be absent (its default here)."""
+        return cls(**decode_tensors(REQUEST_TENSORS, get))
 
-        values = {}
-        for t in REQUEST_TENSORS:
-            array = get(t.tensor.name)
-            if array is None:
-                if t.img2img_only or t.inpaint_only or t.optional:
-                    continue
+
+# The request's tensors (what a client sends), one per field.
+PROMPT = "PROMPT"
+NEGATIVE_PROMPT = "NEGATIVE_PROMPT"
+STEPS = "STEPS"
+GUIDANCE = "GUIDANCE"
+SEED = "SEED"  # -1: the server draws one (and reports it)
+SCHEDULER = "SCHEDULER"
+CACHE_INTERVAL = "CACHE_INTERVAL"
+CACHE_SCHEDULE = "CACHE_SCHEDULE"
+REFRESH_THRESHOLD = "REFRESH_THRESHOLD"  # adaptive DeepCache; absent: the default
+CACHE = "CACHE"  # on | off | refresh: the cross-request cache for this request
+INIT_IMAGE = "INIT_IMAGE"  # uint8 (height, width, 3), any size: resized to the engines' size
+STRENGTH = "STRENGTH"
+MASK_IMAGE = "MASK_IMAGE"  # inpainting: uint8 (height, width, 1 or 3), any size; white is repainted
+ORIGINAL_SIZE = "ORIGINAL_SIZE"  # SDXL's size conditioning, int32 (2,) each; absent: the engines' size, no crop
+CROP_TOP_LEFT = "CROP_TOP_LEFT"
+TARGET_SIZE = "TARGET_SIZE"
+LORAS = "LORAS"  # "name:scale" per LoRA registered in the deployment (deploy --lora), applied in order
+RANDOM_SEED = -1
+
+
+def scalar(name: str, dtype: str) -> TensorSpec:
+    return TensorSpec(name, dtype, (1,))
+
+
+@dataclass(frozen=True)
+class RequestTensor:
+    """One field of `Request` on the wire."""
+
+    field: str
+    tensor: TensorSpec
+    img2img_only: bool = False  # carried by the img2img and inpaint ensembles only (required there)
+    inpaint_only: bool = False
+    optional: bool = True  # absent: the field's default
+
+    def encode(self, value) -> np.ndarray:
+        if self.field == "seed" and value is None:
+            value = RANDOM_SEED
+        if self.field == "loras":
+            return np.array([str(LoraRequest(*pair)).encode() for pair in value], dtype=object)
+        if self.tensor.dtype == "object":
+            return np.array([value.encode("utf-8")], dtype=object)
+        if self.tensor.shape == (1,):
+            return np.array([value], dtype=self.tensor.dtype)
+        if self.field == "mask_image" and np.ndim(value) == 2:  # a grayscale mask travels as one plane
+            value = np.asarray(value)[..., None]
+        return np.ascontiguousarray(value, dtype=self.tensor.dtype)
+
+    def decode(self, array: np.ndarray):
+        if self.field == "loras":  # "name:scale" each; Request.check judges them
+            return tuple(LoraRequest.parse(self.text(v)) for v in np.asarray(array).reshape(-1))
+        if self.tensor.shape == (2,):  # a pair: Request.check judges its length and values
+            return tuple(int(v) for v in np.asarray(array).reshape(-1))
+        if self.tensor.shape != (1,):
+            return array
+        value = array.reshape(-1)[0]
+        if self.tensor.dtype == "object":
+            return self.text(value)
+        value = value.item()
+        return None if self.field == "seed" and value == RANDOM_SEED else value
+
+    def text(self, value) -> str:
+        raw = value if isinstance(value, bytes) else str(value).encode()
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidRequest(f"{self.tensor.name} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def unset(value) -> bool:
+    """None, or no LoRAs: left out on the wire (the server applies the default)."""
+    return value is None or (isinstance(value, tuple) and not value)
+
+
+def decode_tensors(table, get) -> dict:
+    """{field: value} of the tensors `get(name)` returns (None: absent, the field's default); a tensor that
+    is not optional must be there."""
+    values = {}
+    for t in table:
+        array = get(t.tensor.name)
+        if array is None:
+            if not t.optional:
                 raise InvalidRequest(f"missing input {t.tensor.name}")
-            values[t.field] = t.decode(array)
-        return cls(**values)
-
-    @property
-    def model(self) -> str:
-        """The ensemble that serves it."""
-        from .serving.protocol import IMG2IMG, INPAINT, TXT2IMG
-
-        return INPAINT if self.inpaint else IMG2IMG if self.img2img else TXT2IMG
+            continue
+        values[t.field] = t.decode(array)
+    return values
 
 
-@dataclass
-class Images:
-    """What one request gave back, in process or served: uint8 (batch, height, width, 3) and how it was made."""
+REQUEST_TENSORS = (
+    RequestTensor("prompt", scalar(PROMPT, "object"), optional=False),
+    RequestTensor("negative_prompt", scalar(NEGATIVE_PROMPT, "object")),
+    RequestTensor("steps", scalar(STEPS, "int32")),
+    RequestTensor("guidance", scalar(GUIDANCE, "float32")),
+    RequestTensor("seed", scalar(SEED, "int64")),
+    RequestTensor("scheduler", scalar(SCHEDULER, "object")),
+    RequestTensor("cache_interval", scalar(CACHE_INTERVAL, "int32")),
+    RequestTensor("cache_schedule", scalar(CACHE_SCHEDULE, "object")),
+    RequestTensor("cache_mode", scalar(CACHE, "object")),
+    RequestTensor("init_image", TensorSpec(INIT_IMAGE, "uint8", (-1, -1, 3)), img2img_only=True),
+    RequestTensor("strength", scalar(STRENGTH, "float32"), img2img_only=True),
+    RequestTensor("mask_image", TensorSpec(MASK_IMAGE, "uint8", (-1, -1, -1)), img2img_only=True, inpaint_only=True),
+    RequestTensor("original_size", TensorSpec(ORIGINAL_SIZE, "int32", (2,))),
+    RequestTensor("crop_top_left", TensorSpec(CROP_TOP_LEFT, "int32", (2,))),
+    RequestTensor("target_size", TensorSpec(TARGET_SIZE, "int32", (2,))),
+    RequestTensor("refresh_threshold", scalar(REFRESH_THRESHOLD, "float32")),
+    RequestTensor("loras", TensorSpec(LORAS, "object", (-1,))),
+)
+LORA_TENSOR = next(t for t in REQUEST_TENSORS if t.field == "loras")
+IMAGE_INPUTS = {t.tensor.name for t in REQUEST_TENSORS if t.img2img_only}  # required by img2img and inpaint
+MASK_INPUTS = {t.tensor.name for t in REQUEST_TENSORS if t.inpaint_only}  # required by inpaint
+OPTIONAL_INPUTS = {t.tensor.name for t in REQUEST_TENSORS if t.optional}  # only PROMPT is required
 
-    images: np.ndarray
-    seed: int
-    unet_deep_calls: int
-    unet_shallow_calls: int
-    steps_computed: int
-    seconds: float
-    cache: str = "off"  # exact | semantic | approximate | miss | off
-    similarity: float = 0.0
+
+def check_loras(loras) -> None:
+    """A request's LoRAs: at most MAX_LORAS LoraRequests, each name registered-name-shaped, once."""
+    if not isinstance(loras, tuple) or len(loras) > MAX_LORAS:
+        raise InvalidRequest(f"loras: at most {MAX_LORAS} (name, scale) pairs, got {loras!r}")
+    for pair in loras:
+        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)):
+            raise InvalidRequest(f"loras: each must be (name, scale), got {pair!r}")
+        if not LORA_NAME.fullmatch(pair[0]):
+            raise InvalidRequest(f"lora {pair[0]!r}: a name is letters, digits, '_', '.' or '-' (at most 64)")
+        check_number(f"lora {pair[0]} scale", pair[1], -MAX_LORA_SCALE, MAX_LORA_SCALE)
+    names = [name for name, _ in loras]
+    if len(set(names)) != len(names):
+        raise InvalidRequest(f"loras: {names} names one LoRA twice; give each once, with its scale")
 
 
 def denoising_steps(steps: int, strength: float | None) -> int:
@@ -234,6 +404,7 @@ def denoising_steps(steps: int, strength: float | None) -> int:
 
 
 def check_text(name: str, value) -> None:
+    """UTF-8 text of at most MAX_PROMPT_BYTES, no control characters."""
     if not isinstance(value, str):
         raise InvalidRequest(f"{name} must be text, got {type(value).__name__}")
     try:

@@ -53,7 +53,9 @@ def test_without_step_batching_the_repository_is_per_request(engines_dir, tmp_pa
 
 
 def test_ensembles_wire_existing_models_with_response_cache(triton_repo):
-    optional = {p.ORIGINAL_SIZE, p.CROP_TOP_LEFT, p.TARGET_SIZE, p.REFRESH_THRESHOLD, p.LORAS}
+    # only the prompt is required (and, on img2img and inpaint, the images that make them what they are)
+    required = {p.TXT2IMG: {p.PROMPT}, p.IMG2IMG: {p.PROMPT, p.INIT_IMAGE}}
+    required[p.INPAINT] = required[p.IMG2IMG] | {p.MASK_IMAGE}
     for name in (p.TXT2IMG, p.IMG2IMG, p.INPAINT):
         config = read_config(triton_repo, name)
         # the response cache sits on the denoiser, so that postprocess can report a hit (protocol.py)
@@ -65,12 +67,11 @@ def test_ensembles_wire_existing_models_with_response_cache(triton_repo):
             assert set(step.input_map.values()) <= produced, step.model_name
             produced |= set(step.output_map.values())
         assert {o.name for o in config.output} <= produced
-        # SDXL's size conditioning and the adaptive threshold are optional in every model that reads the request
-        assert {i.name for i in config.input if i.optional} == optional
+        assert {i.name for i in config.input if not i.optional} == required[name]
     denoiser = read_config(triton_repo, p.DENOISER)
     # every denoiser input: a generation carries none of the search tensors, a search none of its own
     assert all(i.optional for i in denoiser.input) and p.SEARCH in {i.name for i in denoiser.input}
-    assert {i.name for i in read_config(triton_repo, p.TOKENIZER).input if i.optional} == optional
+    assert {i.name for i in read_config(triton_repo, p.TOKENIZER).input if not i.optional} == {p.PROMPT}
     search = read_config(triton_repo, p.CACHE_SEARCH)
     assert {i.name for i in search.input if not i.optional} == {p.SEARCH}
     # one denoiser batches the steps of every request in flight, behind Triton's response cache
@@ -106,7 +107,7 @@ def test_a_folder_holding_a_users_file_is_refused(engines_dir, tmp_path):
 def test_a_repository_overlapping_the_engines_is_refused(engines_dir, tmp_path, where):
     import shutil
 
-    from voltacache.build import load_engines
+    from voltacache.runtime.engines import load_engines
 
     engines = shutil.copytree(engines_dir, tmp_path / "parent" / "engines")
     before = snapshot(engines)
@@ -151,7 +152,7 @@ def test_a_repeated_deploy_never_deletes_what_it_did_not_write(engines_dir, tmp_
 
 
 def test_registered_loras_survive_a_repeated_deploy(engines_dir, lora_files, tmp_path):
-    from voltacache.lora import read_registry
+    from voltacache.pipeline.lora import read_registry
 
     repo = tmp_path / "repo"
     assert (

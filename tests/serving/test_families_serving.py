@@ -6,7 +6,7 @@ import pytest
 
 from voltacache.benchmark import free_port
 from voltacache.errors import VoltacacheError
-from voltacache.pipeline import StableDiffusion
+from voltacache.pipeline.stable_diffusion import StableDiffusion
 from voltacache.serving import protocol as p
 from voltacache.serving.client import Client
 

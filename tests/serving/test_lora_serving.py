@@ -9,8 +9,8 @@ from helpers import cli
 from PIL import Image
 
 from voltacache.errors import VoltacacheError
-from voltacache.lora import LoraFile
-from voltacache.pipeline import StableDiffusion
+from voltacache.pipeline.lora import LoraFile
+from voltacache.pipeline.stable_diffusion import StableDiffusion
 from voltacache.request import Request
 from voltacache.serving import protocol as p
 from voltacache.serving.client import Client

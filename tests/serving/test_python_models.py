@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 from google.protobuf.json_format import MessageToJson
 
-from voltacache.build import load_engines, read_engine_manifest
 from voltacache.request import Request
+from voltacache.runtime.engines import load_engines
+from voltacache.runtime.manifests import read_engine_manifest
 from voltacache.serving import protocol as p
 from voltacache.serving.deploy import python_config
 from voltacache.serving.python_models import ComponentModel, DenoiserModel, PostprocessModel, TokenizerModel
 from voltacache.specs import (
     COMPONENTS,
-    IMAGE,
     INPUT_IDS,
     TEXT_ENCODER,
     UNET_DEEP,
@@ -198,7 +198,7 @@ def test_bad_requests_get_errors_and_the_others_in_the_same_execute_succeed(mode
         "empty prompt": {**good, p.PROMPT: np.array([b"   "], dtype=object)},
         "invalid utf-8": {**good, p.PROMPT: np.array([b"\xff\xfe bad"], dtype=object)},
         "huge prompt": {**good, p.PROMPT: np.array([b"a " * 5000], dtype=object)},
-        "missing input": {k: v for k, v in good.items() if k != p.STEPS},
+        "missing input": {k: v for k, v in good.items() if k != p.PROMPT},  # every other input has a default
         "zero steps": {**good, p.STEPS: np.array([0], np.int32)},
         "unknown scheduler": {**good, p.SCHEDULER: np.array([b"heun-9000"], dtype=object)},
         "unknown cache mode": {**good, p.CACHE: np.array([b"sometimes"], dtype=object)},
@@ -212,7 +212,7 @@ def test_bad_requests_get_errors_and_the_others_in_the_same_execute_succeed(mode
         assert response.has_error(), case
         message = response.error().message()
         assert message.startswith(f"{p.TOKENIZER}: ") and "internal error" not in message, (case, message)
-    assert "STEPS" in responses[1 + list(bad).index("missing input")].error().message()
+    assert "PROMPT" in responses[1 + list(bad).index("missing input")].error().message()
     assert stub.LOGS == []  # a bad request is the client's fault: no traceback in the server log
 
 
@@ -241,11 +241,9 @@ def test_unexpected_exception_is_an_internal_error_and_logged(models, monkeypatc
 
 
 def denoised(specs, computed_ns: int, received_ns: int, seed: int = 0) -> dict:
-    image_spec = next(t for t in specs[p.POSTPROCESS].inputs if t.name == IMAGE)
-    image = np.random.default_rng(seed).uniform(-1.2, 1.2, image_spec.shape).astype(np.float32)
-    image[0, :, 0, 0] = [-1.0, 0.0, 1.0]
+    image_spec = next(t for t in specs[p.POSTPROCESS].inputs if t.name == p.IMAGES)
     return {
-        IMAGE: image,
+        p.IMAGES: np.random.default_rng(seed).integers(0, 256, image_spec.shape, dtype=np.uint8),
         p.SEED_USED: np.array([7], np.int64),
         p.UNET_DEEP_CALLS: np.array([3], np.int32),
         p.UNET_SHALLOW_CALLS: np.array([6], np.int32),
@@ -257,13 +255,12 @@ def denoised(specs, computed_ns: int, received_ns: int, seed: int = 0) -> dict:
     }
 
 
-def test_postprocess_rounds_pixels_and_passes_the_denoisers_report(models, specs):
+def test_postprocess_passes_the_denoisers_uint8_images_and_report(models, specs):
+    """The images stay uint8 from the denoiser's decode to the client: no float round trip."""
     tensors = denoised(specs, computed_ns=2_000, received_ns=1_000)
     out = step(models[p.POSTPROCESS], specs[p.POSTPROCESS], tensors)
-    expected = (np.clip(tensors[IMAGE] / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
-    assert np.array_equal(out[p.IMAGES], expected)
-    assert out[p.IMAGES].reshape(-1, 3)[0].tolist() == [0, 128, 255]  # -1, 0, 1 in the first pixel's channels
-    for t in p.STATS:
+    assert out[p.IMAGES].dtype == np.uint8 and np.array_equal(out[p.IMAGES], tensors[p.IMAGES])
+    for t in p.STAT_TENSORS:
         assert np.array_equal(out[t.name], tensors[t.name]), t.name
 
 

@@ -6,8 +6,8 @@ import torch
 from diffusers import DDIMScheduler
 from typer.testing import CliRunner
 
-from voltacache.checkpoint import load_pipeline
 from voltacache.cli import app
+from voltacache.compile.checkpoint import load_pipeline
 from voltacache.shapes.checker import check
 from voltacache.shapes.dataset import TRAIN, render
 
@@ -26,7 +26,7 @@ def shapes_model(tmp_path_factory):
 
 
 def test_shipped_weights_are_small_fp16():
-    from voltacache.presets import TRAINED
+    from voltacache.compile.presets import TRAINED
 
     files = [f for f in TRAINED["shapes"].rglob("*.safetensors")]
     assert len(files) == 3 and sum(f.stat().st_size for f in files) <= 20 * 2**20

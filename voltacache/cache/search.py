@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..errors import InvalidRequest
-from ..request import check_choice, check_int, check_text
+from ..request import RequestTensor, check_choice, check_int, check_text, decode_tensors, scalar
+from ..specs import TensorSpec
 from .store import LISTING_ORDERS
 
 TEXT_MODES = ("images", "prompts")  # the modes that embed the query text
@@ -54,19 +55,30 @@ class SearchQuery:
         return self
 
     def to_triton(self) -> dict[str, np.ndarray]:
-        from ..serving.protocol import SEARCH_TENSORS
-
         return {t.tensor.name: t.encode(getattr(self, t.field)) for t in SEARCH_TENSORS}
 
     @classmethod
     def from_triton(cls, read) -> SearchQuery:
         """From the tensors `read(name)` returns (None when absent: the field's default)."""
-        from ..serving.protocol import SEARCH_TENSORS
-
-        given = {t.field: t.decode(a) for t in SEARCH_TENSORS if (a := read(t.tensor.name)) is not None}
-        if "mode" not in given:
+        if read(SEARCH) is None:
             raise InvalidRequest("missing input SEARCH: images, prompts, newest or most-used")
-        return cls(**given)
+        return cls(**decode_tensors(SEARCH_TENSORS, read))
+
+
+# The search's tensors (the cache_search model's inputs and outputs).
+SEARCH = "SEARCH"  # images | prompts | newest | most-used
+QUERY = "QUERY"
+TOP_K = "TOP_K"
+THUMBNAIL = "THUMBNAIL"  # the longest side of each image returned, in pixels; 0: as stored
+RESULTS = "RESULTS"  # one JSON record per entry found, best first
+RESULT_IMAGES = "RESULT_IMAGES"  # uint8 (images, height, width, 3); a record's "image" indexes it
+SEARCH_TENSORS = (
+    RequestTensor("mode", scalar(SEARCH, "object"), optional=False),
+    RequestTensor("text", scalar(QUERY, "object")),
+    RequestTensor("top", scalar(TOP_K, "int32")),
+    RequestTensor("thumbnail", scalar(THUMBNAIL, "int32")),
+)
+SEARCH_OUTPUTS = (TensorSpec(RESULTS, "object", (-1,)), TensorSpec(RESULT_IMAGES, "uint8", (-1, -1, -1, 3)))
 
 
 @dataclass
@@ -146,8 +158,6 @@ def shrink(image: np.ndarray, side: int) -> np.ndarray:
 
 def to_triton(found: list[Found]) -> dict[str, np.ndarray]:
     """RESULTS (one JSON record each, whose "image" indexes RESULT_IMAGES, or is None) and RESULT_IMAGES."""
-    from ..serving.protocol import RESULT_IMAGES, RESULTS
-
     images = [f.image for f in found if f.image is not None]
     records, index = [], 0
     for f in found:
@@ -176,10 +186,10 @@ class QueryEncoder:
 
     @classmethod
     def from_engines(cls, engines) -> QueryEncoder:
-        from ..build import load_engines
-        from ..manifests import read_engine_manifest
+        from ..runtime.engines import load_engines
+        from ..runtime.manifests import read_engine_manifest
+        from ..runtime.tokenizer import load_tokenizers
         from ..specs import TEXT_ENCODER
-        from ..tokenizer import load_tokenizers
 
         export = read_engine_manifest(engines)["export"]
         tokenizers = load_tokenizers(engines, export["geometry"]["text_encoders"])
@@ -188,8 +198,8 @@ class QueryEncoder:
     def pooled(self, text: str) -> np.ndarray:
         """The text encoder's pooled output for Request(text).texts: every row, the negatives first."""
         from ..request import Request
+        from ..runtime.tokenizer import text_encoder_feeds
         from ..specs import POOLED_EMBEDDING
-        from ..tokenizer import text_encoder_feeds
 
         feeds = text_encoder_feeds(self.tokenizers, Request(text).texts(self.batch))
         return self.text_encoder.infer(feeds)[POOLED_EMBEDDING]
@@ -203,7 +213,7 @@ def search_index(query: SearchQuery, index: str, blob_store=None, engines=None, 
     """`query` in process, on the cache an index holds (its embedder read from the index); the
     entries of the engines' model, or of every model for a listing without `engines`."""
     from ..errors import UsageError
-    from ..manifests import read_engine_manifest
+    from ..runtime.manifests import read_engine_manifest
     from .admin import open_existing
     from .embedders import make_embedder
     from .layers import RequestCache

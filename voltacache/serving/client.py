@@ -7,10 +7,13 @@ import threading
 import time
 import uuid
 
-from ..cache.search import Found, SearchQuery
+import numpy as np
+
+from ..cache.search import RESULT_IMAGES, RESULTS, SEARCH_OUTPUTS, Found, SearchQuery
 from ..cache.search import from_triton as search_results
 from ..errors import InvalidRequest, ServerFailed, UsageError, VoltacacheError
-from ..request import Images, Request
+from ..request import Request
+from ..result import IMAGES, STAT_TENSORS, Result
 from . import protocol as p
 
 TRITON_CLIENT_DTYPES = {"float32": "FP32", "int32": "INT32", "int64": "INT64", "uint8": "UINT8", "object": "BYTES"}
@@ -83,7 +86,7 @@ class Client:
         for rid in ids:
             other = Client(self.url, self.protocol, timeout_s)  # this one's channel may be busy or closing
             try:
-                out = other.infer(p.DENOISER, {p.CANCEL: p.CANCEL_TENSOR.encode(rid)}, [p.CANCELLED])
+                out = other.infer(p.DENOISER, {p.CANCEL: np.array([rid.encode()], dtype=object)}, [p.CANCELLED])
                 found += int(out[p.CANCELLED][0])
             except VoltacacheError:
                 pass
@@ -159,7 +162,7 @@ class Client:
         except Exception:  # nothing, or something else, answers
             return False
 
-    def generate(self, request: Request | str, /, **fields) -> Images:
+    def generate(self, request: Request | str, /, **fields) -> Result:
         """`generate("a cat", steps=20, seed=1)` or `generate(Request(...))`, checked here and again in
         the server. `init_image` may be a path, a PIL image or uint8 pixels of any size."""
         request = Request.of(request, **fields).check()
@@ -167,24 +170,15 @@ class Client:
             _, height, width = self.image_shape()
             request.check_size(height, width)
         started = time.perf_counter()
-        out = self.infer(request.model, request.to_triton(), [t.name for t in p.STATS] + [p.IMAGES])
-        return Images(
-            images=out[p.IMAGES],
-            seed=int(out[p.SEED_USED][0]),
-            unet_deep_calls=int(out[p.UNET_DEEP_CALLS][0]),
-            unet_shallow_calls=int(out[p.UNET_SHALLOW_CALLS][0]),
-            steps_computed=int(out[p.STEPS_COMPUTED][0]),
-            seconds=time.perf_counter() - started,
-            cache=out[p.CACHE_LAYER][0].decode(),
-            similarity=float(out[p.SIMILARITY][0]),
-        )
+        out = self.infer(p.ensemble(request), request.to_triton(), [t.name for t in STAT_TENSORS] + [IMAGES])
+        return Result.from_triton(out.get, time.perf_counter() - started)
 
     def search(self, query: SearchQuery | str, /, **fields) -> list[Found]:
         """The stored entries nearest a prompt, best first: `search("a red circle", top=9, thumbnail=128)`,
         or `search(SearchQuery(...))` for any mode (voltacache.cache.search)."""
         query = query.replace(**fields) if isinstance(query, SearchQuery) else SearchQuery("images", query, **fields)
-        out = self.infer(p.CACHE_SEARCH, query.check().to_triton(), [t.name for t in p.SEARCH_OUTPUTS])
-        return search_results(out[p.RESULTS], out[p.RESULT_IMAGES])
+        out = self.infer(p.CACHE_SEARCH, query.check().to_triton(), [t.name for t in SEARCH_OUTPUTS])
+        return search_results(out[RESULTS], out[RESULT_IMAGES])
 
     def recommend(self, partial: str, top: int = 5) -> list[Found]:
         """The distinct stored prompts nearest a partial prompt (no images), best first."""
@@ -202,6 +196,6 @@ class Client:
                 metadata = self.client.get_model_metadata(p.TXT2IMG, **as_json)
             except Exception as e:
                 raise self.failure(p.TXT2IMG, str(e)) from None
-            shape = next(o["shape"] for o in metadata["outputs"] if o["name"] == p.IMAGES)  # batch, h, w, 3
+            shape = next(o["shape"] for o in metadata["outputs"] if o["name"] == IMAGES)  # batch, h, w, 3
             self.shape = int(shape[0]), int(shape[1]), int(shape[2])
         return self.shape

@@ -19,10 +19,10 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from ..cache.layers import CacheSettings
 from ..errors import UsageError, VoltacacheError
-from ..lora import LORA_COMPONENTS, RESIDENT_VARIANTS, Loras, read_registry
-from ..manifests import read_engine_manifest
 from ..outputs import REPOSITORY, refuse_overlap, staged_output
-from ..runners import WEIGHTS_INSIDE
+from ..pipeline.lora import LORA_COMPONENTS, RESIDENT_VARIANTS, Loras, read_registry
+from ..runtime.manifests import read_engine_manifest
+from ..runtime.runners import WEIGHTS_INSIDE
 from ..specs import COMPONENTS, TEXT_ENCODER, ComponentSpec
 from . import protocol as p
 
@@ -83,25 +83,29 @@ def ensemble_config(spec: ComponentSpec, steps: list[tuple[str, dict, dict]]) ->
     return config
 
 
-def ensemble_steps(specs: dict, img2img: bool, inpaint: bool = False) -> list:
+def ensemble_steps(specs: dict, img2img: bool, inpaint: bool = False, loras: bool = False) -> list:
     """tokenizer -> text_encoder -> denoiser (BLS: U-Nets, VAE) -> postprocess, wired by tensor name.
 
     The denoiser's outputs reach postprocess under a prefix: postprocess reports them, or, for a
-    response from Triton's cache, an exact hit with nothing computed (serving/protocol.py)."""
+    response from Triton's cache, an exact hit with nothing computed (serving/protocol.py). With
+    `loras` (the deployment registers some), the tokenizer's LORA_ROWS reach the text encoder's LORAS:
+    it encodes the prompt with the request's LoRAs."""
     same = lambda items: {t.name: t.name for t in items}  # noqa: E731
     text_encoder, denoiser, postprocess = specs[TEXT_ENCODER], specs[p.DENOISER], specs[p.POSTPROCESS]
+    tokenized = [t for t in specs[p.TOKENIZER].outputs if loras or t.name != p.LORA_ROWS]
+    encoder_inputs = {**same(text_encoder.inputs), **({p.LORAS: p.LORA_ROWS} if loras else {})}
     denoiser_inputs = [
         t
         for t in denoiser.inputs
-        if (img2img or t.name not in p.IMG2IMG_INPUTS)
-        and (inpaint or t.name not in p.INPAINT_INPUTS)
+        if (img2img or t.name not in p.IMAGE_INPUTS)
+        and (inpaint or t.name not in p.MASK_INPUTS)
         and t.name not in p.DIRECT_NAMES
     ]
     denoiser_outputs = [t for t in denoiser.outputs if t.name not in p.DIRECT_NAMES]
     denoised = {t.name: p.DENOISED + t.name for t in denoiser_outputs if t.name != p.COMPUTED_NS}
     return [
-        (p.TOKENIZER, same(specs[p.TOKENIZER].inputs), same(specs[p.TOKENIZER].outputs)),
-        (TEXT_ENCODER, same(text_encoder.inputs), same(text_encoder.outputs)),
+        (p.TOKENIZER, same(specs[p.TOKENIZER].inputs), same(tokenized)),
+        (TEXT_ENCODER, encoder_inputs, same(text_encoder.outputs)),
         (p.DENOISER, same(denoiser_inputs), {**same(denoiser_outputs), **denoised}),
         (p.POSTPROCESS, {**same(postprocess.inputs), **denoised}, same(postprocess.outputs)),
     ]
@@ -136,7 +140,7 @@ def deploy(
     model: the CPU server), onnxruntime (the NGC container's backend) or tensorrt (.plan engines).
 
     `step_batching`: one denoiser batches the U-Net steps of every request in flight
-    (voltacache.batching) and the text encoder batches requests with Triton's dynamic batcher;
+    (voltacache.pipeline.batching) and the text encoder batches requests with Triton's dynamic batcher;
     without it, `denoiser_instances` denoisers (default 2) each run one request at a time.
 
     `loras`: {name: LoraFile} a request may name (each checked against the engines now, and copied into
@@ -232,7 +236,7 @@ def _write_repository(
     specs = p.serving_specs(export)
     for name in COMPONENTS:
         folder, source = repo / name, engines / manifest["files"][name]
-        # the engines run any number of images (voltacache.runners); the text encoder, fed by the
+        # the engines run any number of images (voltacache.runtime.runners); the text encoder, fed by the
         # ensemble one request at a time, has Triton stack concurrent requests into one call
         batched = step_batching and name == TEXT_ENCODER
         shape = dict(rows="batched", max_batch_size=2 * max(export["batch_sizes"])) if batched else dict(rows="any")
@@ -276,9 +280,12 @@ def _write_repository(
         install_adapter(repo / name, adapter)
     if loras.files:
         loras.write_registry(repo / p.LORA_FOLDER)
-    write_config(repo / p.TXT2IMG, ensemble_config(specs[p.TXT2IMG], ensemble_steps(specs, img2img=False)))
-    write_config(repo / p.IMG2IMG, ensemble_config(specs[p.IMG2IMG], ensemble_steps(specs, img2img=True)))
-    inpaint = ensemble_steps(specs, img2img=True, inpaint=True)
+    with_loras = bool(loras.files)
+    txt2img = ensemble_steps(specs, img2img=False, loras=with_loras)
+    write_config(repo / p.TXT2IMG, ensemble_config(specs[p.TXT2IMG], txt2img))
+    img2img = ensemble_steps(specs, img2img=True, loras=with_loras)
+    write_config(repo / p.IMG2IMG, ensemble_config(specs[p.IMG2IMG], img2img))
+    inpaint = ensemble_steps(specs, img2img=True, inpaint=True, loras=with_loras)
     write_config(repo / p.INPAINT, ensemble_config(specs[p.INPAINT], inpaint))
     (repo / p.REPOSITORY_MARKER).write_text(
         json.dumps({"engines": str(engines.resolve()), "component_backend": component_backend}, indent=2)

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CacheUnavailable, InvalidRequest, UsageError, VoltacacheError
-from ..request import Request
+from ..request import LORAS, Request
+from ..result import Result
 from ..specs import TEXT_ENCODER, ComponentSpec
 from . import protocol as p
 
@@ -47,7 +48,7 @@ class PythonModel:
     def registered_loras(self):
         """The LoRAs the deployment registered (deploy --lora; none: an empty registry), keeping the
         variants deploy --lora-resident asked for."""
-        from ..lora import Loras
+        from ..pipeline.lora import Loras
 
         resident = int(self.parameters.get(p.LORA_RESIDENT) or 1)
         return Loras.from_registry(self.repository / p.LORA_FOLDER, self.export, resident)
@@ -92,8 +93,8 @@ class PythonModel:
         return tensor.as_numpy()
 
     def request(self, request) -> Request:
-        """The request's tensors as a checked Request (the edge checked it too; a server checks again)."""
-        return Request.from_triton(lambda name: self.input(request, name, required=False)).check()
+        """The request's tensors as a Request (absent ones take its defaults), not yet checked."""
+        return Request.from_triton(lambda name: self.input(request, name, required=False))
 
 
 class TokenizerModel(PythonModel):
@@ -101,18 +102,21 @@ class TokenizerModel(PythonModel):
     come from Triton's response cache (serving/protocol.py)."""
 
     def setup(self):
-        from ..tokenizer import load_tokenizers
+        from ..runtime.tokenizer import load_tokenizers
 
         self.tokenizers = load_tokenizers(self.engines, self.export["geometry"]["text_encoders"])
         self.batch = self.export["batch"]
 
     def run(self, request):
-        from ..tokenizer import text_encoder_feeds
+        from ..runtime.tokenizer import text_encoder_feeds
 
-        request = self.request(request)
+        request = self.request(request).check()  # this process's one check: a bad request stops here
         cacheable = request.cache_mode == "on" and request.seed is not None
+        feeds = text_encoder_feeds(self.tokenizers, request.texts(self.batch))
         return {
-            **text_encoder_feeds(self.tokenizers, request.texts(self.batch)),
+            **feeds,
+            # the text encoder applies the request's LoRAs (a variant), so the denoiser never encodes again
+            p.LORA_ROWS: p.lora_rows(request.loras, len(next(iter(feeds.values())))),
             p.RECEIVED_NS: np.array([time.monotonic_ns()], np.int64),
             p.RESPONSE_KEY: np.array([0 if cacheable else secrets.randbits(62) + 1], np.int64),
         }
@@ -122,7 +126,7 @@ class ComponentModel(PythonModel):
     """One engine component on ONNX Runtime (the CPU server has no onnxruntime backend)."""
 
     def setup(self):
-        from ..build import load_engines
+        from ..runtime.engines import load_engines
 
         self.runner = load_engines(self.engines, components=[self.spec.name], served=True).runners[self.spec.name]
         # the deployment's LoRAs (deploy --lora): a request naming some runs on a variant of this engine
@@ -132,7 +136,7 @@ class ComponentModel(PythonModel):
     def execute(self, requests):
         """Triton's dynamic batcher may hand over several requests: one engine call over all of them
         (each on its own when one names LoRAs)."""
-        lora = any(pb().get_input_tensor_by_name(r, p.LORAS) is not None for r in requests)
+        lora = any(self.request_loras(r) for r in requests)
         if len(requests) == 1 or lora:
             return super().execute(requests)
         feeds = []
@@ -159,12 +163,15 @@ class ComponentModel(PythonModel):
     def run(self, request):
         return self.runner_for(request).infer(self.feeds(request))
 
+    def request_loras(self, request) -> tuple:
+        rows = pb().get_input_tensor_by_name(request, LORAS)
+        return () if rows is None else p.parse_lora_rows(rows.as_numpy())
+
     def runner_for(self, request):
         """The base engine, or the variant of the request's LoRAs (built if it is not resident)."""
-        loras = self.input(request, p.LORAS, required=False)
-        if loras is None:
+        loras = self.request_loras(request)
+        if not loras:
             return self.runner
-        loras = p.LORA_TENSOR.decode(loras[0])  # one row per image row, all the same
         self.loras.check(loras)
         switches = self.loras.switches
         runner = self.loras.runners(loras, {self.spec.name: self.runner})[self.spec.name]
@@ -201,8 +208,7 @@ class BlsRunner:
     def infer(self, feeds):
         feeds = {n: feeds[n] for n in self.spec.input_names}
         if self.loras:  # a row per image row, as the engine's inputs (the text encoder's are batched by Triton)
-            rows = len(feeds[self.spec.input_names[0]])
-            feeds[p.LORAS] = np.tile(p.LORA_TENSOR.encode(self.loras), (rows, 1))
+            feeds[LORAS] = p.lora_rows(self.loras, len(feeds[self.spec.input_names[0]]))
         try:
             return bls(self.spec.name, feeds, self.spec.output_names)
         except VoltacacheError as e:
@@ -229,7 +235,7 @@ class ServedLoras:
     def runners(self, loras, base: dict) -> dict:
         if not loras:
             return base
-        from ..lora import LORA_COMPONENTS
+        from ..pipeline.lora import LORA_COMPONENTS
 
         key = self.key(loras)
         with self.lock:
@@ -250,12 +256,11 @@ class DenoiserModel(PythonModel):
     Without it, each instance denoises one request at a time (`deploy --no-step-batching`)."""
 
     def setup(self):
-        from ..batching import StepBatcher
         from ..cache.layers import CacheSettings, open_cache
-        from ..deepcache_calibration import load_calibration
-        from ..pipeline import StableDiffusion
+        from ..pipeline.batching import StepBatcher
+        from ..pipeline.calibration import load_calibration
+        from ..pipeline.stable_diffusion import StableDiffusion
         from ..specs import UNET_DEEP, UNET_SHALLOW, VAE_DECODER, VAE_ENCODER
-        from ..tokenizer import load_tokenizers
 
         specs = p.serving_specs(self.export)
         names = (TEXT_ENCODER, UNET_DEEP, UNET_SHALLOW, VAE_ENCODER, VAE_DECODER)
@@ -265,8 +270,8 @@ class DenoiserModel(PythonModel):
         # the deployment's LoRAs: a request naming some is encoded again here, by their text encoder variant
         registry = self.registered_loras()
         loras = ServedLoras(registry)
-        tokenizers = load_tokenizers(self.engines, self.export["geometry"]["text_encoders"]) if registry.files else []
-        self.pipeline = StableDiffusion(runners, self.export, tokenizers, calibration, loras)
+        # no tokenizers: the ensemble's text encoder encodes every prompt, LoRAs applied
+        self.pipeline = StableDiffusion(runners, self.export, [], calibration, loras)
         # the cross-request cache named by the deployment (voltacache deploy --cache), or None
         # (reported once in the server's log, where `voltacache serve` shows it, and served without)
         settings = CacheSettings.from_parameters(self.parameters)
@@ -282,7 +287,7 @@ class DenoiserModel(PythonModel):
     def execute(self, requests):
         if self.batcher is None:
             return super().execute(requests)
-        from ..batching import Ticket
+        from ..pipeline.batching import Ticket
 
         for request in requests:
             sender = request.get_response_sender()
@@ -305,7 +310,7 @@ class DenoiserModel(PythonModel):
 
     def answer(self, sender, request, result, error) -> None:
         """The step batcher's `done`: the request's response, from the batcher's thread."""
-        from ..batching import Cancelled
+        from ..pipeline.batching import Cancelled
 
         self.cancels.forget(request)
         if isinstance(error, Cancelled):
@@ -317,17 +322,12 @@ class DenoiserModel(PythonModel):
         sender.send(response, flags=pb().TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def inputs(self, request):
-        """(checked Request, text embeddings, pooled embedding) of a Triton request."""
+        """(Request, text embeddings, pooled embedding) of a Triton request; the ensemble's text encoder
+        applied the request's LoRAs (their variant). Checked once, where it enters the batcher (or `run`)."""
         from ..specs import POOLED_EMBEDDING, TEXT_EMBEDDINGS
 
         embeddings, pooled = self.input(request, TEXT_EMBEDDINGS), self.input(request, POOLED_EMBEDDING)
-        request = self.request(request)
-        self.pipeline.check(request)
-        if request.loras:  # the ensemble encoded the prompt with the base text encoder: encode it with the LoRAs'
-            from ..pipeline import Stats
-
-            embeddings, pooled = self.pipeline.encode_prompt(request, Stats())
-        return request, embeddings, pooled
+        return self.request(request), embeddings, pooled
 
     def is_search(self, request) -> bool:
         return pb().get_input_tensor_by_name(request, p.SEARCH) is not None
@@ -339,7 +339,8 @@ class DenoiserModel(PythonModel):
     def direct(self, request) -> dict:
         if self.is_search(request):
             return self.search(request)
-        target = p.CANCEL_TENSOR.decode(self.input(request, p.CANCEL))
+        value = self.input(request, p.CANCEL).reshape(-1)[0]
+        target = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
         found = self.cancels.cancel(target)
         return {p.CANCELLED: np.array([int(found)], np.int32)}
 
@@ -361,25 +362,16 @@ class DenoiserModel(PythonModel):
         if self.is_direct(request):
             return self.direct(request)
         started = time.perf_counter()
-        result = self.pipeline.generate_images(*self.inputs(request), cache=self.cache)
+        request, embeddings, pooled = self.inputs(request)
+        self.pipeline.check(request)
+        result = self.pipeline.generate_images(request, embeddings, pooled, cache=self.cache)
         result.seconds = time.perf_counter() - started
         return self.outputs(result)
 
-    def outputs(self, result) -> dict:
-        from ..specs import IMAGE
-
-        self.metrics.record(result.stats, result.seconds, result.cache, self.cache)
-        return {
-            # back to [-1, 1] for postprocess, exactly: it rounds every level to itself
-            IMAGE: (result.images.astype(np.float32) / np.float32(127.5) - 1).transpose(0, 3, 1, 2),
-            p.SEED_USED: np.array([result.seed], np.int64),
-            p.UNET_DEEP_CALLS: np.array([result.stats.unet_deep_calls], np.int32),
-            p.UNET_SHALLOW_CALLS: np.array([result.stats.unet_shallow_calls], np.int32),
-            p.STEPS_COMPUTED: np.array([result.stats.steps], np.int32),
-            p.CACHE_LAYER: np.array([result.cache.encode()], dtype=object),
-            p.SIMILARITY: np.array([result.similarity], np.float32),
-            p.COMPUTED_NS: np.array([time.monotonic_ns()], np.int64),
-        }
+    def outputs(self, generation) -> dict:
+        """The result's tensors (uint8 images, as the client gets them) and when it was computed."""
+        self.metrics.record(generation.stats, generation.seconds, generation.cache, self.cache)
+        return {**generation.report().to_triton(), p.COMPUTED_NS: np.array([time.monotonic_ns()], np.int64)}
 
 
 class Cancellations:
@@ -514,22 +506,11 @@ class PostprocessModel(PythonModel):
         self.metrics = Metrics(pb(), self.spec.name)
 
     def run(self, request):
-        from ..images import to_uint8
-        from ..specs import IMAGE
-
-        stats = {t.name: self.input(request, t.name) for t in p.STATS}
+        result = Result.from_triton(lambda name: self.input(request, name))
         if self.input(request, p.COMPUTED_NS)[0] < self.input(request, p.RECEIVED_NS)[0]:
-            stats.update(
-                {
-                    p.UNET_DEEP_CALLS: np.array([0], np.int32),
-                    p.UNET_SHALLOW_CALLS: np.array([0], np.int32),
-                    p.STEPS_COMPUTED: np.array([0], np.int32),
-                    p.CACHE_LAYER: np.array([b"exact"], dtype=object),
-                    p.SIMILARITY: np.array([1.0], np.float32),
-                }
-            )
+            result = result.exact_hit()
             self.metrics.cache_request("exact")
-        return {p.IMAGES: to_uint8(self.input(request, IMAGE)), **stats}
+        return result.to_triton()
 
 
 class CacheSearchModel(PythonModel):
@@ -539,7 +520,7 @@ class CacheSearchModel(PythonModel):
     def setup(self):
         from ..cache.layers import CacheSettings
         from ..cache.search import QueryEncoder
-        from ..tokenizer import load_tokenizers
+        from ..runtime.tokenizer import load_tokenizers
 
         tokenizers = load_tokenizers(self.engines, self.export["geometry"]["text_encoders"])
         text_encoder = BlsRunner(p.serving_specs(self.export)[TEXT_ENCODER])

@@ -22,70 +22,35 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BadConfiguration, InvalidRequest, UsageError
-from .specs import TEXT_ENCODER, UNET_DEEP, UNET_SHALLOW
+from ..errors import BadConfiguration, InvalidRequest, UsageError
+from ..request import LORA_NAME, MAX_LORAS, LoraRequest
+from ..specs import TEXT_ENCODER, UNET_DEEP, UNET_SHALLOW
 
 LORA_COMPONENTS = (TEXT_ENCODER, UNET_DEEP, UNET_SHALLOW)  # the components whose weights a LoRA changes
 LORA_PREFIXES = ("unet", "text_encoder", "text_encoder_2")  # diffusers' prefixes: the exported modules' too
-LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-MAX_LORAS = 8  # per request
-MAX_LORA_SCALE = 10.0  # |scale|; useful values are 0-1.5
 RESIDENT_VARIANTS = 2  # LoRA variants a pipeline keeps loaded, besides the base engines
 REGISTRY = "loras.json"  # a deployment's registered LoRAs, in its `loras` folder
 
 
-def parse_lora(text: str) -> tuple[str, float]:
-    """`NAME_OR_FILE[:SCALE]` -> (name or file, scale); the scale defaults to 1. A file name may hold ':'."""
-    head, sep, tail = text.rpartition(":")
-    if sep and head:
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return text, 1.0
-
-
-def lora_text(name: str, scale: float) -> str:
-    """The inverse of parse_lora (repr: the float comes back exactly)."""
-    return f"{name}:{float(scale)!r}"
-
-
-def lora_options(options: list[str], files: bool) -> tuple[dict[str, LoraFile], tuple]:
+def lora_options(options: list[str], files: bool) -> tuple[dict[str, LoraFile], tuple[LoraRequest, ...]]:
     """`--lora FILE[:SCALE]` (in process: each file named by its stem) or `--lora NAME[:SCALE]` (a server's
-    registered LoRA) -> ({name: LoraFile} to open, the request's (name, scale) pairs)."""
+    registered LoRA) -> ({name: LoraFile} to open, the request's LoraRequests)."""
     opened, loras = {}, []
     for option in options:
-        target, scale = parse_lora(option)
+        lora = LoraRequest.parse(option)
         head, sep, tail = option.rpartition(":")
         named = Path(head).is_file() if files else bool(LORA_NAME.fullmatch(head))
-        if target == option and sep and named and not (files and Path(option).is_file()):
+        if lora.name == option and sep and named and not (files and Path(option).is_file()):
             what = "FILE" if files else "NAME"
             raise UsageError(f"--lora {option}: scale {tail!r} is not a number; give {what}:SCALE, e.g. {head}:0.8")
         if files:
-            path = Path(target)
+            path = Path(lora.name)
             name = re.sub(r"[^A-Za-z0-9_.-]", "_", path.stem).lstrip("_.-")[:60] or "lora"
             name = name if name not in opened else f"{name}-{len(opened)}"
             opened[name] = LoraFile.open(name, path)
-            target = name
-        loras.append((target, scale))
+            lora = lora._replace(name=name)
+        loras.append(lora)
     return opened, tuple(loras)
-
-
-def check_loras(loras) -> None:
-    """A request's LoRAs: at most MAX_LORAS (name, scale) pairs, each name registered-name-shaped, once."""
-    if not isinstance(loras, tuple) or len(loras) > MAX_LORAS:
-        raise InvalidRequest(f"loras: at most {MAX_LORAS} (name, scale) pairs, got {loras!r}")
-    from .request import check_number
-
-    for pair in loras:
-        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)):
-            raise InvalidRequest(f"loras: each must be (name, scale), got {pair!r}")
-        if not LORA_NAME.fullmatch(pair[0]):
-            raise InvalidRequest(f"lora {pair[0]!r}: a name is letters, digits, '_', '.' or '-' (at most 64)")
-        check_number(f"lora {pair[0]} scale", pair[1], -MAX_LORA_SCALE, MAX_LORA_SCALE)
-    names = [name for name, _ in loras]
-    if len(set(names)) != len(names):
-        raise InvalidRequest(f"loras: {names} names one LoRA twice; give each once, with its scale")
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,7 @@ import math
 
 import numpy as np
 
-CACHE_SCHEDULES = ("uniform", "nonuniform", "calibrated", "adaptive")
 FIXED_SCHEDULES = ("uniform", "nonuniform")  # a function of the step count and N alone
-DEFAULT_REFRESH_THRESHOLD = 0.2  # adaptive: chosen on the shapes model (docs/benchmarks.md)
 
 
 def uniform_steps(steps: int, interval: int) -> list[int]:

@@ -18,64 +18,15 @@ conv_out writes the noise prediction) stay fp32 as well: measured on the shapes 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .errors import UsageError
-from .specs import CONTEXT, DEEP_FEATURE, INPUT_IDS, NOISE_PRED, SAMPLE, TEXT_EMBEDDINGS, TIMESTEP
+from ..specs import CONTEXT, DEEP_FEATURE, INPUT_IDS, NOISE_PRED, SAMPLE, TEXT_EMBEDDINGS, TIMESTEP
+from .options import Calibration
 
-DEFAULT_PROMPTS = (
-    "a photo of an astronaut riding a horse",
-    "a red circle on a blue background",
-    "a watercolor painting of a lighthouse at dusk",
-    "a green square on a yellow background",
-    "a close-up portrait of an old man, studio lighting",
-    "a blue triangle on a white background",
-    "a city street at night in the rain",
-    "a bowl of fruit on a wooden table",
-)
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """What the int8 U-Nets were calibrated on; recorded in the manifest, part of the fingerprint."""
-
-    prompts: tuple[str, ...] = DEFAULT_PROMPTS
-    steps: int = 10
-    guidance: float = 7.5
-    seed: int = 0
-    scheduler: str = "ddim"
-    keep_fp32: tuple[str, ...] = ("conv_in", "conv_out")
-
-    @classmethod
-    def from_file(cls, path: Path | None, steps: int) -> Calibration:
-        if path is None:
-            return cls(steps=steps)
-        try:
-            lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"--calibration-prompts {path}: cannot be read ({e})") from None
-        if not lines:
-            raise UsageError(f"--calibration-prompts {path}: no prompt in it")
-        return cls(prompts=tuple(lines), steps=steps)
-
-    def check(self) -> None:
-        if not 1 <= self.steps <= 1000:
-            raise UsageError(f"--calibration-steps {self.steps}: use 1 to 1000 (10 to 20 covers the schedule)")
-
-    def to_json(self) -> dict:
-        return {**asdict(self), "id": self.id}
-
-    @property
-    def id(self) -> str:
-        data = json.dumps(asdict(self), sort_keys=True)
-        return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
 def trajectories(pipe, modules: dict, specs: dict, calibration: Calibration) -> tuple[list[dict], list[dict]]:
@@ -83,11 +34,11 @@ def trajectories(pipe, modules: dict, specs: dict, calibration: Calibration) -> 
     (PyTorch fp32, the reference the ONNX graphs reproduce): what the U-Nets see when they denoise."""
     import torch
 
-    from .export import run_torch
-    from .request import Request
-    from .schedulers import make_scheduler
-    from .specs import TEXT_ENCODER, UNET_DEEP
-    from .tokenizer import token_ids
+    from ..request import Request
+    from ..runtime.tokenizer import token_ids
+    from ..schedulers import make_scheduler
+    from ..specs import TEXT_ENCODER, UNET_DEEP
+    from .graphs import run_torch
 
     deep_spec = specs[UNET_DEEP]
     batch = deep_spec.images
@@ -187,8 +138,8 @@ def quantize_unets(pipe, modules: dict, specs: dict, out_dir: Path, calibration:
     denoising step, and the TensorRT lint of the quantized graph."""
     import onnx
 
-    from .export import max_error, release_memory, run_onnx, save_model
-    from .specs import UNET_DEEP, UNET_SHALLOW
+    from ..specs import UNET_DEEP, UNET_SHALLOW
+    from .graphs import max_error, release_memory, run_onnx, save_model
     from .trt_lint import lint
 
     deep, shallow = trajectories(pipe, modules, specs, calibration)

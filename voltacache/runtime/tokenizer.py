@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from transformers import CLIPTokenizer
 
-from .errors import VoltacacheError
-from .specs import TEXT_IDS
+from ..errors import VoltacacheError
+from ..specs import TEXT_IDS
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 MAX_LENGTH = 77  # CLIP's context; without it in the saved config truncation overflows (docs/platform.md)

@@ -13,7 +13,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import CheckpointError, UsageError
+from ..errors import CheckpointError, UsageError
 from .single_file import check_safetensors, checkpoint_family, unet_in_channels
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,7 +31,7 @@ SUPPORTED_PIPELINES = {
 OTHER_FAMILIES = {"StableDiffusion3Pipeline": "SD3", "FluxPipeline": "Flux"}
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 XL_COMPONENTS = ("text_encoder_2", "tokenizer_2")
-# a single file's family (voltacache.single_file) -> the shipped configs it is read against
+# a single file's family (voltacache.compile.single_file) -> the shipped configs it is read against
 SINGLE_FILE_FAMILIES = {"SD 1.x": "sd15", "SD 2.x": "sd2", "SDXL": "sdxl"}
 
 
@@ -71,7 +71,7 @@ def load_pipeline(path: str | Path, allow_pickle: bool = False, config: str | Pa
 def check_model_path(path: Path, allow_pickle: bool = False, arg: str = "--model") -> None:
     """What the command line can be told about a checkpoint path before anything loads: it exists, it is a
     diffusers folder or a single-file checkpoint (a pickle only when allowed), not an output of ours."""
-    from .outputs import kind_of
+    from ..outputs import kind_of
 
     path = Path(path)
     give = "give a diffusers folder (with model_index.json) or a single .safetensors checkpoint"

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InvalidRequest
-from .request import SIZE_CONDITIONING, Request
-from .specs import Geometry
+from ..errors import InvalidRequest
+from ..request import SIZE_CONDITIONING, Request
+from ..specs import Geometry
 
 
 @dataclass
@@ -24,9 +24,9 @@ class Capabilities:
     @classmethod
     def of_engines(cls, engine_dir: Path, loras: dict | None = None, export: dict | None = None) -> Capabilities:
         """The engines folder's capabilities; `loras`: {name: LoraFile} a request may name."""
-        from .deepcache_calibration import load_calibration
+        from ..runtime.manifests import read_engine_manifest
+        from .calibration import load_calibration
         from .lora import Loras
-        from .manifests import read_engine_manifest
 
         export = export if export is not None else read_engine_manifest(engine_dir)["export"]
         return cls(export, load_calibration(engine_dir, export["fingerprint"]), Loras(loras or {}, export))

@@ -17,7 +17,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from .outputs import PIPELINE, staged_output
+from ..outputs import PIPELINE, staged_output
 
 # torch, diffusers and transformers are imported where a pipeline is made: `init-tiny --preset typo` is
 # refused in a fraction of a second, not after seconds of imports.
@@ -150,7 +150,7 @@ def trained_pipeline(preset: str):
 
 def family_tokenizers(family: str) -> dict:
     """The real CLIP tokenizer(s) of a family, built offline, by pipeline component name."""
-    from .tokenizer import clip_tokenizer
+    from ..runtime.tokenizer import clip_tokenizer
 
     return {name: clip_tokenizer(pad_token=pad) for name, pad in TOKENIZERS[family].items()}
 

@@ -11,10 +11,8 @@ every runtime binds the same float32 buffers whatever the precision).
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import functools
-import gc
 import hashlib
 import json
 import shutil
@@ -26,14 +24,12 @@ import numpy as np
 import onnx
 import torch
 
-from .components import torch_modules
-from .errors import ExportError
-from .export_options import ExportOptions, parse_batch_sizes  # noqa: F401 (how callers name them)
-from .lora import LORA_COMPONENTS, export_targets
-from .manifests import EXPORT_FORMAT, MANIFEST, read_manifest  # noqa: F401 (read_manifest: export's reader)
-from .outputs import EXPORT, refuse_overlap, staged_output
-from .single_file import model_family
-from .specs import (
+from ..errors import ExportError
+from ..outputs import EXPORT, refuse_overlap, staged_output
+from ..pipeline.lora import LORA_COMPONENTS, export_targets
+from ..runtime.manifests import EXPORT_FORMAT, MANIFEST
+from ..runtime.tokenizer import TOKENIZER_DIRS
+from ..specs import (
     COMPONENTS,
     CONTEXT,
     DEEP_FEATURE,
@@ -52,14 +48,16 @@ from .specs import (
     Geometry,
     component_specs,
 )
-from .tokenizer import TOKENIZER_DIRS
+from .components import torch_modules
+from .graphs import EXTERNAL_DATA_BYTES, max_error, ort_session, release_memory, run_onnx, run_torch, save_model
+from .options import ExportOptions
+from .single_file import model_family
 from .trt_lint import lint
 from .unet_split import shallow_layer_count
 
 # Max abs error against PyTorch fp32, relative to max(1, max |reference|). Measured: fp32 ~1e-6;
 # fp16 ~3e-3 on random weights, whose activations are wider than a trained model's.
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}
-EXTERNAL_DATA_BYTES = 1_800_000_000
 PROBE_CHUNK = 400  # protobuf's 2 GB limit, with room for the graph itself
 
 
@@ -94,34 +92,6 @@ def random_inputs(spec: ComponentSpec, geometry: Geometry, rng: np.random.Genera
         else:
             feeds[t.name] = rng.standard_normal(t.shape).astype(t.dtype)
     return feeds
-
-
-def run_torch(module, spec: ComponentSpec, feeds: dict) -> dict[str, np.ndarray]:
-    with torch.no_grad():
-        out = module(*(torch.from_numpy(feeds[n]) for n in spec.input_names))
-    out = out if isinstance(out, tuple) else (out,)
-    return {n: o.numpy() for n, o in zip(spec.output_names, out)}
-
-
-def ort_session(path: Path):
-    """A lean session for validation: the graph as exported (no fusions that copy weights), no arena."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.enable_cpu_mem_arena = False
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def run_onnx(path_or_session, feeds: dict) -> dict[str, np.ndarray]:
-    session = ort_session(path_or_session) if isinstance(path_or_session, Path) else path_or_session
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds)))
-
-
-def max_error(got: dict, ref: dict) -> float:
-    """Max abs difference over all outputs, relative to max(1, max |reference|)."""
-    return max(float(np.abs(got[k] - ref[k]).max() / max(1.0, np.abs(ref[k]).max())) for k in ref)
 
 
 def count_ops(model: onnx.ModelProto, op_type: str) -> int:
@@ -186,12 +156,6 @@ def fp16_overflows(path: Path, feeds: dict) -> list[str]:
     return bad
 
 
-def save_model(model: onnx.ModelProto, path: Path) -> None:
-    external = model.ByteSize() > EXTERNAL_DATA_BYTES
-    data = path.with_name(path.name + ".data")
-    onnx.save_model(model, str(path), save_as_external_data=external, location=data.name if external else None)
-
-
 # Every component is traced first (stage 1, with the PyTorch model in memory), then converted, checked and
 # linted (stages 2-4, with the PyTorch model freed): the full SDXL U-Net fits this way (docs/benchmarks.md).
 STAGES = ("export", "precision", "validate", "lint", "quantize")
@@ -203,7 +167,7 @@ def trace_component(
     """Stage 1, in PyTorch: the module traced to an fp32 ONNX graph at `path` (its weights as external data
     beside it when `external` or over protobuf's limit), and PyTorch's outputs on `feeds`: the reference the
     graph is checked against once the PyTorch model is gone. `lora_targets`, a dict: filled with where
-    the weights a LoRA changes lie in the graph (voltacache.lora.export_targets)."""
+    the weights a LoRA changes lie in the graph (voltacache.pipeline.lora.export_targets)."""
     (step or (lambda stage: None))("export")
     args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
     with torch.no_grad():
@@ -283,16 +247,6 @@ def name_rows(program, path: Path) -> None:
         raise ExportError(
             f"{path.name}: the exporter fixed the row dimension of {', '.join(fixed)}; it must stay dynamic"
         )
-
-
-def release_memory() -> None:
-    """Collect, then hand freed heap back to the OS: protobuf frees gigabytes of weights in small
-    blocks that glibc otherwise keeps, and the next big allocation (an ONNX Runtime session) comes on top."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
 
 
 def _weight_bytes(program) -> int:

@@ -16,15 +16,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .capabilities import Capabilities
-from .deepcache import AdaptiveSchedule, FixedSchedule, full_steps
-from .deepcache_calibration import NoScheduleCalibration, load_calibration
-from .errors import InvalidRequest
-from .images import fit_image, fit_mask, to_uint8, to_unit_range
-from .lora import RESIDENT_VARIANTS, Loras
-from .request import Images, Request, denoising_steps
-from .schedulers import make_scheduler
-from .specs import (
+from ..errors import InvalidRequest
+from ..images import fit_image, fit_mask, to_uint8, to_unit_range
+from ..request import Request, denoising_steps
+from ..result import Result
+from ..runtime.tokenizer import load_tokenizers, text_encoder_feeds
+from ..schedulers import make_scheduler
+from ..specs import (
     CONTEXT,
     DEEP_FEATURE,
     IMAGE,
@@ -43,7 +41,10 @@ from .specs import (
     VAE_DECODER,
     VAE_ENCODER,
 )
-from .tokenizer import load_tokenizers, text_encoder_feeds
+from .calibration import NoScheduleCalibration, load_calibration
+from .capabilities import Capabilities
+from .deepcache import AdaptiveSchedule, FixedSchedule, full_steps
+from .lora import RESIDENT_VARIANTS, Loras
 
 TEXT_MEMO_SIZE = 256
 
@@ -73,19 +74,17 @@ class Generation:
     cache: str = "off"  # semantic | approximate | miss | off
     similarity: float = 0.0
 
-    def report(self) -> Images:
-        """The request's result as every path reports it (pixels stacked, the counts from the stats)."""
-        pixels = np.stack([np.asarray(image) for image in self.images])
-        stats = self.stats
-        return Images(
-            pixels,
-            self.seed,
-            stats.unet_deep_calls,
-            stats.unet_shallow_calls,
-            stats.steps,
-            self.seconds,
-            self.cache,
-            self.similarity,
+    def report(self) -> Result:
+        """The request's result as every path reports it (uint8 pixels stacked, the counts from the stats)."""
+        return Result(
+            images=np.stack([np.asarray(image, np.uint8) for image in self.images]),
+            seed=self.seed,
+            unet_deep_calls=self.stats.unet_deep_calls,
+            unet_shallow_calls=self.stats.unet_shallow_calls,
+            steps_computed=self.stats.steps,
+            seconds=self.seconds,
+            cache=self.cache,
+            similarity=self.similarity,
         )
 
 
@@ -213,7 +212,7 @@ class StableDiffusion:
         self.calibration = calibration or NoScheduleCalibration(
             "these engines have no calibration; run `voltacache calibrate`"
         )
-        # the LoRAs a request may name, and the engine variants they make (voltacache.lora)
+        # the LoRAs a request may name, and the engine variants they make (voltacache.pipeline.lora)
         self.loras = loras if loras is not None else Loras({}, export)
         # what a request may ask of these engines, as the CLI checks it before they load
         self.capabilities = Capabilities(export, self.calibration, self.loras)
@@ -225,7 +224,7 @@ class StableDiffusion:
         cls, engine_dir, cuda_graph: bool = False, loras: dict | None = None, resident: int = RESIDENT_VARIANTS
     ) -> StableDiffusion:
         """`loras`: {name: LoraFile} a request may name (generate --lora), or a `Loras` already made."""
-        from .build import load_engines
+        from ..runtime.engines import load_engines
 
         engines = load_engines(engine_dir, cuda_graph=cuda_graph)
         tokenizers = load_tokenizers(engine_dir, engines.export["geometry"]["text_encoders"])
@@ -387,7 +386,7 @@ class StableDiffusion:
         )
 
     def deepcache_schedule(self, request: Request, timesteps) -> FixedSchedule | AdaptiveSchedule:
-        """Which of the run's steps refresh the deep feature (voltacache.deepcache)."""
+        """Which of the run's steps refresh the deep feature (voltacache.pipeline.deepcache)."""
         if request.cache_schedule == "adaptive":
             return AdaptiveSchedule(request.threshold)
         if request.cache_schedule == "calibrated":

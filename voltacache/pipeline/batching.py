@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import VoltacacheError
-from .pipeline import Generation, StableDiffusion, Stats, Work
-from .request import Request
+from ..errors import VoltacacheError
+from ..request import Request
+from .stable_diffusion import Generation, StableDiffusion, Stats, Work
 
 
 class Cancelled(VoltacacheError):

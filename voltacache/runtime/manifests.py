@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import ExportError, RebuildNeeded, UsageError, read_json
-from .outputs import ENGINES, EXPORT
-from .specs import COMPONENTS, ComponentSpec
+from ..errors import ExportError, RebuildNeeded, UsageError, read_json
+from ..outputs import ENGINES, EXPORT
+from ..specs import COMPONENTS, ComponentSpec
 
 MANIFEST = EXPORT.marker
 ENGINE_MANIFEST = ENGINES.marker

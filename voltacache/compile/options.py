@@ -6,13 +6,63 @@ Torch-free: the CLI refuses a bad option in a fraction of a second.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from .errors import UsageError
-from .quantize import Calibration
+from ..errors import UsageError
 
-PRECISIONS = ("fp16", "fp32", "int8")  # int8: the U-Nets quantized (voltacache.quantize), the rest fp32
+PRECISIONS = ("fp16", "fp32", "int8")  # int8: the U-Nets quantized (voltacache.compile.quantize), the rest fp32
 SIZE_STEPS = (1, 2, 4, 8)  # default engine sizes, in multiples of --batch
+
+
+# int8: the calibration set's default prompts (ordinary ones and the shapes model's kind)
+DEFAULT_PROMPTS = (
+    "a photo of an astronaut riding a horse",
+    "a red circle on a blue background",
+    "a watercolor painting of a lighthouse at dusk",
+    "a green square on a yellow background",
+    "a close-up portrait of an old man, studio lighting",
+    "a blue triangle on a white background",
+    "a city street at night in the rain",
+    "a bowl of fruit on a wooden table",
+)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What the int8 U-Nets were calibrated on; recorded in the manifest, part of the fingerprint."""
+
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    steps: int = 10
+    guidance: float = 7.5
+    seed: int = 0
+    scheduler: str = "ddim"
+    keep_fp32: tuple[str, ...] = ("conv_in", "conv_out")
+
+    @classmethod
+    def from_file(cls, path: Path | None, steps: int) -> Calibration:
+        if path is None:
+            return cls(steps=steps)
+        try:
+            lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--calibration-prompts {path}: cannot be read ({e})") from None
+        if not lines:
+            raise UsageError(f"--calibration-prompts {path}: no prompt in it")
+        return cls(prompts=tuple(lines), steps=steps)
+
+    def check(self) -> None:
+        if not 1 <= self.steps <= 1000:
+            raise UsageError(f"--calibration-steps {self.steps}: use 1 to 1000 (10 to 20 covers the schedule)")
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "id": self.id}
+
+    @property
+    def id(self) -> str:
+        data = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -44,7 +94,7 @@ class ExportOptions:
             value = getattr(self, name)
             if value is not None and (value < 8 or value % 8):
                 raise UsageError(f"--{name} {value}: a positive multiple of 8 pixels (of 64 for SD's U-Nets), e.g. 512")
-        branch = self.deepcache_branch  # the input of up_blocks[-1], or a DeepCache branch (voltacache.unet_split)
+        branch = self.deepcache_branch  # the input of up_blocks[-1], or a DeepCache branch (compile.unet_split)
         if not (branch == "block" or (isinstance(branch, str) and branch.isdigit())):
             raise UsageError(f"--deepcache-branch {branch!r}: use block, or a DeepCache branch number such as 0")
         if self.batch < 1:

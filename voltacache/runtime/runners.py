@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import VoltacacheError
-from .specs import ComponentSpec
+from ..errors import VoltacacheError
+from ..specs import ComponentSpec
 
 
 def plan_calls(n: int, sizes: tuple[int, ...], pad: bool) -> list[tuple[int, int, int]]:

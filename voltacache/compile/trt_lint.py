@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnx
 
-from .specs import ROWS
+from ..specs import ROWS
 
 TARGET_TENSORRT = "10.14"
 PROTOBUF_LIMIT = 2 * 1024**3

@@ -232,7 +232,7 @@ def save_single_file(pipe, path: Path, force: bool = False, arg: str = "--single
     with `force` and only when this function wrote it (its metadata says so)."""
     from safetensors.torch import save_file
 
-    from .outputs import staged_file
+    from ..outputs import staged_file
 
     state = {}
     state.update(_rename(pipe.unet.state_dict(), _unet_modules(pipe.unet.config), UNET))
