@@ -243,10 +243,8 @@ def main():
     workload = Workload(args.seed)
     rows = []
     with tempfile.TemporaryDirectory() as tmp, Progress() as progress:
-        pooled_dim = sd.export["geometry"]["pooled_dim"]
-        cache = open_request_cache(
-            str(Path(tmp) / "cache.db"), None, args.embedder, sd.export["fingerprint"], pooled_dim
-        )
+        pooled_dim = sd.export.geometry.pooled_dim
+        cache = open_request_cache(str(Path(tmp) / "cache.db"), None, args.embedder, sd.export.fingerprint, pooled_dim)
         sd("warm-up", steps=args.steps, scheduler="ddim", cache_mode="off")
         task = progress.add_task("requests (cache off and on)", total=args.requests)
         for i in range(args.requests):

@@ -32,13 +32,13 @@ def median_seconds(run, repeats: int) -> float:
 def unet_calls(fp32: Path, int8: Path, repeats: int) -> dict:
     from voltacache.compile.export import random_inputs
     from voltacache.runtime.engines import load_engines
-    from voltacache.specs import TIMESTEP, UNET_DEEP, Geometry
+    from voltacache.specs import TIMESTEP, UNET_DEEP
 
     runners = {
         name: load_engines(path, components=[UNET_DEEP]).runners[UNET_DEEP]
         for name, path in (("fp32", fp32), ("int8", int8))
     }
-    geometry = Geometry(**load_engines(fp32, components=[]).export["geometry"])
+    geometry = load_engines(fp32, components=[]).export.geometry
     feeds = random_inputs(runners["fp32"].spec, geometry, np.random.default_rng(0))
     feeds[TIMESTEP] = np.array([500.0], np.float32)
     times = {name: [] for name in runners}

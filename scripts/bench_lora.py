@@ -130,7 +130,7 @@ def cache_costs(sd, work: Path, request: dict) -> dict:
     from voltacache.cache.layers import CacheSettings, open_cache
 
     settings = CacheSettings(index=str(work / "cache.db"), embedder="minilm")
-    cache = open_cache(settings, sd.export["fingerprint"], sd.export["geometry"]["pooled_dim"])
+    cache = open_cache(settings, sd.export.fingerprint, sd.export.geometry.pooled_dim)
     costs = {}
     request = {**request, "cache_mode": "on"}
     for label, loras in (("base", ()), ("lora", (("first", 0.8),))):

@@ -66,7 +66,7 @@ def main():
             "attention_nodes": entry["attention_nodes"],
             "gib_on_disk": round(sum(f.stat().st_size for f in onnx.glob(f"{name}.onnx*")) / 2**30, 2),
         }
-        for name, entry in manifest["components"].items()
+        for name, entry in manifest.to_json()["components"].items()
     }
     result = {
         "preset": args.preset,

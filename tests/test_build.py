@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 from helpers import cli, listing, one_error_line, snapshot
 
-from voltacache.compile.build import build_engines, choose_backend
+from voltacache.compile.build import build_engines
 from voltacache.errors import RebuildNeeded, VoltacacheError
 from voltacache.outputs import ENGINES, record_owned
 from voltacache.pipeline.calibration import SCHEDULES_FILE
-from voltacache.runtime.engines import load_engines, tensorrt_available
+from voltacache.runtime.backends import BACKENDS, choose_backend
+from voltacache.runtime.engines import load_engines
 from voltacache.runtime.manifests import ENGINE_MANIFEST
 from voltacache.specs import COMPONENTS, ROWS, UNET_DEEP
 
-TRT_OK, TRT_WHY = tensorrt_available()
+TRT_OK, TRT_WHY = BACKENDS["tensorrt"].available()
 
 
 def copy_engines(engines_dir, tmp_path):
@@ -43,8 +44,8 @@ def test_onnxruntime_model_keeps_the_dynamic_rows(engines_dir):
 
 def test_auto_says_which_backend_and_why():
     backend, reason = choose_backend("auto")
-    assert backend == ("tensorrt" if TRT_OK else "onnxruntime")
-    assert reason == TRT_WHY and reason
+    assert backend.name == ("tensorrt" if TRT_OK else "onnxruntime")
+    assert TRT_WHY in reason  # why TensorRT was (not) chosen
 
 
 @pytest.mark.skipif(TRT_OK, reason="TensorRT and a GPU are present here")
@@ -57,7 +58,7 @@ def test_tensorrt_refused_with_reason_where_absent():
 def test_tensorrt_engines_match_onnxruntime(onnx_fp32, engines_dir, tmp_path):
     trt_dir = tmp_path / "trt"
     manifest = build_engines(onnx_fp32, trt_dir, backend="tensorrt")  # runs polygraphy's comparator
-    assert manifest["versions"]["compute_capability"]
+    assert manifest.versions["compute_capability"]
     trt = load_engines(trt_dir, cuda_graph=True).runners
     ort = load_engines(engines_dir).runners
     assert trt[UNET_DEEP].sizes == (1, 2, 4, 8) and len(trt[UNET_DEEP].contexts) == 4

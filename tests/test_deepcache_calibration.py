@@ -108,10 +108,15 @@ def test_cache_entries_are_scoped_by_calibration_and_threshold(sd):
     from voltacache.request import Request
 
     calibrated = Request(PROMPT, steps=12, cache_interval=3, cache_schedule="calibrated")
-    assert sd.schedule_scope(calibrated) == {"calibration": sd.calibration.id} and sd.calibration.id
+    assert sd.cache_scope(calibrated)["calibration"] == sd.calibration.id and sd.calibration.id
     adaptive = Request(PROMPT, cache_schedule="adaptive", refresh_threshold=0.3)
-    assert sd.schedule_scope(adaptive) == {"refresh_threshold": 0.3}
-    assert sd.schedule_scope(Request(PROMPT, cache_interval=3)) == {}  # the entries stored before stay valid
+    assert sd.cache_scope(adaptive)["refresh_threshold"] == 0.3
+    # the default threshold scopes as itself; a fixed schedule has no threshold nor calibration
+    assert (
+        sd.cache_scope(Request(PROMPT, cache_schedule="adaptive"))["refresh_threshold"]
+        == adaptive.replace(refresh_threshold=None).threshold
+    )
+    assert {"refresh_threshold", "calibration"}.isdisjoint(sd.cache_scope(Request(PROMPT, cache_interval=3)))
 
 
 def test_adaptive_refreshes_where_its_rule_says_on_the_latents_it_read(sd):

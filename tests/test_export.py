@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -19,14 +21,16 @@ def graph_ops(path):
 
 def test_manifest_describes_every_file(onnx_fp32, tiny_dir):
     manifest = read_manifest(onnx_fp32)
-    assert manifest["model_fingerprint"] == model_fingerprint(tiny_dir)
+    assert manifest.model_fingerprint == model_fingerprint(tiny_dir)
     # what the images depend on: the weights and how they were compiled
-    assert manifest["fingerprint"] == ExportOptions(precision="fp32").fingerprint(model_fingerprint(tiny_dir))
-    assert manifest["fingerprint"] != ExportOptions(precision="fp16").fingerprint(model_fingerprint(tiny_dir))
-    assert {"torch", "diffusers", "onnx", "onnxruntime"} <= manifest["versions"].keys()
-    assert manifest["batch"] == 1 and manifest["batch_sizes"] == [1, 2, 4, 8]
+    assert manifest.fingerprint == ExportOptions(precision="fp32").fingerprint(model_fingerprint(tiny_dir))
+    assert manifest.fingerprint != ExportOptions(precision="fp16").fingerprint(model_fingerprint(tiny_dir))
+    assert {"torch", "diffusers", "onnx", "onnxruntime"} <= manifest.versions.keys()
+    assert manifest.batch == 1 and manifest.batch_sizes == (1, 2, 4, 8)
+    # the typed manifest is its file, read and written in one place
+    assert manifest.to_json() == json.loads((onnx_fp32 / "manifest.json").read_text())
     for name in COMPONENTS:
-        entry = manifest["components"][name]
+        entry = manifest.components[name].to_json()
         model = onnx.load(str(onnx_fp32 / entry["file"]))
         onnx.checker.check_model(model, full_check=True)
         declared = {t["name"]: tuple(t["shape"]) for t in entry["inputs"] + entry["outputs"]}
@@ -42,26 +46,26 @@ def test_opset_23_fuses_every_attention(onnx_fp32):
     ops, _ = graph_ops(onnx_fp32 / "unet_deep.onnx")
     # tiny U-Net: 10 transformer blocks, each with self- and cross-attention
     assert ops.count("Attention") == 20 and "Softmax" not in ops
-    assert read_manifest(onnx_fp32)["components"][UNET_DEEP]["attention_nodes"] == 20
+    assert read_manifest(onnx_fp32).components[UNET_DEEP].report["attention_nodes"] == 20
 
 
 def test_split_matches_unsplit(onnx_fp32):
-    components = read_manifest(onnx_fp32)["components"]
+    components = read_manifest(onnx_fp32).components
     for name in (UNET_DEEP, UNET_SHALLOW):
-        assert components[name]["unsplit_error"]["torch"] == 0.0
-        assert components[name]["unsplit_error"]["onnx"] <= 1e-4
+        assert components[name].report["unsplit_error"]["torch"] == 0.0
+        assert components[name].report["unsplit_error"]["onnx"] <= 1e-4
 
 
 @pytest.mark.slow
 def test_fp16_opset18_branch0(onnx_fp16_branch0):
     manifest = read_manifest(onnx_fp16_branch0)
-    assert manifest["precision"] == "fp16" and manifest["deepcache_branch"] == "0"
+    assert manifest.precision == "fp16" and manifest.deepcache_branch == "0"
     ops, model = graph_ops(onnx_fp16_branch0 / "unet_deep.onnx")
     assert "Attention" not in ops and ops.count("Softmax") == 20  # unfused: TensorRT fuses it itself
     weights = [t for t in model.graph.initializer if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16)]
     assert sum(t.data_type == TensorProto.FLOAT16 for t in weights) > 0.9 * len(weights)
     assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT  # I/O stays fp32
-    shallow = manifest["components"][UNET_SHALLOW]
+    shallow = manifest.components[UNET_SHALLOW].to_json()
     assert shallow["inputs"][-1]["shape"] == [2, 32, 8, 8]
     assert shallow["max_error"] <= 5e-2 and shallow["fp16_overflows"] == []
     # branch 0's shallow graph is a fraction of the deep one
@@ -239,7 +243,7 @@ def test_cli_export_force_replaces_an_earlier_export(onnx_fp32, tiny_dir, tmp_pa
         "export", "--model", tiny_dir, "--out", out, "--precision", "fp32", "--deepcache-branch", "0", "--force"
     )
     assert result.exit_code == 0, result.output
-    assert read_manifest(out)["deepcache_branch"] == "0" and not (out / "stale.txt").exists()
+    assert read_manifest(out).deepcache_branch == "0" and not (out / "stale.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["onnx"]
 
 

@@ -109,14 +109,14 @@ def test_a_cache_entry_of_one_family_is_never_served_to_another(sd, sdxl_tiny, t
     xl = StableDiffusion.from_engines(sdxl_tiny[1])
     settings = CacheSettings(str(tmp_path / "cache.db"))
     request = dict(steps=4, seed=9, scheduler="ddim")
-    first = open_cache(settings, xl.export["fingerprint"], xl.export["geometry"]["pooled_dim"])
+    first = open_cache(settings, xl.export.fingerprint, xl.export.geometry.pooled_dim)
     assert xl(PROMPT, cache=first, **request).cache == "miss"
     assert xl(PROMPT, cache=first, **request).cache == "semantic"  # the entry is there
     # other size conditioning of the same model: another scope
     assert xl(PROMPT, cache=first, original_size=(32, 32), **request).cache == "miss"
     first.store.close()
     # SD 1.5's tiny model, same prompt, same index: its own scope
-    other = open_cache(settings, sd.export["fingerprint"], sd.export["geometry"]["pooled_dim"])
+    other = open_cache(settings, sd.export.fingerprint, sd.export.geometry.pooled_dim)
     assert sd(PROMPT, cache=other, **request).cache == "miss"
     other.store.close()
 

@@ -11,7 +11,7 @@ from voltacache.errors import InvalidRequest, UsageError, VoltacacheError
 from voltacache.pipeline.lora import LoraFile
 from voltacache.pipeline.stable_diffusion import StableDiffusion
 from voltacache.request import LoraRequest
-from voltacache.runtime.engines import tensorrt_available
+from voltacache.runtime.backends import BACKENDS
 
 STEPS, SEED = 8, 3
 
@@ -72,7 +72,7 @@ def test_a_lora_image_is_never_served_for_the_base_model_or_another_lora(lora_sd
     from voltacache.cache.layers import CacheSettings, open_cache
 
     settings = CacheSettings(index=str(tmp_path / "cache.db"), embedder="minilm")
-    cache = open_cache(settings, lora_sd.export["fingerprint"], lora_sd.export["geometry"]["pooled_dim"])
+    cache = open_cache(settings, lora_sd.export.fingerprint, lora_sd.export.geometry.pooled_dim)
     request = dict(steps=STEPS, seed=SEED, scheduler="ddim")
     first = lora_sd(PROMPT, cache=cache, loras=(("style", 1.0),), **request)
     assert first.cache == "miss"
@@ -162,7 +162,7 @@ def test_generate_lora_refusals(engines_dir, lora_files, tmp_path, lora, fragmen
     assert not (tmp_path / "x.png").exists()
 
 
-TRT_OK, TRT_WHY = tensorrt_available()
+TRT_OK, TRT_WHY = BACKENDS["tensorrt"].available()
 
 
 @pytest.mark.skipif(not TRT_OK, reason=f"TensorRT refit needs tensorrt and a GPU: {TRT_WHY}")
@@ -191,7 +191,7 @@ def test_tensorrt_refit_matches_the_onnxruntime_variant(onnx_fp32, engines_dir, 
     fixed = StableDiffusion.from_engines(tmp_path / "fixed", loras=files)
     with pytest.raises(VoltacacheError, match="not refittable; rebuild with `voltacache build --refittable`"):
         fixed(PROMPT, steps=2, loras=loras)
-    assert load_engines(tmp_path / "trt").manifest["refittable"]
+    assert load_engines(tmp_path / "trt").manifest.refittable
 
 
 @pytest.mark.parametrize(
@@ -205,11 +205,11 @@ def test_engines_that_cannot_take_a_lora_refuse_it(engines_dir, lora_files, chan
     import copy
 
     from voltacache.pipeline.lora import Loras
-    from voltacache.runtime.manifests import read_engine_manifest
+    from voltacache.runtime.manifests import ExportManifest, read_engine_manifest
 
-    export = copy.deepcopy(read_engine_manifest(engines_dir)["export"])
-    change(export)
-    loras = Loras({"style": LoraFile.open("style", lora_files["style"])}, export)
+    data = copy.deepcopy(read_engine_manifest(engines_dir).export.to_json())
+    change(data)
+    loras = Loras({"style": LoraFile.open("style", lora_files["style"])}, ExportManifest.from_json(data))
     loras.check(())  # no LoRA: nothing to refuse
     with pytest.raises(InvalidRequest, match=message):
         loras.check((("style", 1.0),))

@@ -14,7 +14,8 @@ from voltacache.compile.options import Calibration, ExportOptions
 from voltacache.compile.quantize import QUANTIZED_OPS, outer_convolutions
 from voltacache.errors import RebuildNeeded
 from voltacache.pipeline.stable_diffusion import StableDiffusion
-from voltacache.runtime.engines import load_engines, tensorrt_available
+from voltacache.runtime.backends import BACKENDS
+from voltacache.runtime.engines import load_engines
 from voltacache.runtime.manifests import read_manifest
 from voltacache.specs import TEXT_ENCODER, UNET_DEEP, UNET_SHALLOW, VAE_DECODER
 
@@ -23,7 +24,7 @@ CALIBRATION = Calibration(prompts=("a red circle on a blue background", "a photo
 # Measured on the tiny random model (tests/test_quantize.py, 20 DDIM steps): 33-44 dB at N=1 and N=3;
 # asserted with a margin. The trained shapes model's quality is in docs/benchmarks.md.
 MIN_PSNR_DB = 28.0
-TRT_OK, TRT_WHY = tensorrt_available()
+TRT_OK, TRT_WHY = BACKENDS["tensorrt"].available()
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,7 @@ def test_tensorrt_int8_engine_matches_onnxruntime(onnx_int8, tmp_path):
     # explicit quantization: TensorRT takes the QDQ scales, no calibrator; polygraphy compares it with
     # ONNX Runtime's int8 kernels at the int8 tolerance during the build
     manifest = build_engines(onnx_int8, tmp_path / "trt", backend="tensorrt")
-    assert manifest["backend"] == "tensorrt" and manifest["export"]["precision"] == "int8"
+    assert manifest.backend == "tensorrt" and manifest.export.precision == "int8"
 
 
 @pytest.mark.triton

@@ -142,3 +142,23 @@ def test_adaptive_threshold_defaults():
     from voltacache.request import DEFAULT_REFRESH_THRESHOLD
 
     assert Request("a cat", cache_schedule="adaptive").check().threshold == DEFAULT_REFRESH_THRESHOLD
+
+
+def test_what_scopes_a_cache_entry_is_declared_and_a_new_field_is_scoped_by_default():
+    """The cache scope and the description read the fields' declarations: a field added to Request without
+    one changes the scope (a new field's image is never served for the old field's value)."""
+    import dataclasses
+
+    plain = Request("a cat")
+    assert set(plain.scoped_fields()) == {f.name for f in dataclasses.fields(Request)} - {
+        "prompt",  # the cache's key: its embedding
+        "seed",  # the cache picks a seed of its own entries
+        "cache_mode",
+        "refresh_threshold",  # only with the adaptive schedule
+        "strength",  # only with an init image
+    }
+    assert "strength" in Request("a cat", init_image=np.zeros((8, 8, 3), np.uint8)).scoped_fields()
+    eta = dataclasses.field(default=0.0, kw_only=True)
+    Extended = dataclasses.make_dataclass("Extended", [("eta", float, eta)], bases=(Request,), frozen=True)
+    assert Extended("a cat", eta=0.5).scoped_fields()["eta"] == ("value", 0.5)
+    assert Extended("a cat", eta=0.5).description()["eta"] == 0.5

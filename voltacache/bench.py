@@ -64,13 +64,14 @@ def engines_for(
     from .compile.options import ExportOptions
     from .runtime.manifests import read_engine_manifest
 
-    options = ExportOptions(precision, 1, size, size, 23, branch, calibration=calibration)
+    options = ExportOptions(
+        precision=precision, height=size, width=size, deepcache_branch=branch, calibration=calibration
+    )
     options.check()
     suffix = "" if precision == "fp32" else f"_{precision}_{options.calibration.id}"
     engines = workdir / f"engines_{branch}_{size}{suffix}"
     if (engines / "engines.json").is_file():
-        export = read_engine_manifest(engines)["export"]
-        if export.get("fingerprint") == options.fingerprint(model_fingerprint(model)):
+        if read_engine_manifest(engines).export.fingerprint == options.fingerprint(model_fingerprint(model)):
             return engines
     onnx_dir = workdir / f"onnx_{branch}_{size}{suffix}"
     export_model(model, onnx_dir, options, force=True)
@@ -342,7 +343,7 @@ def batch_size_times(engines: Path, repeats: int) -> dict:
     times = {}
     for name, runner in loaded.runners.items():
         times[name] = {}
-        for images in loaded.export["batch_sizes"]:
+        for images in loaded.export.batch_sizes:
             feeds = {t.name: t.zeros() for t in runner.spec.for_images(images).inputs}
             runner.infer(feeds)  # warm-up: first-call allocations and kernel choices
             seconds = []

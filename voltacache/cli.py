@@ -260,10 +260,11 @@ def export(
 def print_export_report(manifest: dict):
     from rich.table import Table
 
-    table = Table(title=f"{manifest['precision']} opset {manifest['opset']}, branch {manifest['deepcache_branch']}")
+    table = Table(title=f"{manifest.precision} opset {manifest.opset}, branch {manifest.deepcache_branch}")
     for column in ("component", "max error", "tolerance", "int8 vs fp32", "Attention nodes", "TensorRT lint"):
         table.add_column(column)
-    for name, entry in manifest["components"].items():
+    for name, entry in manifest.components.items():
+        entry = entry.to_json()
         lint = entry["tensorrt_lint"]
         verdict = f"ok ({lint['target']})" if lint["ok"] else "; ".join(lint["problems"])
         int8 = f"{entry['int8_error']:.2e}" if "int8_error" in entry else "-"
@@ -299,20 +300,21 @@ def build(
     from rich.progress import Progress
 
     from .outputs import ENGINES, EXPORT, check_folder, refuse_overlap
+    from .runtime.backends import BACKENDS, choose_backend
     from .specs import COMPONENTS
 
-    if backend not in ("auto", "tensorrt", "onnxruntime"):
-        raise UsageError(f"--backend {backend!r}: use auto, tensorrt or onnxruntime")
+    if backend != "auto" and backend not in BACKENDS:
+        raise UsageError(f"--backend {backend!r}: use auto, {', '.join(BACKENDS)}")
     if not onnx.is_dir() or not EXPORT(onnx):
         what = "no such folder" if not onnx.exists() else "not an export (no manifest.json in it)"
         raise UsageError(f"--onnx {onnx}: {what}; give the folder `voltacache export` wrote")
     refuse_overlap(out, onnx, "--out", "--onnx")
     check_folder(out, ENGINES, force=force)
 
-    from .compile.build import build_engines, choose_backend
+    from .compile.build import build_engines
 
     chosen, reason = choose_backend(backend)
-    announce = f"backend: {chosen} ({escape(reason)})"  # printed soft-wrapped: one line in a log
+    announce = f"backend: {chosen.name} ({escape(reason)})"  # printed soft-wrapped: one line in a log
     # The backend and the bar appear when the work starts (a refused --out or a folder that is no export
     # is one line on stderr); off a terminal, no bar, and the backend once the build is done.
     bars = Progress(console=err, disable=not err.is_terminal)
@@ -326,14 +328,21 @@ def build(
 
     try:
         manifest = build_engines(
-            onnx, out, chosen, optimization_level, progress=progress, force=force, refittable=refittable, reason=reason
+            onnx,
+            out,
+            chosen.name,
+            optimization_level,
+            progress=progress,
+            force=force,
+            refittable=refittable,
+            reason=reason,
         )
         bars.update(task, description="done", completed=len(COMPONENTS))
     finally:
         bars.stop()
     if not err.is_terminal:
         err.print(announce, soft_wrap=True)
-    if manifest["export"]["precision"] == "fp16" and chosen == "onnxruntime":
+    if manifest.export.precision == "fp16" and chosen.name == "onnxruntime":
         err.print(
             "[yellow]note:[/] fp16 runs slower than fp32 on ONNX Runtime's CPU provider; export fp32 to serve on CPU"
         )
@@ -642,7 +651,7 @@ def generate(
     if engines is not None:
         from .runtime.manifests import read_engine_manifest
 
-        per_request = read_engine_manifest(engines)["export"]["batch"]
+        per_request = read_engine_manifest(engines).export.batch
         batch = Batch(lines, template, output, per_request, force)
         settings = CacheSettings(
             cache_index, cache_embedder, blob_store, semantic_threshold=cache_threshold, bands=cache_bands
@@ -910,7 +919,7 @@ def cache_warm(
         raise UsageError(f"--prompts {prompts}: no prompt in it")
     template = Request("(each line's own prompt)", steps=steps, guidance=guidance, seed=seed, scheduler=scheduler)
     template = template.replace(cache_mode="refresh").check()
-    batch = Batch(lines, template, out, read_engine_manifest(engines)["export"]["batch"], force)
+    batch = Batch(lines, template, out, read_engine_manifest(engines).export.batch, force)
     records = list(generate_in_process(engines, batch, CacheSettings(index, embedder, blob_store)))
     for failure in batch.failures:
         print(f"error: {failure}", file=sys.stderr)

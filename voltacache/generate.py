@@ -156,9 +156,7 @@ def generate_in_process(engines: Path, batch: Batch, cache_settings=None, loras:
     if pipe.batch != batch.per_request:
         raise VoltacacheError(f"--engines {engines}: engines of batch {pipe.batch}, expected {batch.per_request}")
     # a cache that cannot be opened is reported once; the images come all the same
-    cache = open_cache(
-        cache_settings or CacheSettings(), pipe.export["fingerprint"], pipe.export["geometry"]["pooled_dim"]
-    )
+    cache = open_cache(cache_settings or CacheSettings(), pipe.export.fingerprint, pipe.export.geometry.pooled_dim)
     for index, request in enumerate(batch.requests):
         try:
             result = pipe(request, cache=cache)

@@ -101,7 +101,7 @@ class Request:
     # DeepCache: the full U-Net every `cache_interval` steps (1: off), where `cache_schedule` places them
     cache_interval: int = 1
     cache_schedule: str = "uniform"
-    refresh_threshold: float | None = scoped(default=None, when="adaptive")  # adaptive; None: the default
+    refresh_threshold: float | None = scoped("threshold", default=None, when="adaptive")  # None: the default
     # image input: img2img, and inpainting with a mask
     init_image: np.ndarray | None = scoped("image", default=None, compare=False, repr=False)
     strength: float | None = scoped(default=None, when="img2img")  # None: diffusers' default for the kind

@@ -10,7 +10,7 @@ of images; `ComponentSpec.for_images(n)` gives the static shapes of one call wit
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -89,7 +89,10 @@ class ComponentSpec:
         return replace(self, inputs=resized(self.inputs), outputs=resized(self.outputs))
 
     def to_json(self) -> dict:
-        return {"inputs": [asdict(t) for t in self.inputs], "outputs": [asdict(t) for t in self.outputs]}
+        def tensors(items):
+            return [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in items]
+
+        return {"inputs": tensors(self.inputs), "outputs": tensors(self.outputs)}
 
     @classmethod
     def from_json(cls, name: str, data: dict) -> ComponentSpec:

@@ -23,9 +23,9 @@ def test_repository_layout(triton_repo):
 
 
 def test_configs_follow_the_specs(triton_repo, engines_dir):
-    import json
+    from voltacache.runtime.manifests import read_engine_manifest
 
-    export = json.loads((engines_dir / "engines.json").read_text())["export"]
+    export = read_engine_manifest(engines_dir).export
     specs = p.serving_specs(export)
 
     def expected(tensors, name):
@@ -37,7 +37,7 @@ def test_configs_follow_the_specs(triton_repo, engines_dir):
 
     for name in MODELS:
         config = read_config(triton_repo, name)
-        batching = 2 * max(export["batch_sizes"]) if name == TEXT_ENCODER else 0
+        batching = 2 * max(export.batch_sizes) if name == TEXT_ENCODER else 0
         assert config.name == name and config.max_batch_size == batching
         assert config.HasField("dynamic_batching") == (name == TEXT_ENCODER)
         assert [(i.name, list(i.dims)) for i in config.input] == expected(specs[name].inputs, name)

@@ -60,7 +60,7 @@ def fresh_log(pb_utils):
 
 @pytest.fixture(scope="module")
 def specs(engines_dir):
-    return p.serving_specs(read_engine_manifest(engines_dir)["export"])
+    return p.serving_specs(read_engine_manifest(engines_dir).export)
 
 
 def triton_args(config) -> dict:
@@ -179,7 +179,7 @@ def reference_ids(engines_dir, texts):
 
 def test_tokenizer_gives_negative_then_prompt_ids_and_stamps_the_request(models, specs, engines_dir):
     tokenizer = models[p.TOKENIZER]
-    batch = read_engine_manifest(engines_dir)["export"]["batch"]
+    batch = read_engine_manifest(engines_dir).export.batch
     request = Request(PROMPT, negative_prompt="blurry", steps=4, seed=1, scheduler="ddim")
     out = step(tokenizer, specs[p.TOKENIZER], request.to_triton())
     assert np.array_equal(out[INPUT_IDS], reference_ids(engines_dir, ["blurry"] * batch + [PROMPT] * batch))

@@ -191,9 +191,9 @@ class QueryEncoder:
         from ..runtime.tokenizer import load_tokenizers
         from ..specs import TEXT_ENCODER
 
-        export = read_engine_manifest(engines)["export"]
-        tokenizers = load_tokenizers(engines, export["geometry"]["text_encoders"])
-        return cls(tokenizers, load_engines(engines, components=[TEXT_ENCODER]).runners[TEXT_ENCODER], export["batch"])
+        export = read_engine_manifest(engines).export
+        text_encoder = load_engines(engines, components=[TEXT_ENCODER]).runners[TEXT_ENCODER]
+        return cls(load_tokenizers(engines, export), text_encoder, export.batch)
 
     def pooled(self, text: str) -> np.ndarray:
         """The text encoder's pooled output for Request(text).texts: every row, the negatives first."""
@@ -221,7 +221,7 @@ def search_index(query: SearchQuery, index: str, blob_store=None, engines=None, 
 
     if query.embeds and engines is None:
         raise UsageError("--engines: a search near a prompt needs the engines whose text encoder embeds it")
-    fingerprint = read_engine_manifest(engines)["export"]["fingerprint"] if engines is not None else None
+    fingerprint = read_engine_manifest(engines).export.fingerprint if engines is not None else None
     store = open_existing(index, blob_store, embedder)
     if store is None:  # the index holds no cache yet
         return []

@@ -15,13 +15,16 @@ import functools
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ExportError, UsageError, VoltacacheError
+from ..errors import ExportError, VoltacacheError
 from ..outputs import ENGINES, refuse_overlap, staged_output
 from ..pipeline.calibration import carry_calibrations
-from ..runtime.engines import ORT_SESSION_OPTIONS, onnx_fingerprint, onnx_stats, runtime_versions, tensorrt_available
-from ..runtime.manifests import ENGINE_MANIFEST, read_manifest, specs_from_manifest
+from ..runtime.backends import Backend, choose_backend
+from ..runtime.backends import backend as find_backend
+from ..runtime.engines import onnx_fingerprint, onnx_stats
+from ..runtime.manifests import ENGINE_MANIFEST, EngineManifest, ExportManifest, read_manifest
 from ..runtime.tokenizer import TOKENIZER_DIRS
 from ..specs import COMPONENTS, TEXT_IDS
 
@@ -34,15 +37,13 @@ ORT_EXTERNAL_MIN_BYTES = 64  # initializers kept beside the graph: every weight,
 TRT_TOLERANCE = {"fp16": 2e-2, "fp32": 2e-2, "int8": 1e-1}
 
 
-def choose_backend(requested: str) -> tuple[str, str]:
-    ok, why = tensorrt_available()
-    if requested == "auto":
-        return ("tensorrt", why) if ok else ("onnxruntime", why)
-    if requested == "tensorrt" and not ok:
-        raise UsageError(f"--backend tensorrt: {why}")
-    if requested not in ("tensorrt", "onnxruntime"):
-        raise UsageError(f"--backend {requested!r}: use auto, tensorrt or onnxruntime")
-    return requested, "requested"
+@dataclass(frozen=True)
+class BuildOptions:
+    """How to build, beyond what the export fixed; each backend reads what concerns it."""
+
+    optimization_level: int = 3  # TensorRT's builder level (0-5)
+    timing_cache: Path | None = None  # TensorRT's tactic timings, shared by every build on this machine
+    refittable: bool = False  # TensorRT: weights a LoRA can replace (ONNX Runtime's always can be)
 
 
 def default_timing_cache() -> Path:
@@ -59,10 +60,10 @@ def build_engines(
     force: bool = False,
     refittable: bool = False,
     reason: str | None = None,
-) -> dict:
-    """Build one engine per component of the export in `onnx_dir`; returns the engine manifest.
-    `refittable`: TensorRT engines whose weights a LoRA can replace (voltacache.pipeline.lora); ONNX Runtime's
-    always can be.
+) -> EngineManifest:
+    """Build one engine per component of the export in `onnx_dir` with a backend of the table
+    (voltacache.runtime.backends; `auto` picks one and says why); returns the engine manifest.
+    `refittable`: TensorRT engines whose weights a LoRA can replace (voltacache.pipeline.lora).
 
     The engines are written into a temporary sibling of `out_dir`, renamed into place once every
     engine is built and checked; earlier engines there are replaced only with `force`, anything
@@ -70,57 +71,53 @@ def build_engines(
     """
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
     export = read_manifest(onnx_dir)
-    if reason is None:  # else the caller chose (and said why)
-        backend, reason = choose_backend(backend)
+    chosen, reason = (find_backend(backend), reason) if reason is not None else choose_backend(backend)
     refuse_overlap(out_dir, onnx_dir, "--out", "--onnx")
+    options = BuildOptions(optimization_level, timing_cache or default_timing_cache(), refittable)
     # the engines' DeepCache calibration is measured on the export: kept over a rebuild of the same one
-    carry = functools.partial(carry_calibrations, fingerprint=export["fingerprint"])
+    carry = functools.partial(carry_calibrations, fingerprint=export.fingerprint)
     with staged_output(out_dir, ENGINES, force=force, arg="--out", carry=carry) as stage:
-        return _build(onnx_dir, stage, export, backend, reason, optimization_level, progress, timing_cache, refittable)
+        return _build(onnx_dir, stage, export, chosen, reason, options, progress)
 
 
 def _build(
-    onnx_dir: Path, out_dir: Path, export: dict, backend, reason, optimization_level, progress, timing_cache, refittable
-):
+    onnx_dir: Path, out_dir: Path, export: ExportManifest, chosen: Backend, reason: str, options, progress
+) -> EngineManifest:
     started = time.time()
-    for name in TOKENIZER_DIRS[: export["geometry"]["text_encoders"]]:
+    tokenizers = TOKENIZER_DIRS[: export.geometry.text_encoders]
+    for name in tokenizers:
         if not (onnx_dir / name).is_dir():
             raise ExportError(f"{onnx_dir / name}: missing from the export; run `voltacache export` again")
     files = {}
     for name in COMPONENTS:
         if progress:
             progress(name)
-        source = onnx_dir / export["components"][name].get("file", f"{name}.onnx")
+        source = onnx_dir / export.components[name].file
         if not source.is_file():
             raise ExportError(f"{source}: missing from the export; run `voltacache export` again")
-        if backend == "tensorrt":
-            files[name] = build_tensorrt(
-                source, out_dir, name, export, optimization_level, timing_cache or default_timing_cache(), refittable
-            )
-        else:
-            files[name] = build_onnxruntime(source, out_dir, name)
-    for name in TOKENIZER_DIRS[: export["geometry"]["text_encoders"]]:
+        files[name] = chosen.build(source, out_dir, name, export, options)
+    for name in tokenizers:
         shutil.copytree(onnx_dir / name, out_dir / name, dirs_exist_ok=True)
-    manifest = {
-        "format": 1,
-        "backend": backend,
-        "backend_reason": reason,
-        "versions": runtime_versions(backend),
-        "session_options": ORT_SESSION_OPTIONS if backend == "onnxruntime" else None,
-        "optimization_level": optimization_level if backend == "tensorrt" else None,
-        "refittable": refittable or backend == "onnxruntime",
-        "onnx_dir": str(onnx_dir.resolve()),
-        "onnx_fingerprint": onnx_fingerprint(onnx_dir),
-        "onnx_stats": onnx_stats(onnx_dir),
-        "files": files,
-        "export": export,
-        "seconds": round(time.time() - started, 1),
-    }
-    (out_dir / ENGINE_MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    manifest = EngineManifest(
+        backend=chosen.name,
+        backend_reason=reason,
+        versions=chosen.versions(),
+        files=files,
+        export=export,
+        onnx_dir=str(onnx_dir.resolve()),
+        onnx_fingerprint=onnx_fingerprint(onnx_dir),
+        onnx_stats=onnx_stats(onnx_dir),
+        session_options=chosen.session_options,
+        optimization_level=options.optimization_level if chosen.name == "tensorrt" else None,
+        refittable=chosen.lora == "always" or (chosen.lora == "refittable" and options.refittable),
+        seconds=round(time.time() - started, 1),
+    )
+    (out_dir / ENGINE_MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2, default=str))
     return manifest
 
 
-def build_onnxruntime(source: Path, out_dir: Path, name: str) -> str:
+def build_onnxruntime(source: Path, out_dir: Path, name: str, export: ExportManifest, options: BuildOptions) -> str:
+    """ONNX Runtime's optimized graph of one component (its weights beside it), as `load_engines` runs it."""
     import onnxruntime as ort
     from onnxruntime.capi.onnxruntime_pybind11_state import (
         Fail,
@@ -150,19 +147,12 @@ def build_onnxruntime(source: Path, out_dir: Path, name: str) -> str:
     return target.name
 
 
-def build_tensorrt(
-    source: Path,
-    out_dir: Path,
-    name: str,
-    export: dict,
-    optimization_level: int,
-    timing_cache: Path,
-    refittable: bool = False,
-) -> str:
+def build_tensorrt(source: Path, out_dir: Path, name: str, export: ExportManifest, options: BuildOptions) -> str:
+    """A TensorRT plan of one component, one static profile per engine size, checked against ONNX Runtime."""
     from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine
     from polygraphy.exception import PolygraphyException
 
-    spec, sizes = specs_from_manifest(export)[name], export["batch_sizes"]
+    spec, sizes, timing_cache = export.components[name].spec, export.batch_sizes, options.timing_cache
     # one static profile per size: each is tuned for its shapes exactly (profile i runs sizes[i] images)
     profiles = []
     for size in sizes:
@@ -173,7 +163,7 @@ def build_tensorrt(
     # fp16 ONNX carries its own types: strongly typed keeps TensorRT from re-deciding precisions. An int8
     # export is explicitly quantized (QDQ): TensorRT takes its scales as they are (no calibrator at build
     # time) and runs what is left unquantized in fp16.
-    precision = export["precision"]
+    precision = export.precision
     strongly_typed = precision == "fp16"
     try:  # parsed now, so that a damaged file is told apart from a failed build
         network = NetworkFromOnnxPath(str(source), strongly_typed=strongly_typed)()
@@ -185,9 +175,9 @@ def build_tensorrt(
         fp16=not strongly_typed and precision in ("fp16", "int8"),
         int8=precision == "int8",
         profiles=profiles,
-        builder_optimization_level=optimization_level,
+        builder_optimization_level=options.optimization_level,
         # LoRA by refit: the weights named after the ONNX initializers stay replaceable in the plan
-        refittable=refittable,
+        refittable=options.refittable,
         # one timing cache for every build on this machine: tactic timings carry over between engines
         load_timing_cache=str(timing_cache) if timing_cache.exists() else None,
     )

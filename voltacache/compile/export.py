@@ -27,7 +27,7 @@ import torch
 from ..errors import ExportError
 from ..outputs import EXPORT, refuse_overlap, staged_output
 from ..pipeline.lora import LORA_COMPONENTS, export_targets
-from ..runtime.manifests import EXPORT_FORMAT, MANIFEST
+from ..runtime.manifests import EXPORT_FORMAT, MANIFEST, ExportManifest
 from ..runtime.tokenizer import TOKENIZER_DIRS
 from ..specs import (
     COMPONENTS,
@@ -262,7 +262,7 @@ def export_model(
     config=None,
     progress=None,
     force: bool = False,
-) -> dict:
+) -> ExportManifest:
     """Export all components of the checkpoint at `model_path` into `out_dir`; returns the manifest.
 
     `progress(component, stage)` is called as each component enters each of STAGES. Everything is
@@ -360,7 +360,7 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
         for name, entry in quantize_unets(pipe, modules, specs, out_dir, options.calibration, progress).items():
             entries[name].update(entry)
 
-    manifest = {
+    data = {
         "format": EXPORT_FORMAT,
         "source": str(model_path),
         **model,
@@ -379,7 +379,8 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
         "versions": _versions(),
         "seconds": round(time.time() - started, 1),
     }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    manifest = ExportManifest.from_json(data, str(out_dir / MANIFEST))
+    (out_dir / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2, default=str))
     return manifest
 
 

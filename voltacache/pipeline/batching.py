@@ -72,6 +72,12 @@ class StepBatcher:
         self.thread: threading.Thread | None = None
 
     def submit(self, ticket: Ticket) -> None:
+        """Queue a request; a request these engines cannot serve is answered with why at once (its one check)."""
+        try:
+            self.pipeline.check(ticket.request)
+        except Exception as e:
+            ticket.answer(error=e)
+            return
         with self.changed:
             if self.closed:
                 raise VoltacacheError("the denoiser is shutting down")
@@ -150,7 +156,6 @@ class StepBatcher:
                 ticket.answer(error=Cancelled(f"{why} before it started" if isinstance(why, str) else "cancelled"))
                 continue
             try:
-                self.pipeline.check(ticket.request)
                 work = self.pipeline.begin(ticket.request, ticket.embeddings, ticket.pooled, Stats(), self.cache)
             except Exception as e:
                 ticket.answer(error=e)

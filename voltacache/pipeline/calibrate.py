@@ -14,7 +14,6 @@ import numpy as np
 from ..errors import UsageError
 from ..outputs import ENGINES, check_file, record_owned, staged_file
 from ..runtime.manifests import read_engine_manifest
-from ..specs import Geometry
 from .calibration import FORMAT, SCHEDULES_FILE
 from .deepcache import FixedSchedule, relative_change, uniform_steps
 
@@ -56,8 +55,8 @@ def calibrate(
     `progress(description)` is called after every generation."""
     engine_dir = Path(engine_dir)
     target = engine_dir / SCHEDULES_FILE
-    export = read_engine_manifest(engine_dir)["export"]
-    if Geometry(**export["geometry"]).inpainting:
+    export = read_engine_manifest(engine_dir).export
+    if export.geometry.inpainting:
         raise UsageError(
             f"--engines {engine_dir}: calibrate is not offered for inpainting engines (its runs are text-to-image, "
             "which their U-Net cannot do); use the uniform, nonuniform or adaptive schedule"
@@ -89,9 +88,9 @@ def calibrate(
     export = sd.export
     data = {
         "format": FORMAT,
-        "fingerprint": export["fingerprint"],
-        "deepcache_branch": export["deepcache_branch"],
-        "size": [export["height"], export["width"]],
+        "fingerprint": export.fingerprint,
+        "deepcache_branch": export.deepcache_branch,
+        "size": [export.height, export.width],
         "scheduler": scheduler,
         "guidance": guidance,
         "seed": seed,

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from ..errors import InvalidRequest
 from ..request import SIZE_CONDITIONING, Request
-from ..specs import Geometry
 
 
 @dataclass
@@ -28,29 +27,29 @@ class Capabilities:
         from .calibration import load_calibration
         from .lora import Loras
 
-        export = export if export is not None else read_engine_manifest(engine_dir)["export"]
-        return cls(export, load_calibration(engine_dir, export["fingerprint"]), Loras(loras or {}, export))
+        export = export if export is not None else read_engine_manifest(engine_dir).export
+        return cls(export, load_calibration(engine_dir, export.fingerprint), Loras(loras or {}, export))
 
     @property
     def size(self) -> tuple[int, int]:
-        return self.export["height"], self.export["width"]
+        return self.export.size
 
     @property
     def size_conditioned(self) -> bool:
         """SDXL's U-Net reads the size conditioning (its time ids)."""
-        return self.export["geometry"]["time_ids"] > 0
+        return self.export.geometry.time_ids > 0
 
     @property
     def inpainting_unet(self) -> bool:
         """SD 1.5 inpainting's 9-channel U-Net, which reads a mask."""
-        return Geometry(**self.export["geometry"]).inpainting
+        return self.export.geometry.inpainting
 
     def check(self, request: Request) -> None:
         """What these engines cannot do for a request (its own values are checked by `request.check()`)."""
         request.check_size(*self.size)
         given = [name for name in SIZE_CONDITIONING if getattr(request, name) is not None]
         if given and not self.size_conditioned:
-            raise InvalidRequest(f"{given[0]}: size conditioning is SDXL's; this is an {self.export['family']} model")
+            raise InvalidRequest(f"{given[0]}: size conditioning is SDXL's; this is an {self.export.family} model")
         if self.inpainting_unet and not request.inpaint:
             raise InvalidRequest(
                 "mask_image: this is an inpainting model (its U-Net reads a mask); give init_image and mask_image"

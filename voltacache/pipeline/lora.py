@@ -247,7 +247,7 @@ class Loras:
 
     def __init__(self, files: dict[str, LoraFile], export: dict, resident: int = RESIDENT_VARIANTS):
         self.files, self.export, self.resident = dict(files), export, resident
-        self.targets = {n: export["components"][n].get("lora_targets") for n in LORA_COMPONENTS}
+        self.targets = {n: export.components[n].lora_targets for n in LORA_COMPONENTS}
         self.variants: OrderedDict[tuple, dict] = OrderedDict()
         self.changes: dict[tuple, dict] = {}  # (digest, scale) -> changes, for the resident variants
         self.switches, self.switch_seconds, self.last_switch_seconds = 0, 0.0, 0.0
@@ -263,7 +263,7 @@ class Loras:
 
     def check_engines(self) -> None:
         """Whether these engines can take a LoRA at all."""
-        if self.export["precision"] == "int8":
+        if self.export.precision == "int8":
             raise InvalidRequest("lora: not on int8 engines (their weights are quantized); export fp16 or fp32")
         if not all(self.targets.values()):
             raise InvalidRequest(
@@ -307,7 +307,7 @@ class Loras:
         lora = self.files[name]
         key = (lora.digest, float(scale))
         if key not in self.changes:
-            changes = lora_changes(lora.path, self.export["family"], float(scale))
+            changes = lora_changes(lora.path, self.export.family, float(scale))
             shapes = {param: target[2] for targets in self.targets.values() for param, target in targets.items()}
             missing = sorted(set(changes) - set(shapes))
             if missing:

@@ -18,7 +18,7 @@ from PIL import Image
 
 from ..errors import InvalidRequest
 from ..images import fit_image, fit_mask, to_uint8, to_unit_range
-from ..request import Request, denoising_steps
+from ..request import Request, denoising_steps, unset
 from ..result import Result
 from ..runtime.tokenizer import load_tokenizers, text_encoder_feeds
 from ..schedulers import make_scheduler
@@ -199,14 +199,14 @@ class StableDiffusion:
         self.runners = runners
         self.export = export
         self.tokenizers = tokenizers  # one per text encoder input (SDXL: two); none in the Triton denoiser
-        self.batch, self.height, self.width = export["batch"], export["height"], export["width"]
-        self.batch_sizes = export["batch_sizes"]  # images per engine call the engines were built for
-        self.family = export["family"]
-        self.vae_scale = export["geometry"]["vae_scale"]
-        self.latent_channels = export["geometry"]["latent_channels"]
-        self.zero_empty_negative = export["zero_empty_negative"]
-        self.scaling_factor = export["scaling_factor"]
-        self.scheduler_config = export["scheduler_config"]
+        self.batch, self.height, self.width = export.batch, export.height, export.width
+        self.batch_sizes = export.batch_sizes  # images per engine call the engines were built for
+        self.family = export.family
+        self.vae_scale = export.geometry.vae_scale
+        self.latent_channels = export.geometry.latent_channels
+        self.zero_empty_negative = export.zero_empty_negative
+        self.scaling_factor = export.scaling_factor
+        self.scheduler_config = export.scheduler_config
         self.text_memo = OrderedDict()  # (negatives + prompts) -> (embeddings, pooled), least recent first
         # where calibrated DeepCache schedules place their full steps (voltacache calibrate)
         self.calibration = calibration or NoScheduleCalibration(
@@ -227,8 +227,8 @@ class StableDiffusion:
         from ..runtime.engines import load_engines
 
         engines = load_engines(engine_dir, cuda_graph=cuda_graph)
-        tokenizers = load_tokenizers(engine_dir, engines.export["geometry"]["text_encoders"])
-        calibration = load_calibration(engine_dir, engines.export["fingerprint"])
+        tokenizers = load_tokenizers(engine_dir, engines.export)
+        calibration = load_calibration(engine_dir, engines.export.fingerprint)
         if not isinstance(loras, Loras):
             loras = Loras(loras or {}, engines.export, resident)
         return cls(engines.runners, engines.export, tokenizers, calibration, loras)
@@ -303,23 +303,7 @@ class StableDiffusion:
         decision = vector = scope = None
         if use_cache:
             vector = cache.embedder.embed(request.prompt, pooled_prompt[0])
-            scope = cache.scope(
-                size=(self.height, self.width),
-                steps=request.steps,
-                guidance=float(request.guidance),
-                scheduler=request.scheduler,
-                negative=request.negative_prompt,
-                interval=request.cache_interval,
-                schedule=request.cache_schedule,
-                **self.schedule_scope(request),
-                batch=self.batch,
-                family=self.family,
-                **({"size_conditions": self.size_conditions(request)} if self.size_conditioned else {}),
-                **({"init": fingerprint(image), "strength": float(request.strength)} if request.img2img else {}),
-                # a LoRA's image is never another's, nor the base model's: each file's content and scale
-                **({"loras": [list(key) for key in self.loras.key(request.loras)]} if request.loras else {}),
-                **({"mask": fingerprint(self.mask(request))} if request.inpaint else {}),
-            )
+            scope = cache.scope(**self.cache_scope(request, image))
             decision = cache.lookup(vector, scope, run_steps, request.seed) if request.cache_mode == "on" else None
             if decision is not None and decision.layer == "semantic":
                 return Generation(
@@ -393,13 +377,30 @@ class StableDiffusion:
             return FixedSchedule(self.calibration.refreshes(request.steps, timesteps, request.cache_interval))
         return FixedSchedule(full_steps(len(timesteps), request.cache_interval, request.cache_schedule))
 
-    def schedule_scope(self, request: Request) -> dict:
-        """What else a cache entry depends on under a schedule that is not a function of the steps and N."""
-        if request.cache_schedule == "adaptive":
-            return {"refresh_threshold": request.threshold}
+    def cache_scope(self, request: Request, image=None) -> dict:
+        """What a cache entry of this request is scoped by: each field of the request that changes the image
+        (declared on Request's fields: a new field is scoped by default), read as these engines read it, and
+        what the engines add: their size, batch and family, SDXL's effective size conditioning, and the
+        calibration a calibrated schedule runs on. `image`: the init image as the engines take it."""
+        read = {
+            "value": lambda value: list(value) if isinstance(value, tuple) else value,
+            "threshold": lambda _: request.threshold,
+            "image": lambda _: fingerprint(image),
+            "mask": lambda _: fingerprint(self.mask(request)),
+            # a LoRA's image is never another's, nor the base model's: each file's content and scale
+            "loras": lambda _: [list(key) for key in self.loras.key(request.loras)],
+            "size": None,  # the engines' own, below (another size is refused)
+            "size_conditioning": None,  # effective, below
+        }
+        scope = {"size": [self.height, self.width], "batch": self.batch, "family": self.family}
+        for name, (kind, value) in request.scoped_fields().items():
+            if read[kind] is not None and not unset(value):
+                scope[name] = read[kind](value)
+        if self.size_conditioned:
+            scope["size_conditions"] = self.size_conditions(request)
         if request.cache_schedule == "calibrated":
-            return {"calibration": self.calibration.id}
-        return {}
+            scope["calibration"] = self.calibration.id
+        return scope
 
     def generate_latents(
         self, embeddings, request: Request, image=None, stats=None, start=None, capture=frozenset(), pooled=None

@@ -1,30 +1,17 @@
-"""Loading built engines: their manifest checked against this runtime (versions, GPU, source export),
-one runner per component. Torch-free and onnx-free: every served model loads its engine through here."""
+"""Loading built engines: their manifest checked against this runtime (the backend's recorded versions, the
+source export), one runner per component. Torch-free and onnx-free: every served model loads through here."""
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import RebuildNeeded, VoltacacheError
 from ..specs import COMPONENTS
-from .manifests import current_export, read_engine_manifest, read_manifest, specs_from_manifest
-from .runners import OnnxRuntimeRunner, Runner, TensorRTRunner
-
-# Recorded in the manifest and applied by every runtime that loads these engines.
-ORT_SESSION_OPTIONS = {
-    "graph_optimization_level": "ORT_ENABLE_ALL",
-    "intra_op_num_threads": 0,  # 0: one thread per physical core
-    "enable_cpu_mem_arena": True,
-    "enable_mem_pattern": True,
-}
-# Served, each component is its own process and their sessions take turns on the same cores: a pool
-# that spins after its run steals them from the next one. Measured on the tiny model through Triton,
-# 8 clients: +24% images/s, the same at 1 client. In one process (generate --engines) spinning keeps
-# its 10% lower latency (tiny, 20 steps: 0.202 s against 0.223 s).
-SERVED_SESSION_OPTIONS = {"session.intra_op.allow_spinning": "0"}
+from .backends import BACKENDS
+from .manifests import EngineManifest, ExportManifest, calibration_id, read_engine_manifest
+from .runners import Runner
 
 
 def onnx_stats(onnx_dir: Path) -> dict:
@@ -42,67 +29,38 @@ def onnx_fingerprint(onnx_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def tensorrt_available() -> tuple[bool, str]:
-    """Whether TensorRT can build here, and why (or why not)."""
-    if importlib.util.find_spec("tensorrt") is None:
-        return False, "the tensorrt package is not installed (pip install 'voltacache[gpu]')"
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return False, "tensorrt is installed but no CUDA GPU is visible"
-        return True, f"tensorrt is installed and {torch.cuda.get_device_name(0)} is visible"
-    except Exception as e:  # a broken CUDA install should read as a reason, not a crash
-        return False, f"CUDA is not usable ({e})"
-
-
-def runtime_versions(backend: str) -> dict:
-    import onnxruntime
-
-    versions = {"onnxruntime": onnxruntime.__version__}
-    if backend == "tensorrt":
-        import tensorrt
-        import torch
-
-        versions["tensorrt"] = tensorrt.__version__
-        versions["gpu"] = torch.cuda.get_device_name(0)
-        versions["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
-    return versions
-
-
 @dataclass
 class Engines:
     """Loaded engines: one runner per component, and what the pipeline needs beside them."""
 
-    manifest: dict
+    manifest: EngineManifest
     runners: dict[str, Runner]
     path: Path
 
     @property
-    def export(self) -> dict:
-        return self.manifest["export"]
+    def export(self) -> ExportManifest:
+        return self.manifest.export
 
 
-def check_compatible(manifest: dict, engine_dir: Path) -> None:
-    """Refuse engines built for another runtime, GPU or ONNX export."""
-    backend = manifest["backend"]
-    built = manifest["versions"]
-    try:
-        now = runtime_versions(backend)
-    except ImportError as e:
-        raise RebuildNeeded(f"{engine_dir}: built for {backend}, which is not usable here ({e}); rebuild") from e
-    keys = ["onnxruntime"] if backend == "onnxruntime" else ["tensorrt", "compute_capability"]
-    for key in keys:
-        if built.get(key) != now.get(key):
-            raise RebuildNeeded(
-                f"{engine_dir}: built with {key} {built.get(key)}, this runtime has {now.get(key)}; "
-                "rebuild with `voltacache build`"
-            )
-    onnx_dir = Path(manifest["onnx_dir"])
-    if not onnx_dir.is_dir() or onnx_stats(onnx_dir) == manifest.get("onnx_stats"):
+def check_compatible(manifest: EngineManifest, engine_dir: Path) -> None:
+    """Refuse engines built for another runtime, device or ONNX export."""
+    backend = BACKENDS.get(manifest.backend)
+    if backend is None:
+        raise RebuildNeeded(f"{engine_dir}: built for {manifest.backend}, which this voltacache does not know; rebuild")
+    ok, why = backend.available()
+    if not ok:
+        raise RebuildNeeded(f"{engine_dir}: built for {backend.name}, which is not usable here ({why}); rebuild")
+    differs = backend.check_versions(manifest.versions)
+    if differs:
+        key, built, now = differs
+        raise RebuildNeeded(
+            f"{engine_dir}: built with {key} {built}, this runtime has {now}; rebuild with `voltacache build`"
+        )
+    onnx_dir = Path(manifest.onnx_dir)
+    if not onnx_dir.is_dir() or onnx_stats(onnx_dir) == manifest.onnx_stats:
         return  # the export was moved away (engines stand alone), or is untouched since the build
-    if onnx_fingerprint(onnx_dir) != manifest["onnx_fingerprint"]:
-        built_on, now_on = calibration_id(manifest["export"]), calibration_id(onnx_dir)
+    if onnx_fingerprint(onnx_dir) != manifest.onnx_fingerprint:
+        built_on, now_on = manifest.export.calibration_id, calibration_id(onnx_dir)
         if built_on != now_on:
             raise RebuildNeeded(
                 f"{engine_dir}: built from U-Nets calibrated on set {built_on or '(none: not int8)'}; the export "
@@ -111,34 +69,16 @@ def check_compatible(manifest: dict, engine_dir: Path) -> None:
         raise RebuildNeeded(f"{engine_dir}: the ONNX files in {onnx_dir} changed since the build; rebuild")
 
 
-def calibration_id(export: dict | Path) -> str | None:
-    """The id of the calibration set an export's int8 U-Nets were calibrated on (None: not int8, or unreadable)."""
-    if isinstance(export, Path):
-        try:
-            export = read_manifest(export)
-        except VoltacacheError:
-            return None
-    return (export.get("calibration") or {}).get("id")
-
-
 def load_engines(engine_dir: Path, cuda_graph: bool = False, components=COMPONENTS, served: bool = False) -> Engines:
+    """The engines of a folder `voltacache build` wrote, checked against this runtime, one runner per component."""
     engine_dir = Path(engine_dir)
     manifest = read_engine_manifest(engine_dir)
-    if not current_export(manifest["export"]):
-        raise RebuildNeeded(
-            f"{engine_dir}: built from an export made by an older voltacache (before step batching and SDXL); "
-            "run `voltacache export` again, then `voltacache build`"
-        )
     check_compatible(manifest, engine_dir)
-    specs, sizes = specs_from_manifest(manifest["export"]), tuple(manifest["export"]["batch_sizes"])
+    backend, specs, sizes = BACKENDS[manifest.backend], manifest.export.specs(), manifest.export.batch_sizes
     runners = {}
     for name in components:
-        path = engine_dir / manifest["files"][name]
+        path = engine_dir / manifest.files[name]
         if not path.is_file():
             raise VoltacacheError(f"{path}: engine file missing; rebuild with `voltacache build`")
-        if manifest["backend"] == "tensorrt":
-            runners[name] = TensorRTRunner(path, specs[name], sizes, cuda_graph=cuda_graph)
-        else:
-            options = {**manifest["session_options"], **(SERVED_SESSION_OPTIONS if served else {})}
-            runners[name] = OnnxRuntimeRunner(path, specs[name], options, sizes=sizes)
+        runners[name] = backend.load(path, specs[name], sizes, manifest, served, cuda_graph)
     return Engines(manifest, runners, engine_dir)

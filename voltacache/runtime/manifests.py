@@ -1,67 +1,208 @@
-"""Reading the manifests an export and a build write, without loading anything heavy: the CLI, the
-served models and the runtime read them before any engine loads.
-
-The export's `manifest.json` says what was exported (model, precision, sizes, geometry, one spec per
-component); the engines' `engines.json` says what was built from it (backend, versions, files) and
-carries the export manifest under "export".
+"""The manifests an export and a build write, as typed artifacts: `ExportManifest` (what was exported:
+model, precision, sizes, geometry, one spec per component) and `EngineManifest` (what was built from it:
+backend, versions, files, and the export's manifest). Each reads and writes its JSON in one place
+(`from_json` / `to_json`); a manifest of an older format is read through one default or refused in one
+line. Reading them loads nothing heavy: the CLI and the served models read them before any engine loads.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ExportError, RebuildNeeded, UsageError, read_json
+from ..errors import ExportError, RebuildNeeded, UsageError, VoltacacheError, read_json
 from ..outputs import ENGINES, EXPORT
-from ..specs import COMPONENTS, ComponentSpec
+from ..specs import COMPONENTS, ComponentSpec, Geometry
 
 MANIFEST = EXPORT.marker
 ENGINE_MANIFEST = ENGINES.marker
 # Format 2: graphs with a dynamic row dimension (step batching) and the geometry of SDXL's inputs. Older
 # graphs have a fixed row dimension, and their manifests lack what the specs now read.
 EXPORT_FORMAT = 2
+ENGINE_FORMAT = 1
 OLDER_EXPORT = "exported by an older voltacache (before step batching and SDXL); run `voltacache export` again"
 
 
-def current_export(manifest: dict) -> bool:
-    return manifest.get("format", 1) >= EXPORT_FORMAT and bool(manifest.get("batch_sizes"))
+@dataclass(frozen=True)
+class ComponentEntry:
+    """One exported component: its spec, its file, its precision, where a LoRA's weights lie in its graph
+    (None: not recorded, or int8), and what the export measured of it (errors, lint, quantization)."""
+
+    spec: ComponentSpec
+    file: str
+    precision: str
+    lora_targets: dict | None = None  # parameter -> [initializer, transposed, shape]
+    report: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        targets = {} if self.lora_targets is None else {"lora_targets": self.lora_targets}
+        return {"file": self.file, **self.spec.to_json(), "precision": self.precision, **self.report, **targets}
+
+    @classmethod
+    def from_json(cls, name: str, data: dict) -> ComponentEntry:
+        known = {"file", "inputs", "outputs", "precision", "lora_targets"}
+        return cls(
+            spec=ComponentSpec.from_json(name, data),
+            file=data.get("file", f"{name}.onnx"),
+            precision=data["precision"],
+            lora_targets=data.get("lora_targets"),
+            report={k: v for k, v in data.items() if k not in known},
+        )
 
 
-def read_manifest(onnx_dir: Path) -> dict:
+@dataclass(frozen=True)
+class ExportManifest:
+    """What `voltacache export` wrote (manifest.json)."""
+
+    source: str
+    family: str  # "SD 1.x", "SD 2.x", "SDXL"
+    zero_empty_negative: bool  # SDXL: an empty negative prompt is zeros (force_zeros_for_empty_prompt)
+    scaling_factor: float  # the VAE's
+    scheduler_config: dict  # the model's scheduler config, which every scheduler is built from
+    model_fingerprint: str  # the weights
+    fingerprint: str  # the weights and how they were compiled: what cache entries are scoped by
+    precision: str  # fp16, fp32 or int8
+    calibration: dict | None  # int8: what the U-Nets were calibrated on (compile.options.Calibration)
+    opset: int
+    batch: int  # images per request
+    batch_sizes: tuple[int, ...]  # images per engine call the engines are built for
+    height: int
+    width: int
+    deepcache_branch: str
+    geometry: Geometry
+    components: dict[str, ComponentEntry]
+    versions: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    format: int = EXPORT_FORMAT
+    owned: tuple[str, ...] = ()  # the files the export wrote (voltacache.outputs)
+
+    def specs(self) -> dict[str, ComponentSpec]:
+        """The spec of every component, at the export's batch."""
+        return {name: entry.spec for name, entry in self.components.items()}
+
+    @property
+    def calibration_id(self) -> str | None:
+        """The id of the set the int8 U-Nets were calibrated on (None: not int8)."""
+        return (self.calibration or {}).get("id")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.height, self.width
+
+    def replace(self, **changes) -> ExportManifest:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["batch_sizes"] = list(self.batch_sizes)
+        data["geometry"] = dataclasses.asdict(self.geometry)
+        data["components"] = {name: entry.to_json() for name, entry in self.components.items()}
+        data["owned"] = list(self.owned)
+        return data
+
+    @classmethod
+    def from_json(cls, data, where: str = "manifest") -> ExportManifest:
+        remedy = "give the folder `voltacache export` wrote, or run `voltacache export` again"
+        components = data.get("components") if isinstance(data, dict) else None
+        missing = [name for name in COMPONENTS if not isinstance((components or {}).get(name), dict)]
+        if not isinstance(components, dict) or missing or "precision" not in data:
+            what = f"no entry for {', '.join(missing)}" if isinstance(components, dict) and missing else "not one"
+            raise ExportError(f"{where}: not a voltacache export manifest ({what}); {remedy}")
+        if data.get("format", 1) < EXPORT_FORMAT or not data.get("batch_sizes"):
+            raise RebuildNeeded(f"{where}: {OLDER_EXPORT}")
+        try:
+            fields = {f.name for f in dataclasses.fields(cls)}
+            values = {k: v for k, v in data.items() if k in fields}
+            values |= {
+                "batch_sizes": tuple(data["batch_sizes"]),
+                "geometry": Geometry(**data["geometry"]),
+                "components": {n: ComponentEntry.from_json(n, c) for n, c in components.items()},
+                "owned": tuple(data.get("owned", ())),
+            }
+            return cls(**values)
+        except (KeyError, TypeError) as e:
+            raise ExportError(f"{where}: not a voltacache export manifest ({e!r}); {remedy}") from None
+
+
+@dataclass(frozen=True)
+class EngineManifest:
+    """What `voltacache build` wrote (engines.json): the engines of one backend, built from one export."""
+
+    backend: str
+    backend_reason: str
+    versions: dict  # what the backend recorded of the runtime (and device) it was built with
+    files: dict[str, str]  # component -> engine file
+    export: ExportManifest
+    onnx_dir: str
+    onnx_fingerprint: str
+    onnx_stats: dict
+    session_options: dict | None = None  # ONNX Runtime's, applied wherever these engines load
+    optimization_level: int | None = None  # TensorRT's builder level
+    refittable: bool = False  # weights a LoRA can replace in place
+    seconds: float = 0.0
+    format: int = ENGINE_FORMAT
+    owned: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["export"] = self.export.to_json()
+        data["owned"] = list(self.owned)
+        return data
+
+    @classmethod
+    def from_json(cls, data, where: str = "engines.json") -> EngineManifest:
+        if not isinstance(data, dict) or not isinstance(data.get("export"), dict):
+            raise RebuildNeeded(f"{where}: not an engine manifest; rebuild with `voltacache build`")
+        try:
+            export = ExportManifest.from_json(data["export"], where)
+        except RebuildNeeded:
+            raise RebuildNeeded(
+                f"{where}: built from an export made by an older voltacache (before step batching and SDXL); "
+                "run `voltacache export` again, then `voltacache build`"
+            ) from None
+        except ExportError as e:
+            raise RebuildNeeded(f"{e}; rebuild with `voltacache build`") from None
+        try:
+            fields = {f.name for f in dataclasses.fields(cls)}
+            values = {k: v for k, v in data.items() if k in fields}
+            return cls(**values | {"export": export, "owned": tuple(data.get("owned", ()))})
+        except TypeError as e:
+            raise RebuildNeeded(f"{where}: not an engine manifest ({e}); rebuild with `voltacache build`") from None
+
+
+def read_manifest(onnx_dir: Path) -> ExportManifest:
     """The manifest of an export folder; anything else is refused with the file named."""
     onnx_dir = Path(onnx_dir)
     if not onnx_dir.is_dir():
         raise ExportError(f"{onnx_dir}: no such folder; give the folder `voltacache export` wrote")
     path = onnx_dir / MANIFEST
     remedy = "give the folder `voltacache export` wrote, or run `voltacache export` again"
-    manifest = read_json(path, "export manifest", remedy, ExportError)
-    components = manifest.get("components") if isinstance(manifest, dict) else None
-    missing = [name for name in COMPONENTS if not isinstance((components or {}).get(name), dict)]
-    if not isinstance(components, dict) or missing or "precision" not in manifest:
-        what = f"no entry for {', '.join(missing)}" if isinstance(components, dict) and missing else "not one"
-        raise ExportError(f"{path}: not a voltacache export manifest ({what}); {remedy}")
-    if not current_export(manifest):
-        raise ExportError(f"{path}: {OLDER_EXPORT}")
-    return manifest
+    try:
+        return ExportManifest.from_json(read_json(path, "export manifest", remedy, ExportError), str(path))
+    except RebuildNeeded as e:
+        raise ExportError(str(e)) from None
 
 
-def specs_from_manifest(manifest: dict) -> dict[str, ComponentSpec]:
-    return {name: ComponentSpec.from_json(name, entry) for name, entry in manifest["components"].items()}
-
-
-def read_engine_manifest(engine_dir: Path, arg: str = "--engines") -> dict:
+def read_engine_manifest(engine_dir: Path, arg: str = "--engines") -> EngineManifest:
     """The manifest of an engines folder. A path that is no engines folder is the command line's mistake
-    (exit 2, named by `arg`); a torn manifest asks for a rebuild."""
+    (exit 2, named by `arg`); a torn or older manifest asks for a rebuild."""
     engine_dir = Path(engine_dir)
     wrote = "give the folder `voltacache build` wrote"
     if not engine_dir.exists():
         raise UsageError(f"{arg} {engine_dir}: no such folder; {wrote}")
     if not engine_dir.is_dir():
         raise UsageError(f"{arg} {engine_dir}: a file, not an engines folder; {wrote}")
-    if not (engine_dir / ENGINE_MANIFEST).is_file():
+    path = engine_dir / ENGINE_MANIFEST
+    if not path.is_file():
         raise UsageError(f"{arg} {engine_dir}: not an engines folder (no {ENGINE_MANIFEST} in it); {wrote}")
-    manifest = read_json(
-        engine_dir / ENGINE_MANIFEST, "engine manifest", "rebuild with `voltacache build`", RebuildNeeded
-    )
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("export"), dict):
-        raise RebuildNeeded(f"{engine_dir / ENGINE_MANIFEST}: not an engine manifest; rebuild with `voltacache build`")
-    return manifest
+    data = read_json(path, "engine manifest", "rebuild with `voltacache build`", RebuildNeeded)
+    return EngineManifest.from_json(data, str(path))
+
+
+def calibration_id(onnx_dir: Path) -> str | None:
+    """The int8 calibration set of the export in a folder (None: not int8, or no readable export)."""
+    try:
+        return read_manifest(onnx_dir).calibration_id
+    except VoltacacheError:
+        return None

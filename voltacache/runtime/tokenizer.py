@@ -92,6 +92,9 @@ def text_encoder_feeds(tokenizers, texts: list[str]) -> dict[str, np.ndarray]:
     return {name: token_ids(tokenizer, texts) for name, tokenizer in zip(TEXT_IDS, tokenizers)}
 
 
-def load_tokenizers(folder: Path, count: int) -> list[CLIPTokenizer]:
-    """The `count` tokenizers an export or engines folder holds."""
-    return [CLIPTokenizer.from_pretrained(Path(folder) / name) for name in TOKENIZER_DIRS[:count]]
+def load_tokenizers(folder: Path, export) -> list[CLIPTokenizer]:
+    """The tokenizers an export or engines folder holds: one per text encoder input of its export (its
+    runtime.manifests.ExportManifest)."""
+    return [
+        CLIPTokenizer.from_pretrained(Path(folder) / name) for name in TOKENIZER_DIRS[: export.geometry.text_encoders]
+    ]

@@ -21,6 +21,7 @@ from ..cache.layers import CacheSettings
 from ..errors import UsageError, VoltacacheError
 from ..outputs import REPOSITORY, refuse_overlap, staged_output
 from ..pipeline.lora import LORA_COMPONENTS, RESIDENT_VARIANTS, Loras, read_registry
+from ..runtime.backends import BACKENDS
 from ..runtime.manifests import read_engine_manifest
 from ..runtime.runners import WEIGHTS_INSIDE
 from ..specs import COMPONENTS, TEXT_ENCODER, ComponentSpec
@@ -41,7 +42,9 @@ ADAPTERS = {
     p.POSTPROCESS: "postprocess",
     p.CACHE_SEARCH: "cache_search",
 }
-COMPONENT_BACKENDS = ("python", "onnxruntime", "tensorrt")
+# python: every engine through the runtime (voltacache.runtime) in a Python model, what the CPU server has;
+# or Triton's own backend of the engines' kind (the NGC container's), where the backend table names one
+COMPONENT_BACKENDS = ("python", *(name for name, b in BACKENDS.items() if b.triton))
 DENOISER_INSTANCES = 2  # without step batching: requests denoised in parallel
 MAX_DENOISER_INSTANCES = 32  # each is a process holding a pipeline; more than the cores only contend
 
@@ -166,15 +169,15 @@ def deploy(
         raise UsageError(f"--denoiser-instances {denoiser_instances}: use 1 to {MAX_DENOISER_INSTANCES}")
     if component_backend not in COMPONENT_BACKENDS:
         raise UsageError(f"--component-backend {component_backend!r}: use one of {', '.join(COMPONENT_BACKENDS)}")
-    if (component_backend == "tensorrt") != (manifest["backend"] == "tensorrt"):
-        raise UsageError(f"--component-backend {component_backend}: {engines} holds {manifest['backend']} engines")
+    if component_backend != "python" and component_backend != manifest.backend:
+        raise UsageError(f"--component-backend {component_backend}: {engines} holds {manifest.backend} engines")
     for option, where in (("--cache", cache.index), ("--blob-store", cache.blob_store)):
         if where and "://" not in where and Path(os.path.abspath(repo)) in Path(os.path.abspath(where)).parents:
             raise UsageError(
                 f"{option} {where}: inside --repo {repo}, which a new deploy replaces whole; keep the cache outside it"
             )
     registered = registered_loras(repo, drop_loras)
-    registry = Loras({**registered, **(loras or {})}, manifest["export"], lora_resident or RESIDENT_VARIANTS)
+    registry = Loras({**registered, **(loras or {})}, manifest.export, lora_resident or RESIDENT_VARIANTS)
     if lora_resident is not None and not registry.files:
         raise UsageError("--lora-resident: only with LoRAs to keep resident; register them with --lora NAME=FILE")
     if registry.files:
@@ -194,7 +197,7 @@ def deploy(
                 raise UsageError(
                     f"{e}; it was registered in --repo {repo} before: --drop-lora {name} unregisters it"
                 ) from None
-        inside = [f for n, f in manifest["files"].items() if n in LORA_COMPONENTS and f.endswith(".onnx")]
+        inside = [f for n, f in manifest.files.items() if n in LORA_COMPONENTS and f.endswith(".onnx")]
         inside = [f for f in inside if not (Path(engines) / (f + ".data")).is_file()]
         if inside:  # built before ONNX Runtime engines kept their weights beside the graph
             raise UsageError(f"--lora: {Path(engines) / inside[0]} {WEIGHTS_INSIDE}")
@@ -232,20 +235,19 @@ def _write_repository(
     step_batching: bool,
     loras: Loras,
 ) -> None:
-    export = manifest["export"]
+    export = manifest.export
     specs = p.serving_specs(export)
     for name in COMPONENTS:
-        folder, source = repo / name, engines / manifest["files"][name]
+        folder, source = repo / name, engines / manifest.files[name]
         # the engines run any number of images (voltacache.runtime.runners); the text encoder, fed by the
         # ensemble one request at a time, has Triton stack concurrent requests into one call
         batched = step_batching and name == TEXT_ENCODER
-        shape = dict(rows="batched", max_batch_size=2 * max(export["batch_sizes"])) if batched else dict(rows="any")
+        shape = dict(rows="batched", max_batch_size=2 * max(export.batch_sizes)) if batched else dict(rows="any")
         if component_backend == "python":
             config, target = python_config(specs[name], engines, **shape), None
-        elif component_backend == "tensorrt":
-            config, target = model_config(specs[name], platform="tensorrt_plan", **shape), "model.plan"
-        else:
-            config, target = model_config(specs[name], backend="onnxruntime", **shape), "model.onnx"
+        else:  # Triton's own backend for these engines (voltacache.runtime.backends)
+            native = BACKENDS[component_backend].triton
+            config, target = model_config(specs[name], **native["config"], **shape), native["file"]
         if batched:
             config.dynamic_batching.SetInParent()
         if name == TEXT_ENCODER:  # the text-embedding memo: the same ids skip the encoder (Triton's LRU cache)

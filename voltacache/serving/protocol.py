@@ -68,7 +68,7 @@ from ..result import (  # noqa: F401
     UNET_SHALLOW_CALLS,
     images_tensor,
 )
-from ..specs import INPUT_IDS, TEXT_EMBEDDINGS, ComponentSpec, Geometry, TensorSpec, component_specs
+from ..specs import INPUT_IDS, TEXT_EMBEDDINGS, ComponentSpec, TensorSpec, component_specs
 
 # Sent to the denoiser directly (not through an ensemble): cancel a request in flight by its request id.
 # Triton 2.51 never forwards an ensemble's cancellation to the models inside it (docs/robustness.md); the
@@ -114,11 +114,10 @@ def lora_rows(loras, rows: int) -> np.ndarray:
 
 def serving_specs(export) -> dict[str, ComponentSpec]:
     """Specs of every model in the repository: the engine components, the Python models and the ensembles."""
-    g = Geometry(**export["geometry"])
-    engines = component_specs(g, export["batch"], export["height"], export["width"])
+    engines = component_specs(export.geometry, export.batch, export.height, export.width)
     ids = engines["text_encoder"].inputs
     embeddings, pooled = engines["text_encoder"].outputs
-    pixels = images_tensor(export["batch"], export["height"], export["width"])
+    pixels = images_tensor(export.batch, export.height, export.width)
     request = tuple(t.tensor for t in REQUEST_TENSORS)
     search = tuple(t.tensor for t in SEARCH_TENSORS)
     txt2img = tuple(t for t in request if t.name not in IMAGE_INPUTS)

@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import CacheUnavailable, InvalidRequest, UsageError, VoltacacheError
 from ..request import LORAS, Request
 from ..result import Result
+from ..runtime.manifests import read_engine_manifest
 from ..specs import TEXT_ENCODER, ComponentSpec
 from . import protocol as p
 
@@ -38,7 +39,7 @@ class PythonModel:
         self.repository = Path(args["model_repository"]).parent  # the model's folder is inside it
         self.parameters = {k: v["string_value"] for k, v in self.config.get("parameters", {}).items()}
         self.engines = Path(self.parameters["engines"])
-        self.export = json.loads((self.engines / "engines.json").read_text())["export"]
+        self.export = read_engine_manifest(self.engines, "engines").export
         self.spec = p.serving_specs(self.export)[self.parameters.get("spec", self.config["name"])]
         self.setup()
 
@@ -104,8 +105,8 @@ class TokenizerModel(PythonModel):
     def setup(self):
         from ..runtime.tokenizer import load_tokenizers
 
-        self.tokenizers = load_tokenizers(self.engines, self.export["geometry"]["text_encoders"])
-        self.batch = self.export["batch"]
+        self.tokenizers = load_tokenizers(self.engines, self.export)
+        self.batch = self.export.batch
 
     def run(self, request):
         from ..runtime.tokenizer import text_encoder_feeds
@@ -266,7 +267,7 @@ class DenoiserModel(PythonModel):
         names = (TEXT_ENCODER, UNET_DEEP, UNET_SHALLOW, VAE_ENCODER, VAE_DECODER)
         runners = {name: BlsRunner(specs[name]) for name in names}
         # the engines folder's calibrated DeepCache schedules, as read when the model loads
-        calibration = load_calibration(self.engines, self.export["fingerprint"])
+        calibration = load_calibration(self.engines, self.export.fingerprint)
         # the deployment's LoRAs: a request naming some is encoded again here, by their text encoder variant
         registry = self.registered_loras()
         loras = ServedLoras(registry)
@@ -275,7 +276,7 @@ class DenoiserModel(PythonModel):
         # the cross-request cache named by the deployment (voltacache deploy --cache), or None
         # (reported once in the server's log, where `voltacache serve` shows it, and served without)
         settings = CacheSettings.from_parameters(self.parameters)
-        fingerprint, dim = self.export["fingerprint"], self.export["geometry"]["pooled_dim"]
+        fingerprint, dim = self.export.fingerprint, self.export.geometry.pooled_dim
         self.cache = open_cache(settings, fingerprint, dim, warn=pb().Logger.log_warn)
         self.cache_index = settings.index
         self.metrics = Metrics(pb(), self.spec.name)
@@ -522,9 +523,9 @@ class CacheSearchModel(PythonModel):
         from ..cache.search import QueryEncoder
         from ..runtime.tokenizer import load_tokenizers
 
-        tokenizers = load_tokenizers(self.engines, self.export["geometry"]["text_encoders"])
+        tokenizers = load_tokenizers(self.engines, self.export)
         text_encoder = BlsRunner(p.serving_specs(self.export)[TEXT_ENCODER])
-        self.encoder = QueryEncoder(tokenizers, text_encoder, self.export["batch"])
+        self.encoder = QueryEncoder(tokenizers, text_encoder, self.export.batch)
         # only the clip embedder reads the text encoder's pooled output; the sentence embedder, the text
         self.pooled = CacheSettings.from_parameters(self.parameters).embedder == "clip"
 
