@@ -148,7 +148,8 @@ def test_nine_channel_deployment_declares_the_nine_channel_sample(inpaint_tiny, 
         dims = {i.name: list(i.dims) for i in config.input}
         assert dims["sample"] == [-1, 9, 8, 8], dims
     inpaint = text_format.Parse((repo / p.INPAINT / "config.pbtxt").read_text(), mc.ModelConfig())
-    assert {i.name for i in inpaint.input if not i.optional} == {p.PROMPT, p.INIT_IMAGE, p.MASK_IMAGE}
+    assert {i.name for i in inpaint.input if not i.optional} == {p.PROMPT}
+    assert {p.INIT_IMAGE, p.MASK_IMAGE, p.STRENGTH} <= {i.name for i in inpaint.input}
 
 
 def test_cache_is_scoped_by_mask(sd, tmp_path):

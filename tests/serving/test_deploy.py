@@ -54,8 +54,7 @@ def test_without_step_batching_the_repository_is_per_request(engines_dir, tmp_pa
 
 def test_ensembles_wire_existing_models_with_response_cache(triton_repo):
     # only the prompt is required (and, on img2img and inpaint, the images that make them what they are)
-    required = {p.TXT2IMG: {p.PROMPT}, p.IMG2IMG: {p.PROMPT, p.INIT_IMAGE}}
-    required[p.INPAINT] = required[p.IMG2IMG] | {p.MASK_IMAGE}
+    required = {name: {p.PROMPT} for name in (p.TXT2IMG, p.IMG2IMG, p.INPAINT)}
     for name in (p.TXT2IMG, p.IMG2IMG, p.INPAINT):
         config = read_config(triton_repo, name)
         # the response cache sits on the denoiser, so that postprocess can report a hit (protocol.py)

@@ -36,7 +36,7 @@ BAD_MASKS = {
     "wrong rank": (inpaint_tensors(**{p.MASK_IMAGE: np.zeros((1, 64, 64, 1), np.uint8)}), "MASK_IMAGE"),
     "two planes": (inpaint_tensors(**{p.MASK_IMAGE: np.zeros((64, 64, 2), np.uint8)}), "mask_image"),
     "empty": (inpaint_tensors(**{p.MASK_IMAGE: np.zeros((0, 64, 1), np.uint8)}), "mask_image"),
-    "mask without image": (inpaint_tensors(**{p.INIT_IMAGE: None}), "INIT_IMAGE"),
+    "mask without image": (inpaint_tensors(**{p.INIT_IMAGE: None}), "give one"),
 }
 
 

@@ -78,3 +78,20 @@ def test_cli_generates_with_a_registered_lora_through_the_server(cached_server, 
     assert json.loads(result.stdout)["loras"] == [["style", 0.7]]
     expected = local(PROMPT, cache_mode="off", loras=(("style", 0.7),), **REQUEST)
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected.images[0]))
+
+
+def test_a_lora_request_runs_the_text_encoder_once(cached_server, local):
+    """The ensemble hands the request's LoRAs to its text encoder, which encodes with their variant: the
+    denoiser no longer encodes the prompt a second time (Triton's own statistics count the executions)."""
+    client = Client(cached_server.grpc_url)
+
+    def encoder_runs() -> int:
+        stats = client.client.get_inference_statistics("text_encoder", as_json=True)
+        return int(stats["model_stats"][0]["inference_stats"]["success"].get("count", 0))
+
+    before = encoder_runs()
+    prompt = "a text encoder counted once, with a lora"  # new: the encoder's response cache has none of it
+    served = client.generate(prompt, cache_mode="off", loras=(("style", 0.9),), **REQUEST)
+    assert encoder_runs() - before == 1
+    expected = local(prompt, cache_mode="off", loras=(("style", 0.9),), **REQUEST)
+    assert np.abs(served.images[0].astype(int) - np.asarray(expected.images[0], int)).max() <= 1

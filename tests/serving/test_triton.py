@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from voltacache.errors import InvalidRequest, VoltacacheError
+from voltacache.request import Request
 from voltacache.serving import protocol as p
 from voltacache.serving.client import Client
 
@@ -89,7 +90,7 @@ def test_concurrent_requests_do_not_share_deep_features(triton, sd):
 
 
 BAD_REQUESTS = {
-    "missing input": valid(**{p.STEPS: None}),
+    "missing input": valid(**{p.PROMPT: None}),  # every other input has its default
     "wrong dtype": valid(**{p.STEPS: np.array([4.0], np.float32)}),
     "wrong shape": valid(**{p.STEPS: np.array([4, 4], np.int32)}),
     "empty prompt": valid(""),
@@ -241,3 +242,26 @@ def test_a_wrong_port_says_which_port_it_is(triton):
         Client(f"127.0.0.1:{triton.metrics_port}").image_shape()
     with pytest.raises(VoltacacheError, match="this is a Triton server's HTTP port; give its gRPC port"):
         Client(triton.http_url).image_shape()
+
+
+def test_a_bare_v2_request_with_only_a_prompt_gets_the_defaults(triton, sd):
+    """KServe v2 over HTTP/JSON, as curl or any program sends it, with PROMPT alone: the server applies
+    Request's defaults (50 PNDM steps, guidance 7.5, a seed it draws and reports)."""
+    import json
+
+    body = {
+        "inputs": [{"name": p.PROMPT, "shape": [1], "datatype": "BYTES", "data": [PROMPT]}],
+        "outputs": [{"name": p.IMAGES}, {"name": p.SEED_USED}, {"name": p.STEPS_COMPUTED}],
+    }
+    url = f"http://{triton.http_url}/v2/models/{p.TXT2IMG}/infer"
+    data = json.dumps(body).encode()
+    with urllib.request.urlopen(urllib.request.Request(url, data, {"Content-Type": "application/json"})) as r:
+        answer = {o["name"]: o for o in json.loads(r.read())["outputs"]}
+    seed, steps = answer[p.SEED_USED]["data"][0], answer[p.STEPS_COMPUTED]["data"][0]
+    image = np.array(answer[p.IMAGES]["data"], np.uint8).reshape(answer[p.IMAGES]["shape"])
+    assert steps == Request.steps
+    expected = np.asarray(sd(Request(PROMPT, seed=seed)).images[0])
+    assert np.array_equal(image[0], expected)
+    # and a client of before, which sends every input, is served as it was
+    old = Client(triton.grpc_url).infer(p.TXT2IMG, valid(), [p.IMAGES, p.STEPS_COMPUTED])
+    assert old[p.STEPS_COMPUTED][0] == 4

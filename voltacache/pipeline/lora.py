@@ -32,6 +32,19 @@ RESIDENT_VARIANTS = 2  # LoRA variants a pipeline keeps loaded, besides the base
 REGISTRY = "loras.json"  # a deployment's registered LoRAs, in its `loras` folder
 
 
+def registrations(options: list[str], arg: str = "--lora") -> dict[str, LoraFile]:
+    """`deploy --lora NAME=FILE ...` -> {name: LoraFile}, each file checked now."""
+    registered = {}
+    for option in options:
+        name, sep, path = option.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"{arg} {option!r}: give NAME=FILE, e.g. {arg} style=style.safetensors")
+        if name in registered:
+            raise UsageError(f"{arg} {name}: registered twice; give each name once")
+        registered[name] = LoraFile.open(name, Path(path), f"{arg} {option}:")
+    return registered
+
+
 def lora_options(options: list[str], files: bool) -> tuple[dict[str, LoraFile], tuple[LoraRequest, ...]]:
     """`--lora FILE[:SCALE]` (in process: each file named by its stem) or `--lora NAME[:SCALE]` (a server's
     registered LoRA) -> ({name: LoraFile} to open, the request's LoraRequests)."""

@@ -144,13 +144,13 @@ def serving_specs(export) -> dict[str, ComponentSpec]:
     }
 
 
-# inputs a request must send, per model: the prompt (and, on img2img and inpaint, the images that make them
-# what they are); the ensembles pass an absent one on as absent, and the server applies Request's defaults
+# inputs a request must send, per model: the prompt, nothing else; the ensembles pass an absent one on as
+# absent, and the denoiser applies Request's defaults, or names what is missing (an inpaint request without
+# its init image). Triton 2.51 does not check an ensemble's required inputs before it runs the first steps: a
+# required input left out leaves the ensemble waiting for it ("unexpected deadlock"), so none is required
+# but the one every step reads.
 REQUIRED = {
-    TOKENIZER: {PROMPT},
-    TXT2IMG: {PROMPT},
-    IMG2IMG: {PROMPT, INIT_IMAGE},
-    INPAINT: {PROMPT, INIT_IMAGE, MASK_IMAGE},
+    **{name: {PROMPT} for name in (TOKENIZER, TXT2IMG, IMG2IMG, INPAINT)},
     CACHE_SEARCH: {t.tensor.name for t in SEARCH_TENSORS if not t.optional},
 }
 

@@ -476,3 +476,28 @@ class TritonServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class StartInterrupted(KeyboardInterrupt):
+    """A signal came while tritonserver was starting; what started is stopped. `.signal` names it."""
+
+
+def serve_until_signalled(server: TritonServer, on_ready: Callable[[TritonServer], None]) -> None:
+    """`voltacache serve`: start the server, `on_ready(server)`, then serve until SIGINT or SIGTERM and stop
+    it (in-flight requests finish). StartInterrupted if the signal came during the start; ServerFailed if
+    the server exits by itself."""
+    signals = []  # the handler only records: a lock taken in a signal handler can deadlock the main thread
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: signals.append(signum))
+    try:
+        server.start(cancelled=lambda: bool(signals))
+    except KeyboardInterrupt:  # start() has stopped all it started
+        interrupted = StartInterrupted()
+        interrupted.signal = signal.Signals(signals[0] if signals else signal.SIGINT)
+        raise interrupted from None
+    with server:
+        on_ready(server)
+        while not signals and server.process.poll() is None:
+            time.sleep(0.25)
+    if not signals:
+        raise ServerFailed(f"tritonserver exited by itself (code {server.process.returncode}); the log is {server.log}")
