@@ -227,3 +227,24 @@ def s3_endpoint(tmp_path_factory):
 def new_port():
     """A function that returns a free loopback port."""
     return free_port
+
+
+@pytest.fixture(scope="session")
+def engines_openvino(onnx_fp32, tmp_path_factory):
+    """OpenVINO engines (f32) of the same fp32 export as engines_dir."""
+    from voltacache.compile.build import build_engines
+
+    out = tmp_path_factory.mktemp("engines") / "openvino"
+    build_engines(onnx_fp32, out, backend="openvino")
+    return out
+
+
+@pytest.fixture(scope="session")
+def onnx_bf16(tiny_dir, tmp_path_factory):
+    """The tiny model exported for bf16 (fp32 graphs, run on the CPU's bf16 units)."""
+    from voltacache.compile.export import export_model
+    from voltacache.compile.options import ExportOptions
+
+    out = tmp_path_factory.mktemp("onnx") / "bf16"
+    export_model(tiny_dir, out, ExportOptions(precision="bf16"))
+    return out

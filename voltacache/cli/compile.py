@@ -68,8 +68,9 @@ def export(
     out: Path = typer.Option(..., help="Folder for the ONNX files and manifest.json."),
     precision: str = typer.Option(
         "fp16",
-        help="fp16 (weights and compute), fp32 (what a CPU serves) or int8 (the U-Nets calibrated and quantized, "
-        "QDQ: ONNX Runtime's int8 kernels on CPU, an explicitly quantized TensorRT engine on GPU).",
+        help="fp16 (weights and compute), fp32 (what a CPU serves), int8 (the U-Nets calibrated and quantized, "
+        "QDQ: ONNX Runtime's or OpenVINO's int8 kernels on CPU, an explicitly quantized TensorRT engine on GPU) or "
+        "bf16 (fp32 graphs run on the CPU's bf16 units: AVX-512 BF16 or AMX, with `build --backend openvino`).",
     ),
     calibration_prompts: Path | None = typer.Option(
         None, help="int8: a file of prompts, one per line, whose denoising trajectories calibrate the U-Nets."
@@ -186,7 +187,11 @@ def print_export_report(manifest: dict):
 def build(
     onnx: Path = typer.Option(..., help="Folder written by `voltacache export`."),
     out: Path = typer.Option(..., help="Folder for the engines and engines.json."),
-    backend: str = typer.Option("auto", help="auto (TensorRT where it can run), tensorrt or onnxruntime."),
+    backend: str = typer.Option(
+        "auto",
+        help="auto (TensorRT where it runs; else the fastest of the CPU backends on this export, timed here), "
+        "onnxruntime, openvino or tensorrt.",
+    ),
     optimization_level: int = typer.Option(3, help="TensorRT builder optimization level (0-5)."),
     refittable: bool = typer.Option(
         False, help="TensorRT: engines whose weights can be refitted, so LoRAs apply without a rebuild."
@@ -202,7 +207,7 @@ def build(
     from rich.progress import Progress
 
     from ..outputs import ENGINES, EXPORT, check_folder, refuse_overlap
-    from ..runtime.backends import BACKENDS, choose_backend
+    from ..runtime.backends import BACKENDS
     from ..specs import COMPONENTS
 
     if backend != "auto" and backend not in BACKENDS:
@@ -213,9 +218,12 @@ def build(
     refuse_overlap(out, onnx, "--out", "--onnx")
     check_folder(out, ENGINES, force=force)
 
-    from ..compile.build import build_engines
+    from ..compile.build import build_engines, select_backend
+    from ..runtime.manifests import read_manifest
 
-    chosen, reason = choose_backend(backend)
+    if backend == "auto":  # timing the candidates takes a moment: say so
+        err.print("choosing a backend: timing the ones that run here on this export", soft_wrap=True)
+    chosen, reason, selection = select_backend(backend, read_manifest(onnx), onnx)
     announce = f"backend: {chosen.name} ({escape(reason)})"  # printed soft-wrapped: one line in a log
     # The backend and the bar appear when the work starts (a refused --out or a folder that is no export
     # is one line on stderr); off a terminal, no bar, and the backend once the build is done.
@@ -238,6 +246,7 @@ def build(
             force=force,
             refittable=refittable,
             reason=reason,
+            selection=selection,
         )
         bars.update(task, description="done", completed=len(COMPONENTS))
     finally:

@@ -18,16 +18,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ExportError, VoltacacheError
+from ..errors import ExportError, UsageError, VoltacacheError
 from ..outputs import ENGINES, refuse_overlap, staged_output
 from ..pipeline.calibration import carry_calibrations
-from ..runtime.backends import Backend, choose_backend
+from ..runtime.backends import BACKENDS, Backend, candidates
 from ..runtime.backends import backend as find_backend
+from ..runtime.cpu import cpu, has_bf16
 from ..runtime.engines import onnx_fingerprint, onnx_stats
 from ..runtime.manifests import ENGINE_MANIFEST, EngineManifest, ExportManifest, read_manifest
 from ..runtime.tokenizer import TOKENIZER_DIRS
-from ..specs import COMPONENTS, TEXT_IDS
+from ..specs import COMPONENTS, TEXT_IDS, TIME_IDS, TIMESTEP, UNET_DEEP
 
+BACKEND_OPENVINO = BACKENDS["openvino"]
 # The saved model is optimized only as far as stays portable across CPUs (layout-specific
 # NCHWc rewrites happen at load time, under ORT_ENABLE_ALL).
 ORT_SAVED_LEVEL = "ORT_ENABLE_EXTENDED"
@@ -60,6 +62,7 @@ def build_engines(
     force: bool = False,
     refittable: bool = False,
     reason: str | None = None,
+    selection: dict | None = None,
 ) -> EngineManifest:
     """Build one engine per component of the export in `onnx_dir` with a backend of the table
     (voltacache.runtime.backends; `auto` picks one and says why); returns the engine manifest.
@@ -71,31 +74,96 @@ def build_engines(
     """
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
     export = read_manifest(onnx_dir)
-    chosen, reason = (find_backend(backend), reason) if reason is not None else choose_backend(backend)
+    if reason is not None:  # the caller chose (and said why)
+        chosen = find_backend(backend)
+    else:
+        chosen, reason, selection = select_backend(backend, export, onnx_dir)
+    if export.precision == "bf16" and not has_bf16():
+        raise UsageError(
+            f"--onnx {onnx_dir}: a bf16 export, and this CPU ({cpu()['model']}) has no bf16 instructions "
+            "(AVX-512 BF16 or AMX); export fp32 for it"
+        )
     refuse_overlap(out_dir, onnx_dir, "--out", "--onnx")
     options = BuildOptions(optimization_level, timing_cache or default_timing_cache(), refittable)
     # the engines' DeepCache calibration is measured on the export: kept over a rebuild of the same one
     carry = functools.partial(carry_calibrations, fingerprint=export.fingerprint)
     with staged_output(out_dir, ENGINES, force=force, arg="--out", carry=carry) as stage:
-        return _build(onnx_dir, stage, export, chosen, reason, options, progress)
+        return _build(onnx_dir, stage, export, chosen, reason, options, progress, selection)
+
+
+def select_backend(requested: str, export: ExportManifest, onnx_dir: Path) -> tuple[Backend, str, dict | None]:
+    """(backend, why, what was measured): the named one; for `auto`, TensorRT where it runs, else each CPU
+    backend that builds this export's precision timed on one unet_deep call of this export, the fastest
+    taken (ratios move with the CPU: docs/benchmarks.md)."""
+    found, why = candidates(requested, export.precision)
+    if len(found) == 1 or found[0].name == "tensorrt":
+        return found[0], why or f"{found[0].name}: the only one that builds {export.precision} here", None
+    timings = {b.name: round(time_unet(b, export, onnx_dir), 4) for b in found}
+    best = min(timings, key=timings.get)
+    shown = ", ".join(f"{name} {seconds:.3f} s" for name, seconds in sorted(timings.items(), key=lambda i: i[1]))
+    selection = {"cpu": cpu(), "component": UNET_DEEP, "seconds": timings, "chosen": best}
+    return BACKENDS[best], f"fastest on one {UNET_DEEP} call on {cpu()['model']}: {shown}", selection
+
+
+def time_unet(chosen: Backend, export: ExportManifest, onnx_dir: Path, repeats: int = 3) -> float:
+    """The median seconds of one unet_deep call (the export's batch) on a backend, straight from the ONNX."""
+    import statistics
+    import tempfile
+
+    import numpy as np
+
+    spec = export.components[UNET_DEEP].spec
+    source = onnx_dir / export.components[UNET_DEEP].file
+    with tempfile.TemporaryDirectory(prefix="voltacache-select-") as scratch:
+        options = BuildOptions(timing_cache=default_timing_cache())
+        file, _ = chosen.build(source, Path(scratch), UNET_DEEP, export, options, check=False)
+        manifest = EngineManifest(
+            chosen.name,
+            "",
+            {},
+            {},
+            export,
+            str(onnx_dir),
+            "",
+            {},
+            session_options=chosen.session_options,
+            inference_precision=inference_precision(chosen, export),
+        )
+        runner = chosen.load(Path(scratch) / file, spec, export.batch_sizes, manifest, False, False)
+        rng = np.random.default_rng(0)
+        feeds = {t.name: rng.standard_normal(t.shape).astype(t.dtype) for t in spec.inputs}
+        runner.infer(feeds)  # the first call pays for allocations
+        seconds = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            runner.infer(feeds)
+            seconds.append(time.perf_counter() - started)
+        return statistics.median(seconds)
 
 
 def _build(
-    onnx_dir: Path, out_dir: Path, export: ExportManifest, chosen: Backend, reason: str, options, progress
+    onnx_dir: Path,
+    out_dir: Path,
+    export: ExportManifest,
+    chosen: Backend,
+    reason: str,
+    options,
+    progress,
+    selection: dict | None = None,
 ) -> EngineManifest:
     started = time.time()
     tokenizers = TOKENIZER_DIRS[: export.geometry.text_encoders]
     for name in tokenizers:
         if not (onnx_dir / name).is_dir():
             raise ExportError(f"{onnx_dir / name}: missing from the export; run `voltacache export` again")
-    files = {}
+    files, report = {}, {}
     for name in COMPONENTS:
         if progress:
             progress(name)
         source = onnx_dir / export.components[name].file
         if not source.is_file():
             raise ExportError(f"{source}: missing from the export; run `voltacache export` again")
-        files[name] = chosen.build(source, out_dir, name, export, options)
+        files[name], report[name] = chosen.build(source, out_dir, name, export, options)
     for name in tokenizers:
         shutil.copytree(onnx_dir / name, out_dir / name, dirs_exist_ok=True)
     manifest = EngineManifest(
@@ -110,13 +178,16 @@ def _build(
         session_options=chosen.session_options,
         optimization_level=options.optimization_level if chosen.name == "tensorrt" else None,
         refittable=chosen.lora == "always" or (chosen.lora == "refittable" and options.refittable),
+        inference_precision=inference_precision(chosen, export),
+        report={name: r for name, r in report.items() if r},
+        selection=selection,
         seconds=round(time.time() - started, 1),
     )
     (out_dir / ENGINE_MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2, default=str))
     return manifest
 
 
-def build_onnxruntime(source: Path, out_dir: Path, name: str, export: ExportManifest, options: BuildOptions) -> str:
+def build_onnxruntime(source: Path, out_dir: Path, name: str, export: ExportManifest, options, check: bool = True):
     """ONNX Runtime's optimized graph of one component (its weights beside it), as `load_engines` runs it."""
     import onnxruntime as ort
     from onnxruntime.capi.onnxruntime_pybind11_state import (
@@ -144,10 +215,10 @@ def build_onnxruntime(source: Path, out_dir: Path, name: str, export: ExportMani
         raise ExportError(
             f"{source}: ONNX Runtime cannot read this ONNX file ({e}); run `voltacache export` again"
         ) from e
-    return target.name
+    return target.name, {}
 
 
-def build_tensorrt(source: Path, out_dir: Path, name: str, export: ExportManifest, options: BuildOptions) -> str:
+def build_tensorrt(source: Path, out_dir: Path, name: str, export: ExportManifest, options, check: bool = True):
     """A TensorRT plan of one component, one static profile per engine size, checked against ONNX Runtime."""
     from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine
     from polygraphy.exception import PolygraphyException
@@ -184,8 +255,56 @@ def build_tensorrt(source: Path, out_dir: Path, name: str, export: ExportManifes
     target = out_dir / f"{name}.plan"
     timing_cache.parent.mkdir(parents=True, exist_ok=True)
     SaveEngine(EngineFromNetwork(network, config=config, save_timing_cache=str(timing_cache)), str(target))()
-    compare_with_onnxruntime(target, source, spec, sizes, TRT_TOLERANCE[precision])
-    return target.name
+    if check:
+        compare_with_onnxruntime(target, source, spec, sizes, TRT_TOLERANCE[precision])
+    return target.name, {}
+
+
+def inference_precision(chosen: Backend, export: ExportManifest) -> str | None:
+    """What OpenVINO computes in: the CPU's bf16 units for a bf16 export, f32 otherwise (int8 runs its QDQ)."""
+    if chosen.name != "openvino":
+        return None
+    return "bf16" if export.precision == "bf16" else "f32"
+
+
+def build_openvino(source: Path, out_dir: Path, name: str, export: ExportManifest, options, check: bool = True):
+    """OpenVINO's model (IR: `<name>.xml` and its weights `<name>.bin`) of one component, read from the ONNX as
+    exported (fused Attention and QDQ included), with its error against ONNX Runtime on the same ONNX measured
+    at the precision it will run: (file, {"error": ...}), recorded in the engine manifest."""
+    import openvino as ov
+
+    from ..runtime.runners import OnnxRuntimeRunner, OpenVinoRunner
+
+    try:
+        model = ov.convert_model(str(source))
+    except Exception as e:  # openvino raises its own errors for a file it cannot read
+        raise ExportError(f"{source}: OpenVINO cannot read this ONNX file ({e}); run `voltacache export` again") from e
+    target = out_dir / f"{name}.xml"
+    ov.save_model(model, str(target), compress_to_fp16=False)  # weights as exported: the precision is the hint's
+    if not check:
+        return target.name, {}
+    spec = export.components[name].spec
+    runner = OpenVinoRunner(target, spec, inference_precision(BACKEND_OPENVINO, export))
+    reference = OnnxRuntimeRunner(source, spec)
+    return target.name, {"error": round(relative_error(runner, reference, spec), 6)}
+
+
+def relative_error(runner, reference, spec, seed: int = 0) -> float:
+    """Max abs difference over the outputs on random inputs (ids in the vocabulary, timesteps in [0, 1000)),
+    relative to max(1, max |reference|)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for t in spec.inputs:
+        if t.name in TEXT_IDS:
+            feeds[t.name] = rng.integers(0, 49407, t.shape).astype(t.dtype)
+        elif t.name in (TIMESTEP, TIME_IDS):
+            feeds[t.name] = rng.integers(0, 1000, t.shape).astype(t.dtype)
+        else:
+            feeds[t.name] = rng.standard_normal(t.shape).astype(t.dtype)
+    got, want = runner.infer(feeds), reference.infer(feeds)
+    return max(float(np.abs(got[k] - want[k]).max() / max(1.0, np.abs(want[k]).max())) for k in want)
 
 
 def compare_with_onnxruntime(plan: Path, source: Path, spec, sizes, tolerance: float = 2e-2) -> None:

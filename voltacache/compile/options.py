@@ -12,7 +12,9 @@ from pathlib import Path
 
 from ..errors import UsageError
 
-PRECISIONS = ("fp16", "fp32", "int8")  # int8: the U-Nets quantized (voltacache.compile.quantize), the rest fp32
+# int8: the U-Nets quantized (voltacache.compile.quantize), the rest fp32; bf16: fp32 graphs that a backend
+# runs on the CPU's bf16 units (OpenVINO), a precision of its own: its images are never another's
+PRECISIONS = ("fp16", "fp32", "int8", "bf16")
 SIZE_STEPS = (1, 2, 4, 8)  # default engine sizes, in multiples of --batch
 
 
@@ -87,7 +89,7 @@ class ExportOptions:
 
     def check(self):
         if self.precision not in PRECISIONS:
-            raise UsageError(f"--precision {self.precision!r}: use fp16, fp32 or int8")
+            raise UsageError(f"--precision {self.precision!r}: use {', '.join(PRECISIONS)}")
         if self.opset not in (18, 23):
             raise UsageError(f"--opset {self.opset}: use 23 (fused Attention) or 18 (unfused, TensorRT < 10.14)")
         for name in ("height", "width"):
@@ -109,8 +111,8 @@ class ExportOptions:
 
     @property
     def graph_precision(self) -> str:
-        """The precision the graphs are exported in, before any quantization."""
-        return "fp32" if self.precision == "int8" else self.precision
+        """The precision the graphs are exported in, before any quantization (bf16: the backend's units)."""
+        return "fp32" if self.precision in ("int8", "bf16") else self.precision
 
     def fingerprint(self, model: str) -> str:
         """What the images depend on: the weights, and how they were compiled (a cache entry of one

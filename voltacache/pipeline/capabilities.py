@@ -16,19 +16,21 @@ from ..request import SIZE_CONDITIONING, Request
 
 @dataclass
 class Capabilities:
-    export: dict  # the export manifest the engines were built from
+    export: object  # the runtime.manifests.ExportManifest the engines were built from
     calibration: object  # deepcache_calibration.ScheduleCalibration or NoScheduleCalibration
     loras: object  # lora.Loras, or the served denoiser's view of the deployment's LoRAs
 
     @classmethod
-    def of_engines(cls, engine_dir: Path, loras: dict | None = None, export: dict | None = None) -> Capabilities:
+    def of_engines(cls, engine_dir: Path, loras: dict | None = None) -> Capabilities:
         """The engines folder's capabilities; `loras`: {name: LoraFile} a request may name."""
         from ..runtime.manifests import read_engine_manifest
         from .calibration import load_calibration
         from .lora import Loras
 
-        export = export if export is not None else read_engine_manifest(engine_dir).export
-        return cls(export, load_calibration(engine_dir, export.fingerprint), Loras(loras or {}, export))
+        manifest = read_engine_manifest(engine_dir)
+        export = manifest.export
+        calibration = load_calibration(engine_dir, export.fingerprint)
+        return cls(export, calibration, Loras(loras or {}, export, backend=manifest.backend))
 
     @property
     def size(self) -> tuple[int, int]:

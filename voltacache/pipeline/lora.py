@@ -258,8 +258,10 @@ class Loras:
     """The LoRA files a pipeline (or a deployment) applies by name, and the variants of its engines that
     are resident: the most recently used `resident` ones, each a set of runners."""
 
-    def __init__(self, files: dict[str, LoraFile], export: dict, resident: int = RESIDENT_VARIANTS):
-        self.files, self.export, self.resident = dict(files), export, resident
+    def __init__(self, files: dict[str, LoraFile], export, resident: int = RESIDENT_VARIANTS, backend: str = ""):
+        """`export`: the engines' ExportManifest; `backend`: theirs (runtime.backends), whose row says whether
+        a LoRA can swap its weights."""
+        self.files, self.export, self.resident, self.backend = dict(files), export, resident, backend
         self.targets = {n: export.components[n].lora_targets for n in LORA_COMPONENTS}
         self.variants: OrderedDict[tuple, dict] = OrderedDict()
         self.changes: dict[tuple, dict] = {}  # (digest, scale) -> changes, for the resident variants
@@ -276,6 +278,12 @@ class Loras:
 
     def check_engines(self) -> None:
         """Whether these engines can take a LoRA at all."""
+        from ..runtime.backends import BACKENDS
+
+        if self.backend in BACKENDS and BACKENDS[self.backend].lora == "never":
+            raise InvalidRequest(
+                f"lora: {self.backend} engines cannot swap their weights; build with --backend onnxruntime for LoRA"
+            )
         if self.export.precision == "int8":
             raise InvalidRequest("lora: not on int8 engines (their weights are quantized); export fp16 or fp32")
         if not all(self.targets.values()):
@@ -340,9 +348,9 @@ class Loras:
         return self.changes[key]
 
     @classmethod
-    def from_registry(cls, folder: Path, export: dict, resident: int = RESIDENT_VARIANTS) -> Loras:
+    def from_registry(cls, folder: Path, export, resident: int = RESIDENT_VARIANTS, backend: str = "") -> Loras:
         """The LoRAs a deployment registered (voltacache deploy --lora)."""
-        return cls(read_registry(folder), export, resident)
+        return cls(read_registry(folder), export, resident, backend)
 
     def write_registry(self, folder: Path) -> None:
         """Copy every LoRA file into `folder` (the deployment's own copy: a file changed later changes

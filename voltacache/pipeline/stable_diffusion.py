@@ -230,7 +230,7 @@ class StableDiffusion:
         tokenizers = load_tokenizers(engine_dir, engines.export)
         calibration = load_calibration(engine_dir, engines.export.fingerprint)
         if not isinstance(loras, Loras):
-            loras = Loras(loras or {}, engines.export, resident)
+            loras = Loras(loras or {}, engines.export, resident, engines.manifest.backend)
         return cls(engines.runners, engines.export, tokenizers, calibration, loras)
 
     def __call__(self, request: Request | str, /, *, cache=None, **fields) -> Generation:

@@ -80,6 +80,26 @@ def _tensorrt_runner(path, spec, sizes, manifest, served: bool, cuda_graph: bool
     return TensorRTRunner(path, spec, sizes, cuda_graph=cuda_graph)
 
 
+def _openvino_available() -> tuple[bool, str]:
+    if importlib.util.find_spec("openvino") is None:
+        return False, "openvino is not installed (pip install 'voltacache[openvino]')"
+    return True, "OpenVINO runs on this CPU"
+
+
+def _openvino_versions() -> dict:
+    import openvino
+
+    from .cpu import cpu
+
+    return {"openvino": openvino.__version__.split("-")[0], "cpu": cpu()["model"], "cpu_flags": cpu()["flags"]}
+
+
+def _openvino_runner(path, spec, sizes, manifest, served: bool, cuda_graph: bool):
+    from .runners import OpenVinoRunner
+
+    return OpenVinoRunner(path, spec, manifest.inference_precision or "f32", sizes)
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
@@ -92,6 +112,7 @@ class Backend:
     triton: dict = field(default_factory=dict)  # Triton's own backend for it: config fields and the file name
     lora: str = "always"  # always: a LoRA swaps its weights; refittable: when built so; never
     session_options: dict | None = None  # recorded in the manifest, applied where the engines load
+    precisions: tuple[str, ...] = ("fp16", "fp32", "int8")  # the export precisions it builds
 
     def build(self, *args, **kwargs) -> str:
         module, function = self.builder.split(":")
@@ -126,8 +147,21 @@ BACKENDS = {
         triton={"config": {"platform": "tensorrt_plan"}, "file": "model.plan"},
         lora="refittable",
     ),
+    # no Triton backend here: the CPU server runs it in the python component models (the NGC container's
+    # own OpenVINO backend reads IR too, but was not tried: docs/architecture.md)
+    "openvino": Backend(
+        "openvino",
+        ".xml",
+        _openvino_runner,
+        _openvino_versions,
+        ("openvino",),
+        _openvino_available,
+        "voltacache.compile.build:build_openvino",
+        lora="never",
+        precisions=("fp32", "bf16", "int8"),
+    ),
 }
-AUTO_ORDER = ("tensorrt", "onnxruntime")  # `--backend auto`: the first that can run here
+AUTO_ORDER = ("tensorrt", "openvino", "onnxruntime")  # `--backend auto`: TensorRT where it runs, else timed
 
 
 def backend(name: str, arg: str = "--backend") -> Backend:
@@ -136,18 +170,35 @@ def backend(name: str, arg: str = "--backend") -> Backend:
     return BACKENDS[name]
 
 
-def choose_backend(requested: str) -> tuple[Backend, str]:
-    """The backend to build with, and why: `auto` takes the first of AUTO_ORDER that can run here."""
-    if requested == "auto":
-        reasons = []
-        for name in AUTO_ORDER:
-            ok, why = BACKENDS[name].available()
-            if ok:
-                return BACKENDS[name], why if not reasons else f"{'; '.join(reasons)}; {why}"
+def candidates(requested: str, precision: str) -> tuple[list[Backend], str]:
+    """The backends `--backend` allows for an export of `precision` that can run here, and why: one when
+    named (refused with the reason when it cannot), every one of AUTO_ORDER that can for `auto`."""
+    if requested != "auto":
+        chosen = backend(requested)
+        if precision not in chosen.precisions:
+            others = [n for n in AUTO_ORDER if precision in BACKENDS[n].precisions]
+            raise UsageError(
+                f"--backend {requested}: builds {', '.join(chosen.precisions)} exports, not {precision}; "
+                f"use --backend {' or '.join(others)}"
+            )
+        ok, why = chosen.available()
+        if not ok:
+            raise UsageError(f"--backend {requested}: {why}")
+        return [chosen], "requested"
+    found, reasons = [], []
+    for name in AUTO_ORDER:
+        row = BACKENDS[name]
+        ok, why = row.available()
+        if ok and precision in row.precisions:
+            found.append(row)
+        elif not ok:
             reasons.append(why)
-        raise UsageError(f"--backend auto: no backend can run here ({'; '.join(reasons)})")
-    chosen = backend(requested)
-    ok, why = chosen.available()
-    if not ok:
-        raise UsageError(f"--backend {requested}: {why}")
-    return chosen, "requested"
+    if not found:
+        raise UsageError(f"--backend auto: no backend builds a {precision} export here ({'; '.join(reasons)})")
+    return found, "; ".join(reasons)
+
+
+def choose_backend(requested: str, precision: str = "fp32") -> tuple[Backend, str]:
+    """The backend to build with, and why, without timing: the named one, or the first `auto` allows."""
+    found, why = candidates(requested, precision)
+    return found[0], why or f"{found[0].name} is the first that runs here"

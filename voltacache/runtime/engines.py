@@ -10,6 +10,7 @@ from pathlib import Path
 from ..errors import RebuildNeeded, VoltacacheError
 from ..specs import COMPONENTS
 from .backends import BACKENDS
+from .cpu import cpu, has_bf16
 from .manifests import EngineManifest, ExportManifest, calibration_id, read_engine_manifest
 from .runners import Runner
 
@@ -50,6 +51,11 @@ def check_compatible(manifest: EngineManifest, engine_dir: Path) -> None:
     ok, why = backend.available()
     if not ok:
         raise RebuildNeeded(f"{engine_dir}: built for {backend.name}, which is not usable here ({why}); rebuild")
+    if manifest.inference_precision == "bf16" and not has_bf16():
+        raise RebuildNeeded(
+            f"{engine_dir}: built for bf16, and this CPU ({cpu()['model']}) has no bf16 instructions (AVX-512 BF16 "
+            "or AMX); rebuild its export in fp32 with `voltacache export --precision fp32`, then `voltacache build`"
+        )
     differs = backend.check_versions(manifest.versions)
     if differs:
         key, built, now = differs

@@ -140,6 +140,9 @@ class EngineManifest:
     session_options: dict | None = None  # ONNX Runtime's, applied wherever these engines load
     optimization_level: int | None = None  # TensorRT's builder level
     refittable: bool = False  # weights a LoRA can replace in place
+    inference_precision: str | None = None  # OpenVINO's: f32, or bf16 on the CPU's bf16 units
+    report: dict = field(default_factory=dict)  # per component: what the build measured (error against ONNX)
+    selection: dict | None = None  # --backend auto: the CPU, each candidate's time, why this one
     seconds: float = 0.0
     format: int = ENGINE_FORMAT
     owned: tuple[str, ...] = ()

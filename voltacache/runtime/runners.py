@@ -161,6 +161,33 @@ class OnnxRuntimeRunner(Runner):
         return OnnxRuntimeRunner(self.path, self.spec, self.session_options, self.providers, self.sizes, values)
 
 
+class OpenVinoRunner(Runner):
+    """An OpenVINO model (IR written at build time) compiled for this CPU at the precision it was built for:
+    f32, or bf16 on the CPU's bf16 units (AVX-512 BF16, AMX). Like ONNX Runtime's, the row dimension is
+    dynamic: a call runs exactly its n images. Compiled models are cached per model and precision in
+    ~/.cache/voltacache/openvino (never in the engines folder: it holds only what build wrote)."""
+
+    def __init__(self, path: Path, spec: ComponentSpec, precision: str = "f32", sizes: tuple[int, ...] = ()):
+        import openvino as ov
+
+        self.path, self.spec, self.sizes, self.precision = Path(path), spec, tuple(sizes), precision
+        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": str(ov_cache())}
+        try:
+            self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        except Exception as e:  # openvino raises RuntimeError for a file it cannot read
+            raise VoltacacheError(f"{path}: OpenVINO cannot load it ({e}); rebuild with `voltacache build`") from e
+        self.request = self.compiled.create_infer_request()
+
+    def _infer(self, feeds):
+        self.request.infer({n: feeds[n] for n in self.spec.input_names})
+        # copies: the request's output buffers are reused by the next call
+        return {n: np.array(self.request.get_tensor(n).data) for n in self.spec.output_names}
+
+
+def ov_cache() -> Path:
+    return Path.home() / ".cache" / "voltacache" / "openvino"
+
+
 class TorchRunner(Runner):
     """The PyTorch reference: the same modules the exporter exported, any number of images per call.
 

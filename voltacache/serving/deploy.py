@@ -177,7 +177,8 @@ def deploy(
                 f"{option} {where}: inside --repo {repo}, which a new deploy replaces whole; keep the cache outside it"
             )
     registered = registered_loras(repo, drop_loras)
-    registry = Loras({**registered, **(loras or {})}, manifest.export, lora_resident or RESIDENT_VARIANTS)
+    files = {**registered, **(loras or {})}
+    registry = Loras(files, manifest.export, lora_resident or RESIDENT_VARIANTS, manifest.backend)
     if lora_resident is not None and not registry.files:
         raise UsageError("--lora-resident: only with LoRAs to keep resident; register them with --lora NAME=FILE")
     if registry.files:

@@ -39,7 +39,8 @@ class PythonModel:
         self.repository = Path(args["model_repository"]).parent  # the model's folder is inside it
         self.parameters = {k: v["string_value"] for k, v in self.config.get("parameters", {}).items()}
         self.engines = Path(self.parameters["engines"])
-        self.export = read_engine_manifest(self.engines, "engines").export
+        self.manifest = read_engine_manifest(self.engines, "engines")
+        self.export = self.manifest.export
         self.spec = p.serving_specs(self.export)[self.parameters.get("spec", self.config["name"])]
         self.setup()
 
@@ -52,7 +53,7 @@ class PythonModel:
         from ..pipeline.lora import Loras
 
         resident = int(self.parameters.get(p.LORA_RESIDENT) or 1)
-        return Loras.from_registry(self.repository / p.LORA_FOLDER, self.export, resident)
+        return Loras.from_registry(self.repository / p.LORA_FOLDER, self.export, resident, self.manifest.backend)
 
     def execute(self, requests):
         return [self.respond(self.run, request) for request in requests]
