@@ -40,11 +40,14 @@ def summarize(seconds: dict[str, list[float]], baseline: str) -> dict:
 
 
 def machine() -> dict:
-    import os
+    """What every result records of the machine: the CPU model and its matrix-unit flags move the ratios."""
+    from .runtime.cpu import cpu
 
+    facts = cpu()
     return {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
+        "cpu": facts["model"],
+        "cpu_flags": facts["flags"],
+        "cores": facts["cores"],
         "python": platform.python_version(),
     }
 
