@@ -68,7 +68,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--entries", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--lookups", type=int, default=300)
-    parser.add_argument("--out", type=Path, default=Path("docs/results/cache_lookup.json"))
+    parser.add_argument("--out", type=Path, default=Path("build/results/cache_lookup.json"))
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     rows = [measure(n, args.lookups, rng) for n in args.entries]

@@ -116,7 +116,7 @@ def main():
     parser.add_argument("--entries", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--prompts", type=int, default=500, help="workload prompts stored (and paraphrased)")
     parser.add_argument("--calls", type=int, default=200)
-    parser.add_argument("--out", type=Path, default=Path("docs/results/cache_search.json"))
+    parser.add_argument("--out", type=Path, default=Path("build/results/cache_search.json"))
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     pairs = workload_prompts(args.prompts, seed=0)

@@ -235,8 +235,8 @@ def main():
     parser.add_argument("--embedder", default="minilm")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sd15-results", type=Path, default=Path("docs/results/bench_sd15.json"))
-    parser.add_argument("--out", type=Path, default=Path("docs/results/cache_workload.json"))
-    parser.add_argument("--figure", type=Path, default=Path("docs/figures/cache_workload.png"))
+    parser.add_argument("--out", type=Path, default=Path("build/results/cache_workload.json"))
+    parser.add_argument("--figure", type=Path, default=Path("build/figures/cache_workload.png"))
     args = parser.parse_args()
 
     sd = StableDiffusion.from_engines(args.engines)

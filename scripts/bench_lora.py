@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import write_lora  # noqa: E402  (the LoRA files the tests use, at a trainer's rank)
 
+from voltacache.benchmark import machine
 from voltacache.compile.checkpoint import load_pipeline
 from voltacache.pipeline.lora import LoraFile
 from voltacache.pipeline.stable_diffusion import StableDiffusion
@@ -41,8 +42,8 @@ def main() -> None:
     parser.add_argument("--engines", type=Path, required=True)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=Path("docs/results/lora_switching.json"))
-    parser.add_argument("--figure", type=Path, default=Path("docs/figures/lora_switching_sd15.png"))
+    parser.add_argument("--out", type=Path, default=Path("build/results/lora_switching.json"))
+    parser.add_argument("--figure", type=Path, default=Path("build/figures/lora_switching_sd15.png"))
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-lora-"))
@@ -92,6 +93,7 @@ def main() -> None:
             ),
         },
     }
+    report = {"machine": machine(), **report}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

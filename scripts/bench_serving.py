@@ -28,7 +28,7 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cache-interval", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--out", type=Path, default=Path("docs/results/serving.json"))
+    parser.add_argument("--out", type=Path, default=Path("build/results/serving.json"))
     args = parser.parse_args()
 
     request = dict(steps=args.steps, scheduler="ddim", cache_interval=args.cache_interval)

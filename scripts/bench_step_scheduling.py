@@ -280,7 +280,7 @@ def main():
     parser.add_argument("--strategy", choices=("oldest", "direct"), default="oldest", help="iterative's batcher")
     parser.add_argument("--queue-delay-us", type=int, default=0, help="iterative's max_queue_delay_microseconds")
     parser.add_argument("--idle-s", type=float, default=60.0, help="iterative's max_sequence_idle_microseconds")
-    parser.add_argument("--out", type=Path, default=Path("docs/results/step_scheduling.json"))
+    parser.add_argument("--out", type=Path, default=Path("build/results/step_scheduling.json"))
     args = parser.parse_args()
     print(HEADER)
 

@@ -327,11 +327,11 @@ def main() -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="seeds the order of the mix")
     parser.add_argument("--label", default="tiny")
-    parser.add_argument("--out", type=Path, default=None, help="default docs/results/throughput_<label>.json")
-    parser.add_argument("--figure", type=Path, default=None, help="default docs/figures/throughput_<label>.png")
+    parser.add_argument("--out", type=Path, default=None, help="default build/results/throughput_<label>.json")
+    parser.add_argument("--figure", type=Path, default=None, help="default build/figures/throughput_<label>.png")
     args = parser.parse_args()
-    args.out = args.out or Path(f"docs/results/throughput_{args.label}.json")
-    args.figure = args.figure or Path(f"docs/figures/throughput_{args.label}.png")
+    args.out = args.out or Path(f"build/results/throughput_{args.label}.json")
+    args.figure = args.figure or Path(f"build/figures/throughput_{args.label}.png")
     if args.requests is not None and args.requests < 1:
         parser.error("--requests: at least 1")
 

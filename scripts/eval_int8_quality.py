@@ -68,7 +68,7 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--interval", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1000)
-    parser.add_argument("--out", type=Path, default=Path("docs/results/shapes_quality_int8.json"))
+    parser.add_argument("--out", type=Path, default=Path("build/results/shapes_quality_int8.json"))
     args = parser.parse_args()
     started = time.perf_counter()
     result = evaluate(args)

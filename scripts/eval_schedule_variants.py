@@ -130,7 +130,7 @@ def main():
     parser.add_argument("--workdir", type=Path, default=Path("build/shapes-eval"))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--out", type=Path, default=Path("docs/results/shapes_schedule_variants.json"))
+    parser.add_argument("--out", type=Path, default=Path("build/results/shapes_schedule_variants.json"))
     args = parser.parse_args()
     sd = StableDiffusion.from_engines(engines_for(args.model, args.workdir, 64, "block"))
     runs = trajectories(sd, args.steps, args.guidance)

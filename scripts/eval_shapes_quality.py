@@ -240,15 +240,15 @@ def main():
         action="store_false",
         help="DeepCache only (for a longer schedule, such as DeepCache's own 50 steps, in a third of the time)",
     )
-    parser.add_argument("--out", type=Path, default=Path("docs/results/shapes_quality.json"))
-    parser.add_argument("--figure", type=Path, default=Path("docs/figures/shapes_quality.png"))
+    parser.add_argument("--out", type=Path, default=Path("build/results/shapes_quality.json"))
+    parser.add_argument("--figure", type=Path, default=Path("build/figures/shapes_quality.png"))
     parser.add_argument(
         "--thresholds",
         type=lambda text: tuple(float(t) for t in text.split(",")),
         default=THRESHOLDS,
         help="adaptive refresh thresholds (the same threshold refreshes about as often at any step count)",
     )
-    parser.add_argument("--pareto", type=Path, default=Path("docs/figures/shapes_schedules_pareto.png"))
+    parser.add_argument("--pareto", type=Path, default=Path("build/figures/shapes_schedules_pareto.png"))
     args = parser.parse_args()
     started = time.perf_counter()
     result = evaluate(args)

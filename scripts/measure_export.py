@@ -46,7 +46,7 @@ def main():
     parser.add_argument("--precision", default="fp16")
     parser.add_argument("--out", type=Path, default=Path("build/export_sdxl"))
     parser.add_argument("--onnx", type=Path, help="the export folder (default OUT/onnx_PRECISION_SIZE)")
-    parser.add_argument("--json", type=Path, default=Path("docs/results/export_sdxl.json"))
+    parser.add_argument("--json", type=Path, default=Path("build/results/export_sdxl.json"))
     args = parser.parse_args()
 
     model = args.out / "model"

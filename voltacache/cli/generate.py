@@ -208,8 +208,8 @@ def bench(
     triton_branches: str = typer.Option("block", help="Branches also served through Triton ('' for none)."),
     precisions: str = typer.Option("fp32", help="voltacache's precisions: fp32, int8 (quantized U-Nets) or both."),
     name: str = typer.Option("bench", help="Name of the JSON and the figures."),
-    out: Path | None = typer.Option(None, help="JSON results (default docs/results/NAME.json)."),
-    figures: Path = typer.Option(Path("docs/figures"), help="Folder for the PNG plots."),
+    out: Path | None = typer.Option(None, help="JSON results (default build/results/NAME.json)."),
+    figures: Path = typer.Option(Path("build/figures"), help="Folder for the PNG plots."),
     isolate: bool = typer.Option(
         False,
         help="Each group (diffusers+DeepCache, voltacache, Triton) in its own process, one after the other: "
@@ -258,7 +258,7 @@ def bench(
         ints(deepcache_intervals, "--deepcache-intervals"),
         names(branches),
         names(triton_branches),
-        out or Path(f"docs/results/{name}.json"),
+        out or Path(f"build/results/{name}.json"),
         figures,
         name=name,
         precisions=names(precisions),

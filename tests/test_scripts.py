@@ -1,0 +1,43 @@
+"""The measuring scripts run at HEAD (on the tiny model, in seconds) and write where they are told: their
+results carry the CPU model and its matrix flags, and nothing lands in docs/ unless asked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_bench_cpu_engines_runs_on_the_tiny_model(engines_dir, engines_openvino, tiny_dir, tmp_path):
+    out = tmp_path / "cpu.json"
+    docs = sorted((ROOT / "docs" / "results").iterdir())
+    command = [sys.executable, str(ROOT / "scripts" / "bench_cpu_engines.py"), "--engines", f"ort={engines_dir}"]
+    command += ["--engines", f"ov={engines_openvino}", "--model", str(tiny_dir), "--steps", "2", "--repeats", "1"]
+    command += ["--gemm-repeats", "1", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["machine"]["cpu"] and isinstance(data["machine"]["cpu_flags"], list)
+    assert [e["backend"] for e in data["engines"]] == ["onnxruntime", "openvino"]
+    for engines in data["engines"]:
+        assert engines["seconds_per_call"]["unet_deep"] > 0 and engines["seconds_per_image"]["N=3"]["seconds"] > 0
+        assert 0 < engines["seconds_per_image"]["N=3"]["vae_share"] < 1
+    assert {"onnxruntime fp32", "onnxruntime int8", "openvino f32"} <= set(data["gemm_gops_per_s"])
+    assert data["pytorch"]["diffusers"] > 0
+    assert sorted((ROOT / "docs" / "results").iterdir()) == docs
+
+
+def test_no_script_writes_into_docs_by_default():
+    """A run by hand writes to build/: make bench (scripts/bench.sh) names docs/ when it updates them."""
+    import re
+
+    for script in sorted((ROOT / "scripts").glob("*.py")):
+        for line in script.read_text().splitlines():
+            if re.search(r'(default=Path\(|Path\(f)"docs/', line):
+                assert "results" in line and "--sd15-results" in line, (script.name, line)  # an input it reads
