@@ -71,9 +71,9 @@ def test_deepcache_runs_the_full_unet_ceil_steps_over_n_times(family, interval):
 
 def test_families_are_recorded(sdxl_tiny, sd2_tiny):
     xl, sd2 = (StableDiffusion.from_engines(engines).export for _, engines in (sdxl_tiny, sd2_tiny))
-    assert (xl["family"], xl["zero_empty_negative"], xl["geometry"]["text_encoders"]) == ("SDXL", True, 2)
-    assert (sd2["family"], sd2["zero_empty_negative"], sd2["geometry"]["text_encoders"]) == ("SD 2.x", False, 1)
-    assert sd2["scheduler_config"]["prediction_type"] == "v_prediction"
+    assert (xl.family, xl.zero_empty_negative, xl.geometry.text_encoders) == ("SDXL", True, 2)
+    assert (sd2.family, sd2.zero_empty_negative, sd2.geometry.text_encoders) == ("SD 2.x", False, 1)
+    assert sd2.scheduler_config["prediction_type"] == "v_prediction"
 
 
 def test_size_conditioning_is_passed_through(sdxl_tiny):

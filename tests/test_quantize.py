@@ -72,14 +72,14 @@ def test_only_the_unets_are_quantized_and_the_outer_convolutions_stay_fp32(onnx_
 
 def test_manifest_records_precision_and_calibration(onnx_int8, onnx_fp32):
     int8, fp32 = read_manifest(onnx_int8), read_manifest(onnx_fp32)
-    assert int8["precision"] == "int8" and int8["calibration"]["id"] == CALIBRATION.id
-    assert int8["calibration"]["prompts"] == list(CALIBRATION.prompts) and int8["calibration"]["steps"] == 6
-    assert int8["model_fingerprint"] == fp32["model_fingerprint"]
-    assert int8["fingerprint"] != fp32["fingerprint"]  # the cache never serves one's images for the other
+    assert int8.precision == "int8" and int8.calibration["id"] == CALIBRATION.id
+    assert int8.calibration["prompts"] == list(CALIBRATION.prompts) and int8.calibration["steps"] == 6
+    assert int8.model_fingerprint == fp32.model_fingerprint
+    assert int8.fingerprint != fp32.fingerprint  # the cache never serves one's images for the other
     for name in (UNET_DEEP, UNET_SHALLOW):
-        entry = int8["components"][name]
-        assert 0 < entry["int8_error"] < 0.2 and entry["tensorrt_lint"]["ok"]
-        assert set(entry["kept_fp32"]) == {"conv_in", "conv_out"}
+        entry = int8.components[name]
+        assert entry.precision == "int8" and 0 < entry.report["int8_error"] < 0.2
+        assert entry.report["tensorrt_lint"]["ok"] and set(entry.report["kept_fp32"]) == {"conv_in", "conv_out"}
 
 
 @pytest.mark.parametrize("interval", [1, 3])

@@ -358,7 +358,7 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
         from .quantize import quantize_unets
 
         for name, entry in quantize_unets(pipe, modules, specs, out_dir, options.calibration, progress).items():
-            entries[name].update(entry)
+            entries[name].update(entry, precision="int8")
 
     data = {
         "format": EXPORT_FORMAT,

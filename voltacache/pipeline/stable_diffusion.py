@@ -392,9 +392,10 @@ class StableDiffusion:
             "size": None,  # the engines' own, below (another size is refused)
             "size_conditioning": None,  # effective, below
         }
+        effective = {"threshold"}  # read as the request runs, set or left to its default
         scope = {"size": [self.height, self.width], "batch": self.batch, "family": self.family}
         for name, (kind, value) in request.scoped_fields().items():
-            if read[kind] is not None and not unset(value):
+            if read[kind] is not None and (kind in effective or not unset(value)):
                 scope[name] = read[kind](value)
         if self.size_conditioned:
             scope["size_conditions"] = self.size_conditions(request)
