@@ -36,8 +36,8 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from voltacache.compile.clip_vocab import clip_tokenizer
 from voltacache.compile.presets import SD15_CONFIG_DIR, assemble, component_config
-from voltacache.runtime.tokenizer import clip_tokenizer
 from voltacache.shapes import dataset
 
 REPO = Path(__file__).resolve().parent.parent

@@ -37,7 +37,7 @@ from voltacache.serving import python_models
 model = getattr(python_models, {model!r})()
 model.initialize(json.load(open({args!r})))
 {extra}
-heavy = sorted(m for m in ("torch", "onnx", "diffusers") if m in sys.modules)
+heavy = sorted(m for m in ("torch", "onnx", "diffusers", "transformers") if m in sys.modules)
 peak = int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024  # this image's
 print(json.dumps({{"heavy": heavy, "seconds": time.perf_counter() - started, "rss_mb": peak}}))
 """
@@ -72,7 +72,8 @@ def served_load(tmp_path, engines_dir, model: str, name: str, extra: str = "") -
 )
 def test_a_served_model_loads_its_engine_without_torch_or_onnx(model, name, engines_dir, tmp_path):
     """`import voltacache.build` once pulled torch and onnx into every served process (2.2 s, 289 MB): the
-    runtime is apart from the compiler now. (The denoiser runs the pipeline, whose schedulers are torch's.)"""
+    runtime is apart from the compiler now, and the tokenizer reads tokenizer.json without transformers (1 s). (The
+    denoiser runs the pipeline, whose schedulers are torch's.)"""
     loaded = served_load(tmp_path, engines_dir, model, name)
     assert loaded["heavy"] == [], loaded
     print(f"{model} ({name}): {loaded['seconds']:.2f} s, {loaded['rss_mb']:.0f} MB")

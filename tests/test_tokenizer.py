@@ -2,7 +2,8 @@ import importlib.util
 
 import pytest
 
-from voltacache.runtime.tokenizer import MAX_LENGTH, bpe_path, clip_tokenizer
+from voltacache.compile.clip_vocab import bpe_path, clip_tokenizer
+from voltacache.runtime.tokenizer import MAX_LENGTH, ClipTokenizer
 
 PROMPTS = [
     "a photo of an astronaut riding a horse",
@@ -69,3 +70,26 @@ def test_overlong_prompt_is_truncated_to_77(tokenizer):
 def test_padding_uses_end_token(tokenizer):
     ids = tokenizer("a cat", padding="max_length", max_length=MAX_LENGTH).input_ids
     assert ids[:4] == [49406, 320, 2368, 49407] and set(ids[4:]) == {49407}
+
+
+@pytest.mark.parametrize("pad_token", [None, "!"])  # OpenAI's CLIP pads with its end token; OpenCLIP with "!"
+def test_runtime_tokenizer_gives_transformers_ids(tmp_path, pad_token):
+    """The runtime reads an export's tokenizer.json without transformers: the same ids, padded and truncated."""
+    theirs = clip_tokenizer(tmp_path / "cache", pad_token=pad_token)
+    theirs.save_pretrained(tmp_path / "saved")  # as an export writes its tokenizer folder
+    ours = ClipTokenizer.from_folder(tmp_path / "saved")
+    texts = [*PROMPTS, "a very long prompt " * 50, "photo " * 75, "photo " * 76]
+    expected = theirs(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True).input_ids
+    for tokenizer in (ours, ClipTokenizer.from_transformers(theirs)):
+        with pytest.warns(UserWarning) as warned:
+            assert tokenizer(texts).tolist() == expected
+        # "photo " * 75 is 77 tokens with its begin and end: it fits
+        told = [str(w.message).split(" truncated")[0] for w in warned]
+        assert told == ["prompt of 202 tokens", "prompt of 78 tokens"]
+
+
+def test_runtime_tokenizer_names_a_folder_without_its_file(tmp_path):
+    from voltacache.errors import VoltacacheError
+
+    with pytest.raises(VoltacacheError, match="no tokenizer.json"):
+        ClipTokenizer.from_folder(tmp_path)

@@ -221,9 +221,10 @@ def build(
     from ..compile.build import build_engines, select_backend
     from ..runtime.manifests import read_manifest
 
-    if backend == "auto":  # timing the candidates takes a moment: say so
+    def timing():  # it takes a moment: say so, once the export and the request are known to be sound
         err.print("choosing a backend: timing the ones that run here on this export", soft_wrap=True)
-    chosen, reason, selection = select_backend(backend, read_manifest(onnx), onnx)
+
+    chosen, reason, selection = select_backend(backend, read_manifest(onnx), onnx, timing)
     announce = f"backend: {chosen.name} ({escape(reason)})"  # printed soft-wrapped: one line in a log
     # The backend and the bar appear when the work starts (a refused --out or a folder that is no export
     # is one line on stderr); off a terminal, no bar, and the backend once the build is done.

@@ -15,6 +15,7 @@ import functools
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,13 +92,16 @@ def build_engines(
         return _build(onnx_dir, stage, export, chosen, reason, options, progress, selection)
 
 
-def select_backend(requested: str, export: ExportManifest, onnx_dir: Path) -> tuple[Backend, str, dict | None]:
+def select_backend(
+    requested: str, export: ExportManifest, onnx_dir: Path, timing: Callable[[], None] = lambda: None
+) -> tuple[Backend, str, dict | None]:
     """(backend, why, what was measured): the named one; for `auto`, TensorRT where it runs, else each CPU
     backend that builds this export's precision timed on one unet_deep call of this export, the fastest
-    taken (ratios move with the CPU: docs/benchmarks.md)."""
+    taken (ratios move with the CPU: docs/benchmarks.md). `timing` is called when the timing starts."""
     found, why = candidates(requested, export.precision)
     if len(found) == 1 or found[0].name == "tensorrt":
         return found[0], why or f"{found[0].name}: the only one that builds {export.precision} here", None
+    timing()
     timings = {b.name: round(time_unet(b, export, onnx_dir), 4) for b in found}
     best = min(timings, key=timings.get)
     shown = ", ".join(f"{name} {seconds:.3f} s" for name, seconds in sorted(timings.items(), key=lambda i: i[1]))

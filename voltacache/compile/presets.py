@@ -150,7 +150,7 @@ def trained_pipeline(preset: str):
 
 def family_tokenizers(family: str) -> dict:
     """The real CLIP tokenizer(s) of a family, built offline, by pipeline component name."""
-    from ..runtime.tokenizer import clip_tokenizer
+    from .clip_vocab import clip_tokenizer
 
     return {name: clip_tokenizer(pad_token=pad) for name, pad in TOKENIZERS[family].items()}
 

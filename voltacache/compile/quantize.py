@@ -35,7 +35,7 @@ def trajectories(pipe, modules: dict, specs: dict, calibration: Calibration) -> 
     import torch
 
     from ..request import Request
-    from ..runtime.tokenizer import token_ids
+    from ..runtime.tokenizer import ClipTokenizer
     from ..schedulers import make_scheduler
     from ..specs import TEXT_ENCODER, UNET_DEEP
     from .graphs import run_torch
@@ -44,8 +44,9 @@ def trajectories(pipe, modules: dict, specs: dict, calibration: Calibration) -> 
     batch = deep_spec.images
     latent_shape = (batch, *deep_spec.inputs[0].shape[1:])
     deep_feeds, shallow_feeds = [], []
+    tokenize = ClipTokenizer.from_transformers(pipe.tokenizer)
     for index, prompt in enumerate(calibration.prompts):
-        ids = token_ids(pipe.tokenizer, Request(prompt).texts(batch))
+        ids = tokenize(Request(prompt).texts(batch))
         context = run_torch(modules[TEXT_ENCODER], specs[TEXT_ENCODER], {INPUT_IDS: ids})[TEXT_EMBEDDINGS]
         scheduler = make_scheduler(calibration.scheduler, dict(pipe.scheduler.config), calibration.steps)
         scheduler.set_timesteps(calibration.steps)

@@ -1,100 +1,70 @@
-"""The real CLIP tokenizer, built offline from the BPE file that open-clip-torch ships.
-
-No hub: vocab.json and merges.txt are written from `bpe_simple_vocab_16e6.txt.gz` the way
-openai/CLIP builds its vocabulary, then loaded with transformers' CLIPTokenizer.
-"""
+"""CLIP's tokenizer as the text encoder takes it, read from the tokenizer.json an export writes with the
+`tokenizers` library alone: transformers' import costs every served tokenizer and first image a second
+(docs/benchmarks.md), and its fast CLIPTokenizer runs this same file."""
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
 import json
 import warnings
 from pathlib import Path
 
 import numpy as np
-from transformers import CLIPTokenizer
+from tokenizers import Tokenizer
 
 from ..errors import VoltacacheError
 from ..specs import TEXT_IDS
 
-BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 MAX_LENGTH = 77  # CLIP's context; without it in the saved config truncation overflows (docs/platform.md)
-# openai/CLIP keeps the first 49152 - 256 - 2 merges: 256 byte tokens + merges + 2 specials = 49408.
-N_MERGES = 49152 - 256 - 2
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # The tokenizer folders of a pipeline, an export and an engines folder, one per text encoder input (TEXT_IDS).
 TOKENIZER_DIRS = ("tokenizer", "tokenizer_2")
 
 
-def bpe_path() -> Path:
-    """Locate open_clip's BPE file without importing open_clip (its import pulls torchvision)."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise VoltacacheError(
-            "the CLIP BPE file comes from open-clip-torch: install it with "
-            "`pip install --no-deps open-clip-torch` (--no-deps: its torchvision pulls a CUDA torch)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / BPE_FILE
-    if not path.is_file():
-        raise VoltacacheError(f"{path}: open-clip-torch is installed but its BPE file is missing")
-    return path
+class ClipTokenizer:
+    """Prompts -> the text encoder's ids: CLIP's BPE, begin and end tokens, truncated and padded to the
+    context with the model's pad token (OpenAI's CLIP pads with its end token, OpenCLIP with "!")."""
+
+    def __init__(self, tokenizer: Tokenizer, max_length: int, pad_token: str):
+        self.max_length = max_length
+        self.plain = Tokenizer.from_str(tokenizer.to_str())  # counts a prompt's tokens before truncation
+        self.plain.no_truncation()
+        self.plain.no_padding()
+        self.fixed = Tokenizer.from_str(self.plain.to_str())
+        self.fixed.enable_truncation(max_length)
+        self.fixed.enable_padding(pad_id=self.fixed.token_to_id(pad_token), pad_token=pad_token, length=max_length)
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> ClipTokenizer:
+        """The tokenizer a pipeline's, an export's or an engines folder's tokenizer folder holds."""
+        folder = Path(folder)
+        if not (folder / "tokenizer.json").is_file():
+            raise VoltacacheError(f"{folder}: no tokenizer.json (an export of an older voltacache?): export again")
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        pad = config.get("pad_token") or config["eos_token"]
+        pad = pad["content"] if isinstance(pad, dict) else pad
+        return cls(Tokenizer.from_file(str(folder / "tokenizer.json")), config["model_max_length"], pad)
+
+    @classmethod
+    def from_transformers(cls, tokenizer) -> ClipTokenizer:
+        """A diffusers pipeline's tokenizer (transformers' CLIPTokenizer runs a `tokenizers` backend)."""
+        return cls(tokenizer.backend_tokenizer, tokenizer.model_max_length, tokenizer.pad_token)
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        """The ids of `texts`, as the text encoder takes them (in process and in the Triton tokenizer alike);
+        a longer prompt is truncated with a warning, as diffusers does."""
+        encodings = self.fixed.encode_batch(texts)
+        for text, encoding in zip(texts, encodings):
+            if encoding.overflowing:
+                n, length = len(self.plain.encode(text).ids), self.max_length
+                warnings.warn(f"prompt of {n} tokens truncated to CLIP's {length}: {text[:60]!r}...", stacklevel=3)
+        return np.asarray([encoding.ids for encoding in encodings], dtype=np.int32)
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    # GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest to 256+n.
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    codes = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in codes)))
-
-
-def write_tokenizer_files(out_dir: Path) -> None:
-    """Write vocab.json, merges.txt and the configs that make `CLIPTokenizer.from_pretrained(out_dir)` CLIP's."""
-    lines = gzip.open(bpe_path(), "rt", encoding="utf-8").read().split("\n")
-    merges = [tuple(line.split()) for line in lines[1 : N_MERGES + 1]]
-    alphabet = list(_bytes_to_unicode().values())
-    tokens = alphabet + [a + "</w>" for a in alphabet] + ["".join(m) for m in merges] + [BOS, EOS]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
-    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    CLIPTokenizer.from_pretrained(out_dir, model_max_length=MAX_LENGTH).save_pretrained(out_dir)
-
-
-def clip_tokenizer(cache_dir: Path | None = None, pad_token: str | None = None) -> CLIPTokenizer:
-    """CLIP's tokenizer, built once into a cache folder and loaded from there after. `pad_token`: OpenCLIP's
-    "!" (SD 2.x and SDXL's second tokenizer pad with it; OpenAI's CLIP pads with its end token)."""
-    cache_dir = cache_dir or Path.home() / ".cache" / "voltacache" / "clip-tokenizer"
-    if not (cache_dir / "tokenizer_config.json").is_file():
-        write_tokenizer_files(cache_dir)
-    return CLIPTokenizer.from_pretrained(cache_dir, **({"pad_token": pad_token} if pad_token else {}))
-
-
-def token_ids(tokenizer, texts: list[str]) -> np.ndarray:
-    """CLIP's ids, padded and truncated to its context, as the text encoder takes them (in process and
-    in the Triton tokenizer alike); a longer prompt is truncated with a warning, as diffusers does."""
-    length = tokenizer.model_max_length
-    for text in texts:
-        n = len(tokenizer(text).input_ids)
-        if n > length:
-            warnings.warn(f"prompt of {n} tokens truncated to CLIP's {length}: {text[:60]!r}...", stacklevel=3)
-    ids = tokenizer(texts, padding="max_length", max_length=length, truncation=True).input_ids
-    return np.asarray(ids, dtype=np.int32)
-
-
-def text_encoder_feeds(tokenizers, texts: list[str]) -> dict[str, np.ndarray]:
+def text_encoder_feeds(tokenizers: list[ClipTokenizer], texts: list[str]) -> dict[str, np.ndarray]:
     """The text encoder's inputs for `texts`: the ids of each of the model's tokenizers (SDXL has two)."""
-    return {name: token_ids(tokenizer, texts) for name, tokenizer in zip(TEXT_IDS, tokenizers)}
+    return {name: tokenizer(texts) for name, tokenizer in zip(TEXT_IDS, tokenizers)}
 
 
-def load_tokenizers(folder: Path, export) -> list[CLIPTokenizer]:
+def load_tokenizers(folder: Path, export) -> list[ClipTokenizer]:
     """The tokenizers an export or engines folder holds: one per text encoder input of its export (its
     runtime.manifests.ExportManifest)."""
-    return [
-        CLIPTokenizer.from_pretrained(Path(folder) / name) for name in TOKENIZER_DIRS[: export.geometry.text_encoders]
-    ]
+    return [ClipTokenizer.from_folder(Path(folder) / name) for name in TOKENIZER_DIRS[: export.geometry.text_encoders]]
