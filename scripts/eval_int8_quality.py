@@ -1,12 +1,14 @@
-"""Quality of the int8 U-Nets on the trained shapes model, through our engines.
+"""Quality of the CPU engines' reduced precisions on the trained shapes model: the gate before one is offered.
 
 For each of the 168 evaluation captions (144 trained, 24 held-out pairs) at the headline setting
 (DDIM 20 steps, guidance 5, seed 1000 + caption index): adherence (scripts/eval_shapes_quality.py's
-checker) and PSNR against the fp32 uncached image, for fp32 and int8 without DeepCache and with
-DeepCache N=3 on both branches. The int8 U-Nets are calibrated on the default calibration set
+checker) and PSNR against ONNX Runtime's fp32 uncached image, for every backend and precision that runs
+here (ONNX Runtime fp32 and int8; OpenVINO f32, bf16 and int8 from the same exports), uncached and with
+DeepCache N=3 on both branches. OpenVINO's int8 is also compared with ONNX Runtime's int8 (the same QDQ
+file, other kernels). The int8 U-Nets are calibrated on the default calibration set
 (voltacache.compile.options.DEFAULT_PROMPTS: general prompts, three of them shapes captions).
 
-    python scripts/eval_int8_quality.py --model build/demo/model
+    python scripts/eval_int8_quality.py --model build/shapes/model
 """
 
 from __future__ import annotations
@@ -22,19 +24,36 @@ from voltacache.bench import engines_for
 from voltacache.benchmark import machine, write_json
 from voltacache.compile.options import Calibration
 from voltacache.pipeline.stable_diffusion import StableDiffusion
+from voltacache.runtime.backends import BACKENDS
+from voltacache.runtime.cpu import has_bf16
 from voltacache.shapes.checker import check
 
-PRECISIONS = ("fp32", "int8")
+# (label, backend, export precision); the first is the reference every image is compared with
+CONFIGS = (
+    ("fp32", "onnxruntime", "fp32"),
+    ("int8", "onnxruntime", "int8"),
+    ("ov f32", "openvino", "fp32"),
+    ("ov bf16", "openvino", "bf16"),
+    ("ov int8", "openvino", "int8"),
+)
+
+
+def runnable(backends: list[str]) -> list[tuple[str, str, str]]:
+    chosen = [c for c in CONFIGS if c[1] in backends and BACKENDS[c[1]].available()[0]]
+    return [c for c in chosen if c[2] != "bf16" or has_bf16()]
 
 
 def evaluate(args) -> dict:
-    def pipeline(precision, branch):
+    configs = runnable(args.backends.split(","))
+
+    def pipeline(backend, precision, branch):
         calibration = Calibration() if precision == "int8" else None
-        return StableDiffusion.from_engines(engines_for(args.model, args.workdir, 64, branch, precision, calibration))
+        engines = engines_for(args.model, args.workdir, 64, branch, precision, calibration, backend)
+        return StableDiffusion.from_engines(engines)
 
     generators = {
-        (precision, branch): Generator(pipeline(precision, branch), args.guidance, args.steps)
-        for precision in PRECISIONS
+        (label, branch): Generator(pipeline(backend, precision, branch), args.guidance, args.steps)
+        for label, backend, precision in configs
         for branch in BRANCHES
     }
     captions = evaluation_captions()
@@ -43,27 +62,34 @@ def evaluate(args) -> dict:
         task = progress.add_task("captions", total=len(captions))
         for index, (caption, held_out) in enumerate(captions):
             seed = args.seed + index
-            reference, _ = generators[("fp32", "block")].image(caption, seed)
             row = {"caption": caption, "held_out": held_out, "seed": seed, "configs": {}}
-
-            def score(name, image, reference=reference, row=row, caption=caption):
-                row["configs"][name] = {"ok": check(image, caption)["all_ok"], "psnr": psnr(image, reference)}
-
-            score("uncached", reference)  # fp32, N=1: the reference every other image is compared with
-            score("int8", generators[("int8", "block")].image(caption, seed)[0])
-            for precision in PRECISIONS:
+            images = {}
+            for label, _, _ in configs:
+                images[label] = generators[(label, "block")].image(caption, seed)[0]
                 for branch in BRANCHES:
-                    image = generators[(precision, branch)].image(caption, seed, args.interval)[0]
-                    score(f"{precision} N={args.interval} {branch}", image)
+                    images[f"{label} N={args.interval} {branch}"] = generators[(label, branch)].image(
+                        caption, seed, args.interval
+                    )[0]
+            reference = images[configs[0][0]]
+            for name, image in images.items():
+                name = "uncached" if name == configs[0][0] else name  # summarize's reference row
+                row["configs"][name] = {"ok": check(image, caption)["all_ok"], "psnr": psnr(image, reference)}
+            if "int8" in images and "ov int8" in images:
+                row["ov_int8_vs_int8_psnr"] = psnr(images["ov int8"], images["int8"])
             rows.append(row)
             progress.advance(task)
-    return summarize(rows, [])
+    result = summarize(rows, [])
+    between = [r["ov_int8_vs_int8_psnr"] for r in rows if "ov_int8_vs_int8_psnr" in r]
+    if between:
+        result["ov_int8_vs_int8_psnr_db"] = sum(between) / len(between)
+    return result
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="the shapes model (init-tiny DIR --preset shapes)")
     parser.add_argument("--workdir", type=Path, default=Path("build/shapes-eval"))
+    parser.add_argument("--backends", default="onnxruntime,openvino", help="comma-separated (default: both)")
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--interval", type=int, default=3)
@@ -80,6 +106,8 @@ def main():
         | result,
     )
     print_summary(result["summary"])
+    if "ov_int8_vs_int8_psnr_db" in result:
+        print(f"OpenVINO int8 against ONNX Runtime int8: {result['ov_int8_vs_int8_psnr_db']:.1f} dB")
     print(f"results: {args.out}")
 
 

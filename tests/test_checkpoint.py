@@ -28,6 +28,10 @@ def test_single_file_round_trip(tiny_dir, tiny_pipe, tmp_path):
     for component in ("unet", "vae", "text_encoder"):
         assert weights_equal(getattr(tiny_pipe, component), getattr(loaded, component)), component
     assert loaded.tokenizer("a photo").input_ids == [49406, 320, 1125, 49407]
+    # without --config, the tiny widths do not fit SD 1.5's: refused with the remedy, in our words only
+    with pytest.raises(CheckpointError, match="do not fit the SD 1.x configs voltacache ships") as refused:
+        load_pipeline(path)
+    assert "needs --config DIR" in str(refused.value) and "ignore_mismatched_sizes" not in str(refused.value)
 
 
 # preset -> family, pipeline class, scheduler class, prediction type, pad token of each tokenizer

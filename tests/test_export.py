@@ -245,6 +245,9 @@ def test_cli_export_force_replaces_an_earlier_export(onnx_fp32, tiny_dir, tmp_pa
     assert result.exit_code == 0, result.output
     assert read_manifest(out).deepcache_branch == "0" and not (out / "stale.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["onnx"]
+    # diffusers' and torch's chatter stays out of the user's terminal unless --debug (QUIET_THIRD_PARTIES)
+    for chatter in ("Loading pipeline components", "torchvision is not installed", "FutureWarning"):
+        assert chatter not in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("extra", ["notes.txt", "engines/"])

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from helpers import PROMPT, cli, one_error_line
 
-from voltacache.compile.build import build_engines
 from voltacache.errors import RebuildNeeded
 from voltacache.pipeline.stable_diffusion import StableDiffusion
 from voltacache.runtime import engines as engines_module
@@ -39,10 +38,15 @@ def test_openvino_engines_equal_onnxruntime_at_f32(engines_openvino, engines_dir
 
 @pytest.mark.skipif(not has_bf16(), reason="this CPU has no bf16 instructions (AVX-512 BF16 or AMX)")
 def test_a_bf16_export_runs_on_the_bf16_units_within_its_measured_bound(onnx_bf16, onnx_fp32, tmp_path):
-    manifest = build_engines(onnx_bf16, tmp_path / "bf16", backend="openvino")
+    result = cli("build", "--onnx", onnx_bf16, "--out", tmp_path / "bf16", "--backend", "openvino")
+    assert result.exit_code == 0, result.output
+    manifest = read_engine_manifest(tmp_path / "bf16")
     assert manifest.inference_precision == "bf16" and manifest.export.precision == "bf16"
     errors = [manifest.report[name]["error"] for name in COMPONENTS]
     assert all(e <= BF16_BOUND for e in errors) and max(errors) > 1e-4, errors  # computed in bf16, bounded
+    # and the build says so, with the figure it recorded
+    said = "bf16 against fp32 (max abs error relative to max(1, |output|), random inputs): text_encoder"
+    assert f"{said} {errors[0]:.2e}" in result.stderr
     # its images are never taken for fp32 ones: the export's fingerprint (the caches' scope) says bf16
     bf16 = read_engine_manifest(tmp_path / "bf16").export.fingerprint
     assert bf16 != json.loads((onnx_fp32 / "manifest.json").read_text())["fingerprint"]

@@ -55,27 +55,36 @@ class BenchConfig:
 
 
 def engines_for(
-    model: Path, workdir: Path, size: int, branch: str, precision: str = "fp32", calibration: Calibration | None = None
+    model: Path,
+    workdir: Path,
+    size: int,
+    branch: str,
+    precision: str = "fp32",
+    calibration: Calibration | None = None,
+    backend: str = "onnxruntime",
 ) -> Path:
-    """Engines for one DeepCache branch and precision (fp32, or int8 U-Nets calibrated on `calibration`,
-    default Calibration()), exported and built once per workdir, model and calibration."""
+    """Engines for one DeepCache branch, precision (fp32, bf16, or int8 U-Nets calibrated on `calibration`,
+    default Calibration()) and backend, exported once per workdir, model and calibration, built once per
+    backend from that export."""
     from .compile.build import build_engines
     from .compile.export import export_model, model_fingerprint
     from .compile.options import ExportOptions
-    from .runtime.manifests import read_engine_manifest
+    from .runtime.manifests import read_engine_manifest, read_manifest
 
     options = ExportOptions(
         precision=precision, height=size, width=size, deepcache_branch=branch, calibration=calibration
     )
     options.check()
-    suffix = "" if precision == "fp32" else f"_{precision}_{options.calibration.id}"
-    engines = workdir / f"engines_{branch}_{size}{suffix}"
-    if (engines / "engines.json").is_file():
-        if read_engine_manifest(engines).export.fingerprint == options.fingerprint(model_fingerprint(model)):
-            return engines
+    fingerprint = options.fingerprint(model_fingerprint(model))
+    suffix = "" if precision == "fp32" else f"_{precision}"
+    suffix += f"_{options.calibration.id}" if options.calibration else ""
+    engines = workdir / f"engines_{branch}_{size}{suffix}{'' if backend == 'onnxruntime' else '_' + backend}"
+    if (engines / "engines.json").is_file() and read_engine_manifest(engines).export.fingerprint == fingerprint:
+        return engines
     onnx_dir = workdir / f"onnx_{branch}_{size}{suffix}"
-    export_model(model, onnx_dir, options, force=True)
-    build_engines(onnx_dir, engines, backend="onnxruntime", force=True)
+    if not (onnx_dir / "manifest.json").is_file() or read_manifest(onnx_dir).fingerprint != fingerprint:
+        export_model(model, onnx_dir, options, force=True)
+    build_engines(onnx_dir, engines, backend=backend, force=True)
     return engines
 
 

@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -7,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import cli
 
 from voltacache.errors import ServerFailed
 from voltacache.serving.server import TritonServer
@@ -226,9 +228,10 @@ def test_a_server_never_outlives_serve_killed_hard(triton_repo, tmp_path, ports)
 
 
 @pytest.mark.triton
-def test_serve_stops_a_server_a_killed_serve_left_and_names_a_running_one(triton_repo, tmp_path, ports):
+def test_serve_stops_a_server_a_killed_serve_left_and_names_a_running_one(triton_repo, engines_dir, tmp_path, ports):
     """A leftover of an earlier `voltacache serve` (its starter gone, our shared-memory prefix: provably
-    ours) is stopped with a word; a server another serve runs stays, and holding a port it is named."""
+    ours) is stopped with a word; a server another serve runs stays, and holding a port it is named; a
+    deploy over the repository it serves says that server goes on with what it loaded."""
     from voltacache.serving.server import servers_of
 
     repo = shutil.copytree(triton_repo, tmp_path / "repo")
@@ -257,6 +260,10 @@ def test_serve_stops_a_server_a_killed_serve_left_and_names_a_running_one(triton
         line = one_error_line(result)
         assert f"is in use on 127.0.0.1 by tritonserver pid {running} (serving {repo.resolve()}" in line
         assert f"kill {running}" in line
+        said = f"tritonserver pid {running} serves --repo {repo} with the models it loaded before"
+        with pytest.warns(UserWarning, match=re.escape(said)):  # the CLI prints it: "warning: ..."
+            redeploy = cli("deploy", "--engines", engines_dir, "--repo", repo)
+        assert redeploy.exit_code == 0, redeploy.output
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.wait(60)

@@ -17,14 +17,6 @@ runner = CliRunner()
 CAPTIONS = [TRAIN[i].caption for i in (0, 25, 53, 77, 101, 130)]
 
 
-@pytest.fixture(scope="module")
-def shapes_model(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shapes") / "model"
-    result = runner.invoke(app, ["init-tiny", str(out), "--preset", "shapes"])
-    assert result.exit_code == 0, result.output
-    return out
-
-
 def test_shipped_weights_are_small_fp16():
     from voltacache.compile.presets import TRAINED
 

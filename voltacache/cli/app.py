@@ -5,6 +5,7 @@ each a thin layer over functions a program can call."""
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import sys
 import warnings
@@ -55,6 +56,12 @@ def quiet_third_parties() -> None:
 
     for key, value in QUIET_THIRD_PARTIES.items():
         os.environ.setdefault(key, value)
+    # the variables are read at import: a library already imported (the CLI called from Python) is told
+    for name in ("diffusers", "transformers"):
+        if name in sys.modules:
+            library = importlib.import_module(f"{name}.utils.logging")
+            library.set_verbosity_error()
+            library.disable_progress_bar()
     # torch.onnx's exporter says, for each graph, that torchvision's ops are not registered (we have none)
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     # and torch's own pytree deprecation, raised inside torch.export

@@ -24,7 +24,8 @@ def deploy(
         "refused, as is one that is, holds or lies inside --engines.",
     ),
     component_backend: str = typer.Option(
-        "python", help="python (ONNX Runtime in a Python model: the CPU server), onnxruntime (NGC) or tensorrt."
+        "python",
+        help="python (the engines' own runner in a Python model: the CPU server), onnxruntime (NGC) or tensorrt.",
     ),
     step_batching: bool = typer.Option(
         True,
