@@ -236,3 +236,23 @@ def test_overlap_with_the_input_is_refused(tmp_path):
     with pytest.raises(UsageError, match="inside --engines"):
         refuse_overlap(source / "repo", source, "--repo", "--engines", inside=True)
     refuse_overlap(tmp_path / "repo", source, "--repo", "--engines", inside=True)
+
+
+def test_bytecode_python_compiled_from_its_files_is_its_own(tmp_path):
+    """A served repository gains __pycache__ when Triton's Python backend imports its models: a redeploy
+    replaces it; bytecode of a module voltacache did not write stays the user's."""
+    with staged_output(tmp_path / "repo", KIND) as stage:
+        write(stage)
+        (stage / "m" / "1").mkdir(parents=True)
+        (stage / "m" / "1" / "model.py").write_text("x = 1\n")
+    cache = tmp_path / "repo" / "m" / "1" / "__pycache__"
+    cache.mkdir()
+    (cache / "model.cpython-311.pyc").write_bytes(b"compiled")
+    with staged_output(tmp_path / "repo", KIND, force=True) as stage:
+        write(stage, "again")
+    assert listing(tmp_path / "repo") == ["data.txt", "marker.json"]
+    (tmp_path / "repo" / "__pycache__").mkdir()
+    (tmp_path / "repo" / "__pycache__" / "mine.cpython-311.pyc").write_bytes(b"user's")
+    with pytest.raises(UsageError, match="holds __pycache__/"), staged_output(tmp_path / "repo", KIND, force=True):
+        pass
+    assert (tmp_path / "repo" / "__pycache__" / "mine.cpython-311.pyc").read_bytes() == b"user's"

@@ -64,9 +64,21 @@ class OutputKind:
         if data is None:
             return None
         if isinstance(data.get(OWNED), list):
-            return {str(p) for p in data[OWNED]} | {self.marker}
+            return with_bytecode(folder, {str(p) for p in data[OWNED]} | {self.marker})
         patterns = (self.marker, *self.legacy)
         return {rel for rel in files_in(folder) if any(matches(rel, p) for p in patterns)}
+
+
+def with_bytecode(folder: Path, owned: set[str]) -> set[str]:
+    """`owned` and the bytecode Python compiled from its .py files (`__pycache__/NAME.*.pyc` beside NAME.py):
+    a served repository gains them when Triton's Python backend imports its models."""
+    derived = set()
+    for cache in Path(folder).rglob("__pycache__"):
+        base = cache.parent.relative_to(folder)
+        for pyc in cache.glob("*.pyc"):
+            if (base / (pyc.name.split(".")[0] + ".py")).as_posix() in owned:
+                derived.add((base / "__pycache__" / pyc.name).as_posix())
+    return owned | derived
 
 
 EXPORT = OutputKind(
