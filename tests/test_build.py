@@ -218,4 +218,24 @@ def test_build_from_a_folder_that_is_not_an_export(tmp_path):
     result = cli("build", "--onnx", folder, "--out", tmp_path / "engines")
     one_error_line(result, 1, f"{folder / 'manifest.json'}: not a voltacache export manifest")
     one_error_line(cli("build", "--onnx", tmp_path / "nope", "--out", tmp_path / "engines"), 2, "no such folder")
+    for torn in ('{"format": 1, "finger', "[]", "{}"):  # a manifest that is there but not readable as ours
+        (folder / "manifest.json").write_text(torn)
+        result = cli("build", "--onnx", folder, "--out", tmp_path / "engines")
+        one_error_line(result, 1, f"{folder / 'manifest.json'}: ", "export")
+        assert "no manifest.json in it" not in result.stderr
     assert listing(tmp_path) == ["photos"]
+
+
+def test_engines_whose_manifest_is_torn_say_a_way_out_that_works(engines_dir, onnx_fp32, tmp_path):
+    import shutil
+
+    torn = shutil.copytree(engines_dir, tmp_path / "engines")
+    (torn / "engines.json").write_text('{"backend": "onnx')
+    (torn / "mine.txt").write_text("mine")
+    one_error_line(cli("generate", "a cat", "--engines", torn, "-o", tmp_path / "a.png"), 1, "into a new folder")
+    # build will not replace a folder whose manifest cannot say what it wrote, and says why
+    result = cli("build", "--onnx", onnx_fp32, "--out", torn, "--backend", "onnxruntime", "--force")
+    one_error_line(result, 2, "its engines.json cannot be read, so what voltacache wrote there is unknown")
+    # the advice works: a new folder
+    result = cli("build", "--onnx", onnx_fp32, "--out", tmp_path / "new", "--backend", "onnxruntime")
+    assert result.exit_code == 0 and (torn / "mine.txt").read_text() == "mine"

@@ -40,3 +40,19 @@ def test_bad_option_is_one_line_error_exit_2(tmp_path):
     presets = "tiny, sd15, shapes, inpaint-tiny, sd2-tiny, sd2, sdxl-tiny, sdxl"
     assert result.stderr.splitlines() == [f"error: --preset 'sd3': choose one of {presets}"]
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("delay", [0.15, 0.3, 0.6, 1.2])
+def test_ctrl_c_while_the_cli_imports_is_one_line(tmp_path, delay):
+    """Ctrl-C at any moment of the first second (imports, then the command) ends the command in one line."""
+    import signal
+    import time
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("voltacache")
+    process = subprocess.Popen([script, "init-tiny", tmp_path / "m"], stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    # (a Ctrl-C inside click's own parsing can end it silently: still 130 and no traceback)
+    assert process.returncode == 130 and stderr in ("error: interrupted\n", ""), stderr

@@ -105,7 +105,10 @@ CASES = {
         2,
         "IMAGE",
     ),
-    "check-shapes bad caption": (["check-shapes", "{t}/red.png", "a cat"], 2, "CAPTION"),
+    "check-shapes bad caption": (["check-shapes", "{t}/red.png", "a cat"], 2, "a COLOR SHAPE on a COLOR background"),
+    "a bare host as --url": (GENERATE + ["--url", "127.0.0.1", "-o", "{t}/a.png"], 2, "e.g. 127.0.0.1:8001"),
+    "calibrate --intervals 1": (["calibrate", "--engines", "{e}", "--intervals", "1"], 2, "e.g. 2,3,4,5"),
+    "a seed beyond 64 bits": (["init-tiny", "{t}/m", "--seed", "99999999999999999999999"], 2, "--seed"),
     "adaptive with an interval": (
         GENERATE + ["--engines", "{e}", "--cache-schedule", "adaptive", "--cache-interval", "3", "-o", "{t}/a.png"],
         2,

@@ -256,3 +256,18 @@ def test_bytecode_python_compiled_from_its_files_is_its_own(tmp_path):
     with pytest.raises(UsageError, match="holds __pycache__/"), staged_output(tmp_path / "repo", KIND, force=True):
         pass
     assert (tmp_path / "repo" / "__pycache__" / "mine.cpython-311.pyc").read_bytes() == b"user's"
+
+
+def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(tmp_path):
+    """SIGKILL leaves `.out.tmp-<pid>` beside the output: the next run removes it when that process is gone,
+    and nothing else (a live run's staging, a name that only looks alike)."""
+    import os
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    for name in (f".out.tmp-{gone.pid}", f".out.tmp-{gone.pid}-1", f".out.tmp-{os.getpid()}", ".out.tmp-mine"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "part.onnx").write_bytes(b"half")
+    earlier(tmp_path / "out")
+    assert listing(tmp_path) == [f".out.tmp-{os.getpid()}", ".out.tmp-mine", "out"]

@@ -9,6 +9,11 @@ import numpy as np
 from .errors import InvalidRequest
 
 
+def too_large(e: Exception) -> str:
+    """PIL refuses images past its decompression-bomb limit (about 179 megapixels): say so, and what to do."""
+    return f"too large to read safely ({e}); give an image near the size generated (e.g. 512x512)"
+
+
 def read_image(source, name: str = "init_image") -> np.ndarray:
     """An image file, PIL image or array as uint8 (height, width, 3) RGB; an unreadable one is refused by name."""
     from PIL import Image, UnidentifiedImageError
@@ -22,6 +27,8 @@ def read_image(source, name: str = "init_image") -> np.ndarray:
         raise InvalidRequest(f"{name} {source}: no such file") from None
     except IsADirectoryError:
         raise InvalidRequest(f"{name} {source}: is a folder, not an image file") from None
+    except Image.DecompressionBombError as e:
+        raise InvalidRequest(f"{name} {source}: {too_large(e)}") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise InvalidRequest(f"{name} {source}: not a readable image ({e})") from None
 
@@ -40,6 +47,8 @@ def read_mask(source, name: str = "mask_image") -> np.ndarray:
         raise InvalidRequest(f"{name} {source}: no such file") from None
     except IsADirectoryError:
         raise InvalidRequest(f"{name} {source}: is a folder, not an image file") from None
+    except Image.DecompressionBombError as e:
+        raise InvalidRequest(f"{name} {source}: {too_large(e)}") from None
     except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
         raise InvalidRequest(f"{name} {source}: not a readable image ({e})") from None
 

@@ -22,6 +22,7 @@ import contextlib
 import fnmatch
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -194,7 +195,12 @@ def check_folder(target: str | Path, kind: OutputKind, *, force: bool, arg: str 
     owned = kind.owned(target)
     if owned is None:
         other = kind_of(target, kinds)
-        why = f"it is {other.article} {other.what}" if other else f"no {kind.marker} in it"
+        if other:
+            why = f"it is {other.article} {other.what}"
+        elif (target / kind.marker).exists():  # torn or edited: what voltacache wrote there cannot be known
+            why = f"its {kind.marker} cannot be read, so what voltacache wrote there is unknown"
+        else:
+            why = f"no {kind.marker} in it"
         raise OutputExists(
             f"{arg} {target}: not {kind.article} {kind.what} ({why}); voltacache replaces only what it wrote: "
             "name a new or empty folder"
@@ -217,7 +223,13 @@ def check_folder(target: str | Path, kind: OutputKind, *, force: bool, arg: str 
 
 
 def check_file(
-    target: str | Path, *, force: bool, ours: Callable[[Path], bool], arg: str = "--out", what: str = "output"
+    target: str | Path,
+    *,
+    force: bool,
+    ours: Callable[[Path], bool],
+    arg: str = "--out",
+    what: str = "output",
+    elsewhere: str = ", or name another path",
 ) -> Path:
     """Refuse a file that may not be written: a folder, a link, or an existing file voltacache did
     not write (`ours`) or, without `force`, one it did. Returns it as an absolute path."""
@@ -239,7 +251,7 @@ def check_file(
     if not force:
         raise OutputExists(
             f"{arg} {target}: holds an earlier {what}; pass --force to replace it "
-            "(it stays until the new one is complete), or name another path"
+            f"(it stays until the new one is complete){elsewhere}"
         )
     return target
 
@@ -298,8 +310,30 @@ def _discard(path: Path) -> None:
             path.unlink()
 
 
+def _sweep_stale(target: Path, tag: str = "tmp") -> None:
+    """Remove the staging siblings of `target` that a killed earlier run left (SIGKILL gives no chance to
+    clean up): named as _sibling names them, by a process that is gone. Ours by name and by pid."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.{tag}-(\d+)(-\d+)?")
+    with contextlib.suppress(OSError):
+        for path in target.parent.iterdir():
+            found = pattern.fullmatch(path.name)
+            if found and not _alive(int(found.group(1))):
+                _discard(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _stage(target: Path, arg: str, make: Callable[[Path], None]) -> tuple[Path, list[Path]]:
     created = _make_parents(target.parent, arg, target)
+    _sweep_stale(target)
     staging = _sibling(target, "tmp")
     try:
         make(staging)
@@ -401,12 +435,11 @@ def record_owned(folder: Path, kind: OutputKind, *added: str) -> None:
 
 
 @contextlib.contextmanager
-def staged_file(
-    target: str | Path, *, ours: Callable[[Path], bool], force: bool = False, arg: str = "--out", what: str = "output"
-) -> Iterator[Path]:
+def staged_file(target: str | Path, *, force: bool = False, **checks) -> Iterator[Path]:
     """Yield a temporary sibling path of `target` to write the file; renamed over `target` on success,
-    removed on any failure."""
-    checks = dict(force=force, ours=ours, arg=arg, what=what)
+    removed on any failure. `checks`: check_file's."""
+    checks = dict(force=force, **checks)
+    arg = checks.get("arg", "--out")
     target = check_file(target, **checks)
     staging, created = _stage(target, arg, lambda path: path.touch(exist_ok=False))
     try:

@@ -101,6 +101,12 @@ def test_repair_sets_a_corrupt_index_aside_and_starts_a_fresh_one(how, tmp_path)
     before = None
     assert "cache repair --cache-index" in one_line_error(cache("stats", "--cache-index", index), 1)
     assert "clear --force" in one_line_error(cache("clear", "--cache-index", index), 1)
+    # a file of the user's inside the index folder would be carried off with it: refused, left in place
+    (Path(index) / "mine.txt").write_text("mine")
+    line = one_line_error(cache("repair", "--cache-index", index), 2)
+    assert "holds mine.txt, which milvus-lite did not write; move that out of cache.db" in line
+    assert (Path(index) / "mine.txt").read_text() == "mine" and not list(Path(index).parent.glob("*.corrupt-*"))
+    (Path(index) / "mine.txt").rename(tmp_path / "mine.txt")  # the advice, followed
 
     report = ok(cache("repair", "--cache-index", index))
     aside = Path(report["set_aside"])

@@ -35,6 +35,9 @@ from .store import (
 OPTION = "--cache-index"
 
 
+LITE_ENTRIES = {"LOCK", "collections", "databases", ".database-staging"}  # what milvus-lite writes in its folder
+
+
 def check_exists(index: str) -> None:
     """The cache commands act only on a milvus-lite index (the folder milvus-lite wrote) or a Milvus
     URL: a mistyped path, a file or a folder of something else is refused, nothing created or touched."""
@@ -182,6 +185,13 @@ def repair(index: str, blob_store: str | None = None, purge_blobs: bool = False)
         report = {"index": index, "repaired": False, "caches": [collection_name(*c) for c in found]}
         if problem is None:
             return report | {"problem": None}
+        others = sorted(p.name for p in path.iterdir() if p.name not in LITE_ENTRIES)
+        if others:  # setting the index aside would carry them off: the user's files keep their place
+            more = f" and {len(others) - 1} more" if len(others) > 1 else ""
+            raise UsageError(
+                f"{OPTION} {index}: holds {others[0]}{more}, which milvus-lite did not write; move that out of "
+                f"{path.name}, then repair it ({problem})"
+            )
         aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
         for n in range(1, 1000):
             if not aside.exists():

@@ -12,7 +12,7 @@ from ..errors import UsageError
 from ..outputs import check_file
 from ..pipeline.calibrate import DEFAULT_INTERVALS, DEFAULT_PROMPTS, DEFAULT_STEPS
 from ..pipeline.calibration import SCHEDULES_FILE
-from ..request import MAX_GUIDANCE, Request
+from ..request import MAX_GUIDANCE, MAX_SEED, Request
 from ..schedulers import SCHEDULERS
 from .app import app, err, user_errors
 
@@ -44,6 +44,8 @@ def init_tiny(
 
     if preset not in PRESETS:
         raise UsageError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    if not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"--seed {seed}: use a whole number from 0 to {MAX_SEED}")
     if single_file:
         from ..compile.single_file import is_our_single_file
 
@@ -212,9 +214,13 @@ def build(
 
     if backend != "auto" and backend not in BACKENDS:
         raise UsageError(f"--backend {backend!r}: use auto, {', '.join(BACKENDS)}")
-    if not onnx.is_dir() or not EXPORT(onnx):
-        what = "no such folder" if not onnx.exists() else "not an export (no manifest.json in it)"
+    if not onnx.is_dir() or not (onnx / EXPORT.marker).is_file():
+        what = "no such folder" if not onnx.exists() else f"not an export (no {EXPORT.marker} in it)"
         raise UsageError(f"--onnx {onnx}: {what}; give the folder `voltacache export` wrote")
+    if not EXPORT(onnx):  # a torn or foreign manifest: read_manifest says which, and what to do
+        from ..runtime.manifests import read_manifest
+
+        read_manifest(onnx)
     refuse_overlap(out, onnx, "--out", "--onnx")
     check_folder(out, ENGINES, force=force)
 
@@ -307,7 +313,7 @@ def calibrate(
     from ..pipeline.calibrate import parse_counts
     from ..request import check_choice, check_number
 
-    counts, ns = parse_counts(steps, "--steps", 2), parse_counts(intervals, "--intervals", 2)
+    counts, ns = parse_counts(steps, "--steps", 2), parse_counts(intervals, "--intervals", 2, "2,3,4,5")
     check_choice("--scheduler", scheduler, SCHEDULERS)
     check_number("--guidance", guidance, 0.0, MAX_GUIDANCE)
     texts = [line.text for line in read_prompts(prompts)] if prompts else DEFAULT_PROMPTS

@@ -29,14 +29,14 @@ MAX_SWEEPS = 4  # of the search; each moves every refresh by up to SEARCH_REACH 
 SEARCH_REACH = 2
 
 
-def parse_counts(text: str, arg: str, low: int) -> tuple[int, ...]:
+def parse_counts(text: str, arg: str, low: int, example: str = "20,50") -> tuple[int, ...]:
     """`--steps 20,50` -> (20, 50)."""
     try:
         counts = tuple(sorted({int(part) for part in text.split(",")}))
     except ValueError:
         counts = ()
     if not counts or min(counts) < low:
-        raise UsageError(f"{arg} {text!r}: give whole numbers of {low} or more, separated by commas, e.g. 20,50")
+        raise UsageError(f"{arg} {text!r}: give whole numbers of {low} or more, separated by commas, e.g. {example}")
     return counts
 
 
@@ -68,7 +68,7 @@ def calibrate(
             "the full U-Net every N steps leaves no shallow step otherwise"
         )
     ours = lambda path: path.name in (ENGINES.owned(engine_dir) or set())  # noqa: E731
-    check = dict(force=force, ours=ours, arg="--engines", what="DeepCache calibration")
+    check = dict(force=force, ours=ours, arg="--engines", what="DeepCache calibration", elsewhere="")
     check_file(target, **check)  # before the work, not after it
 
     from .stable_diffusion import StableDiffusion  # torch: after every check

@@ -24,6 +24,10 @@ ENGINE_FORMAT = 1
 OLDER_EXPORT = "exported by an older voltacache (before step batching and SDXL); run `voltacache export` again"
 
 
+# an engines folder whose manifest cannot be read: build cannot know what it wrote there, so it will not replace it
+REBUILD_ELSEWHERE = "rebuild with `voltacache build` into a new folder (build replaces only engines it can read)"
+
+
 @dataclass(frozen=True)
 class ComponentEntry:
     """One exported component: its spec, its file, its precision, where a LoRA's weights lie in its graph
@@ -156,7 +160,7 @@ class EngineManifest:
     @classmethod
     def from_json(cls, data, where: str = "engines.json") -> EngineManifest:
         if not isinstance(data, dict) or not isinstance(data.get("export"), dict):
-            raise RebuildNeeded(f"{where}: not an engine manifest; rebuild with `voltacache build`")
+            raise RebuildNeeded(f"{where}: not an engine manifest; {REBUILD_ELSEWHERE}")
         try:
             export = ExportManifest.from_json(data["export"], where)
         except RebuildNeeded:
@@ -171,7 +175,7 @@ class EngineManifest:
             values = {k: v for k, v in data.items() if k in fields}
             return cls(**values | {"export": export, "owned": tuple(data.get("owned", ()))})
         except TypeError as e:
-            raise RebuildNeeded(f"{where}: not an engine manifest ({e}); rebuild with `voltacache build`") from None
+            raise RebuildNeeded(f"{where}: not an engine manifest ({e}); {REBUILD_ELSEWHERE}") from None
 
 
 def read_manifest(onnx_dir: Path) -> ExportManifest:
@@ -199,7 +203,7 @@ def read_engine_manifest(engine_dir: Path, arg: str = "--engines") -> EngineMani
     path = engine_dir / ENGINE_MANIFEST
     if not path.is_file():
         raise UsageError(f"{arg} {engine_dir}: not an engines folder (no {ENGINE_MANIFEST} in it); {wrote}")
-    data = read_json(path, "engine manifest", "rebuild with `voltacache build`", RebuildNeeded)
+    data = read_json(path, "engine manifest", REBUILD_ELSEWHERE, RebuildNeeded)
     return EngineManifest.from_json(data, str(path))
 
 

@@ -23,7 +23,8 @@ def check_url(url: str) -> None:
     """HOST:PORT, as tritonclient takes it: a scheme or a path is the commonest slip."""
     if not isinstance(url, str) or "://" in url or "/" in url or url.count(":") < 1:
         bare = str(url).split("://", 1)[-1].split("/", 1)[0]
-        raise UsageError(f"--url {url!r}: give HOST:PORT without a scheme or path, e.g. {bare or '127.0.0.1:8001'}")
+        example = bare if ":" in bare else f"{bare or '127.0.0.1'}:8001"  # a bare host: gRPC's default port
+        raise UsageError(f"--url {url!r}: give HOST:PORT without a scheme or path, e.g. {example}")
     host, _, port = url.rpartition(":")
     if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise UsageError(f"--url {url!r}: give HOST:PORT, the port a number from 1 to 65535, e.g. 127.0.0.1:8001")

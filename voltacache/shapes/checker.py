@@ -131,7 +131,10 @@ def parse_caption(caption: str) -> tuple[str, str, str]:
     """(color, shape, background) of "a {color} {shape} on a {background} background"."""
     match = CAPTION.match(caption.strip().lower())
     if not match or match[1] not in COLORS or match[2] not in SHAPES or match[3] not in COLORS:
-        raise ValueError(f"not a shapes caption: {caption!r}")
+        raise ValueError(
+            f'not a shapes caption: {caption!r}; give "a COLOR SHAPE on a COLOR background" with SHAPE one of '
+            f"{', '.join(SHAPES)} and COLOR one of {', '.join(COLORS)}"
+        )
     return match[1], match[2], match[3]
 
 
