@@ -106,6 +106,16 @@ CASES = {
         "IMAGE",
     ),
     "check-shapes bad caption": (["check-shapes", "{t}/red.png", "a cat"], 2, "a COLOR SHAPE on a COLOR background"),
+    "a blob store without an index": (
+        GENERATE + ["--engines", "{e}", "--blob-store", "{t}/blobs", "-o", "{t}/a.png"],
+        2,
+        "--blob-store: where a cache keeps its images; give it with --cache-index",
+    ),
+    "an s3 blob store without a bucket": (
+        GENERATE + ["--engines", "{e}", "--cache-index", "{t}/c.db", "--blob-store", "s3://", "-o", "{t}/a.png"],
+        2,
+        "--blob-store s3://: name the bucket",
+    ),
     "a bare host as --url": (GENERATE + ["--url", "127.0.0.1", "-o", "{t}/a.png"], 2, "e.g. 127.0.0.1:8001"),
     "calibrate --intervals 1": (["calibrate", "--engines", "{e}", "--intervals", "1"], 2, "e.g. 2,3,4,5"),
     "a seed beyond 64 bits": (["init-tiny", "{t}/m", "--seed", "99999999999999999999999"], 2, "--seed"),

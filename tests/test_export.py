@@ -88,8 +88,9 @@ def test_bad_options(tiny_dir, tmp_path):
         export_model(tiny_dir, tmp_path, ExportOptions(precision="int4"))
     with pytest.raises(UsageError, match="--opset 17"):
         export_model(tiny_dir, tmp_path, ExportOptions(opset=17))
-    with pytest.raises(UsageError, match="multiple of 8 pixels \\(of 64"):
-        export_model(tiny_dir, tmp_path, ExportOptions(height=100))
+    for height in (100, 8, 65536):  # not a multiple of 64, too small to halve thrice, beyond any machine's memory
+        with pytest.raises(UsageError, match=f"--height {height}: a multiple of 64 pixels from 64 to 4096"):
+            export_model(tiny_dir, tmp_path, ExportOptions(height=height))
     with pytest.raises(UsageError, match="--batch-sizes 1,2: use positive multiples of --batch 2"):
         export_model(tiny_dir, tmp_path, ExportOptions(batch=2, batch_sizes=(1, 2)))
     with pytest.raises(UsageError, match="--batch-sizes 0,1"):
@@ -162,7 +163,7 @@ def test_fingerprint_changes_with_weights(tiny_dir, tmp_path):
     assert model_fingerprint(copy) != model_fingerprint(tiny_dir)
 
 
-def test_cli_export_prints_lint(tiny_dir, tmp_path):
+def test_cli_export_refuses_a_side_the_unet_cannot_halve(tiny_dir, tmp_path):
     from typer.testing import CliRunner
 
     from voltacache.cli import app
@@ -170,7 +171,7 @@ def test_cli_export_prints_lint(tiny_dir, tmp_path):
     result = CliRunner().invoke(
         app, ["export", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--precision", "fp32", "--height", "96"]
     )
-    assert result.exit_code == 1 and "multiples of 64" in result.output
+    assert result.exit_code == 2 and "--height 96: a multiple of 64 pixels" in result.stderr
 
 
 def test_cli_export_refuses_earlier_export_without_force(onnx_fp32, tiny_dir, tmp_path):

@@ -229,6 +229,8 @@ class CacheSettings:
         blobs = blobs or (None if is_server(index) else default_blob_store(index))
         if blobs and "://" in blobs and not blobs.startswith("s3://"):
             raise BadConfiguration(f"--blob-store {blobs}: a folder or s3://bucket/prefix")
+        if blobs and blobs.startswith("s3://") and not blobs[5:].split("/", 1)[0]:
+            raise BadConfiguration(f"--blob-store {blobs}: name the bucket, s3://bucket/prefix")
         if paths and blobs and "://" not in blobs and Path(blobs).exists() and not Path(blobs).is_dir():
             option = "--blob-store" if self.blob_store else f"{where}: its blob folder"
             raise BadConfiguration(f"{option} {blobs}: an existing file, not a folder; name a folder")

@@ -94,6 +94,8 @@ def generate(
             "--cache-index / --blob-store: only in process (--engines); a server's cache is set by `voltacache deploy "
             "--cache`, and --cache on|off|refresh chooses it per request"
         )
+    if blob_store is not None and cache_index is None:
+        raise UsageError("--blob-store: where a cache keeps its images; give it with --cache-index")
     if engines is not None and concurrency != 1:
         raise UsageError("--concurrency: in process requests run one at a time; serve them (--url) to run several")
     if concurrency < 1:

@@ -67,6 +67,9 @@ class Calibration:
         return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
+MIN_SIDE, MAX_SIDE = 64, 4096  # image height and width, pixels
+
+
 @dataclass
 class ExportOptions:
     precision: str = "fp16"
@@ -94,8 +97,10 @@ class ExportOptions:
             raise UsageError(f"--opset {self.opset}: use 23 (fused Attention) or 18 (unfused, TensorRT < 10.14)")
         for name in ("height", "width"):
             value = getattr(self, name)
-            if value is not None and (value < 8 or value % 8):
-                raise UsageError(f"--{name} {value}: a positive multiple of 8 pixels (of 64 for SD's U-Nets), e.g. 512")
+            # the U-Net halves the latent (pixels / 8) three times: below 64 nothing is left; above 4096 the
+            # export alone would not fit this class of machine
+            if value is not None and not (MIN_SIDE <= value <= MAX_SIDE and value % 64 == 0):
+                raise UsageError(f"--{name} {value}: a multiple of 64 pixels from {MIN_SIDE} to {MAX_SIDE}, e.g. 512")
         branch = self.deepcache_branch  # the input of up_blocks[-1], or a DeepCache branch (compile.unet_split)
         if not (branch == "block" or (isinstance(branch, str) and branch.isdigit())):
             raise UsageError(f"--deepcache-branch {branch!r}: use block, or a DeepCache branch number such as 0")
