@@ -49,6 +49,14 @@ done
 .venv/bin/python scripts/bench_cpu_engines.py --model build/sd15/model --engines ort-fp32=$S/ort_fp32 \
   --engines ov-f32=$S/ov_f32 --engines ov-bf16=$S/ov_bf16 --engines ort-int8=$S/ort_int8 \
   --engines ov-int8=$S/ov_int8 --out $R/cpu_engines_sd15.json --figure $F/cpu_engines_sd15.png
+.venv/bin/python scripts/profile_unet.py --engines ort-int8=$S/ort_int8 --engines ov-int8=$S/ov_int8 \
+  --engines ov-bf16=$S/ov_bf16 --out $R/profile_unet_sd15.json
+# their quality on the shapes model: adherence and PSNR of every CPU backend and precision (40 min)
+for seed in 1000 2000; do   # one run of 168 captions moves by 2-3 points: two seeds, pooled in docs/benchmarks.md
+  suffix=$([ $seed = 1000 ] || echo _seed$seed)
+  .venv/bin/python scripts/eval_int8_quality.py --model build/shapes/model --backends onnxruntime,openvino \
+    --seed $seed --out $R/shapes_quality_cpu$suffix.json
+done
 
 # serving throughput on the SD 1.5 architecture (fewer requests: about 15 s per image here)
 .venv/bin/python scripts/bench_throughput.py --engines build/bench/sd15/engines_0_256 --concurrency 1,2,4,8 \

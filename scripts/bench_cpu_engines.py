@@ -148,6 +148,17 @@ def gemm_rates(repeats: int, n: int = GEMM) -> dict:
     return rates
 
 
+def floor_share(engine: dict, rates: dict) -> float | None:
+    """The share of its precision's GEMM rate the U-Net reaches. OpenVINO's int8 is set against the int8
+    MatMulInteger rate (VNNI/AMX): the int8 matrix units' floor, whichever backend drives them."""
+    precision = engine["inference_precision"] or engine["precision"]  # OpenVINO's f32, bf16
+    key = "onnxruntime int8" if engine["precision"] == "int8" else f"{engine['backend']} {precision}"
+    if "unet_deep_gops_per_s" not in engine or key not in rates:
+        return None
+    engine["floor"] = key
+    return engine["unet_deep_gops_per_s"] / rates[key]
+
+
 def unet_giga_ops(folder: Path) -> float | None:
     """FLOPs of one unet_deep call (one image: the guidance pair) of the export the engines came from."""
     import onnx
@@ -160,8 +171,7 @@ def unet_giga_ops(folder: Path) -> float | None:
     if not source.is_file():
         return None
     graph = onnx.shape_inference.infer_shapes(onnx.load(str(source), load_external_data=False))
-    rows = manifest.export.components["unet_deep"].spec.inputs[0].shape[0]  # the export's batch: its pair
-    return 2 * sum(macs(graph).values()) / 1e9 * (2 / rows)
+    return 2 * sum(macs(graph, batch=2).values()) / 1e9  # one image: the guidance pair
 
 
 def pytorch_baselines(model: Path, size: int, steps: int, repeats: int) -> dict:
@@ -207,7 +217,8 @@ def plot(result: dict, path: Path) -> Path:
     ax.barh(names, [bars[n] for n in names], color=["#4c72b0" if "N=" in n else "#999999" for n in names])
     ax.set_xlabel("seconds per image (lower is faster)")
     m = result["machine"]
-    ax.set_title(f"{result['steps']} DDIM steps, {m['cpu']} ({', '.join(m.get('cpu_flags', []))})", fontsize=8)
+    flags = ", ".join(m.get("cpu_flags", []))
+    ax.set_title(f"{result['steps']} DDIM steps, {m['cpu']}, {m['cores']} cores\n{flags}", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -236,6 +247,8 @@ def main():
         result["engines"].append(measured)
         write_json(args.out, result)  # kept as it grows: an interrupted run keeps what it measured
     result["gemm_gops_per_s"] = gemm_rates(args.gemm_repeats)
+    for measured in result["engines"]:
+        measured["unet_floor_share"] = floor_share(measured, result["gemm_gops_per_s"])
     if args.model:
         size = result["engines"][0]["size"][0]
         result["pytorch"] = pytorch_baselines(args.model, size, args.steps, args.repeats)
@@ -247,7 +260,7 @@ def main():
         print(
             f"{e['label']:>14}: unet_deep {e['seconds_per_call']['unet_deep']:.3f} s/call, "
             f"N=1 {per['N=1']['seconds']:.2f} s, N=3 {per['N=3']['seconds']:.2f} s "
-            f"(VAE {per['N=3']['vae_share']:.0%}), "
+            f"(VAE {per['N=3']['vae_share']:.0%}), U-Net at {e['unet_floor_share'] or 0:.0%} of its GEMM floor, "
             f"first image +{e['first_image']['extra_s']:.2f} s"
         )
     print(json_line(result.get("pytorch", {})), json_line(result["gemm_gops_per_s"]))

@@ -14,23 +14,27 @@ from math import prod
 import onnx
 
 
-def shapes(model) -> dict[str, list[int]]:
+def shapes(model, batch: int | None = None) -> dict[str, list[int]]:
+    """Every tensor's shape. ONNX's inference loses a dynamic batch through the exported Reshapes (their
+    target shapes are computed): a leading dimension it leaves unknown is the batch, when one is given."""
     graph = model.graph
     known = {}
     for value in [*graph.input, *graph.output, *graph.value_info]:
         dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+        if batch and dims and not dims[0]:
+            dims[0] = batch
         known[value.name] = dims
     for init in graph.initializer:
         known[init.name] = list(init.dims)
     return known
 
 
-def macs(model) -> dict[str, int]:
-    known = shapes(model)
+def macs(model, batch: int | None = None) -> dict[str, int]:
+    known = shapes(model, batch)
     totals = {}
     for node in model.graph.node:
         out = known.get(node.output[0])
-        if not out:
+        if not out or 0 in out:
             continue
         if node.op_type == "Conv":
             weight = known[node.input[1]]  # (out_ch, in_ch / groups, kh, kw)
@@ -52,8 +56,8 @@ def macs(model) -> dict[str, int]:
 
 def main(path: str) -> None:
     model = onnx.shape_inference.infer_shapes(onnx.load(path, load_external_data=False))
-    totals = macs(model)
-    batch = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim][0]
+    batch = model.graph.input[0].type.tensor_type.shape.dim[0].dim_value or 2  # dynamic: one guidance pair
+    totals = macs(model, batch)
     flops = 2 * sum(totals.values())
     for op, n in sorted(totals.items()):
         print(f"{op:>10}: {2 * n / 1e12:8.3f} TFLOP")

@@ -29,6 +29,8 @@ def files(tmp_path):
     (tmp_path / "empty.txt").write_text("\n\n")
     (tmp_path / "style.safetensors").write_bytes(b"not read before the engines are checked")
     Image.new("RGB", (64, 64), "red").save(tmp_path / "red.png")
+    (tmp_path / "torn-model").mkdir()
+    (tmp_path / "torn-model" / "model_index.json").write_text('{"_class_name": "StableDiffusionPip')
     return tmp_path
 
 
@@ -145,6 +147,9 @@ CASES = {
         "--strength: how much of an init image is repainted; give it with --init-image",
     ),
     "bench with no steps": (["bench", "--model", "{t}/folder", "--steps", "0"], 2, "--steps 0: 1 or more"),
+    # before the model and the extras are checked: one run names every argument's mistake in turn
+    "bench with interval 0": (["bench", "--model", "{t}/none", "--intervals", "0"], 2, "--intervals '0': whole"),
+    "bench with a branch that is none": (["bench", "--model", "{t}/none", "--branches", "x"], 2, "--branches 'x'"),
     "serve a file": (["serve", "--repo", "{t}/exists.png"], 2, "a file, not a folder"),
     "serve a log file that is a folder": (
         ["serve", "--repo", "{r}", "--log-file", "{t}/folder", "--http-port", "1"],
@@ -228,8 +233,12 @@ FAST_REFUSALS = {
     "a size the engines do not have": GENERATE + ["--engines", "{e}", "--height", "63", "-o", "{t}/a.png"],
     "uncalibrated steps": GENERATE + ["--engines", "{e}", "--steps", "7", "--cache-schedule", "calibrated"],
     "a lora on int8 engines": GENERATE + ["--engines", "{i}", "--lora", "{t}/style.safetensors", "-o", "{t}/a.png"],
+    "a torn model_index.json": ["export", "--model", "{t}/torn-model", "--out", "{t}/o"],
 }
-FAST_WORDS = {"a lora on int8 engines": "lora: not on int8 engines (their weights are quantized)"}
+FAST_WORDS = {
+    "a lora on int8 engines": "lora: not on int8 engines (their weights are quantized)",
+    "a torn model_index.json": "invalid JSON (Unterminated string starting at: line 1 column 17 (char 16)); copy",
+}
 
 
 @pytest.mark.parametrize("case", FAST_REFUSALS)

@@ -28,6 +28,7 @@ def test_bench_cpu_engines_runs_on_the_tiny_model(engines_dir, engines_openvino,
     for engines in data["engines"]:
         assert engines["seconds_per_call"]["unet_deep"] > 0 and engines["seconds_per_image"]["N=3"]["seconds"] > 0
         assert 0 < engines["seconds_per_image"]["N=3"]["vae_share"] < 1
+        assert engines["unet_deep_gops"] > 0 and engines["unet_floor_share"] > 0  # every MatMul and Attention
     assert {"onnxruntime fp32", "onnxruntime int8", "openvino f32"} <= set(data["gemm_gops_per_s"])
     assert data["pytorch"]["diffusers"] > 0
     assert sorted((ROOT / "docs" / "results").iterdir()) == docs

@@ -85,8 +85,17 @@ def test_onnxruntime_backend_option(engines_dir, tmp_path):
 
 
 def test_tensorrt_backend_needs_tensorrt_engines(engines_dir, tmp_path):
-    with pytest.raises(VoltacacheError, match="holds onnxruntime engines"):
+    with pytest.raises(VoltacacheError, match="holds onnxruntime engines; drop the option .* or give onnxruntime"):
         deploy(engines_dir, tmp_path / "repo", component_backend="tensorrt")
+
+
+def test_openvino_engines_are_served_by_the_python_backend(engines_openvino, tmp_path):
+    """Triton's pip server has no OpenVINO backend: the advice names only what deploy accepts."""
+    with pytest.raises(
+        VoltacacheError, match=r"holds openvino engines; drop the option \(python serves any engines\)$"
+    ):
+        deploy(engines_openvino, tmp_path / "repo", component_backend="onnxruntime")
+    assert not (tmp_path / "repo").exists()
 
 
 def test_a_folder_holding_a_users_file_is_refused(engines_dir, tmp_path):

@@ -136,6 +136,14 @@ def test_serve_refuses_a_busy_port(triton_repo, ports, busy):
     assert seconds < 10
 
 
+def test_a_host_that_is_not_this_machines_says_what_to_give(ports):
+    from voltacache.errors import UsageError
+    from voltacache.serving.server import check_port
+
+    with pytest.raises(UsageError, match=r"^--host 10.255.255.1: not an address of this machine .*127.0.0.1"):
+        check_port("--http-port", "10.255.255.1", ports["http_port"])
+
+
 @pytest.mark.triton
 def test_serve_names_the_model_that_failed_to_load(triton_repo, tmp_path, ports):
     repo = shutil.copytree(triton_repo, tmp_path / "repo")

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from voltacache.errors import InvalidRequest, VoltacacheError
+from voltacache.errors import InvalidRequest, UsageError, VoltacacheError
 from voltacache.request import Request
 from voltacache.serving import protocol as p
 from voltacache.serving.client import Client
@@ -237,10 +237,11 @@ def test_a_served_refusal_is_the_same_one_line_as_in_process(triton, engines_dir
 
 
 def test_a_wrong_port_says_which_port_it_is(triton):
-    """The metrics port, or the HTTP port spoken to over gRPC: the error says what answers there."""
-    with pytest.raises(VoltacacheError, match="this is a Triton server's metrics port; give its gRPC port"):
+    """The metrics port, or the HTTP port spoken to over gRPC: the error says what answers there, and
+    is the user's mistake (exit 2), not a server failing."""
+    with pytest.raises(UsageError, match="this is a Triton server's metrics port; give its gRPC port"):
         Client(f"127.0.0.1:{triton.metrics_port}").image_shape()
-    with pytest.raises(VoltacacheError, match="this is a Triton server's HTTP port; give its gRPC port"):
+    with pytest.raises(UsageError, match="this is a Triton server's HTTP port; give its gRPC port"):
         Client(triton.http_url).image_shape()
 
 

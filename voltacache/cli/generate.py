@@ -232,11 +232,22 @@ def bench(
             raise UsageError(f"{option} {text!r}: whole numbers of 1 or more, separated by commas, e.g. 1,2,3")
         return values
 
+    def names(text):
+        return tuple(x for x in text.split(",") if x)
+
+    def branch_names(text, option):
+        if not all(x == "block" or x.isdigit() for x in names(text)):
+            raise UsageError(f"{option} {text!r}: block, or DeepCache branch numbers such as 0, e.g. block,0")
+        return names(text)
+
     for option, value in (("--steps", steps), ("--repeats", repeats)):
         if value < 1:
             raise UsageError(f"{option} {value}: 1 or more")
     if size < 64 or size % 64:
         raise UsageError(f"--size {size}: a positive multiple of 64 pixels, e.g. 256")
+    # every argument is checked before the extras are: a user fixing one mistake is not sent to install first
+    chosen = (ints(intervals), ints(deepcache_intervals, "--deepcache-intervals"), branch_names(branches, "--branches"))
+    chosen += (branch_names(triton_branches, "--triton-branches"),)
     check_model_path(model)
     missing = [m for m in ("DeepCache", "matplotlib", "psutil") if importlib.util.find_spec(m) is None]
     if missing:
@@ -246,9 +257,6 @@ def bench(
 
     from ..bench import BenchConfig, main, table
 
-    def names(text):
-        return tuple(x for x in text.split(",") if x)
-
     cfg = BenchConfig(
         model,
         workdir,
@@ -256,10 +264,7 @@ def bench(
         steps,
         7.5,
         repeats,
-        ints(intervals),
-        ints(deepcache_intervals, "--deepcache-intervals"),
-        names(branches),
-        names(triton_branches),
+        *chosen,
         out or Path(f"build/results/{name}.json"),
         figures,
         name=name,

@@ -83,6 +83,7 @@ def check_model_path(path: Path, allow_pickle: bool = False, arg: str = "--model
             raise UsageError(f"{arg} {path}: {kind.article} {kind.what} voltacache wrote, not a model; {give}")
         if not (path / "model_index.json").is_file():
             raise UsageError(f"{arg} {path}: not a diffusers pipeline folder (no model_index.json); {give}")
+        _read_model_index(path / "model_index.json", UsageError)
         return
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES and not allow_pickle:
@@ -94,6 +95,20 @@ def check_model_path(path: Path, allow_pickle: bool = False, arg: str = "--model
         raise UsageError(f"{arg} {path}: not a checkpoint; {give}")
 
 
+def _read_model_index(index_file: Path, error: type[Exception]) -> dict:
+    try:
+        index = json.loads(index_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        index = e
+    if not isinstance(index, dict):
+        why = f"invalid JSON ({index})" if isinstance(index, Exception) else "not a JSON object"
+        raise error(
+            f"{index_file}: {why}; copy it again from where the model came from (it names the pipeline, e.g. "
+            '{"_class_name": "StableDiffusionPipeline", ...})'
+        )
+    return index
+
+
 def _load_folder(path: Path, allow_pickle: bool):
     import diffusers
 
@@ -102,11 +117,7 @@ def _load_folder(path: Path, allow_pickle: bool):
     index_file = path / "model_index.json"
     if not index_file.is_file():
         raise CheckpointError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
-    try:
-        index = json.loads(index_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{index_file}: invalid JSON ({e})") from e
-    name = index.get("_class_name", "")
+    name = _read_model_index(index_file, CheckpointError).get("_class_name", "")
     if name in OTHER_FAMILIES:
         raise CheckpointError(
             f"{path}: a {OTHER_FAMILIES[name]} pipeline ({name}); voltacache supports SD 1.x/2.x and SDXL"

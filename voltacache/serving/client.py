@@ -108,7 +108,10 @@ class Client:
         for a request that is wrong: a UsageError, as in process)."""
         unreachable = ("failed to connect", "connection refused", "unavailable", "errno 111", "name resolution")
         if status is None or any(word in message.lower() for word in unreachable):  # no Triton answered
-            return ServerFailed(f"--url {self.url}: {self.other_port() or self.not_answering(message)}")
+            other = self.other_port()  # a server answers, on another port: the --url is the mistake
+            if other:
+                return UsageError(f"--url {self.url}: {other}")
+            return ServerFailed(f"--url {self.url}: {self.not_answering(message)}")
         # the model that failed names itself: Triton's "in ensemble 'txt2img', denoiser: ..." says it twice
         message = re.sub(r"^in ensemble '[^']*', ", "", message)
         if not re.match(r"^[a-z_0-9]+: ", message):

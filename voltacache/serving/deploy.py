@@ -170,7 +170,11 @@ def deploy(
     if component_backend not in COMPONENT_BACKENDS:
         raise UsageError(f"--component-backend {component_backend!r}: use one of {', '.join(COMPONENT_BACKENDS)}")
     if component_backend != "python" and component_backend != manifest.backend:
-        raise UsageError(f"--component-backend {component_backend}: {engines} holds {manifest.backend} engines")
+        native = f" or give {manifest.backend}" if manifest.backend in COMPONENT_BACKENDS else ""
+        raise UsageError(
+            f"--component-backend {component_backend}: {engines} holds {manifest.backend} engines; drop the "
+            f"option (python serves any engines){native}"
+        )
     for option, where in (("--cache", cache.index), ("--blob-store", cache.blob_store)):
         if where and "://" not in where and Path(os.path.abspath(repo)) in Path(os.path.abspath(where)).parents:
             raise UsageError(

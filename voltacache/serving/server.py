@@ -152,7 +152,12 @@ def check_port(option: str, host: str, port: int) -> None:
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 raise UsageError(f"{option} {port} is in use on {host}{holder(port)}; pick another") from None
-            raise UsageError(f"{option} {port} on --host {host}: cannot bind ({e.strerror})") from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise UsageError(
+                    f"--host {host}: not an address of this machine ({e.strerror}); give one of its own, "
+                    "127.0.0.1 (the default) or 0.0.0.0 for every interface"
+                ) from None
+            raise UsageError(f"{option} {port} on --host {host}: cannot bind ({e.strerror}); pick another") from None
 
 
 SHM_PREFIX = re.compile(r"shm-region-prefix-name=voltacache(\d+)_")
