@@ -1,4 +1,4 @@
-"""INT8 U-Nets: calibrated QDQ graphs that ONNX Runtime runs, close to fp32, and what the manifest holds."""
+"""INT8 U-Nets and VAE decoder: calibrated QDQ graphs that ONNX Runtime runs, close to fp32; the manifest."""
 
 import math
 import shutil
@@ -17,7 +17,7 @@ from voltacache.pipeline.stable_diffusion import StableDiffusion
 from voltacache.runtime.backends import BACKENDS
 from voltacache.runtime.engines import load_engines
 from voltacache.runtime.manifests import read_manifest
-from voltacache.specs import TEXT_ENCODER, UNET_DEEP, UNET_SHALLOW, VAE_DECODER
+from voltacache.specs import TEXT_ENCODER, UNET_DEEP, UNET_SHALLOW, VAE_DECODER, VAE_ENCODER
 
 pytestmark = pytest.mark.slow  # an export and a calibration of their own
 CALIBRATION = Calibration(prompts=("a red circle on a blue background", "a photo of a cat"), steps=6)
@@ -50,8 +50,8 @@ def psnr(a, b):
     return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
-def test_only_the_unets_are_quantized_and_the_outer_convolutions_stay_fp32(onnx_int8):
-    for name in (UNET_DEEP, UNET_SHALLOW):
+def test_the_unets_and_the_decoder_are_quantized_and_their_outer_convolutions_stay_fp32(onnx_int8):
+    for name in (UNET_DEEP, UNET_SHALLOW, VAE_DECODER):
         graph = onnx.load(str(onnx_int8 / f"{name}.onnx"), load_external_data=False).graph
         kinds = [n.op_type for n in graph.node]
         assert kinds.count("QuantizeLinear") > 10 and kinds.count("DequantizeLinear") > 10
@@ -59,14 +59,14 @@ def test_only_the_unets_are_quantized_and_the_outer_convolutions_stay_fp32(onnx_
         convs = [n for n in graph.node if n.op_type == "Conv"]
         quantized = [n for n in convs if made_by.get(n.input[1]) == "DequantizeLinear"]
         assert len(quantized) == len(convs) - 2  # every Conv but conv_in and conv_out has int8 weights
-        outer = outer_convolutions(onnx.load(str(onnx_int8 / f"{name}.onnx"), load_external_data=False))
+        outer = outer_convolutions(onnx.load(str(onnx_int8 / f"{name}.onnx"), load_external_data=False), name)
         assert all(made_by.get(n.input[1]) != "DequantizeLinear" for n in convs if n.name in outer.values())
         # only Conv, MatMul and Gemm hold int8 weights: normalizations and the fused attention stay fp32
         weights = {i.name for i in graph.initializer}
         int8_weights = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights}
         holders = {n.op_type for n in graph.node if int8_weights & set(n.input)}
         assert holders <= set(QUANTIZED_OPS) and "Conv" in holders
-    for name in (TEXT_ENCODER, VAE_DECODER):
+    for name in (TEXT_ENCODER, VAE_ENCODER):
         assert "QuantizeLinear" not in ops(onnx_int8 / f"{name}.onnx")
 
 
@@ -76,7 +76,8 @@ def test_manifest_records_precision_and_calibration(onnx_int8, onnx_fp32):
     assert int8.calibration["prompts"] == list(CALIBRATION.prompts) and int8.calibration["steps"] == 6
     assert int8.model_fingerprint == fp32.model_fingerprint
     assert int8.fingerprint != fp32.fingerprint  # the cache never serves one's images for the other
-    for name in (UNET_DEEP, UNET_SHALLOW):
+    assert int8.calibration["quantized"] == [UNET_DEEP, UNET_SHALLOW, VAE_DECODER]
+    for name in (UNET_DEEP, UNET_SHALLOW, VAE_DECODER):
         entry = int8.components[name]
         assert entry.precision == "int8" and 0 < entry.report["int8_error"] < 0.2
         assert entry.report["tensorrt_lint"]["ok"] and set(entry.report["kept_fp32"]) == {"conv_in", "conv_out"}

@@ -271,13 +271,13 @@ def build(
 
 def measured_error(manifest) -> str:
     """One line: what a reduced-precision build measured against fp32 (bf16: against ONNX Runtime's fp32 on
-    the same graphs; int8: the export's int8 U-Nets against fp32, and the engines against ONNX Runtime's int8)."""
+    the same graphs; int8: the export's int8 graphs against fp32, and the engines against ONNX Runtime's int8)."""
     built = {name: entry["error"] for name, entry in manifest.report.items() if "error" in entry}
     shown = ", ".join(f"{name} {error:.2e}" for name, error in built.items())
     if manifest.export.precision == "bf16":
         return f"bf16 against fp32 (max abs error relative to max(1, |output|), random inputs): {shown}"
     quantized = {n: c.report["int8_error"] for n, c in manifest.export.components.items() if "int8_error" in c.report}
-    line = "int8 U-Nets against fp32 (the export's measure): " + ", ".join(f"{n} {e:.2e}" for n, e in quantized.items())
+    line = "int8 graphs against fp32 (the export's measure): " + ", ".join(f"{n} {e:.2e}" for n, e in quantized.items())
     return line + (f"; {manifest.backend} against ONNX Runtime's int8 on the same files: {shown}" if built else "")
 
 

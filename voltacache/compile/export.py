@@ -336,7 +336,7 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
                 lora_targets=lora_targets.get(name),
             )
         unsplit = unsplit_outputs(modules, pipe.unet, feeds[UNET_DEEP])
-        if options.precision != "int8":  # int8 calibrates on the PyTorch U-Nets below
+        if options.precision != "int8":  # int8 calibrates on the PyTorch pipeline below
             del pipe, modules
             release_memory()
 
@@ -355,9 +355,9 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
         if errors["torch"] != 0.0 or not errors["onnx"] <= TOLERANCE[graphs.precision]:
             raise ExportError(f"{name} does not reproduce the unsplit U-Net: {errors}")
     if options.precision == "int8":
-        from .quantize import quantize_unets
+        from .quantize import quantize_components
 
-        for name, entry in quantize_unets(pipe, modules, specs, out_dir, options.calibration, progress).items():
+        for name, entry in quantize_components(pipe, modules, specs, out_dir, options.calibration, progress).items():
             entries[name].update(entry, precision="int8")
 
     data = {

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from ..errors import UsageError
 
-# int8: the U-Nets quantized (voltacache.compile.quantize), the rest fp32; bf16: fp32 graphs that a backend
-# runs on the CPU's bf16 units (OpenVINO), a precision of its own: its images are never another's
+# int8: the U-Nets and the VAE decoder quantized (voltacache.compile.quantize), the rest fp32; bf16: fp32 graphs
+# that a backend runs on the CPU's bf16 units (OpenVINO), a precision of its own: its images are never another's
 PRECISIONS = ("fp16", "fp32", "int8", "bf16")
 SIZE_STEPS = (1, 2, 4, 8)  # default engine sizes, in multiples of --batch
 
@@ -33,7 +33,7 @@ DEFAULT_PROMPTS = (
 
 @dataclass(frozen=True)
 class Calibration:
-    """What the int8 U-Nets were calibrated on; recorded in the manifest, part of the fingerprint."""
+    """What the int8 components were calibrated on; recorded in the manifest, part of the fingerprint."""
 
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     steps: int = 10
@@ -41,6 +41,8 @@ class Calibration:
     seed: int = 0
     scheduler: str = "ddim"
     keep_fp32: tuple[str, ...] = ("conv_in", "conv_out")
+    # in the id: an export whose VAE decoder is int8 makes other images than one whose decoder is fp32
+    quantized: tuple[str, ...] = ("unet_deep", "unet_shallow", "vae_decoder")
 
     @classmethod
     def from_file(cls, path: Path | None, steps: int) -> Calibration:

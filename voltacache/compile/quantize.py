@@ -1,19 +1,23 @@
-"""INT8 U-Nets: calibrated on real denoising trajectories, quantized to QDQ ONNX by ONNX Runtime's tools.
+"""INT8 U-Nets and VAE decoder: calibrated on real denoising trajectories, quantized to QDQ ONNX by ONNX
+Runtime's tools.
 
 Why ONNX Runtime's `quantize_static` and not NVIDIA ModelOpt: it runs here (ModelOpt's ONNX path
 needs its CUDA build for calibration at SD sizes), it writes standard QuantizeLinear /
 DequantizeLinear pairs, which ONNX Runtime's CPU provider fuses into int8 kernels (VNNI) and
-TensorRT builds as an explicitly quantized engine without a calibrator, and it measured 4.5x on
-SD 1.5's hot convolutions here (docs/platform.md).
+TensorRT and OpenVINO build as explicitly quantized engines without a calibrator, and it measured 4.5x
+on SD 1.5's hot convolutions here (docs/platform.md).
 
 Activation ranges move with the timestep, so the calibration set is what the U-Net sees while it
-denoises: the DDIM trajectories of a few prompts, every step, both halves of the guidance pair.
+denoises: the DDIM trajectories of a few prompts, every step, both halves of the guidance pair. The VAE
+decoder is calibrated on what it decodes: each run's final latent, and the clean latent the scheduler
+predicts three steps before the end (a second, slightly different sample of the same distribution).
 Weights are int8 per output channel (symmetric), activations uint8 per tensor (MinMax). Only Conv,
 MatMul and Gemm are quantized: normalizations, softmax inside the fused Attention node and the
-elementwise ops stay fp32. The U-Net's first and last convolutions (conv_in reads the noisy latent,
-conv_out writes the noise prediction) stay fp32 as well: measured on the shapes model (56 captions),
-39.1 dB against fp32 with them kept, 38.7 dB with them quantized, the same adherence; they are under
-1% of SD 1.5's U-Net FLOPs, so keeping them costs nothing measurable (docs/benchmarks.md).
+elementwise ops stay fp32. Each graph's first and last convolutions stay fp32 as well (the U-Net's
+conv_in reads the noisy latent and its conv_out writes the noise prediction; the decoder's first reads
+the latent, its last writes the image): measured on the shapes model (56 captions), 39.1 dB against
+fp32 with the U-Net's kept, 38.7 dB with them quantized, the same adherence; they are under 1% of the
+FLOPs, so keeping them costs nothing measurable (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -23,27 +27,44 @@ from pathlib import Path
 
 import numpy as np
 
-from ..specs import CONTEXT, DEEP_FEATURE, INPUT_IDS, NOISE_PRED, SAMPLE, TEXT_EMBEDDINGS, TIMESTEP
+from ..specs import (
+    CONTEXT,
+    DEEP_FEATURE,
+    IMAGE,
+    INPUT_IDS,
+    LATENT,
+    NOISE_PRED,
+    SAMPLE,
+    TEXT_EMBEDDINGS,
+    TIMESTEP,
+    UNET_DEEP,
+    UNET_SHALLOW,
+    VAE_DECODER,
+)
 from .options import Calibration
 
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
+# each graph's outer convolutions, by the graph input the first reads and the output the last writes
+OUTER = {UNET_DEEP: (SAMPLE, NOISE_PRED), UNET_SHALLOW: (SAMPLE, NOISE_PRED), VAE_DECODER: (LATENT, IMAGE)}
 
 
-def trajectories(pipe, modules: dict, specs: dict, calibration: Calibration) -> tuple[list[dict], list[dict]]:
+def trajectories(pipe, modules: dict, specs: dict, calibration: Calibration) -> dict[str, list[dict]]:
     """The feeds of unet_deep and unet_shallow at every step of DDIM runs of the calibration prompts
-    (PyTorch fp32, the reference the ONNX graphs reproduce): what the U-Nets see when they denoise."""
+    (PyTorch fp32, the reference the ONNX graphs reproduce): what the U-Nets see when they denoise; and
+    of the VAE decoder, the latents those runs decode."""
     import torch
 
     from ..request import Request
     from ..runtime.tokenizer import ClipTokenizer
     from ..schedulers import make_scheduler
-    from ..specs import TEXT_ENCODER, UNET_DEEP
+    from ..specs import TEXT_ENCODER
     from .graphs import run_torch
 
     deep_spec = specs[UNET_DEEP]
     batch = deep_spec.images
     latent_shape = (batch, *deep_spec.inputs[0].shape[1:])
-    deep_feeds, shallow_feeds = [], []
+    deep_feeds, shallow_feeds, decoder_feeds = [], [], []
+    scaling = pipe.vae.config.scaling_factor
     tokenize = ClipTokenizer.from_transformers(pipe.tokenizer)
     for index, prompt in enumerate(calibration.prompts):
         ids = tokenize(Request(prompt).texts(batch))
@@ -52,7 +73,7 @@ def trajectories(pipe, modules: dict, specs: dict, calibration: Calibration) -> 
         scheduler.set_timesteps(calibration.steps)
         generator = torch.Generator("cpu").manual_seed(calibration.seed + index)
         latents = torch.randn(latent_shape, generator=generator) * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
+        for position, t in enumerate(scheduler.timesteps):
             sample = scheduler.scale_model_input(torch.cat([latents] * 2), t)
             timestep = np.full(len(sample), float(t), np.float32)  # one per row, as the graphs take it
             feeds = {SAMPLE: sample.numpy(), TIMESTEP: timestep, CONTEXT: context}
@@ -61,20 +82,26 @@ def trajectories(pipe, modules: dict, specs: dict, calibration: Calibration) -> 
             shallow_feeds.append({**feeds, DEEP_FEATURE: out[DEEP_FEATURE]})
             uncond, cond = torch.from_numpy(out[NOISE_PRED]).chunk(2)
             noise = uncond + calibration.guidance * (cond - uncond)
-            latents = scheduler.step(noise, t, latents, eta=0.0, return_dict=False)[0]
-    return deep_feeds, shallow_feeds
+            step = scheduler.step(noise, t, latents, eta=0.0)
+            latents = step.prev_sample
+            if position == len(scheduler.timesteps) - 3 and getattr(step, "pred_original_sample", None) is not None:
+                decoder_feeds.append({LATENT: (step.pred_original_sample / scaling).numpy()})
+        decoder_feeds.append({LATENT: (latents / scaling).numpy()})
+    return {UNET_DEEP: deep_feeds, UNET_SHALLOW: shallow_feeds, VAE_DECODER: decoder_feeds}
 
 
-def outer_convolutions(model) -> dict[str, str]:
-    """The names of conv_in (the Conv reading the graph's `sample`) and conv_out (the Conv writing
-    `noise_pred`), found by where they sit in the graph, not by the exporter's node names."""
+def outer_convolutions(model, component: str = UNET_DEEP) -> dict[str, str]:
+    """The names of conv_in (the Conv reading the graph's input: the U-Net's `sample`, the decoder's
+    `latent`) and conv_out (the Conv writing its output: `noise_pred`, `image`), found by where they
+    sit in the graph, not by the exporter's node names."""
+    first, last = OUTER[component]
     found = {}
     for node in model.graph.node:
         if node.op_type != "Conv":
             continue
-        if node.input[0] == SAMPLE:
+        if node.input[0] == first:
             found["conv_in"] = node.name
-        if NOISE_PRED in node.output:
+        if last in node.output:
             found["conv_out"] = node.name
     return found
 
@@ -92,13 +119,13 @@ class FeedReader:
         pass
 
 
-def quantize_unet(source: Path, target: Path, feeds: list[dict], calibration: Calibration) -> dict:
-    """Write the QDQ int8 graph of the fp32 U-Net at `source` to `target`; returns what was kept fp32
-    and the counts of quantized nodes."""
+def quantize_graph(component: str, source: Path, target: Path, feeds: list[dict], calibration: Calibration) -> dict:
+    """Write the QDQ int8 graph of the fp32 component at `source` to `target`; returns what was kept
+    fp32 and the counts of quantized nodes."""
     import onnx
 
     graph = onnx.load(str(source), load_external_data=False)
-    outer = outer_convolutions(graph)
+    outer = outer_convolutions(graph, component)
     excluded = [outer[name] for name in calibration.keep_fp32 if name in outer]
     external = source.with_name(source.name + ".data").exists()  # a graph over 2 GB: so is its working copy
     logging.disable(logging.WARNING)  # its advice to pre-process goes to the root logger on every call
@@ -133,25 +160,25 @@ def _quantize(source: Path, target: Path, feeds: list[dict], excluded: list[str]
     )
 
 
-def quantize_unets(pipe, modules: dict, specs: dict, out_dir: Path, calibration: Calibration, progress=None) -> dict:
-    """Replace the fp32 unet_deep / unet_shallow graphs in `out_dir` by their int8 QDQ graphs; returns
-    each one's manifest additions: what stayed fp32, the QDQ counts, the error against fp32 on a
-    denoising step, and the TensorRT lint of the quantized graph."""
+def quantize_components(pipe, modules: dict, specs: dict, out_dir: Path, calibration: Calibration, progress=None):
+    """Replace the fp32 graphs in `out_dir` of the components the calibration quantizes (the U-Nets, the
+    VAE decoder) by their int8 QDQ graphs; returns each one's manifest additions: what stayed fp32, the
+    QDQ counts, the error against fp32 on a calibration sample, and the TensorRT lint of the graph."""
     import onnx
 
-    from ..specs import UNET_DEEP, UNET_SHALLOW
     from .graphs import max_error, release_memory, run_onnx, save_model
     from .trt_lint import lint
 
-    deep, shallow = trajectories(pipe, modules, specs, calibration)
+    samples = trajectories(pipe, modules, specs, calibration)
     entries = {}
-    for name, feeds in ((UNET_DEEP, deep), (UNET_SHALLOW, shallow)):
+    for name in calibration.quantized:
+        feeds = samples[name]
         if progress:
             progress(name, "quantize")
         path = out_dir / f"{name}.onnx"
         staging = out_dir / f"{name}.int8-staging.onnx"
-        info = quantize_unet(path, staging, feeds, calibration)
-        # the middle of the schedule, where the image forms: the int8 graph against its fp32 source
+        info = quantize_graph(name, path, staging, feeds, calibration)
+        # the middle of the set (for the U-Nets, of the schedule, where the image forms): int8 against fp32
         probe = feeds[len(feeds) // 2]
         reference, quantized = run_onnx(path, probe), run_onnx(staging, probe)
         release_memory()
