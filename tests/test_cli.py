@@ -50,9 +50,32 @@ def test_ctrl_c_while_the_cli_imports_is_one_line(tmp_path, delay):
     from pathlib import Path
 
     script = Path(sys.executable).with_name("voltacache")
-    process = subprocess.Popen([script, "init-tiny", tmp_path / "m"], stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [script, "init-tiny", tmp_path / "m"],
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal starts it
+    )
     time.sleep(delay)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     # (a Ctrl-C inside click's own parsing can end it silently: still 130 and no traceback)
     assert process.returncode == 130 and stderr in ("error: interrupted\n", ""), stderr
+
+
+def test_a_command_started_with_ctrl_c_ignored_keeps_ignoring_it(tmp_path):
+    """A background job (`cmd &` in a script) inherits SIGINT ignored: an interrupt is not its to take."""
+    import signal
+    import time
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("voltacache")
+    ignore = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731
+    process = subprocess.Popen(
+        [script, "init-tiny", tmp_path / "m"], stderr=subprocess.PIPE, text=True, preexec_fn=ignore
+    )
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert (tmp_path / "m" / "model_index.json").is_file()

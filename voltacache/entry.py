@@ -7,6 +7,10 @@ import sys
 
 
 def main() -> None:
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background: Ctrl-C is not ours
+        from .cli import main as run
+
+        return run()
     held = []
     previous = signal.signal(signal.SIGINT, lambda *_: held.append(True))
     try:
