@@ -148,15 +148,12 @@ def gemm_rates(repeats: int, n: int = GEMM) -> dict:
     return rates
 
 
-def floor_share(engine: dict, rates: dict) -> float | None:
-    """The share of its precision's GEMM rate the U-Net reaches. OpenVINO's int8 is set against the int8
-    MatMulInteger rate (VNNI/AMX): the int8 matrix units' floor, whichever backend drives them."""
-    precision = engine["inference_precision"] or engine["precision"]  # OpenVINO's f32, bf16
-    key = "onnxruntime int8" if engine["precision"] == "int8" else f"{engine['backend']} {precision}"
-    if "unet_deep_gops_per_s" not in engine or key not in rates:
-        return None
-    engine["floor"] = key
-    return engine["unet_deep_gops_per_s"] / rates[key]
+def floor_of(engine: dict) -> str:
+    """Which GEMM rate is the U-Net's floor. OpenVINO's int8 is set against the int8 MatMulInteger rate
+    (VNNI/AMX): the int8 matrix units' floor, whichever backend drives them."""
+    if engine["precision"] == "int8":
+        return "onnxruntime int8"
+    return f"{engine['backend']} {engine['inference_precision'] or engine['precision']}"  # OpenVINO's f32, bf16
 
 
 def unet_giga_ops(folder: Path) -> float | None:
@@ -248,7 +245,10 @@ def main():
         write_json(args.out, result)  # kept as it grows: an interrupted run keeps what it measured
     result["gemm_gops_per_s"] = gemm_rates(args.gemm_repeats)
     for measured in result["engines"]:
-        measured["unet_floor_share"] = floor_share(measured, result["gemm_gops_per_s"])
+        floor, rate = floor_of(measured), measured.get("unet_deep_gops_per_s")
+        known = rate and floor in result["gemm_gops_per_s"]
+        measured["floor"] = floor
+        measured["unet_floor_share"] = rate / result["gemm_gops_per_s"][floor] if known else None
     if args.model:
         size = result["engines"][0]["size"][0]
         result["pytorch"] = pytorch_baselines(args.model, size, args.steps, args.repeats)

@@ -222,6 +222,7 @@ def bench(
     import importlib.util
 
     from ..compile.checkpoint import check_model_path
+    from ..compile.options import is_deepcache_branch
 
     def ints(text, option="--intervals"):
         try:
@@ -236,9 +237,10 @@ def bench(
         return tuple(x for x in text.split(",") if x)
 
     def branch_names(text, option):
-        if not all(x == "block" or x.isdigit() for x in names(text)):
+        values = names(text)
+        if not all(is_deepcache_branch(x) for x in values):
             raise UsageError(f"{option} {text!r}: block, or DeepCache branch numbers such as 0, e.g. block,0")
-        return names(text)
+        return values
 
     for option, value in (("--steps", steps), ("--repeats", repeats)):
         if value < 1:
@@ -246,8 +248,8 @@ def bench(
     if size < 64 or size % 64:
         raise UsageError(f"--size {size}: a positive multiple of 64 pixels, e.g. 256")
     # every argument is checked before the extras are: a user fixing one mistake is not sent to install first
-    chosen = (ints(intervals), ints(deepcache_intervals, "--deepcache-intervals"), branch_names(branches, "--branches"))
-    chosen += (branch_names(triton_branches, "--triton-branches"),)
+    voltacache_intervals, helper_intervals = ints(intervals), ints(deepcache_intervals, "--deepcache-intervals")
+    compared, served = branch_names(branches, "--branches"), branch_names(triton_branches, "--triton-branches")
     check_model_path(model)
     missing = [m for m in ("DeepCache", "matplotlib", "psutil") if importlib.util.find_spec(m) is None]
     if missing:
@@ -264,7 +266,10 @@ def bench(
         steps,
         7.5,
         repeats,
-        *chosen,
+        voltacache_intervals,
+        helper_intervals,
+        compared,
+        served,
         out or Path(f"build/results/{name}.json"),
         figures,
         name=name,

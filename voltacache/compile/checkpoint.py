@@ -99,14 +99,15 @@ def _read_model_index(index_file: Path, error: type[Exception]) -> dict:
     try:
         index = json.loads(index_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-        index = e
-    if not isinstance(index, dict):
-        why = f"invalid JSON ({index})" if isinstance(index, Exception) else "not a JSON object"
-        raise error(
-            f"{index_file}: {why}; copy it again from where the model came from (it names the pipeline, e.g. "
-            '{"_class_name": "StableDiffusionPipeline", ...})'
-        )
-    return index
+        why = f"invalid JSON ({e})"
+    else:
+        if isinstance(index, dict):
+            return index
+        why = "not a JSON object"
+    raise error(
+        f"{index_file}: {why}; copy it again from where the model came from (it names the pipeline, e.g. "
+        '{"_class_name": "StableDiffusionPipeline", ...})'
+    )
 
 
 def _load_folder(path: Path, allow_pickle: bool):

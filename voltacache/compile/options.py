@@ -72,6 +72,11 @@ class Calibration:
 MIN_SIDE, MAX_SIDE = 64, 4096  # image height and width, pixels
 
 
+def is_deepcache_branch(name) -> bool:
+    """`block` (the input of up_blocks[-1]) or a DeepCache branch number (compile.unet_split)."""
+    return name == "block" or (isinstance(name, str) and name.isdigit())
+
+
 @dataclass
 class ExportOptions:
     precision: str = "fp16"
@@ -103,9 +108,10 @@ class ExportOptions:
             # export alone would not fit this class of machine
             if value is not None and not (MIN_SIDE <= value <= MAX_SIDE and value % 64 == 0):
                 raise UsageError(f"--{name} {value}: a multiple of 64 pixels from {MIN_SIDE} to {MAX_SIDE}, e.g. 512")
-        branch = self.deepcache_branch  # the input of up_blocks[-1], or a DeepCache branch (compile.unet_split)
-        if not (branch == "block" or (isinstance(branch, str) and branch.isdigit())):
-            raise UsageError(f"--deepcache-branch {branch!r}: use block, or a DeepCache branch number such as 0")
+        if not is_deepcache_branch(self.deepcache_branch):
+            raise UsageError(
+                f"--deepcache-branch {self.deepcache_branch!r}: use block, or a DeepCache branch number such as 0"
+            )
         if self.batch < 1:
             raise UsageError(f"--batch {self.batch}: use 1 or more images per request")
         if not self.batch_sizes or any(n < 1 or n % self.batch for n in self.batch_sizes):

@@ -90,7 +90,7 @@ def trajectories(pipe, modules: dict, specs: dict, calibration: Calibration) -> 
     return {UNET_DEEP: deep_feeds, UNET_SHALLOW: shallow_feeds, VAE_DECODER: decoder_feeds}
 
 
-def outer_convolutions(model, component: str = UNET_DEEP) -> dict[str, str]:
+def outer_convolutions(model, component: str) -> dict[str, str]:
     """The names of conv_in (the Conv reading the graph's input: the U-Net's `sample`, the decoder's
     `latent`) and conv_out (the Conv writing its output: `noise_pred`, `image`), found by where they
     sit in the graph, not by the exporter's node names."""
