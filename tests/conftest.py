@@ -56,13 +56,13 @@ CALIBRATION_PROMPTS = ("a red square on a blue background", "a photo of an astro
 
 @pytest.fixture(scope="session")
 def onnx_fp16_branch0(tiny_dir, tmp_path_factory):
-    """The tiny model in fp16 (the export's default precision), opset 18, DeepCache split at branch 0: the
-    other side of every export option onnx_fp32 takes."""
+    """The tiny model in fp16 (the export's default precision), opset 18, DeepCache split at branch 0, prompts of
+    one chunk (a static context): the other side of every export option onnx_fp32 takes."""
     from voltacache.compile.export import export_model
     from voltacache.compile.options import ExportOptions
 
     out = tmp_path_factory.mktemp("onnx") / "fp16_b0_o18"
-    export_model(tiny_dir, out, ExportOptions(precision="fp16", opset=18, deepcache_branch="0"))
+    export_model(tiny_dir, out, ExportOptions(precision="fp16", opset=18, deepcache_branch="0", max_prompt_chunks=1))
     return out
 
 

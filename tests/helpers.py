@@ -77,6 +77,33 @@ def diffusers_image(pipe, scheduler, seed, steps=20, guidance=7.5, negative="", 
     ).images[0]
 
 
+def diffusers_from_embeddings(pipe, positive, negative, seed, steps, pooled=None, negative_pooled=None):
+    """diffusers' own image (DDIM, guidance 7.5) from prompt embeddings built by a test (and SDXL's pooled ones)."""
+    import torch
+
+    from voltacache.schedulers import make_scheduler
+
+    xl = pooled is not None
+    components = {**pipe.components, "scheduler": make_scheduler("ddim", dict(pipe.scheduler.config))}
+    other = type(pipe)(**components, **({"add_watermarker": False} if xl else {}))
+    other.set_progress_bar_config(disable=True)
+    extra = dict(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=negative_pooled) if xl else {}
+    return other(
+        prompt_embeds=positive,
+        negative_prompt_embeds=negative,
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        **extra,
+    ).images[0]
+
+
+def close_to_diffusers(ours, reference, max_levels=1, max_fraction=0.005) -> bool:
+    """Within 1 of 255 levels on at most 0.5% of the values: every comparison with diffusers."""
+    worst, fraction = levels(ours, reference)
+    return worst <= max_levels and fraction <= max_fraction
+
+
 # inpainting's init image and mask (the tests of voltacache's inpainting and of LoRA with it)
 INIT = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
 MASK = np.zeros((64, 64), np.uint8)

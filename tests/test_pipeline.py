@@ -146,11 +146,6 @@ def test_other_step_counts_keep_diffusers_schedule(tiny_pipe):
         assert torch.equal(ours.timesteps, theirs.timesteps)
 
 
-def test_long_prompt_truncated_with_warning(sd):
-    with pytest.warns(UserWarning, match="truncated to CLIP's 77"):
-        sd("a very detailed painting " * 30, steps=2, seed=0, scheduler="ddim")
-
-
 def test_cli_generate_json(engines_dir, tmp_path):
     import json
 

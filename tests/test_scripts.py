@@ -42,3 +42,19 @@ def test_no_script_writes_into_docs_by_default():
         for line in script.read_text().splitlines():
             if re.search(r'(default=Path\(|Path\(f)"docs/', line):
                 assert "results" in line and "--sd15-results" in line, (script.name, line)  # an input it reads
+
+
+@pytest.mark.slow
+def test_bench_prompt_chunks_runs_on_the_tiny_model(engines_dir, onnx_fp16_branch0, tmp_path):
+    from voltacache.compile.build import build_engines
+
+    build_engines(onnx_fp16_branch0, tmp_path / "static", backend="onnxruntime")  # one chunk: a static context
+    out = tmp_path / "chunks.json"
+    command = [sys.executable, str(ROOT / "scripts" / "bench_prompt_chunks.py"), "--static", str(tmp_path / "static")]
+    command += ["--dynamic", str(engines_dir), "--steps", "2", "--repeats", "1", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["machine"]["cpu"]
+    assert set(data["seconds_per_image"]) == {"static, 1 chunk", *(f"dynamic, {k} chunk(s)" for k in (1, 2, 4))}
+    assert all(row["median_s"] > 0 for row in data["unet_deep_call"].values())

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import InvalidRequest
+from .prompts import WeightedPrompt, check_weighting, parse
 from .schedulers import SCHEDULERS
 from .specs import TensorSpec
 
@@ -190,8 +191,13 @@ class Request:
 
     def texts(self, batch: int) -> list[str]:
         """What the text encoder reads for `batch` images: the negative prompts first, then the prompts, as
-        diffusers concatenates them (the U-Net's guidance pair is unconditional, then conditional)."""
-        return [self.negative_prompt] * batch + [self.prompt] * batch
+        diffusers concatenates them (the U-Net's guidance pair is unconditional, then conditional); each with
+        its weighting syntax read out (`weighted` keeps the weights)."""
+        return [prompt.text for prompt in self.weighted(batch)]
+
+    def weighted(self, batch: int) -> list[WeightedPrompt]:
+        """`texts`, each with the (text, weight) fragments its weighting syntax gives (voltacache.prompts)."""
+        return [parse(self.negative_prompt, "negative_prompt")] * batch + [parse(self.prompt)] * batch
 
     def check_size(self, height: int, width: int) -> None:
         """Engines are static at height x width: a request for another size is refused (in process and served)."""
@@ -205,6 +211,7 @@ class Request:
         """Refuse a bad value before any compute, naming the field and what is allowed; returns self."""
         for name in ("prompt", "negative_prompt"):
             check_text(name, getattr(self, name))
+            check_weighting(getattr(self, name), name)
         if not self.prompt.strip():
             raise InvalidRequest("prompt is empty: say what the image should show")
         check_int("steps", self.steps, 1, MAX_STEPS)

@@ -44,6 +44,10 @@ COMPONENTS = (TEXT_ENCODER, UNET_DEEP, UNET_SHALLOW, VAE_DECODER, VAE_ENCODER)
 # per row too), one row for the VAE.
 ROWS_PER_IMAGE = {TEXT_ENCODER: 2, UNET_DEEP: 2, UNET_SHALLOW: 2, VAE_DECODER: 1, VAE_ENCODER: 1}
 ROWS = "rows"  # the name of the dynamic leading dimension in the ONNX graphs
+# A prompt longer than CLIP's context is encoded window by window (voltacache.runtime.tokenizer): the U-Nets'
+# context holds text_length tokens per window, along this axis (dynamic in the ONNX graphs, named PROMPT_TOKENS).
+PROMPT_AXIS = {CONTEXT: 1}
+PROMPT_TOKENS = "prompt_tokens"
 
 
 @dataclass(frozen=True)
@@ -79,14 +83,24 @@ class ComponentSpec:
         """The number of images these shapes hold."""
         return self.inputs[0].shape[0] // self.rows_per_image
 
-    def for_images(self, n: int) -> ComponentSpec:
-        """The same tensors for a call with n images: every leading dimension is n x rows_per_image."""
+    def for_images(self, n: int, chunks: int = 1) -> ComponentSpec:
+        """The same tensors for a call with n images, every leading dimension n x rows_per_image, and a
+        prompt context of `chunks` chunks (the spec's shape holds one)."""
         rows = n * self.rows_per_image
 
         def resized(tensors):
-            return tuple(replace(t, shape=(rows, *t.shape[1:])) for t in tensors)
+            return tuple(replace(t, shape=_chunked((rows, *t.shape[1:]), t.name, chunks)) for t in tensors)
 
         return replace(self, inputs=resized(self.inputs), outputs=resized(self.outputs))
+
+    def chunks(self, feeds: dict) -> int:
+        """How many prompt chunks the context in `feeds` holds (1 for a component without one)."""
+        for t in self.inputs:
+            if t.name in PROMPT_AXIS and t.name in feeds:
+                axis = PROMPT_AXIS[t.name]
+                tokens = feeds[t.name].shape[axis] if feeds[t.name].ndim > axis else 0
+                return max(1, tokens // t.shape[axis]) if tokens % t.shape[axis] == 0 else 1
+        return 1
 
     def to_json(self) -> dict:
         def tensors(items):
@@ -100,6 +114,13 @@ class ComponentSpec:
             return tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in items)
 
         return cls(name, tensors(data["inputs"]), tensors(data["outputs"]))
+
+
+def _chunked(shape: tuple[int, ...], name: str, chunks: int) -> tuple[int, ...]:
+    if name not in PROMPT_AXIS or chunks == 1:
+        return shape
+    axis = PROMPT_AXIS[name]
+    return (*shape[:axis], shape[axis] * chunks, *shape[axis + 1 :])
 
 
 @dataclass(frozen=True)
@@ -119,6 +140,8 @@ class Geometry:
     time_ids: int  # the U-Net's added size conditions (SDXL: 6), or 0
     # the U-Net's input channels: the latents, or (inpainting U-Nets) latents, mask and masked-image latents
     sample_channels: int | None = None  # None: latent_channels (manifests written before inpainting)
+    # each text encoder's part of text_hidden (SDXL's two); None: manifests written before prompt weighting
+    text_widths: tuple[int, ...] | None = None
 
     @classmethod
     def from_pipeline(cls, pipe, shallow_layers: int) -> Geometry:
@@ -141,7 +164,13 @@ class Geometry:
             pooled_dim=encoders[-1].projection_dim if len(encoders) > 1 else text.hidden_size,
             time_ids=SIZE_CONDITIONS if unet.addition_embed_type == "text_time" else 0,
             sample_channels=unet.in_channels,
+            text_widths=tuple(e.hidden_size for e in encoders),
         )
+
+    @classmethod
+    def from_json(cls, data: dict) -> Geometry:
+        widths = data.get("text_widths")
+        return cls(**{**data, "text_widths": tuple(widths) if widths is not None else None})
 
     @property
     def unet_channels(self) -> int:

@@ -25,7 +25,10 @@ class ClipPooledEmbedder:
         self.dim = dim
 
     def embed(self, prompt: str, pooled) -> np.ndarray:
-        return normalize(pooled)
+        """`pooled`: the prompt's pooled embedding, or one per chunk of a long prompt (their mean direction:
+        two prompts alike in their first 75 tokens are told apart by the rest)."""
+        chunks = np.asarray(pooled, dtype=np.float32).reshape(-1, self.dim)
+        return normalize(sum(normalize(chunk) for chunk in chunks))
 
 
 class MiniLMEmbedder:

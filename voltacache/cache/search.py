@@ -205,8 +205,10 @@ class QueryEncoder:
         return self.text_encoder.infer(feeds)[POOLED_EMBEDDING]
 
     def __call__(self, text: str) -> np.ndarray:
-        """The conditional row, which the clip embedder reads."""
-        return self.pooled(text)[self.batch]
+        """The conditional text's rows (one per chunk of a long text), which the clip embedder reads."""
+        from ..runtime.tokenizer import pooled_chunks
+
+        return pooled_chunks(self.pooled(text), 2 * self.batch)[self.batch]
 
 
 def search_index(query: SearchQuery, index: str, blob_store=None, engines=None, embedder=None) -> list[Found]:

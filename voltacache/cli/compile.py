@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from ..compile.options import DEFAULT_PROMPT_CHUNKS
 from ..errors import UsageError
 from ..outputs import check_file
 from ..pipeline.calibrate import DEFAULT_INTERVALS, DEFAULT_PROMPTS, DEFAULT_STEPS
@@ -87,6 +88,11 @@ def export(
     height: int | None = typer.Option(None, help="Image height in pixels (default: the model's native size)."),
     width: int | None = typer.Option(None, help="Image width in pixels (default: the model's native size)."),
     opset: int = typer.Option(23, help="23: fused ONNX Attention (TensorRT >= 10.14); 18: unfused, TensorRT fuses it."),
+    max_prompt_chunks: int = typer.Option(
+        DEFAULT_PROMPT_CHUNKS,
+        help="Prompts of up to this many chunks of 75 tokens, each encoded on its own and joined as the "
+        "community's tools do (1: CLIP's 77 tokens, longer prompts refused).",
+    ),
     deepcache_branch: str = typer.Option(
         "block", help="block (deep feature = input of up_blocks[-1]) or 0 (shallowest)."
     ),
@@ -124,6 +130,7 @@ def export(
         deepcache_branch=deepcache_branch,
         calibration=calibration,
         batch_sizes=sizes,
+        max_prompt_chunks=max_prompt_chunks,
     )
     options.check()  # before torch and the exporter are imported: a mistake is refused at once
     check_model_path(model, allow_pickle)

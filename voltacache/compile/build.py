@@ -228,12 +228,13 @@ def build_tensorrt(source: Path, out_dir: Path, name: str, export: ExportManifes
     from polygraphy.exception import PolygraphyException
 
     spec, sizes, timing_cache = export.components[name].spec, export.batch_sizes, options.timing_cache
-    # one static profile per size: each is tuned for its shapes exactly (profile i runs sizes[i] images)
+    # one static profile per size: each is tuned for its shapes exactly (profile i runs sizes[i] images),
+    # but for the prompt's context, which spans one to the export's max_prompt_chunks chunks (tuned for one)
     profiles = []
     for size in sizes:
-        profile = Profile()
-        for t in spec.for_images(size).inputs:
-            profile.add(t.name, min=t.shape, opt=t.shape, max=t.shape)
+        profile, longest = Profile(), spec.for_images(size, export.max_prompt_chunks)
+        for t, most in zip(spec.for_images(size).inputs, longest.inputs):
+            profile.add(t.name, min=t.shape, opt=t.shape, max=most.shape)
         profiles.append(profile)
     # fp16 ONNX carries its own types: strongly typed keeps TensorRT from re-deciding precisions. An int8
     # export is explicitly quantized (QDQ): TensorRT takes its scales as they are (no calibrator at build

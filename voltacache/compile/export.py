@@ -35,6 +35,8 @@ from ..specs import (
     DEEP_FEATURE,
     NOISE_PRED,
     POOLED_EMBEDDING,
+    PROMPT_AXIS,
+    PROMPT_TOKENS,
     ROWS,
     SAMPLE,
     TEXT_IDS,
@@ -162,12 +164,21 @@ STAGES = ("export", "precision", "validate", "lint", "quantize")
 
 
 def trace_component(
-    module, spec, feeds: dict, path: Path, opset: int, external: bool = False, step=None, lora_targets=None
+    module,
+    spec,
+    feeds: dict,
+    path: Path,
+    opset: int,
+    external: bool = False,
+    step=None,
+    lora_targets=None,
+    prompt_chunks: int = 1,
 ) -> dict:
     """Stage 1, in PyTorch: the module traced to an fp32 ONNX graph at `path` (its weights as external data
     beside it when `external` or over protobuf's limit), and PyTorch's outputs on `feeds`: the reference the
     graph is checked against once the PyTorch model is gone. `lora_targets`, a dict: filled with where
-    the weights a LoRA changes lie in the graph (voltacache.pipeline.lora.export_targets)."""
+    the weights a LoRA changes lie in the graph (voltacache.pipeline.lora.export_targets). `prompt_chunks`
+    above 1: the context's prompt axis stays dynamic too (specs.PROMPT_AXIS)."""
     (step or (lambda stage: None))("export")
     args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
     with torch.no_grad():
@@ -179,10 +190,10 @@ def trace_component(
             input_names=spec.input_names,
             output_names=spec.output_names,
             # DYNAMIC, not a named Dim: torch.export refuses a named Dim traced at size 1 (one VAE row)
-            dynamic_shapes=tuple({0: torch.export.Dim.DYNAMIC} for _ in args),
+            dynamic_shapes=tuple(dynamic_axes(name, prompt_chunks) for name in spec.input_names),
             verbose=False,
         )
-    name_rows(program, path)
+    name_rows(program, path, prompt_chunks)
     if lora_targets is not None:
         lora_targets.update(export_targets(module, program))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -238,14 +249,29 @@ def finish_component(spec, feeds: dict, reference: dict, traced: Path, path: Pat
     return entry, outputs
 
 
-def name_rows(program, path: Path) -> None:
-    """Name the exporter's symbol for the leading dimension ROWS, and refuse a graph where it came out fixed."""
+def dynamic_axes(name: str, prompt_chunks: int) -> dict:
+    """The dynamic axes of an input: its rows, and a context's prompt tokens when prompts span chunks."""
+    axes = {0: torch.export.Dim.DYNAMIC}
+    if name in PROMPT_AXIS and prompt_chunks > 1:
+        axes[PROMPT_AXIS[name]] = torch.export.Dim.DYNAMIC
+    return axes
+
+
+def name_rows(program, path: Path, prompt_chunks: int = 1) -> None:
+    """Name the exporter's symbols for the leading dimension ROWS (and a context's PROMPT_TOKENS), and refuse a
+    graph where one came out fixed."""
     values = [*program.model.graph.inputs, *program.model.graph.outputs]
     program.rename_axes({v.shape[0].value: ROWS for v in values if not isinstance(v.shape[0], int)})
     fixed = [v.name for v in values if v.shape[0] != ROWS]
+    if prompt_chunks > 1:
+        prompts = [v for v in program.model.graph.inputs if v.name in PROMPT_AXIS]
+        program.rename_axes(
+            {v.shape[PROMPT_AXIS[v.name]].value: PROMPT_TOKENS for v in prompts if v.shape[PROMPT_AXIS[v.name]].value}
+        )
+        fixed += [v.name for v in prompts if v.shape[PROMPT_AXIS[v.name]] != PROMPT_TOKENS]
     if fixed:
         raise ExportError(
-            f"{path.name}: the exporter fixed the row dimension of {', '.join(fixed)}; it must stay dynamic"
+            f"{path.name}: the exporter fixed a dynamic dimension of {', '.join(fixed)}; it must stay dynamic"
         )
 
 
@@ -334,6 +360,7 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
                 not final,
                 steps[name],
                 lora_targets=lora_targets.get(name),
+                prompt_chunks=options.max_prompt_chunks,
             )
         unsplit = unsplit_outputs(modules, pipe.unet, feeds[UNET_DEEP])
         if options.precision != "int8":  # int8 calibrates on the PyTorch pipeline below
@@ -374,6 +401,7 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
         "height": height,
         "width": width,
         "deepcache_branch": options.deepcache_branch,
+        "max_prompt_chunks": options.max_prompt_chunks,
         "geometry": geometry.__dict__,
         "components": entries,
         "versions": _versions(),

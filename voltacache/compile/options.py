@@ -70,6 +70,7 @@ class Calibration:
 
 
 MIN_SIDE, MAX_SIDE = 64, 4096  # image height and width, pixels
+DEFAULT_PROMPT_CHUNKS, MAX_PROMPT_CHUNKS = 4, 16  # 16 chunks: 1200 tokens, far beyond what CLIP was trained on
 
 
 def is_deepcache_branch(name) -> bool:
@@ -89,6 +90,8 @@ class ExportOptions:
     calibration: Calibration | None = None  # int8: what the U-Nets are calibrated on (default: Calibration())
     # images per engine call the engines are built for (sorted, unique); default batch x SIZE_STEPS
     batch_sizes: tuple[int, ...] | None = None
+    # prompts of up to this many chunks of 75 tokens (voltacache.runtime.tokenizer): the U-Nets' context is dynamic
+    max_prompt_chunks: int = DEFAULT_PROMPT_CHUNKS
 
     def __post_init__(self):
         if self.precision == "int8" and self.calibration is None:
@@ -111,6 +114,11 @@ class ExportOptions:
         if not is_deepcache_branch(self.deepcache_branch):
             raise UsageError(
                 f"--deepcache-branch {self.deepcache_branch!r}: use block, or a DeepCache branch number such as 0"
+            )
+        if not 1 <= self.max_prompt_chunks <= MAX_PROMPT_CHUNKS:
+            raise UsageError(
+                f"--max-prompt-chunks {self.max_prompt_chunks}: use 1 to {MAX_PROMPT_CHUNKS} chunks of 75 tokens "
+                f"(default {DEFAULT_PROMPT_CHUNKS})"
             )
         if self.batch < 1:
             raise UsageError(f"--batch {self.batch}: use 1 or more images per request")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import InvalidRequest
 from ..request import SIZE_CONDITIONING, Request
+from ..runtime.tokenizer import check_prompt_length
 
 
 @dataclass
@@ -19,18 +20,21 @@ class Capabilities:
     export: object  # the runtime.manifests.ExportManifest the engines were built from
     calibration: object  # deepcache_calibration.ScheduleCalibration or NoScheduleCalibration
     loras: object  # lora.Loras, or the served denoiser's view of the deployment's LoRAs
+    tokenizers: list = ()  # the engines' (runtime.tokenizer), to check a prompt's length; none: not checked here
 
     @classmethod
     def of_engines(cls, engine_dir: Path, loras: dict | None = None) -> Capabilities:
         """The engines folder's capabilities; `loras`: {name: LoraFile} a request may name."""
         from ..runtime.manifests import read_engine_manifest
+        from ..runtime.tokenizer import load_tokenizers
         from .calibration import load_calibration
         from .lora import Loras
 
         manifest = read_engine_manifest(engine_dir)
         export = manifest.export
         calibration = load_calibration(engine_dir, export.fingerprint)
-        return cls(export, calibration, Loras(loras or {}, export, backend=manifest.backend))
+        tokenizers = load_tokenizers(engine_dir, export)
+        return cls(export, calibration, Loras(loras or {}, export, backend=manifest.backend), tokenizers)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -59,3 +63,4 @@ class Capabilities:
         if request.cache_schedule == "calibrated":
             self.calibration.check(request.steps, request.cache_interval)
         self.loras.check(request.loras)
+        check_prompt_length(self.tokenizers, request, self.export.max_prompt_chunks)

@@ -18,9 +18,10 @@ from PIL import Image
 
 from ..errors import InvalidRequest
 from ..images import fit_image, fit_mask, to_uint8, to_unit_range
+from ..prompts import parse
 from ..request import Request, denoising_steps, unset
 from ..result import Result
-from ..runtime.tokenizer import load_tokenizers, text_encoder_feeds
+from ..runtime.tokenizer import join_chunks, load_tokenizers, text_encoder_feeds
 from ..schedulers import make_scheduler
 from ..specs import (
     CONTEXT,
@@ -215,7 +216,8 @@ class StableDiffusion:
         # the LoRAs a request may name, and the engine variants they make (voltacache.pipeline.lora)
         self.loras = loras if loras is not None else Loras({}, export)
         # what a request may ask of these engines, as the CLI checks it before they load
-        self.capabilities = Capabilities(export, self.calibration, self.loras)
+        self.capabilities = Capabilities(export, self.calibration, self.loras, tokenizers)
+        self.weighting = None  # compel's prompt weighting over these engines (made when a prompt first needs it)
         self.inpainting_unet = self.capabilities.inpainting_unet  # SD 1.5 inpainting's 9-channel U-Net
         self.size_conditioned = self.capabilities.size_conditioned  # SDXL's time ids
 
@@ -288,8 +290,10 @@ class StableDiffusion:
 
     def begin(self, request: Request, embeddings, pooled, stats=None, cache=None) -> Work | Generation:
         """Steps 3-4 for one request: the cache lookup, then its timesteps and first latents (a Work to
-        step), or the finished Generation when the semantic cache answers it."""
+        step), or the finished Generation when the semantic cache answers it. `embeddings` and `pooled`: the
+        text encoder's output for request.texts, a row per chunk of each text (runtime.tokenizer)."""
         stats = stats if stats is not None else Stats()
+        embeddings, pooled, pooled_chunks = join_chunks(embeddings, pooled, 2 * self.batch)
         pooled_prompt = pooled[self.batch :]  # the conditional half (request.texts: negatives first)
         if self.zero_empty_negative and not request.negative_prompt:
             # SDXL's force_zeros_for_empty_prompt: no negative prompt is all zeros, not the encoded ""
@@ -302,7 +306,7 @@ class StableDiffusion:
         run_steps = denoising_steps(request.steps, request.strength if request.img2img else None)
         decision = vector = scope = None
         if use_cache:
-            vector = cache.embedder.embed(request.prompt, pooled_prompt[0])
+            vector = cache.embedder.embed(request.prompt, pooled_chunks[self.batch])  # every chunk of the prompt
             scope = cache.scope(**self.cache_scope(request, image))
             decision = cache.lookup(vector, scope, run_steps, request.seed) if request.cache_mode == "on" else None
             if decision is not None and decision.layer == "semantic":
@@ -399,6 +403,9 @@ class StableDiffusion:
                 scope[name] = read[kind](value)
         if self.size_conditioned:
             scope["size_conditions"] = self.size_conditions(request)
+        prompt = parse(request.prompt)
+        if prompt.weighted:  # the embedding the cache looks up by is the plain text's; its weights are the scope
+            scope["prompt_weights"] = [list(fragment) for fragment in prompt.fragments]
         if request.cache_schedule == "calibrated":
             scope["calibration"] = self.calibration.id
         return scope
@@ -406,7 +413,8 @@ class StableDiffusion:
     def generate_latents(
         self, embeddings, request: Request, image=None, stats=None, start=None, capture=frozenset(), pooled=None
     ):
-        """Text embeddings -> final latents, seed and captured latents (generate_images without cache and VAE)."""
+        """encode_prompt's output -> final latents, seed and captured latents (generate_images without cache, VAE)."""
+        embeddings, pooled, _ = join_chunks(embeddings, pooled, 2 * self.batch)
         work = self.start_denoising(embeddings, request, image, stats, start, capture, pooled)
         self.run(work)
         return work.latents, work.seed, work.captured
@@ -420,13 +428,14 @@ class StableDiffusion:
     def step(self, works: list[Work]) -> list[tuple[Work, Exception]]:
         """5. One denoising step of every work: one unet_deep call over those on a DeepCache refresh step
         and one unet_shallow call over the rest, each work's rows side by side (its guidance pair together);
-        works on different LoRA variants run in separate calls.
+        works on different LoRA variants, or with prompts of different lengths (their context), run in
+        separate calls.
 
         A call that fails is retried work by work, so that one bad request fails alone; returns the
         works that failed, with why (the others have stepped)."""
         failed, variants = [], defaultdict(list)
         for work in works:
-            variants[id(work.runners)].append(work)
+            variants[id(work.runners), work.embeddings.shape].append(work)
         for group in variants.values():
             deep, shallow = [w for w in group if w.full], [w for w in group if not w.full]
             failed += self._step_group(UNET_DEEP, deep) + self._step_group(UNET_SHALLOW, shallow)
@@ -483,9 +492,10 @@ class StableDiffusion:
         return results
 
     def encode_prompt(self, request: Request, stats: Stats):
-        """(embeddings, pooled) of request.texts; the memo is skipped when the request turns every cache off."""
+        """The text encoder's (embeddings, pooled) of request.texts, a row per chunk of each text (`begin`
+        joins them), weighted prompts weighed; the memo is skipped when the request turns every cache off."""
         texts = request.texts(self.batch)
-        key = (self.loras.key(request.loras), *texts)  # a LoRA may change the text encoder
+        key = (self.loras.key(request.loras), request.negative_prompt, request.prompt)  # a LoRA changes the encoder
         memo = request.cache_mode != "off"
         if memo and key in self.text_memo:  # an exact repeat: the text encoder's output is a pure function of the ids
             self.text_memo.move_to_end(key)
@@ -493,10 +503,35 @@ class StableDiffusion:
             return self.text_memo[key]
         runner = self.runners_for(request)[TEXT_ENCODER]
         out = stats.timed(TEXT_ENCODER, runner, text_encoder_feeds(self.tokenizers, texts))
-        self.text_memo[key] = out[TEXT_EMBEDDINGS], out[POOLED_EMBEDDING]
+        self.text_memo[key] = self.weigh(request, out[TEXT_EMBEDDINGS], out[POOLED_EMBEDDING])
         if len(self.text_memo) > TEXT_MEMO_SIZE:
             self.text_memo.popitem(last=False)
         return self.text_memo[key]
+
+    def weigh(self, request: Request, embeddings: np.ndarray, pooled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The text encoder's (embeddings, pooled) rows of request.texts (plain text, voltacache.prompts), with
+        each weighted text's chunks as compel weighs them (voltacache.pipeline.weighting), and SDXL's pooled
+        embedding (its first chunk's row) as compel pools it. A text's rows past its own chunks stay the empty
+        chunks it was padded with."""
+        prompts = request.weighted(self.batch)
+        if not any(prompt.weighted for prompt in prompts):
+            return embeddings, pooled
+        if self.weighting is None:
+            from .weighting import PromptWeighting
+
+            self.weighting = PromptWeighting(self.tokenizers, self.export.geometry)
+        runner, chunks, weighed = self.runners_for(request)[TEXT_ENCODER], len(embeddings) // len(prompts), {}
+        embeddings, pooled = embeddings.copy(), pooled.copy()
+        for i, prompt in enumerate(prompts):
+            if prompt.weighted:
+                if prompt not in weighed:
+                    weighed[prompt] = self.weighting.embeddings(runner, prompt)
+                hidden, pooled_text = weighed[prompt]
+                hidden = hidden.reshape(-1, *embeddings.shape[1:])
+                embeddings[i * chunks : i * chunks + len(hidden)] = hidden
+                if pooled_text is not None:
+                    pooled[i * chunks] = pooled_text
+        return embeddings, pooled
 
     def prepare_timesteps(self, scheduler, steps: int, strength: float | None, skipped: int = 0):
         """The timesteps to run: img2img drops the first (1 - strength) of the schedule, as diffusers'

@@ -77,7 +77,7 @@ def _onnxruntime_runner(path, spec, sizes, manifest, served: bool, cuda_graph: b
 def _tensorrt_runner(path, spec, sizes, manifest, served: bool, cuda_graph: bool):
     from .runners import TensorRTRunner
 
-    return TensorRTRunner(path, spec, sizes, cuda_graph=cuda_graph)
+    return TensorRTRunner(path, spec, sizes, cuda_graph=cuda_graph, chunks=manifest.export.max_prompt_chunks)
 
 
 def _openvino_available() -> tuple[bool, str]:

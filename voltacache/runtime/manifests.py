@@ -76,6 +76,8 @@ class ExportManifest:
     deepcache_branch: str
     geometry: Geometry
     components: dict[str, ComponentEntry]
+    # the U-Nets' context spans up to this many prompt chunks of CLIP's context (exports before: one)
+    max_prompt_chunks: int = 1
     versions: dict = field(default_factory=dict)
     seconds: float = 0.0
     format: int = EXPORT_FORMAT
@@ -120,7 +122,7 @@ class ExportManifest:
             values = {k: v for k, v in data.items() if k in fields}
             values |= {
                 "batch_sizes": tuple(data["batch_sizes"]),
-                "geometry": Geometry(**data["geometry"]),
+                "geometry": Geometry.from_json(data["geometry"]),
                 "components": {n: ComponentEntry.from_json(n, c) for n, c in components.items()},
                 "owned": tuple(data.get("owned", ())),
             }

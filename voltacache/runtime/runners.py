@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import VoltacacheError
-from ..specs import ComponentSpec
+from ..specs import PROMPT_AXIS, ComponentSpec
 
 
 def plan_calls(n: int, sizes: tuple[int, ...], pad: bool) -> list[tuple[int, int, int]]:
@@ -70,7 +70,7 @@ class Runner:
             value = feeds[t.name]
             if not n and value.ndim == len(t.shape) and len(value) and len(value) % per_image == 0:
                 n = len(value) // per_image  # the first input tells how many images the call holds
-                shapes = spec.for_images(n)
+                shapes = spec.for_images(n, spec.chunks(feeds))  # and the context, its prompt chunks
             if n:
                 shape = shapes.inputs[i].shape
                 expected = f"{t.dtype}{list(shape)} ({n} images)"
@@ -211,11 +211,13 @@ class TorchRunner(Runner):
 
 
 class TensorRTRunner(Runner):
-    """A TensorRT plan with one static optimization profile per size (profile i runs sizes[i] images).
+    """A TensorRT plan with one static optimization profile per size (profile i runs sizes[i] images), static
+    but for the prompt's context: one to `chunks` chunks (voltacache.runtime.tokenizer).
 
     Each profile gets its own execution context (TensorRT lets two contexts of one engine never
     share a profile), bound once to its input shapes and device buffers, and optionally captured
-    as a CUDA graph: every call of a size copies into the same buffers, so its graph stays valid.
+    as a CUDA graph: every call of a size copies into the same buffers, so its graph stays valid (a call
+    with a longer prompt sets its context's shape and runs outside the graph, which holds one window).
     The contexts run one at a time on one stream, so they share one block of activation memory and
     one buffer per tensor, sized for the largest profile (a smaller profile uses the first rows).
     """
@@ -229,11 +231,13 @@ class TensorRTRunner(Runner):
         sizes: tuple[int, ...],
         cuda_graph: bool = False,
         initializers: dict[str, np.ndarray] | None = None,
+        chunks: int = 1,
     ):
         import tensorrt as trt
         import torch
 
         self.plan, self.spec, self.sizes, self.cuda_graph = Path(plan), spec, tuple(sizes), cuda_graph
+        self.chunks = chunks
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(Path(plan).read_bytes())
         if self.engine is None:
@@ -246,7 +250,7 @@ class TensorRTRunner(Runner):
         if initializers:
             self._refit(trt, initializers)
         self.stream = torch.cuda.Stream()
-        largest = spec.for_images(max(self.sizes))
+        largest = spec.for_images(max(self.sizes), chunks)
         self.buffers = {
             t.name: torch.empty(t.shape, dtype=getattr(torch, t.dtype), device="cuda")
             for t in (*largest.inputs, *largest.outputs)
@@ -285,7 +289,7 @@ class TensorRTRunner(Runner):
 
     def with_initializers(self, values: dict[str, np.ndarray]) -> TensorRTRunner:
         """Another copy of the engine, refitted with these weights (the plan file is not changed)."""
-        return TensorRTRunner(self.plan, self.spec, self.sizes, self.cuda_graph, values)
+        return TensorRTRunner(self.plan, self.spec, self.sizes, self.cuda_graph, values, self.chunks)
 
     def _context(self, trt, index: int, shapes: ComponentSpec):
         context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
@@ -306,11 +310,16 @@ class TensorRTRunner(Runner):
         import torch
 
         rows = len(feeds[self.spec.input_names[0]])
-        size = rows // self.spec.rows_per_image
+        size, chunks = rows // self.spec.rows_per_image, self.spec.chunks(feeds)
+        context = self.contexts[size]
+        for t in self.spec.for_images(size, chunks).inputs:  # the context's length, as this call's prompt
+            if t.name in PROMPT_AXIS and tuple(context.get_tensor_shape(t.name)) != t.shape:
+                context.set_input_shape(t.name, t.shape)
         with torch.cuda.stream(self.stream):
             for name in self.spec.input_names:
-                self.buffers[name][:rows].copy_(torch.from_numpy(feeds[name]), non_blocking=True)
-            self.graphs[size].replay() if size in self.graphs else self._run(self.contexts[size])
+                value = torch.from_numpy(feeds[name])
+                self.buffers[name].view(-1)[: value.numel()].view(value.shape).copy_(value, non_blocking=True)
+            self.graphs[size].replay() if size in self.graphs and chunks == 1 else self._run(context)
             out = {n: self.buffers[n][:rows].cpu().numpy() for n in self.spec.output_names}
         self.stream.synchronize()
         return out

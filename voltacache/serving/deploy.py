@@ -247,7 +247,9 @@ def _write_repository(
         # the engines run any number of images (voltacache.runtime.runners); the text encoder, fed by the
         # ensemble one request at a time, has Triton stack concurrent requests into one call
         batched = step_batching and name == TEXT_ENCODER
-        shape = dict(rows="batched", max_batch_size=2 * max(export.batch_sizes)) if batched else dict(rows="any")
+        # (a row per chunk of each text: runtime.tokenizer)
+        most = 2 * max(export.batch_sizes) * export.max_prompt_chunks
+        shape = dict(rows="batched", max_batch_size=most) if batched else dict(rows="any")
         if component_backend == "python":
             config, target = python_config(specs[name], engines, **shape), None
         else:  # Triton's own backend for these engines (voltacache.runtime.backends)

@@ -15,6 +15,8 @@ from that cache (cache off or refresh, or a seed the server draws) gets a fresh 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 # The wire's tensor names, for whoever speaks it (the client, the models, the tests): each defined with its
@@ -68,7 +70,7 @@ from ..result import (  # noqa: F401
     UNET_SHALLOW_CALLS,
     images_tensor,
 )
-from ..specs import INPUT_IDS, TEXT_EMBEDDINGS, ComponentSpec, TensorSpec, component_specs
+from ..specs import INPUT_IDS, PROMPT_AXIS, TEXT_EMBEDDINGS, ComponentSpec, TensorSpec, component_specs
 
 # Sent to the denoiser directly (not through an ensemble): cancel a request in flight by its request id.
 # Triton 2.51 never forwards an ensemble's cancellation to the models inside it (docs/robustness.md); the
@@ -112,11 +114,27 @@ def lora_rows(loras, rows: int) -> np.ndarray:
     return np.array([[",".join(str(pair) for pair in loras).encode()]] * rows, dtype=object)
 
 
+def any_length(t: TensorSpec, axis: int) -> TensorSpec:
+    """The tensor with a variable dimension (-1) at `axis`."""
+    return replace(t, shape=(*t.shape[:axis], -1, *t.shape[axis + 1 :]))
+
+
+def prompt_lengths(spec: ComponentSpec, chunks: int) -> ComponentSpec:
+    """An engine's spec as Triton sees it: a context of any length when prompts span up to `chunks` chunks."""
+    if chunks == 1:
+        return spec
+    inputs = tuple(any_length(t, PROMPT_AXIS[t.name]) if t.name in PROMPT_AXIS else t for t in spec.inputs)
+    return replace(spec, inputs=inputs)
+
+
 def serving_specs(export) -> dict[str, ComponentSpec]:
-    """Specs of every model in the repository: the engine components, the Python models and the ensembles."""
+    """Specs of every model in the repository: the engine components, the Python models and the ensembles.
+    The tokenizer writes a row per chunk of each text (runtime.tokenizer), so the tensors between it and
+    the denoiser have any number of rows."""
     engines = component_specs(export.geometry, export.batch, export.height, export.width)
-    ids = engines["text_encoder"].inputs
-    embeddings, pooled = engines["text_encoder"].outputs
+    engines = {name: prompt_lengths(spec, export.max_prompt_chunks) for name, spec in engines.items()}
+    ids = tuple(any_length(t, 0) for t in engines["text_encoder"].inputs)
+    embeddings, pooled = (any_length(t, 0) for t in engines["text_encoder"].outputs)
     pixels = images_tensor(export.batch, export.height, export.width)
     request = tuple(t.tensor for t in REQUEST_TENSORS)
     search = tuple(t.tensor for t in SEARCH_TENSORS)

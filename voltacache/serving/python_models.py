@@ -110,9 +110,10 @@ class TokenizerModel(PythonModel):
         self.batch = self.export.batch
 
     def run(self, request):
-        from ..runtime.tokenizer import text_encoder_feeds
+        from ..runtime.tokenizer import check_prompt_length, text_encoder_feeds
 
         request = self.request(request).check()  # this process's one check: a bad request stops here
+        check_prompt_length(self.tokenizers, request, self.export.max_prompt_chunks)
         cacheable = request.cache_mode == "on" and request.seed is not None
         feeds = text_encoder_feeds(self.tokenizers, request.texts(self.batch))
         return {
@@ -262,6 +263,7 @@ class DenoiserModel(PythonModel):
         from ..pipeline.batching import StepBatcher
         from ..pipeline.calibration import load_calibration
         from ..pipeline.stable_diffusion import StableDiffusion
+        from ..runtime.tokenizer import load_tokenizers
         from ..specs import UNET_DEEP, UNET_SHALLOW, VAE_DECODER, VAE_ENCODER
 
         specs = p.serving_specs(self.export)
@@ -272,8 +274,9 @@ class DenoiserModel(PythonModel):
         # the deployment's LoRAs: a request naming some is encoded again here, by their text encoder variant
         registry = self.registered_loras()
         loras = ServedLoras(registry)
-        # no tokenizers: the ensemble's text encoder encodes every prompt, LoRAs applied
-        self.pipeline = StableDiffusion(runners, self.export, [], calibration, loras)
+        # the ensemble's text encoder encodes every prompt, LoRAs applied; the tokenizers weigh weighted ones
+        tokenizers = load_tokenizers(self.engines, self.export)
+        self.pipeline = StableDiffusion(runners, self.export, tokenizers, calibration, loras)
         # the cross-request cache named by the deployment (voltacache deploy --cache), or None
         # (reported once in the server's log, where `voltacache serve` shows it, and served without)
         settings = CacheSettings.from_parameters(self.parameters)
@@ -329,7 +332,9 @@ class DenoiserModel(PythonModel):
         from ..specs import POOLED_EMBEDDING, TEXT_EMBEDDINGS
 
         embeddings, pooled = self.input(request, TEXT_EMBEDDINGS), self.input(request, POOLED_EMBEDDING)
-        return self.request(request), embeddings, pooled
+        request = self.request(request)
+        # the ensemble encoded the prompts' plain text; weights are weighed here, with BLS text-encoder calls
+        return request, *self.pipeline.weigh(request, embeddings, pooled)
 
     def is_search(self, request) -> bool:
         return pb().get_input_tensor_by_name(request, p.SEARCH) is not None
@@ -349,6 +354,7 @@ class DenoiserModel(PythonModel):
     def search(self, request) -> dict:
         """A cache_search request: this process holds the cache (a milvus-lite index opens in one)."""
         from ..cache.search import SearchQuery, search, to_triton
+        from ..runtime.tokenizer import pooled_chunks
         from ..specs import POOLED_EMBEDDING
 
         query = SearchQuery.from_triton(lambda name: self.input(request, name, required=False)).check()
@@ -357,8 +363,9 @@ class DenoiserModel(PythonModel):
                 raise InvalidRequest("this deployment keeps no cache to search; deploy with --cache")
             raise CacheUnavailable(f"cache {self.cache_index} did not open when the server started; see its log")
         pooled = self.input(request, POOLED_EMBEDDING, required=query.embeds and self.cache.embedder.name == "clip")
-        # the conditional row (Request.texts: the negatives come first), as a generation embeds it
-        return to_triton(search(self.cache, query, None if pooled is None else pooled[self.pipeline.batch]))
+        # the conditional text's chunks (Request.texts: the negatives come first), as a generation embeds it
+        chunks = None if pooled is None else pooled_chunks(pooled, 2 * self.pipeline.batch)[self.pipeline.batch]
+        return to_triton(search(self.cache, query, chunks))
 
     def run(self, request):
         if self.is_direct(request):
