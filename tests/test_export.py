@@ -11,7 +11,7 @@ from voltacache.compile.export import export_model, fp16_overflows, model_finger
 from voltacache.compile.options import ExportOptions, parse_batch_sizes
 from voltacache.errors import ExportError, UsageError
 from voltacache.runtime.manifests import read_manifest
-from voltacache.specs import COMPONENTS, ROWS, UNET_DEEP, UNET_SHALLOW
+from voltacache.specs import COMPONENTS, PROMPT_AXIS, PROMPT_TOKENS, ROWS, UNET_DEEP, UNET_SHALLOW
 
 
 def graph_ops(path):
@@ -31,13 +31,19 @@ def test_manifest_describes_every_file(onnx_fp32, tiny_dir):
     assert manifest.to_json() == json.loads((onnx_fp32 / "manifest.json").read_text())
     for name in COMPONENTS:
         entry = manifest.components[name].to_json()
+        assert entry["tensorrt_lint"]["ok"], entry["tensorrt_lint"]  # the prompt axis too: the profiles span it
         model = onnx.load(str(onnx_fp32 / entry["file"]))
         onnx.checker.check_model(model, full_check=True)
         declared = {t["name"]: tuple(t["shape"]) for t in entry["inputs"] + entry["outputs"]}
         for value in [*model.graph.input, *model.graph.output]:
             # the manifest holds the shapes at --batch; the graph leaves the rows dynamic
+            # and, past one prompt chunk, the context's prompt axis, declared at one chunk
             rows, *rest = value.type.tensor_type.shape.dim
-            assert rows.dim_param == ROWS and tuple(d.dim_value for d in rest) == declared[value.name][1:]
+            prompt = PROMPT_AXIS.get(value.name) if manifest.max_prompt_chunks > 1 else None
+            assert rows.dim_param == ROWS
+            assert [d.dim_param or d.dim_value for d in rest] == [
+                PROMPT_TOKENS if axis == prompt else size for axis, size in enumerate(declared[value.name][1:], 1)
+            ]
         assert entry["max_error"] <= entry["tolerance"] == 1e-4
         assert entry["tensorrt_lint"]["ok"], entry["tensorrt_lint"]
 
@@ -213,7 +219,7 @@ def test_cli_export_interrupted_leaves_the_earlier_export_whole(onnx_fp32, tiny_
     before = snapshot(out)
     written = []
 
-    def trace_component(module, spec, feeds, path, opset, external, step, lora_targets=None):
+    def trace_component(module, spec, feeds, path, *args, **options):
         if len(written) == 2:
             raise KeyboardInterrupt  # Ctrl-C on the third component
         path.parent.mkdir(parents=True, exist_ok=True)

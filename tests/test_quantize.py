@@ -80,7 +80,8 @@ def test_manifest_records_precision_and_calibration(onnx_int8, onnx_fp32):
     for name in (UNET_DEEP, UNET_SHALLOW, VAE_DECODER):
         entry = int8.components[name]
         assert entry.precision == "int8" and 0 < entry.report["int8_error"] < 0.2
-        assert entry.report["tensorrt_lint"]["ok"] and set(entry.report["kept_fp32"]) == {"conv_in", "conv_out"}
+        assert entry.report["tensorrt_lint"]["ok"], entry.report["tensorrt_lint"]
+        assert set(entry.report["kept_fp32"]) == {"conv_in", "conv_out"}
 
 
 @pytest.mark.parametrize("interval", [1, 3])

@@ -74,18 +74,23 @@ def test_padding_uses_end_token(tokenizer):
 
 @pytest.mark.parametrize("pad_token", [None, "!"])  # OpenAI's CLIP pads with its end token; OpenCLIP with "!"
 def test_runtime_tokenizer_gives_transformers_ids(tmp_path, pad_token):
-    """The runtime reads an export's tokenizer.json without transformers: the same ids, padded and truncated."""
+    """The runtime reads an export's tokenizer.json without transformers: a prompt that fits CLIP's context gets
+    transformers' ids; a longer one, chunks of 75 tokens each wrapped and padded as transformers pads one."""
     theirs = clip_tokenizer(tmp_path / "cache", pad_token=pad_token)
     theirs.save_pretrained(tmp_path / "saved")  # as an export writes its tokenizer folder
     ours = ClipTokenizer.from_folder(tmp_path / "saved")
-    texts = [*PROMPTS, "a very long prompt " * 50, "photo " * 75, "photo " * 76]
-    expected = theirs(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True).input_ids
+    fitting = [*PROMPTS, "photo " * 75]  # 77 tokens with its begin and end: it fits
+    expected = theirs(fitting, padding="max_length", max_length=MAX_LENGTH, truncation=True).input_ids
+    long = "a very long prompt " * 50  # 200 tokens: three chunks
+    tokens = theirs(long, add_special_tokens=False).input_ids
+    chunked = [
+        theirs.decode(tokens[k : k + 75]) for k in range(0, len(tokens), 75)
+    ]  # each chunk's text, tokenized alone
     for tokenizer in (ours, ClipTokenizer.from_transformers(theirs)):
-        with pytest.warns(UserWarning) as warned:
-            assert tokenizer(texts).tolist() == expected
-        # "photo " * 75 is 77 tokens with its begin and end: it fits
-        told = [str(w.message).split(" truncated")[0] for w in warned]
-        assert told == ["prompt of 202 tokens", "prompt of 78 tokens"]
+        assert tokenizer(fitting).tolist() == expected
+        rows = tokenizer([long]).tolist()
+        assert len(rows) == 3 and rows == theirs(chunked, padding="max_length", max_length=MAX_LENGTH).input_ids
+        assert tokenizer(["photo " * 76]).shape == (2, MAX_LENGTH)  # one token more: a second chunk
 
 
 def test_runtime_tokenizer_names_a_folder_without_its_file(tmp_path):

@@ -2,7 +2,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from voltacache.compile import trt_lint
-from voltacache.specs import ROWS
+from voltacache.specs import CONTEXT, PROMPT_TOKENS, ROWS
 
 
 def write(tmp_path, nodes, inputs, outputs, name="m.onnx"):
@@ -44,6 +44,24 @@ def test_only_the_leading_rows_dimension_may_be_dynamic(tmp_path):
     )
     report = trt_lint.lint(path)
     assert report.dynamic_dims == ["x[1]=rows", "y[1]=rows"] and not report.ok
+
+
+def test_the_context_may_span_prompt_chunks_on_its_prompt_axis_only(tmp_path):
+    # every profile spans the context's prompt tokens (one chunk to --max-prompt-chunks); no other input's
+    path = write(
+        tmp_path,
+        [helper.make_node("Relu", [CONTEXT], ["y"]), helper.make_node("Relu", ["x"], ["z"])],
+        [
+            helper.make_tensor_value_info(CONTEXT, TensorProto.FLOAT, [ROWS, PROMPT_TOKENS, 8]),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [ROWS, PROMPT_TOKENS]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [ROWS, PROMPT_TOKENS, 8]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, [ROWS, PROMPT_TOKENS]),
+        ],
+    )
+    report = trt_lint.lint(path)
+    assert report.dynamic_dims == [f"x[1]={PROMPT_TOKENS}", f"y[1]={PROMPT_TOKENS}", f"z[1]={PROMPT_TOKENS}"]
 
 
 def test_attention_needs_tensorrt_10_14(tmp_path):

@@ -10,7 +10,7 @@ of images; `ComponentSpec.for_images(n)` gives the static shapes of one call wit
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -171,6 +171,10 @@ class Geometry:
     def from_json(cls, data: dict) -> Geometry:
         widths = data.get("text_widths")
         return cls(**{**data, "text_widths": tuple(widths) if widths is not None else None})
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        return {**data, "text_widths": list(self.text_widths) if self.text_widths is not None else None}
 
     @property
     def unet_channels(self) -> int:

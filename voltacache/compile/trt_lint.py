@@ -1,7 +1,8 @@
 """TensorRT readiness, checked without TensorRT: supported ops, static shapes, the 2 GB protobuf limit.
 
-Static but for the leading dimension of graph inputs and outputs named `specs.ROWS`: the engine
-builder fixes it with one optimization profile per batch size.
+Static but for the leading dimension of graph inputs and outputs named `specs.ROWS`, which the engine
+builder fixes with one optimization profile per batch size, and the context's prompt axis named
+`specs.PROMPT_TOKENS`, which every profile spans (min and opt one chunk, max --max-prompt-chunks).
 
 The operator list is the ONNX-TensorRT parser's support matrix (onnx-tensorrt docs/operators.md at
 the 10.1 GA release, the ops marked Y), plus the ONNX `Attention` op (opset 23), which the parser
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import onnx
 
-from ..specs import ROWS
+from ..specs import PROMPT_AXIS, PROMPT_TOKENS, ROWS
 
 TARGET_TENSORRT = "10.14"
 PROTOBUF_LIMIT = 2 * 1024**3
@@ -74,8 +75,10 @@ def lint(path: Path, tensorrt: str = TARGET_TENSORRT) -> LintReport:
             report.unsupported_ops[key] = report.unsupported_ops.get(key, 0) + 1
     for value in [*model.graph.input, *model.graph.output]:
         for i, dim in enumerate(value.type.tensor_type.shape.dim):
-            if i == 0 and dim.dim_param == ROWS:
-                continue  # one profile per batch size fixes it
+            if (i == 0 and dim.dim_param == ROWS) or (
+                i == PROMPT_AXIS.get(value.name) and dim.dim_param == PROMPT_TOKENS
+            ):
+                continue  # one profile per batch size fixes the rows; each profile spans the prompt's chunks
             if not dim.HasField("dim_value") or dim.dim_value <= 0:
                 report.dynamic_dims.append(f"{value.name}[{i}]={dim.dim_param or '?'}")
     if report.unsupported_ops:
@@ -83,7 +86,9 @@ def lint(path: Path, tensorrt: str = TARGET_TENSORRT) -> LintReport:
         report.problems.append(f"ops TensorRT {tensorrt} does not support: {ops}")
     if report.dynamic_dims:
         dims = ", ".join(report.dynamic_dims)
-        report.problems.append(f"dynamic dimensions besides the leading {ROWS} (profiles fix only that one): {dims}")
+        report.problems.append(
+            f"dynamic dimensions besides {ROWS} and {PROMPT_TOKENS} (profiles span only those): {dims}"
+        )
     if path.stat().st_size >= PROTOBUF_LIMIT:
         report.problems.append(f"{path.stat().st_size / 1e9:.2f} GB in one protobuf: save the weights as external data")
     return report

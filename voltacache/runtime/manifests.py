@@ -102,7 +102,7 @@ class ExportManifest:
     def to_json(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["batch_sizes"] = list(self.batch_sizes)
-        data["geometry"] = dataclasses.asdict(self.geometry)
+        data["geometry"] = self.geometry.to_json()
         data["components"] = {name: entry.to_json() for name, entry in self.components.items()}
         data["owned"] = list(self.owned)
         return data
