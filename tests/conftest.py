@@ -93,6 +93,22 @@ def tiny_family(tmp_path_factory, preset: str):
     return model, root / "engines"
 
 
+SIZES = ((64, 64), (64, 128), (128, 64))  # (height, width): the tiny model's own, a landscape and a portrait
+
+
+@pytest.fixture(scope="session")
+def sizes_engines(tiny_dir, tmp_path_factory):
+    """ONNX Runtime engines of one export serving the tiny model at SIZES (export --sizes)."""
+    from voltacache.compile.build import build_engines
+    from voltacache.compile.export import export_model
+    from voltacache.compile.options import ExportOptions
+
+    root = tmp_path_factory.mktemp("sizes")
+    export_model(tiny_dir, root / "onnx", ExportOptions(precision="fp32", sizes=SIZES))
+    build_engines(root / "onnx", root / "engines", backend="onnxruntime")
+    return root / "engines"
+
+
 @pytest.fixture(scope="session")
 def sdxl_tiny(tmp_path_factory):
     """SDXL's topology at tiny widths: two text encoders, size conditioning, a 3-level U-Net."""

@@ -79,11 +79,13 @@ def test_triton_round_trip(img2img):
         target_size=sizes[2],
         refresh_threshold=threshold,
         loras=loras,
+        height=512 if img2img else None,  # a size travels when given
+        width=768 if img2img else None,
     ).check()
     tensors = request.to_triton()
     # left out: txt2img's image tensors and unset ones (None or no LoRAs); here no inpainting mask
     everything = {t.tensor.name for t in p.REQUEST_TENSORS}
-    unset = {p.ORIGINAL_SIZE, p.CROP_TOP_LEFT, p.TARGET_SIZE, p.REFRESH_THRESHOLD, p.LORAS}
+    unset = {p.ORIGINAL_SIZE, p.CROP_TOP_LEFT, p.TARGET_SIZE, p.REFRESH_THRESHOLD, p.LORAS, p.HEIGHT, p.WIDTH}
     assert set(tensors) == everything - ({p.MASK_IMAGE} if img2img else p.IMAGE_INPUTS | unset)
     assert tensors[p.PROMPT].dtype == object and tensors[p.STEPS].dtype == np.int32
     back = Request.from_triton(tensors.get)

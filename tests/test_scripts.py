@@ -58,3 +58,20 @@ def test_bench_prompt_chunks_runs_on_the_tiny_model(engines_dir, onnx_fp16_branc
     assert data["machine"]["cpu"]
     assert set(data["seconds_per_image"]) == {"static, 1 chunk", *(f"dynamic, {k} chunk(s)" for k in (1, 2, 4))}
     assert all(row["median_s"] > 0 for row in data["unet_deep_call"].values())
+
+
+@pytest.mark.slow
+def test_bench_sizes_runs_on_the_tiny_model(engines_dir, sizes_engines, tmp_path):
+    out, figure = tmp_path / "sizes.json", tmp_path / "sizes.png"
+    command = [sys.executable, str(ROOT / "scripts" / "bench_sizes.py"), "--multi", str(sizes_engines)]
+    command += ["--single", str(engines_dir), "--steps", "2", "--repeats", "1", "--out", str(out)]
+    result = subprocess.run(command + ["--figure", str(figure)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["machine"]["cpu"] and list(data["sizes"]) == ["64x64"] and figure.stat().st_size > 0
+    assert data["sizes"]["64x64"]["seconds_per_image"]["several sizes"]["median_s"] > 0
+    assert len(data["exports"]) == 2
+    # a one-size folder given as --multi is refused, naming it
+    command = [sys.executable, str(ROOT / "scripts" / "bench_sizes.py"), "--multi", str(engines_dir)]
+    result = subprocess.run(command + ["--single", str(engines_dir), "--out", str(out)], capture_output=True, text=True)
+    assert result.returncode == 2 and "engines of one size" in result.stderr

@@ -88,7 +88,8 @@ class Request:
     Images: `init_image` uint8 (height, width, 3) of any size, resized to the engines' size (img2img);
     `mask_image` with it, uint8 (height, width), (height, width, 1) or RGB (height, width, 3), white where
     the image is repainted (inpainting: resized, grayscale, binarized at 0.5, as diffusers' mask processor).
-    `seed` None: drawn and reported. `height`/`width` None: the engines' size (anything else is refused).
+    `seed` None: drawn and reported. `height`/`width` None: the engines' default size (one they were not
+    exported for is refused).
     """
 
     prompt: str = unscoped()  # the cache looks it up by its embedding
@@ -107,7 +108,8 @@ class Request:
     init_image: np.ndarray | None = scoped("image", default=None, compare=False, repr=False)
     strength: float | None = scoped(default=None, when="img2img")  # None: diffusers' default for the kind
     mask_image: np.ndarray | None = scoped("mask", default=None, compare=False, repr=False)
-    # size: the engines' (static) size, and SDXL's size conditioning (diffusers' arguments of these names)
+    # size: one the engines serve (export --sizes; None: their default), and SDXL's size conditioning
+    # (diffusers' arguments of these names)
     height: int | None = scoped("size", default=None)
     width: int | None = scoped("size", default=None)
     original_size: tuple[int, int] | None = scoped("size_conditioning", default=None)
@@ -199,13 +201,20 @@ class Request:
         """`texts`, each with the (text, weight) fragments its weighting syntax gives (voltacache.prompts)."""
         return [parse(self.negative_prompt, "negative_prompt")] * batch + [parse(self.prompt)] * batch
 
-    def check_size(self, height: int, width: int) -> None:
-        """Engines are static at height x width: a request for another size is refused (in process and served)."""
-        if (self.height or height, self.width or width) != (height, width):
-            raise InvalidRequest(
-                f"size {self.width or width}x{self.height or height}: these engines are static at "
-                f"{width}x{height}; export and build for another size"
-            )
+    def size(self, default: tuple[int, int]) -> tuple[int, int]:
+        """The (height, width) the request asks for, a side it leaves out the default's."""
+        return self.height or default[0], self.width or default[1]
+
+    def check_size(self, sizes: tuple[tuple[int, int], ...]) -> None:
+        """The engines serve the (height, width) `sizes`, the default first: another is refused (in process and
+        served), naming them."""
+        height, width = self.size(sizes[0])
+        if (height, width) not in sizes:
+            if len(sizes) == 1:
+                served, remedy = f"are static at {sizes[0][1]}x{sizes[0][0]}", "export with --sizes to serve several"
+            else:
+                served, remedy = f"serve {', '.join(f'{w}x{h}' for h, w in sizes)}", "export with --sizes to add it"
+            raise InvalidRequest(f"size {width}x{height}: these engines {served}; {remedy}")
 
     def check(self) -> Request:
         """Refuse a bad value before any compute, naming the field and what is allowed; returns self."""
@@ -291,6 +300,8 @@ CACHE = "CACHE"  # on | off | refresh: the cross-request cache for this request
 INIT_IMAGE = "INIT_IMAGE"  # uint8 (height, width, 3), any size: resized to the engines' size
 STRENGTH = "STRENGTH"
 MASK_IMAGE = "MASK_IMAGE"  # inpainting: uint8 (height, width, 1 or 3), any size; white is repainted
+HEIGHT = "HEIGHT"  # int32 (1,): one of the sizes the engines serve (export --sizes); absent: their default
+WIDTH = "WIDTH"
 ORIGINAL_SIZE = "ORIGINAL_SIZE"  # SDXL's size conditioning, int32 (2,) each; absent: the engines' size, no crop
 CROP_TOP_LEFT = "CROP_TOP_LEFT"
 TARGET_SIZE = "TARGET_SIZE"
@@ -378,6 +389,8 @@ REQUEST_TENSORS = (
     RequestTensor("init_image", TensorSpec(INIT_IMAGE, "uint8", (-1, -1, 3)), img2img_only=True),
     RequestTensor("strength", scalar(STRENGTH, "float32"), img2img_only=True),
     RequestTensor("mask_image", TensorSpec(MASK_IMAGE, "uint8", (-1, -1, -1)), img2img_only=True, inpaint_only=True),
+    RequestTensor("height", scalar(HEIGHT, "int32")),
+    RequestTensor("width", scalar(WIDTH, "int32")),
     RequestTensor("original_size", TensorSpec(ORIGINAL_SIZE, "int32", (2,))),
     RequestTensor("crop_top_left", TensorSpec(CROP_TOP_LEFT, "int32", (2,))),
     RequestTensor("target_size", TensorSpec(TARGET_SIZE, "int32", (2,))),

@@ -48,6 +48,14 @@ ROWS = "rows"  # the name of the dynamic leading dimension in the ONNX graphs
 # context holds text_length tokens per window, along this axis (dynamic in the ONNX graphs, named PROMPT_TOKENS).
 PROMPT_AXIS = {CONTEXT: 1}
 PROMPT_TOKENS = "prompt_tokens"
+# An export for several image sizes (export --sizes) keeps the height and width of every image-shaped tensor
+# dynamic (NCHW: axes 2 and 3), named by what they count: latent pixels, or image pixels for the VAE's image.
+SPATIAL_AXES = (2, 3)
+LATENT_SIDES, IMAGE_SIDES = ("latent_height", "latent_width"), ("image_height", "image_width")
+SPATIAL = {
+    **{name: LATENT_SIDES for name in (SAMPLE, NOISE_PRED, DEEP_FEATURE, LATENT, LATENT_MEAN, LATENT_STD)},
+    IMAGE: IMAGE_SIDES,
+}
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,9 @@ class ComponentSpec:
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    # the latent (height, width) sizes an export for several image sizes serves, the spec's own first;
+    # () for one size: the spec's shapes alone
+    latent_sizes: tuple[tuple[int, int], ...] = ()
 
     @property
     def input_names(self) -> list[str]:
@@ -83,15 +94,52 @@ class ComponentSpec:
         """The number of images these shapes hold."""
         return self.inputs[0].shape[0] // self.rows_per_image
 
-    def for_images(self, n: int, chunks: int = 1) -> ComponentSpec:
-        """The same tensors for a call with n images, every leading dimension n x rows_per_image, and a
-        prompt context of `chunks` chunks (the spec's shape holds one)."""
-        rows = n * self.rows_per_image
+    def for_images(self, n: int, chunks: int = 1, latent: tuple[int, int] | None = None) -> ComponentSpec:
+        """The same tensors for a call with n images, every leading dimension n x rows_per_image, a prompt
+        context of `chunks` chunks (the spec's shape holds one), and latents of `latent` (height, width)
+        pixels (None: the spec's own; an image tensor scales with them)."""
+        rows, scale = n * self.rows_per_image, self.image_scale
+        sides = {LATENT_SIDES: latent, IMAGE_SIDES: latent and (latent[0] * scale, latent[1] * scale)}
 
         def resized(tensors):
-            return tuple(replace(t, shape=_chunked((rows, *t.shape[1:]), t.name, chunks)) for t in tensors)
+            out = []
+            for t in tensors:
+                shape = _chunked((rows, *t.shape[1:]), t.name, chunks)
+                if latent is not None and t.name in SPATIAL:
+                    shape = (*shape[:2], *sides[SPATIAL[t.name]])
+                out.append(replace(t, shape=shape))
+            return tuple(out)
 
         return replace(self, inputs=resized(self.inputs), outputs=resized(self.outputs))
+
+    @property
+    def latent_size(self) -> tuple[int, int] | None:
+        """The (height, width) of the spec's latents (None: a component without image-shaped tensors)."""
+        for t in (*self.inputs, *self.outputs):
+            if t.name in SPATIAL:
+                scale = self.image_scale if t.name == IMAGE else 1
+                return t.shape[2] // scale, t.shape[3] // scale
+        return None
+
+    @property
+    def served_latents(self) -> tuple[tuple[int, int], ...]:
+        """Every latent (height, width) the component runs at."""
+        return self.latent_sizes or ((self.latent_size,) if self.latent_size else ())
+
+    @property
+    def image_scale(self) -> int:
+        """Image pixels per latent pixel, as the spec's own tensors hold them (the VAE's; 1 without both)."""
+        shapes = {SPATIAL[t.name]: t.shape[2] for t in (*self.inputs, *self.outputs) if t.name in SPATIAL}
+        return shapes[IMAGE_SIDES] // shapes[LATENT_SIDES] if len(shapes) == 2 else 1
+
+    def latent_of(self, feeds: dict) -> tuple[int, int] | None:
+        """The latent (height, width) of the first image-shaped input in `feeds` (None: none there)."""
+        for t in self.inputs:
+            value = feeds.get(t.name)
+            if t.name in SPATIAL and value is not None and value.ndim == len(t.shape):
+                scale = self.image_scale if t.name == IMAGE else 1
+                return value.shape[2] // scale, value.shape[3] // scale
+        return None
 
     def chunks(self, feeds: dict) -> int:
         """How many prompt chunks the context in `feeds` holds (1 for a component without one)."""
@@ -106,14 +154,16 @@ class ComponentSpec:
         def tensors(items):
             return [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in items]
 
-        return {"inputs": tensors(self.inputs), "outputs": tensors(self.outputs)}
+        sizes = {"latent_sizes": [list(size) for size in self.latent_sizes]} if self.latent_sizes else {}
+        return {"inputs": tensors(self.inputs), "outputs": tensors(self.outputs), **sizes}
 
     @classmethod
     def from_json(cls, name: str, data: dict) -> ComponentSpec:
         def tensors(items):
             return tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in items)
 
-        return cls(name, tensors(data["inputs"]), tensors(data["outputs"]))
+        sizes = tuple(tuple(size) for size in data.get("latent_sizes", ()))
+        return cls(name, tensors(data["inputs"]), tensors(data["outputs"]), sizes)
 
 
 def _chunked(shape: tuple[int, ...], name: str, chunks: int) -> tuple[int, ...]:
@@ -191,11 +241,16 @@ class Geometry:
         return self.vae_scale * self.unet_scale
 
 
-def component_specs(g: Geometry, batch: int, height: int, width: int) -> dict[str, ComponentSpec]:
-    """The static specs of every component for `batch` images of height x width pixels."""
+def component_specs(
+    g: Geometry, batch: int, height: int, width: int, sizes: tuple[tuple[int, int], ...] = ()
+) -> dict[str, ComponentSpec]:
+    """The static specs of every component for `batch` images of height x width pixels; with `sizes`, the
+    (height, width) pixel sizes an export serves (height x width among them), recorded as latent_sizes."""
     m = g.size_multiple
-    if height % m or width % m or height <= 0 or width <= 0 or batch < 1:
-        raise ValueError(f"size {height}x{width}, batch {batch}: height and width must be positive multiples of {m}")
+    for h, w in ((height, width), *sizes):
+        if h % m or w % m or h <= 0 or w <= 0 or batch < 1:
+            raise ValueError(f"size {w}x{h}, batch {batch}: height and width must be positive multiples of {m}")
+    served = tuple((h // g.vae_scale, w // g.vae_scale) for h, w in sizes) if len(sizes) > 1 else ()
     # written for one image, then scaled: the rows of each tensor come from ROWS_PER_IMAGE alone
     pair, one = ROWS_PER_IMAGE[UNET_DEEP], ROWS_PER_IMAGE[VAE_DECODER]
     lh, lw = height // g.vae_scale, width // g.vae_scale
@@ -225,4 +280,4 @@ def component_specs(g: Geometry, batch: int, height: int, width: int) -> dict[st
             (TensorSpec(LATENT_MEAN, "float32", latent.shape), TensorSpec(LATENT_STD, "float32", latent.shape)),
         ),
     ]
-    return {s.name: s.for_images(batch) for s in specs}
+    return {s.name: replace(s, latent_sizes=served if s.latent_size else ()).for_images(batch) for s in specs}

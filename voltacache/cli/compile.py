@@ -87,6 +87,11 @@ def export(
     ),
     height: int | None = typer.Option(None, help="Image height in pixels (default: the model's native size)."),
     width: int | None = typer.Option(None, help="Image width in pixels (default: the model's native size)."),
+    sizes: str | None = typer.Option(
+        None,
+        help="Several image sizes served by one engine set, WIDTHxHEIGHT comma-separated, the first the default "
+        "(e.g. 512x512,768x512,512x768), or sdxl: SDXL's aspect-ratio buckets. Replaces --height/--width.",
+    ),
     opset: int = typer.Option(23, help="23: fused ONNX Attention (TensorRT >= 10.14); 18: unfused, TensorRT fuses it."),
     max_prompt_chunks: int = typer.Option(
         DEFAULT_PROMPT_CHUNKS,
@@ -111,7 +116,7 @@ def export(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..compile.checkpoint import check_model_path
-    from ..compile.options import ExportOptions, parse_batch_sizes
+    from ..compile.options import ExportOptions, parse_batch_sizes, parse_sizes
     from ..outputs import EXPORT, check_folder, refuse_overlap
     from ..specs import COMPONENTS
 
@@ -120,7 +125,8 @@ def export(
         from ..compile.options import Calibration
 
         calibration = Calibration.from_file(calibration_prompts, calibration_steps or Calibration.steps)
-    sizes = parse_batch_sizes(batch_sizes) if batch_sizes is not None else None
+    if sizes is not None and (height is not None or width is not None):
+        raise UsageError("--sizes names every size, the first the default: leave out --height and --width")
     options = ExportOptions(
         precision=precision,
         batch=batch,
@@ -129,8 +135,9 @@ def export(
         opset=opset,
         deepcache_branch=deepcache_branch,
         calibration=calibration,
-        batch_sizes=sizes,
+        batch_sizes=parse_batch_sizes(batch_sizes) if batch_sizes is not None else None,
         max_prompt_chunks=max_prompt_chunks,
+        sizes=parse_sizes(sizes) if sizes is not None else (),
     )
     options.check()  # before torch and the exporter are imported: a mistake is refused at once
     check_model_path(model, allow_pickle)

@@ -46,9 +46,11 @@ def generate(
         help="Adaptive DeepCache: refresh once the output has changed this much (summed relative L1) since the "
         f"last refresh; lower is closer to uncached (default {DEFAULT_REFRESH_THRESHOLD}).",
     ),
-    height: int | None = typer.Option(None, help="Must equal the engines' static height."),
-    width: int | None = typer.Option(None, help="Must equal the engines' static width."),
-    init_image: Path | None = typer.Option(None, help="img2img: start from this image (resized to the engines' size)."),
+    height: int | None = typer.Option(
+        None, help="Image height: one of the sizes the engines serve (export --sizes; default: the first)."
+    ),
+    width: int | None = typer.Option(None, help="Image width: one of the sizes the engines serve."),
+    init_image: Path | None = typer.Option(None, help="img2img: start from this image (resized to the image's size)."),
     strength: float | None = typer.Option(
         None,
         help="img2img and inpainting: how much of the schedule to run (0-1]; 1 starts from noise. "
@@ -57,13 +59,11 @@ def generate(
     mask_image: Path | None = typer.Option(
         None,
         help="Inpainting (with --init-image): repaint where this mask is white (grayscale, binarized at 0.5, "
-        "resized to the engines' size); an inpainting model (--preset inpaint-tiny) reads it in its U-Net.",
+        "resized to the image's size); an inpainting model (--preset inpaint-tiny) reads it in its U-Net.",
     ),
-    original_size: str | None = typer.Option(
-        None, help="SDXL size conditioning: HEIGHT,WIDTH (default: the engines')."
-    ),
+    original_size: str | None = typer.Option(None, help="SDXL size conditioning: HEIGHT,WIDTH (default: the image's)."),
     crop_top_left: str | None = typer.Option(None, help="SDXL size conditioning: TOP,LEFT (default: 0,0)."),
-    target_size: str | None = typer.Option(None, help="SDXL size conditioning: HEIGHT,WIDTH (default: the engines')."),
+    target_size: str | None = typer.Option(None, help="SDXL size conditioning: HEIGHT,WIDTH (default: the image's)."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object per image."),
     force: bool = typer.Option(False, help="Replace image files that exist."),
     cache: str = typer.Option(Request.cache_mode, help="Cross-request cache for this request: on, off or refresh."),

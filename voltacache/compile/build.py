@@ -27,6 +27,7 @@ from ..runtime.backends import backend as find_backend
 from ..runtime.cpu import cpu, has_bf16
 from ..runtime.engines import onnx_fingerprint, onnx_stats
 from ..runtime.manifests import ENGINE_MANIFEST, EngineManifest, ExportManifest, read_manifest
+from ..runtime.runners import profile_shapes
 from ..runtime.tokenizer import TOKENIZER_DIRS
 from ..specs import COMPONENTS, TEXT_IDS, TIME_IDS, TIMESTEP, UNET_DEEP
 
@@ -228,12 +229,13 @@ def build_tensorrt(source: Path, out_dir: Path, name: str, export: ExportManifes
     from polygraphy.exception import PolygraphyException
 
     spec, sizes, timing_cache = export.components[name].spec, export.batch_sizes, options.timing_cache
-    # one static profile per size: each is tuned for its shapes exactly (profile i runs sizes[i] images),
-    # but for the prompt's context, which spans one to the export's max_prompt_chunks chunks (tuned for one)
+    # one static profile per (latent size, images per call), in the order the runner reads them
+    # (runners.profile_shapes): each is tuned for its shapes exactly, but for the prompt's context, which
+    # spans one to the export's max_prompt_chunks chunks (tuned for one)
     profiles = []
-    for size in sizes:
-        profile, longest = Profile(), spec.for_images(size, export.max_prompt_chunks)
-        for t, most in zip(spec.for_images(size).inputs, longest.inputs):
+    for (latent, size), shapes in profile_shapes(spec, sizes).items():
+        profile, longest = Profile(), spec.for_images(size, export.max_prompt_chunks, latent)
+        for t, most in zip(shapes.inputs, longest.inputs):
             profile.add(t.name, min=t.shape, opt=t.shape, max=most.shape)
         profiles.append(profile)
     # fp16 ONNX carries its own types: strongly typed keeps TensorRT from re-deciding precisions. An int8
@@ -313,7 +315,7 @@ def relative_error(runner, reference, spec, seed: int = 0) -> float:
 
 
 def compare_with_onnxruntime(plan: Path, source: Path, spec, sizes, tolerance: float = 2e-2) -> None:
-    """polygraphy's Comparator: the engine's profile for each size and ONNX Runtime on the same random inputs."""
+    """polygraphy's Comparator: each of the engine's profiles and ONNX Runtime on the same random inputs."""
     import numpy as np
     from polygraphy.backend.common import BytesFromPath
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
@@ -322,9 +324,9 @@ def compare_with_onnxruntime(plan: Path, source: Path, spec, sizes, tolerance: f
     from polygraphy.comparator import Comparator, CompareFunc, DataLoader
 
     engine, session = EngineFromBytes(BytesFromPath(str(plan)))(), SessionFromOnnx(str(source))()
-    for index, size in enumerate(sizes):
+    for index, ((latent, size), profile) in enumerate(profile_shapes(spec, sizes).items()):
         shapes = TensorMetadata()
-        for t in spec.for_images(size).inputs:
+        for t in profile.inputs:
             shapes.add(t.name, np.dtype(t.dtype), t.shape)
         ids = {t.name: (0, 49407) for t in spec.inputs if t.name in TEXT_IDS}
         loader = DataLoader(val_range=ids, iterations=2, input_metadata=shapes)
@@ -333,5 +335,6 @@ def compare_with_onnxruntime(plan: Path, source: Path, spec, sizes, tolerance: f
         compare = CompareFunc.simple(atol=tolerance, rtol=tolerance)
         if not bool(Comparator.compare_accuracy(results, compare_func=compare)):
             raise VoltacacheError(
-                f"{plan.name}: TensorRT output at {size} images differs from ONNX Runtime beyond atol/rtol {tolerance}"
+                f"{plan.name}: TensorRT output at {size} images (latents {latent}) differs from ONNX Runtime beyond "
+                f"atol/rtol {tolerance}"
             )

@@ -39,6 +39,8 @@ from ..specs import (
     PROMPT_TOKENS,
     ROWS,
     SAMPLE,
+    SPATIAL,
+    SPATIAL_AXES,
     TEXT_IDS,
     TIME_IDS,
     TIMESTEP,
@@ -93,6 +95,22 @@ def random_inputs(spec: ComponentSpec, geometry: Geometry, rng: np.random.Genera
             feeds[t.name] = rng.integers(0, 1000, t.shape).astype(t.dtype)
         else:
             feeds[t.name] = rng.standard_normal(t.shape).astype(t.dtype)
+    return feeds
+
+
+def trace_latent(geometry: Geometry, latent: tuple[int, int]) -> tuple[int, int]:
+    """The latent size a graph of several sizes is traced at: the default's, each side at least two pixels at
+    the U-Net's deepest level."""
+    return tuple(max(side, 2 * geometry.unet_scale) for side in latent)
+
+
+def validation_feeds(modules, specs: dict, geometry: Geometry, rng, latent=None) -> dict[str, dict]:
+    """Random inputs of every component (at `latent`, or its spec's size), the shallow U-Net's deep feature the
+    deep U-Net's of the same step, as the pipeline runs them."""
+    at = {name: spec.for_images(spec.images, 1, latent) for name, spec in specs.items()}
+    feeds = {name: random_inputs(spec, geometry, rng) for name, spec in at.items()}
+    deep = run_torch(modules[UNET_DEEP], at[UNET_DEEP], feeds[UNET_DEEP])[DEEP_FEATURE]
+    feeds[UNET_SHALLOW] = {**feeds[UNET_DEEP], DEEP_FEATURE: deep}
     return feeds
 
 
@@ -173,12 +191,14 @@ def trace_component(
     step=None,
     lora_targets=None,
     prompt_chunks: int = 1,
+    spatial: bool = False,
 ) -> dict:
     """Stage 1, in PyTorch: the module traced to an fp32 ONNX graph at `path` (its weights as external data
     beside it when `external` or over protobuf's limit), and PyTorch's outputs on `feeds`: the reference the
     graph is checked against once the PyTorch model is gone. `lora_targets`, a dict: filled with where
     the weights a LoRA changes lie in the graph (voltacache.pipeline.lora.export_targets). `prompt_chunks`
-    above 1: the context's prompt axis stays dynamic too (specs.PROMPT_AXIS)."""
+    above 1: the context's prompt axis stays dynamic too (specs.PROMPT_AXIS); `spatial`: the height and width of
+    every image-shaped tensor too (specs.SPATIAL: an export for several sizes)."""
     (step or (lambda stage: None))("export")
     args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
     with torch.no_grad():
@@ -190,10 +210,10 @@ def trace_component(
             input_names=spec.input_names,
             output_names=spec.output_names,
             # DYNAMIC, not a named Dim: torch.export refuses a named Dim traced at size 1 (one VAE row)
-            dynamic_shapes=tuple(dynamic_axes(name, prompt_chunks) for name in spec.input_names),
+            dynamic_shapes=tuple(dynamic_axes(name, prompt_chunks, spatial) for name in spec.input_names),
             verbose=False,
         )
-    name_rows(program, path, prompt_chunks)
+    name_axes(program, path, prompt_chunks, spatial)
     if lora_targets is not None:
         lora_targets.update(export_targets(module, program))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,11 +224,14 @@ def trace_component(
     return run_torch(module, spec, feeds)
 
 
-def finish_component(spec, feeds: dict, reference: dict, traced: Path, path: Path, precision: str, step=None):
+def finish_component(
+    spec, feeds: dict, reference: dict, traced: Path, path: Path, precision: str, step=None, at_sizes=()
+):
     """Stages 2-4, without PyTorch: convert the traced fp32 graph to `precision` at `path` (fp32: `traced`
-    is `path`), check it against PyTorch's outputs, lint it. Returns the manifest entry and ONNX Runtime's
-    outputs on `feeds`. Each stage goes through disk: protobuf keeps replaced weights in its arena until
-    the whole message dies, so a model is dropped as soon as its file is written."""
+    is `path`), check it against PyTorch's outputs (on `feeds`, and on each (feeds, outputs) of `at_sizes`:
+    the other sizes an export serves), lint it. Returns the manifest entry and ONNX Runtime's outputs on
+    `feeds`. Each stage goes through disk: protobuf keeps replaced weights in its arena until the whole
+    message dies, so a model is dropped as soon as its file is written."""
     step = step or (lambda stage: None)
     step("precision")
     overflows = []
@@ -223,7 +246,7 @@ def finish_component(spec, feeds: dict, reference: dict, traced: Path, path: Pat
         release_memory()
     step("validate")
     outputs = run_onnx(path, feeds)
-    error = max_error(outputs, reference)
+    error = max([max_error(outputs, reference), *(max_error(run_onnx(path, f), r) for f, r in at_sizes)])
     graph = onnx.load(str(path), load_external_data=False)
     entry = {
         "file": path.name,
@@ -249,26 +272,32 @@ def finish_component(spec, feeds: dict, reference: dict, traced: Path, path: Pat
     return entry, outputs
 
 
-def dynamic_axes(name: str, prompt_chunks: int) -> dict:
-    """The dynamic axes of an input: its rows, and a context's prompt tokens when prompts span chunks."""
+def dynamic_axes(name: str, prompt_chunks: int, spatial: bool = False) -> dict:
+    """The dynamic axes of an input: its rows, a context's prompt tokens when prompts span chunks, and an
+    image-shaped tensor's height and width when the export serves several sizes."""
     axes = {0: torch.export.Dim.DYNAMIC}
     if name in PROMPT_AXIS and prompt_chunks > 1:
         axes[PROMPT_AXIS[name]] = torch.export.Dim.DYNAMIC
+    if name in SPATIAL and spatial:
+        axes |= dict.fromkeys(SPATIAL_AXES, torch.export.Dim.DYNAMIC)
     return axes
 
 
-def name_rows(program, path: Path, prompt_chunks: int = 1) -> None:
-    """Name the exporter's symbols for the leading dimension ROWS (and a context's PROMPT_TOKENS), and refuse a
-    graph where one came out fixed."""
+def name_axes(program, path: Path, prompt_chunks: int = 1, spatial: bool = False) -> None:
+    """Name the exporter's symbols for the leading dimension ROWS, a context's PROMPT_TOKENS and the inputs'
+    spatial sides (specs.SPATIAL), and refuse a graph where one came out fixed. (An output's side the graph
+    computes, such as the decoded image's, keeps the exporter's expression.)"""
     values = [*program.model.graph.inputs, *program.model.graph.outputs]
     program.rename_axes({v.shape[0].value: ROWS for v in values if not isinstance(v.shape[0], int)})
     fixed = [v.name for v in values if v.shape[0] != ROWS]
+    named = {}
     if prompt_chunks > 1:
-        prompts = [v for v in program.model.graph.inputs if v.name in PROMPT_AXIS]
-        program.rename_axes(
-            {v.shape[PROMPT_AXIS[v.name]].value: PROMPT_TOKENS for v in prompts if v.shape[PROMPT_AXIS[v.name]].value}
-        )
-        fixed += [v.name for v in prompts if v.shape[PROMPT_AXIS[v.name]] != PROMPT_TOKENS]
+        named |= {(name, axis): PROMPT_TOKENS for name, axis in PROMPT_AXIS.items()}
+    if spatial:
+        named |= {(name, axis): side for name, sides in SPATIAL.items() for axis, side in zip(SPATIAL_AXES, sides)}
+    inputs = [(v, axis, name) for v in program.model.graph.inputs for (n, axis), name in named.items() if n == v.name]
+    program.rename_axes({v.shape[axis].value: name for v, axis, name in inputs if v.shape[axis].value})
+    fixed += [f"{v.name}[{axis}]" for v, axis, name in inputs if v.shape[axis] != name]
     if fixed:
         raise ExportError(
             f"{path.name}: the exporter fixed a dynamic dimension of {', '.join(fixed)}; it must stay dynamic"
@@ -326,17 +355,18 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
     native = pipe.unet.config.sample_size * geometry.vae_scale
     height, width = options.height or native, options.width or native
     try:
-        specs = component_specs(geometry, options.batch, height, width)
+        specs = component_specs(geometry, options.batch, height, width, options.sizes)
     except ValueError as e:
         raise ExportError(str(e)) from e
+    spatial = len(options.sizes) > 1
     modules = torch_modules(pipe, shallow)
     rng = np.random.default_rng(options.seed)
-    feeds = {name: random_inputs(spec, geometry, rng) for name, spec in specs.items()}
-    # The shallow step is checked on the deep feature of the same step, as it runs in the pipeline.
-    feeds[UNET_SHALLOW] = {
-        **feeds[UNET_DEEP],
-        DEEP_FEATURE: run_torch(modules[UNET_DEEP], specs[UNET_DEEP], feeds[UNET_DEEP])[DEEP_FEATURE],
-    }
+    # Several sizes: traced where no level of the U-Net is a single pixel (torch.export fixes a side it traces
+    # at 1), then checked at every size served
+    traced_at = trace_latent(geometry, specs[UNET_DEEP].latent_size) if spatial else None
+    feeds = validation_feeds(modules, specs, geometry, rng, traced_at)
+    others = [latent for latent in specs[UNET_DEEP].latent_sizes if latent != traced_at]
+    checks = {latent: validation_feeds(modules, specs, geometry, rng, latent) for latent in others}
     graphs = dataclasses.replace(options, precision=options.graph_precision, calibration=None)
     precisions = {name: component_precision(pipe, name, graphs.precision) for name in COMPONENTS}
     steps = {name: functools.partial(progress, name) if progress else None for name in COMPONENTS}
@@ -361,7 +391,13 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
                 steps[name],
                 lora_targets=lora_targets.get(name),
                 prompt_chunks=options.max_prompt_chunks,
+                spatial=spatial and specs[name].latent_size is not None,
             )
+        at_sizes = {
+            name: [(check[name], run_torch(modules[name], specs[name], check[name])) for check in checks.values()]
+            for name in COMPONENTS
+            if specs[name].latent_size is not None
+        }
         unsplit = unsplit_outputs(modules, pipe.unet, feeds[UNET_DEEP])
         if options.precision != "int8":  # int8 calibrates on the PyTorch pipeline below
             del pipe, modules
@@ -372,7 +408,14 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
         for name in COMPONENTS:
             out = out_dir / f"{name}.onnx"
             entries[name], outputs[name] = finish_component(
-                specs[name], feeds[name], references[name], traced[name], out, precisions[name], steps[name]
+                specs[name],
+                feeds[name],
+                references[name],
+                traced[name],
+                out,
+                precisions[name],
+                steps[name],
+                at_sizes.get(name, ()),
             )
             shutil.rmtree(Path(scratch) / name, ignore_errors=True)  # the fp32 trace: GBs for a U-Net
             if name in lora_targets and options.precision != "int8":  # int8: LoRA would need requantizing
@@ -402,6 +445,7 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
         "width": width,
         "deepcache_branch": options.deepcache_branch,
         "max_prompt_chunks": options.max_prompt_chunks,
+        "sizes": [list(size) for size in options.sizes or ((height, width),)],
         "geometry": geometry.__dict__,
         "components": entries,
         "versions": _versions(),

@@ -70,7 +70,32 @@ class Calibration:
 
 
 MIN_SIDE, MAX_SIDE = 64, 4096  # image height and width, pixels
+MAX_SIZES = 16  # image sizes per engine set: TensorRT builds a profile per size and batch size
 DEFAULT_PROMPT_CHUNKS, MAX_PROMPT_CHUNKS = 4, 16  # 16 chunks: 1200 tokens, far beyond what CLIP was trained on
+
+
+# SDXL's standard aspect-ratio buckets (its training's, as width x height), the square one first
+SIZE_SETS = {
+    "sdxl": ((1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344)),
+}
+
+
+def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
+    """`--sizes 512x512,768x512` (width x height, as the community writes sizes) or a named set (`sdxl`) ->
+    ((height, width), ...) in the order given, the first the default; ExportOptions.check judges the numbers."""
+    if text.strip().lower() in SIZE_SETS:
+        return tuple((h, w) for w, h in SIZE_SETS[text.strip().lower()])
+    try:
+        pairs = [tuple(int(v) for v in part.lower().split("x")) for part in text.split(",")]
+    except ValueError:
+        pairs = []
+    if not pairs or any(len(pair) != 2 for pair in pairs):
+        named = ", ".join(SIZE_SETS)
+        raise UsageError(
+            f"--sizes {text!r}: give WIDTHxHEIGHT sizes separated by commas, e.g. 512x512,768x512, "
+            f"or a named set ({named})"
+        )
+    return tuple((h, w) for w, h in pairs)
 
 
 def is_deepcache_branch(name) -> bool:
@@ -92,8 +117,14 @@ class ExportOptions:
     batch_sizes: tuple[int, ...] | None = None
     # prompts of up to this many chunks of 75 tokens (voltacache.runtime.tokenizer): the U-Nets' context is dynamic
     max_prompt_chunks: int = DEFAULT_PROMPT_CHUNKS
+    # several (height, width) image sizes served by one engine set, the first the default (export --sizes);
+    # () for one: height x width
+    sizes: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
+        self.sizes = tuple(dict.fromkeys(tuple(size) for size in self.sizes))  # once each, in the order given
+        if self.sizes:
+            self.height, self.width = self.sizes[0]
         if self.precision == "int8" and self.calibration is None:
             self.calibration = Calibration()
         if self.batch_sizes is None:
@@ -109,8 +140,16 @@ class ExportOptions:
             value = getattr(self, name)
             # the U-Net halves the latent (pixels / 8) three times: below 64 nothing is left; above 4096 the
             # export alone would not fit this class of machine
-            if value is not None and not (MIN_SIDE <= value <= MAX_SIDE and value % 64 == 0):
+            if value is not None and not (MIN_SIDE <= value <= MAX_SIDE and value % 64 == 0) and not self.sizes:
                 raise UsageError(f"--{name} {value}: a multiple of 64 pixels from {MIN_SIDE} to {MAX_SIDE}, e.g. 512")
+        for height, width in self.sizes:
+            if not all(MIN_SIDE <= v <= MAX_SIDE and v % 64 == 0 for v in (height, width)):
+                raise UsageError(
+                    f"--sizes {width}x{height}: width and height multiples of 64 pixels from {MIN_SIDE} to "
+                    f"{MAX_SIDE}, e.g. 512x512,768x512"
+                )
+        if len(self.sizes) > MAX_SIZES:
+            raise UsageError(f"--sizes: {len(self.sizes)} sizes; one engine set serves up to {MAX_SIZES}")
         if not is_deepcache_branch(self.deepcache_branch):
             raise UsageError(
                 f"--deepcache-branch {self.deepcache_branch!r}: use block, or a DeepCache branch number such as 0"

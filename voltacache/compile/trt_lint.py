@@ -2,7 +2,8 @@
 
 Static but for the leading dimension of graph inputs and outputs named `specs.ROWS`, which the engine
 builder fixes with one optimization profile per batch size, and the context's prompt axis named
-`specs.PROMPT_TOKENS`, which every profile spans (min and opt one chunk, max --max-prompt-chunks).
+`specs.PROMPT_TOKENS`, which every profile spans (min and opt one chunk, max --max-prompt-chunks), and
+the height and width of image-shaped tensors of an export for several sizes (a profile per size).
 
 The operator list is the ONNX-TensorRT parser's support matrix (onnx-tensorrt docs/operators.md at
 the 10.1 GA release, the ops marked Y), plus the ONNX `Attention` op (opset 23), which the parser
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import onnx
 
-from ..specs import PROMPT_AXIS, PROMPT_TOKENS, ROWS
+from ..specs import PROMPT_AXIS, PROMPT_TOKENS, ROWS, SPATIAL, SPATIAL_AXES
 
 TARGET_TENSORRT = "10.14"
 PROTOBUF_LIMIT = 2 * 1024**3
@@ -75,10 +76,13 @@ def lint(path: Path, tensorrt: str = TARGET_TENSORRT) -> LintReport:
             report.unsupported_ops[key] = report.unsupported_ops.get(key, 0) + 1
     for value in [*model.graph.input, *model.graph.output]:
         for i, dim in enumerate(value.type.tensor_type.shape.dim):
-            if (i == 0 and dim.dim_param == ROWS) or (
-                i == PROMPT_AXIS.get(value.name) and dim.dim_param == PROMPT_TOKENS
-            ):
-                continue  # one profile per batch size fixes the rows; each profile spans the prompt's chunks
+            profiled = (
+                (i == 0 and dim.dim_param == ROWS)
+                or (i == PROMPT_AXIS.get(value.name) and dim.dim_param == PROMPT_TOKENS)
+                or (i in SPATIAL_AXES and value.name in SPATIAL and bool(dim.dim_param))
+            )
+            if profiled:
+                continue  # a profile per (size, batch size) fixes rows and sides; each spans the prompt's chunks
             if not dim.HasField("dim_value") or dim.dim_value <= 0:
                 report.dynamic_dims.append(f"{value.name}[{i}]={dim.dim_param or '?'}")
     if report.unsupported_ops:

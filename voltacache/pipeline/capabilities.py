@@ -37,8 +37,9 @@ class Capabilities:
         return cls(export, calibration, Loras(loras or {}, export, backend=manifest.backend), tokenizers)
 
     @property
-    def size(self) -> tuple[int, int]:
-        return self.export.size
+    def sizes(self) -> tuple[tuple[int, int], ...]:
+        """The (height, width) sizes the engines serve, the default first."""
+        return self.export.image_sizes
 
     @property
     def size_conditioned(self) -> bool:
@@ -52,7 +53,7 @@ class Capabilities:
 
     def check(self, request: Request) -> None:
         """What these engines cannot do for a request (its own values are checked by `request.check()`)."""
-        request.check_size(*self.size)
+        request.check_size(self.sizes)
         given = [name for name in SIZE_CONDITIONING if getattr(request, name) is not None]
         if given and not self.size_conditioned:
             raise InvalidRequest(f"{given[0]}: size conditioning is SDXL's; this is an {self.export.family} model")

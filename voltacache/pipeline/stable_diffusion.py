@@ -200,7 +200,7 @@ class StableDiffusion:
         self.runners = runners
         self.export = export
         self.tokenizers = tokenizers  # one per text encoder input (SDXL: two); none in the Triton denoiser
-        self.batch, self.height, self.width = export.batch, export.height, export.width
+        self.batch, self.sizes = export.batch, export.image_sizes  # (height, width) served, the default first
         self.batch_sizes = export.batch_sizes  # images per engine call the engines were built for
         self.family = export.family
         self.vae_scale = export.geometry.vae_scale
@@ -263,12 +263,16 @@ class StableDiffusion:
         """The engines a request runs on: the base ones, or its LoRAs' variant of them."""
         return self.loras.runners(request.loras, self.runners)
 
+    def size(self, request: Request) -> tuple[int, int]:
+        """The (height, width) of the request's images: its own, or the engines' default."""
+        return request.size(self.sizes[0])
+
     def size_conditions(self, request: Request) -> list[int] | None:
-        """SDXL's time ids: original size, crop top-left, target size (height, width each); the engines' size
+        """SDXL's time ids: original size, crop top-left, target size (height, width each); the image's size
         and no crop unless the request gives them, as diffusers defaults them. None for other models."""
         if not self.size_conditioned:
             return None
-        size = (self.height, self.width)
+        size = self.size(request)
         return [*(request.original_size or size), *(request.crop_top_left or (0, 0)), *(request.target_size or size)]
 
     def unet_conditions(self, request: Request, pooled: np.ndarray) -> dict[str, np.ndarray]:
@@ -298,7 +302,8 @@ class StableDiffusion:
         if self.zero_empty_negative and not request.negative_prompt:
             # SDXL's force_zeros_for_empty_prompt: no negative prompt is all zeros, not the encoded ""
             embeddings, pooled = zero_unconditional(embeddings, self.batch), zero_unconditional(pooled, self.batch)
-        image = to_unit_range(fit_image(request.init_image, self.width, self.height)) if request.img2img else None
+        height, width = self.size(request)
+        image = to_unit_range(fit_image(request.init_image, width, height)) if request.img2img else None
 
         # 3. Cross-request cache: a stored image, or a stored latent K steps in. An init image and its
         # strength are part of the scope, and K counts the steps this request would run.
@@ -319,7 +324,7 @@ class StableDiffusion:
         work.pooled, work.run_steps = pooled_prompt, run_steps
         if use_cache:
             work.cache, work.vector, work.scope, work.decision = cache, vector, scope, decision
-            work.about = request.description() | {"height": self.height, "width": self.width}
+            work.about = request.description() | {"height": height, "width": width}
         return work
 
     def start_denoising(
@@ -343,13 +348,13 @@ class StableDiffusion:
 
         # 4. Prepare latents: from the seed, from the encoded init image noised to the first timestep,
         # or from a cached latent K steps in; inpainting also prepares its mask and masked image
-        inpainting = None
+        inpainting, shape = None, self.latent_shape(request)
         if request.inpaint:
             latents, inpainting = self.prepare_inpainting(
-                sched, generator, timesteps, image, self.mask(request), request.strength == 1.0, stats
+                sched, generator, timesteps, image, self.mask(request), request.strength == 1.0, stats, shape
             )
         elif start is None:
-            latents = self.prepare_latents(sched, generator, timesteps, image, stats)
+            latents = self.prepare_latents(sched, generator, timesteps, image, stats, shape)
         if start is not None:
             latents = torch.from_numpy(np.asarray(start[0], dtype=np.float32))
 
@@ -384,7 +389,7 @@ class StableDiffusion:
     def cache_scope(self, request: Request, image=None) -> dict:
         """What a cache entry of this request is scoped by: each field of the request that changes the image
         (declared on Request's fields: a new field is scoped by default), read as these engines read it, and
-        what the engines add: their size, batch and family, SDXL's effective size conditioning, and the
+        what the engines add: the image's size, their batch and family, SDXL's effective size conditioning, and the
         calibration a calibrated schedule runs on. `image`: the init image as the engines take it."""
         read = {
             "value": lambda value: list(value) if isinstance(value, tuple) else value,
@@ -393,11 +398,11 @@ class StableDiffusion:
             "mask": lambda _: fingerprint(self.mask(request)),
             # a LoRA's image is never another's, nor the base model's: each file's content and scale
             "loras": lambda _: [list(key) for key in self.loras.key(request.loras)],
-            "size": None,  # the engines' own, below (another size is refused)
+            "size": None,  # the image's, below (a size the engines do not serve is refused)
             "size_conditioning": None,  # effective, below
         }
         effective = {"threshold"}  # read as the request runs, set or left to its default
-        scope = {"size": [self.height, self.width], "batch": self.batch, "family": self.family}
+        scope = {"size": list(self.size(request)), "batch": self.batch, "family": self.family}
         for name, (kind, value) in request.scoped_fields().items():
             if read[kind] is not None and (kind in effective or not unset(value)):
                 scope[name] = read[kind](value)
@@ -435,7 +440,7 @@ class StableDiffusion:
         works that failed, with why (the others have stepped)."""
         failed, variants = [], defaultdict(list)
         for work in works:
-            variants[id(work.runners), work.embeddings.shape].append(work)
+            variants[id(work.runners), work.embeddings.shape, work.latents.shape].append(work)
         for group in variants.values():
             deep, shallow = [w for w in group if w.full], [w for w in group if not w.full]
             failed += self._step_group(UNET_DEEP, deep) + self._step_group(UNET_SHALLOW, shallow)
@@ -475,12 +480,20 @@ class StableDiffusion:
         return failed
 
     def finish(self, works: list[Work]) -> list[Generation]:
-        """6-7. Decode the finished works in one VAE call, and remember each result for later requests."""
-        decoding = Stats()
-        images = to_uint8(self.decode_latents(torch.cat([w.latents for w in works]), decoding))
+        """6-7. Decode the finished works in one VAE call per image size, and remember each result for later
+        requests."""
+        decoded, sizes = {}, defaultdict(list)
+        for work in works:
+            sizes[work.latents.shape].append(work)
+        for group in sizes.values():
+            decoding = Stats()
+            images = to_uint8(self.decode_latents(torch.cat([w.latents for w in group]), decoding))
+            for work, pixels in zip(group, np.split(images, len(group))):
+                decoded[id(work)] = pixels, decoding.seconds[VAE_DECODER]
         results = []
-        for work, pixels in zip(works, np.split(images, len(works))):
-            work.stats.seconds[VAE_DECODER] += decoding.seconds[VAE_DECODER]
+        for work in works:
+            pixels, seconds = decoded[id(work)]
+            work.stats.seconds[VAE_DECODER] += seconds
             layer, similarity = "off", 0.0
             if work.cache is not None:
                 layer = work.decision.layer if work.decision is not None else "miss"
@@ -547,8 +560,12 @@ class StableDiffusion:
             raise InvalidRequest(f"strength {strength}: leaves no denoising step out of {steps}")
         return timesteps
 
-    def prepare_latents(self, scheduler, generator, timesteps, image, stats: Stats) -> torch.Tensor:
-        shape = (self.batch, self.latent_channels, self.height // self.vae_scale, self.width // self.vae_scale)
+    def latent_shape(self, request: Request) -> tuple[int, int, int, int]:
+        """The latents of the request's images: (batch, channels, height, width)."""
+        height, width = self.size(request)
+        return self.batch, self.latent_channels, height // self.vae_scale, width // self.vae_scale
+
+    def prepare_latents(self, scheduler, generator, timesteps, image, stats: Stats, shape) -> torch.Tensor:
         if image is None:
             return torch.randn(shape, generator=generator, dtype=torch.float32) * scheduler.init_noise_sigma
         # the latent distribution's sample, then the noise, in diffusers' order of generator draws
@@ -557,14 +574,14 @@ class StableDiffusion:
         return scheduler.add_noise(latents, noise, timesteps[:1].repeat(self.batch))
 
     def mask(self, request: Request) -> np.ndarray:
-        """The request's inpainting mask at the engines' size, binarized (1: repaint): (1, 1, height, width)."""
-        return fit_mask(request.mask_image, self.width, self.height)
+        """The request's inpainting mask at the image's size, binarized (1: repaint): (1, 1, height, width)."""
+        height, width = self.size(request)
+        return fit_mask(request.mask_image, width, height)
 
-    def prepare_inpainting(self, scheduler, generator, timesteps, image, mask, from_noise: bool, stats: Stats):
+    def prepare_inpainting(self, scheduler, generator, timesteps, image, mask, from_noise: bool, stats: Stats, shape):
         """(first latents, Inpainting) as diffusers' StableDiffusionInpaintPipeline prepares them, generator
         draws in its order: the init image's latents (unless a 9-channel U-Net starts from pure noise at
-        strength 1, `from_noise`), the noise, then the masked image's latents."""
-        shape = (self.batch, self.latent_channels, self.height // self.vae_scale, self.width // self.vae_scale)
+        strength 1, `from_noise`), the noise, then the masked image's latents. `shape`: the latents'."""
         image_latents = None
         if not self.inpainting_unet or not from_noise:
             image_latents = self.encode_image(image, generator, stats).repeat(self.batch, 1, 1, 1)

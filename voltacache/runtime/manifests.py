@@ -45,7 +45,7 @@ class ComponentEntry:
 
     @classmethod
     def from_json(cls, name: str, data: dict) -> ComponentEntry:
-        known = {"file", "inputs", "outputs", "precision", "lora_targets"}
+        known = {"file", "inputs", "outputs", "latent_sizes", "precision", "lora_targets"}
         return cls(
             spec=ComponentSpec.from_json(name, data),
             file=data.get("file", f"{name}.onnx"),
@@ -78,6 +78,8 @@ class ExportManifest:
     components: dict[str, ComponentEntry]
     # the U-Nets' context spans up to this many prompt chunks of CLIP's context (exports before: one)
     max_prompt_chunks: int = 1
+    # the (height, width) image sizes the engines serve, (height, width) first (exports before: that one)
+    sizes: tuple[tuple[int, int], ...] = ()
     versions: dict = field(default_factory=dict)
     seconds: float = 0.0
     format: int = EXPORT_FORMAT
@@ -94,7 +96,13 @@ class ExportManifest:
 
     @property
     def size(self) -> tuple[int, int]:
+        """The default image size: a request that names none gets it."""
         return self.height, self.width
+
+    @property
+    def image_sizes(self) -> tuple[tuple[int, int], ...]:
+        """Every (height, width) the engines serve, the default first."""
+        return self.sizes or (self.size,)
 
     def replace(self, **changes) -> ExportManifest:
         return dataclasses.replace(self, **changes)
@@ -102,6 +110,7 @@ class ExportManifest:
     def to_json(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["batch_sizes"] = list(self.batch_sizes)
+        data["sizes"] = [list(size) for size in self.image_sizes]
         data["geometry"] = self.geometry.to_json()
         data["components"] = {name: entry.to_json() for name, entry in self.components.items()}
         data["owned"] = list(self.owned)
@@ -125,6 +134,7 @@ class ExportManifest:
                 "geometry": Geometry.from_json(data["geometry"]),
                 "components": {n: ComponentEntry.from_json(n, c) for n, c in components.items()},
                 "owned": tuple(data.get("owned", ())),
+                "sizes": tuple(tuple(size) for size in data.get("sizes", ())),
             }
             return cls(**values)
         except (KeyError, TypeError) as e:

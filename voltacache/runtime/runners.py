@@ -64,13 +64,17 @@ class Runner:
     def check(self, feeds: dict[str, np.ndarray]) -> int:
         """The number of images in `feeds`, each input checked against the spec for that many."""
         spec, per_image, n = self.spec, self.spec.rows_per_image, 0
+        latent = spec.latent_of(feeds)
+        if latent is not None and latent not in spec.served_latents:
+            sizes = ", ".join(f"{h}x{w}" for h, w in spec.served_latents)
+            raise VoltacacheError(f"{spec.name}: latents of {latent[0]}x{latent[1]}; the engine takes {sizes}")
         for i, t in enumerate(spec.inputs):
             if t.name not in feeds:
                 raise VoltacacheError(f"{spec.name}: missing input {t.name!r}")
             value = feeds[t.name]
             if not n and value.ndim == len(t.shape) and len(value) and len(value) % per_image == 0:
                 n = len(value) // per_image  # the first input tells how many images the call holds
-                shapes = spec.for_images(n, spec.chunks(feeds))  # and the context, its prompt chunks
+                shapes = spec.for_images(n, spec.chunks(feeds), latent)  # its prompt chunks, its latents' size
             if n:
                 shape = shapes.inputs[i].shape
                 expected = f"{t.dtype}{list(shape)} ({n} images)"
@@ -211,15 +215,16 @@ class TorchRunner(Runner):
 
 
 class TensorRTRunner(Runner):
-    """A TensorRT plan with one static optimization profile per size (profile i runs sizes[i] images), static
-    but for the prompt's context: one to `chunks` chunks (voltacache.runtime.tokenizer).
+    """A TensorRT plan with one static optimization profile per (latent size, images per call): profile
+    i x len(sizes) + j runs latents of spec.served_latents[i] for sizes[j] images, static but for the prompt's
+    context: one to `chunks` chunks (voltacache.runtime.tokenizer).
 
     Each profile gets its own execution context (TensorRT lets two contexts of one engine never
     share a profile), bound once to its input shapes and device buffers, and optionally captured
     as a CUDA graph: every call of a size copies into the same buffers, so its graph stays valid (a call
     with a longer prompt sets its context's shape and runs outside the graph, which holds one window).
     The contexts run one at a time on one stream, so they share one block of activation memory and
-    one buffer per tensor, sized for the largest profile (a smaller profile uses the first rows).
+    one buffer per tensor, sized for the largest profile (a smaller profile uses its first elements).
     """
 
     pads = True  # static profiles: a call runs at a built size
@@ -242,29 +247,33 @@ class TensorRTRunner(Runner):
         self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(Path(plan).read_bytes())
         if self.engine is None:
             raise VoltacacheError(f"{plan}: TensorRT cannot deserialize it (corrupt, or built by another version)")
-        if self.engine.num_optimization_profiles != len(self.sizes):
+        profiles = profile_shapes(spec, self.sizes)
+        if self.engine.num_optimization_profiles != len(profiles):
             raise VoltacacheError(
-                f"{plan}: {self.engine.num_optimization_profiles} optimization profiles for batch sizes "
-                f"{list(self.sizes)}; rebuild with `voltacache build`"
+                f"{plan}: {self.engine.num_optimization_profiles} optimization profiles for {len(profiles)} "
+                f"(batch sizes {list(self.sizes)}, latent sizes {list(spec.served_latents)}); rebuild with "
+                "`voltacache build`"
             )
         if initializers:
             self._refit(trt, initializers)
         self.stream = torch.cuda.Stream()
-        largest = spec.for_images(max(self.sizes), chunks)
-        self.buffers = {
-            t.name: torch.empty(t.shape, dtype=getattr(torch, t.dtype), device="cuda")
-            for t in (*largest.inputs, *largest.outputs)
-        }
+        elements, dtypes = {}, {}
+        for latent in spec.served_latents or (None,):
+            largest = spec.for_images(max(self.sizes), chunks, latent)
+            for t in (*largest.inputs, *largest.outputs):
+                elements[t.name] = max(elements.get(t.name, 0), int(np.prod(t.shape)))
+                dtypes[t.name] = getattr(torch, t.dtype)
+        self.buffers = {name: torch.empty(n, dtype=dtypes[name], device="cuda") for name, n in elements.items()}
         self.memory = torch.empty(self.engine.device_memory_size_v2, dtype=torch.uint8, device="cuda")
         self.contexts, self.graphs = {}, {}
-        for index, size in enumerate(self.sizes):
-            self.contexts[size] = self._context(trt, index, spec.for_images(size))
+        for index, (key, shapes) in enumerate(profiles.items()):
+            self.contexts[key] = self._context(trt, index, shapes)
         self.stream.synchronize()
         if cuda_graph:
-            for size, context in self.contexts.items():
+            for key, context in self.contexts.items():
                 self._run(context)  # warm up outside capture: TensorRT allocates lazily on the first run
-                self.graphs[size] = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graphs[size], stream=self.stream):
+                self.graphs[key] = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graphs[key], stream=self.stream):
                     context.execute_async_v3(self.stream.cuda_stream)
 
     def _refit(self, trt, values: dict[str, np.ndarray]) -> None:
@@ -310,16 +319,28 @@ class TensorRTRunner(Runner):
         import torch
 
         rows = len(feeds[self.spec.input_names[0]])
-        size, chunks = rows // self.spec.rows_per_image, self.spec.chunks(feeds)
-        context = self.contexts[size]
-        for t in self.spec.for_images(size, chunks).inputs:  # the context's length, as this call's prompt
+        size, chunks, latent = rows // self.spec.rows_per_image, self.spec.chunks(feeds), self.spec.latent_of(feeds)
+        key = (latent, size)
+        context, shapes = self.contexts[key], self.spec.for_images(size, chunks, latent)
+        for t in shapes.inputs:  # the context's length, as this call's prompt
             if t.name in PROMPT_AXIS and tuple(context.get_tensor_shape(t.name)) != t.shape:
                 context.set_input_shape(t.name, t.shape)
         with torch.cuda.stream(self.stream):
             for name in self.spec.input_names:
                 value = torch.from_numpy(feeds[name])
-                self.buffers[name].view(-1)[: value.numel()].view(value.shape).copy_(value, non_blocking=True)
-            self.graphs[size].replay() if size in self.graphs and chunks == 1 else self._run(context)
-            out = {n: self.buffers[n][:rows].cpu().numpy() for n in self.spec.output_names}
+                self.buffers[name][: value.numel()].view(value.shape).copy_(value, non_blocking=True)
+            self.graphs[key].replay() if key in self.graphs and chunks == 1 else self._run(context)
+            out = {
+                t.name: self.buffers[t.name][: int(np.prod(t.shape))].view(t.shape)[:rows].cpu().numpy()
+                for t in shapes.outputs
+            }
         self.stream.synchronize()
         return out
+
+
+def profile_shapes(spec: ComponentSpec, sizes: tuple[int, ...]) -> dict:
+    """{(latent size, images): shapes at one prompt chunk}: the engine's optimization profiles, in the order
+    the builder adds them (voltacache.compile.build), each latent size's batch sizes together."""
+    return {
+        (latent, size): spec.for_images(size, 1, latent) for latent in spec.served_latents or (None,) for size in sizes
+    }

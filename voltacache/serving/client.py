@@ -172,7 +172,8 @@ class Client:
         request = Request.of(request, **fields).check()
         if request.height is not None or request.width is not None:
             _, height, width = self.image_shape()
-            request.check_size(height, width)
+            if height > 0 and width > 0:  # engines of one size; of several (-1), the server judges
+                request.check_size(((height, width),))
         started = time.perf_counter()
         out = self.infer(p.ensemble(request), request.to_triton(), [t.name for t in STAT_TENSORS] + [IMAGES])
         return Result.from_triton(out.get, time.perf_counter() - started)
@@ -193,7 +194,7 @@ class Client:
         return self.search(SearchQuery(order, "", top, thumbnail))
 
     def image_shape(self) -> tuple[int, int, int]:
-        """(batch, height, width) of the deployment's images (its engines are static), asked once."""
+        """(batch, height, width) of the deployment's images (-1 sides: engines of several sizes), asked once."""
         if self.shape is None:
             as_json = {"as_json": True} if self.protocol == "grpc" else {}
             try:

@@ -37,6 +37,7 @@ from ..request import (  # noqa: F401
     CACHE_SCHEDULE,
     CROP_TOP_LEFT,
     GUIDANCE,
+    HEIGHT,
     IMAGE_INPUTS,
     INIT_IMAGE,
     LORA_TENSOR,
@@ -55,6 +56,7 @@ from ..request import (  # noqa: F401
     STEPS,
     STRENGTH,
     TARGET_SIZE,
+    WIDTH,
     LoraRequest,
     Request,
     scalar,
@@ -70,7 +72,7 @@ from ..result import (  # noqa: F401
     UNET_SHALLOW_CALLS,
     images_tensor,
 )
-from ..specs import INPUT_IDS, PROMPT_AXIS, TEXT_EMBEDDINGS, ComponentSpec, TensorSpec, component_specs
+from ..specs import INPUT_IDS, PROMPT_AXIS, SPATIAL, TEXT_EMBEDDINGS, ComponentSpec, TensorSpec, component_specs
 
 # Sent to the denoiser directly (not through an ensemble): cancel a request in flight by its request id.
 # Triton 2.51 never forwards an ensemble's cancellation to the models inside it (docs/robustness.md); the
@@ -127,15 +129,27 @@ def prompt_lengths(spec: ComponentSpec, chunks: int) -> ComponentSpec:
     return replace(spec, inputs=inputs)
 
 
+def any_size(spec: ComponentSpec) -> ComponentSpec:
+    """An engine's spec as Triton sees it when it serves several image sizes: image-shaped tensors of any
+    height and width (the runner checks them against the sizes served)."""
+
+    def sized(tensors):
+        return tuple(any_length(any_length(t, 2), 3) if t.name in SPATIAL else t for t in tensors)
+
+    return replace(spec, inputs=sized(spec.inputs), outputs=sized(spec.outputs))
+
+
 def serving_specs(export) -> dict[str, ComponentSpec]:
     """Specs of every model in the repository: the engine components, the Python models and the ensembles.
     The tokenizer writes a row per chunk of each text (runtime.tokenizer), so the tensors between it and
     the denoiser have any number of rows."""
     engines = component_specs(export.geometry, export.batch, export.height, export.width)
     engines = {name: prompt_lengths(spec, export.max_prompt_chunks) for name, spec in engines.items()}
+    several = len(export.image_sizes) > 1
+    engines = {name: any_size(spec) if several else spec for name, spec in engines.items()}
     ids = tuple(any_length(t, 0) for t in engines["text_encoder"].inputs)
     embeddings, pooled = (any_length(t, 0) for t in engines["text_encoder"].outputs)
-    pixels = images_tensor(export.batch, export.height, export.width)
+    pixels = images_tensor(export.batch, *((-1, -1) if several else export.size))
     request = tuple(t.tensor for t in REQUEST_TENSORS)
     search = tuple(t.tensor for t in SEARCH_TENSORS)
     txt2img = tuple(t for t in request if t.name not in IMAGE_INPUTS)
