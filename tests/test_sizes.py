@@ -79,7 +79,12 @@ def test_a_runner_refuses_latents_of_a_size_not_built(sized):
 
 @pytest.mark.slow
 def test_step_batching_runs_one_call_per_size_and_each_image_equals_its_run_alone(sized):
-    requests = [dict(height=64, width=128), dict(height=128, width=64), dict(height=64, width=128, seed=9)]
+    # DeepCache too: the shallow U-Net at each size on the deep feature of that size
+    requests = [
+        dict(height=64, width=128, cache_interval=2),
+        dict(height=128, width=64, cache_schedule="adaptive"),
+        dict(height=64, width=128, seed=9),
+    ]
     alone = [np.asarray(sized(PROMPT, steps=5, scheduler="ddim", **{"seed": 1, **r}).images[0]) for r in requests]
     works = []
     for fields in requests:
@@ -170,3 +175,28 @@ def test_sdxl_at_each_size_equals_diffusers(sdxl_tiny, tmp_path):
     for height, width in ((64, 128), (64, 64)):
         ours = sd(PROMPT, steps=6, seed=5, scheduler="ddim", height=height, width=width).images[0]
         assert close_to_diffusers(ours, diffusers_image(pipe, "ddim", 5, steps=6, height=height, width=width))
+
+
+@pytest.mark.slow
+def test_openvino_engines_serve_every_size_as_onnx_runtime_does(sized, sizes_engines, tmp_path):
+    from voltacache.compile.build import build_engines
+
+    build_engines(sizes_engines.parent / "onnx", tmp_path / "openvino", backend="openvino")
+    openvino = StableDiffusion.from_engines(tmp_path / "openvino")
+    for height, width in SIZES[1:]:
+        request = dict(steps=4, seed=1, scheduler="ddim", height=height, width=width)
+        ours = openvino(PROMPT, **request).images[0]
+        assert ours.size == (width, height) and levels(ours, sized(PROMPT, **request).images[0])[0] <= 2
+
+
+@pytest.mark.slow
+def test_a_lora_at_another_size_equals_diffusers_fused(sizes_engines, tiny_pipe, lora_files):
+    from helpers import fused_pipeline
+
+    from voltacache.pipeline.lora import LoraFile
+
+    sd = StableDiffusion.from_engines(sizes_engines, loras={"style": LoraFile.open("style", lora_files["style"])})
+    request = dict(steps=6, seed=3, scheduler="ddim", height=128, width=64, cache_mode="off")
+    ours = sd(PROMPT, loras=(("style", 0.8),), **request).images[0]
+    fused = fused_pipeline(tiny_pipe, [(lora_files["style"], 0.8)])
+    assert close_to_diffusers(ours, diffusers_image(fused, "ddim", 3, steps=6, height=128, width=64))
