@@ -5,7 +5,10 @@ a tensor name or shape is written here and nowhere else. `batch` is the number o
 tensor's leading dimension is its rows: ROWS_PER_IMAGE of them per image (the text encoder and
 the U-Nets see the classifier-free guidance pair, negative and positive prompt, so 2; the VAE 1).
 The ONNX graphs keep that dimension dynamic (named ROWS), so one engine serves several numbers
-of images; `ComponentSpec.for_images(n)` gives the static shapes of one call with n images.
+of images; `ComponentSpec.for_images(n)` gives the static shapes of one call with n images. Two more axes
+may be dynamic, each a runtime choice of one prebuilt engine: the U-Nets' prompt context (PROMPT_AXIS, up
+to export --max-prompt-chunks), and the height and width of image-shaped tensors (SPATIAL, the sizes of
+export --sizes, recorded in a spec's latent_sizes).
 """
 
 from __future__ import annotations
@@ -115,11 +118,8 @@ class ComponentSpec:
     @property
     def latent_size(self) -> tuple[int, int] | None:
         """The (height, width) of the spec's latents (None: a component without image-shaped tensors)."""
-        for t in (*self.inputs, *self.outputs):
-            if t.name in SPATIAL:
-                scale = self.image_scale if t.name == IMAGE else 1
-                return t.shape[2] // scale, t.shape[3] // scale
-        return None
+        tensors = (*self.inputs, *self.outputs)
+        return next((self._latent(t.name, t.shape) for t in tensors if t.name in SPATIAL), None)
 
     @property
     def served_latents(self) -> tuple[tuple[int, int], ...]:
@@ -134,12 +134,13 @@ class ComponentSpec:
 
     def latent_of(self, feeds: dict) -> tuple[int, int] | None:
         """The latent (height, width) of the first image-shaped input in `feeds` (None: none there)."""
-        for t in self.inputs:
-            value = feeds.get(t.name)
-            if t.name in SPATIAL and value is not None and value.ndim == len(t.shape):
-                scale = self.image_scale if t.name == IMAGE else 1
-                return value.shape[2] // scale, value.shape[3] // scale
-        return None
+        given = [t for t in self.inputs if t.name in SPATIAL and np.ndim(feeds.get(t.name)) == len(t.shape)]
+        return self._latent(given[0].name, feeds[given[0].name].shape) if given else None
+
+    def _latent(self, name: str, shape: tuple[int, ...]) -> tuple[int, int]:
+        """The latent (height, width) an image-shaped tensor of this shape stands for."""
+        scale = self.image_scale if name == IMAGE else 1
+        return shape[2] // scale, shape[3] // scale
 
     def chunks(self, feeds: dict) -> int:
         """How many prompt chunks the context in `feeds` holds (1 for a component without one)."""
