@@ -296,7 +296,7 @@ def name_axes(program, path: Path, prompt_chunks: int = 1, spatial: bool = False
     if spatial:
         named |= {(name, axis): side for name, sides in SPATIAL.items() for axis, side in zip(SPATIAL_AXES, sides)}
     inputs = [(v, axis, name) for v in program.model.graph.inputs for (n, axis), name in named.items() if n == v.name]
-    program.rename_axes({v.shape[axis].value: name for v, axis, name in inputs if v.shape[axis].value})
+    program.rename_axes({v.shape[axis].value: name for v, axis, name in inputs if not isinstance(v.shape[axis], int)})
     fixed += [f"{v.name}[{axis}]" for v, axis, name in inputs if v.shape[axis] != name]
     if fixed:
         raise ExportError(
@@ -391,7 +391,7 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
                 steps[name],
                 lora_targets=lora_targets.get(name),
                 prompt_chunks=options.max_prompt_chunks,
-                spatial=spatial and specs[name].latent_size is not None,
+                spatial=spatial,
             )
         at_sizes = {
             name: [(check[name], run_torch(modules[name], specs[name], check[name])) for check in checks.values()]

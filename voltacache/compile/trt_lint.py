@@ -90,9 +90,8 @@ def lint(path: Path, tensorrt: str = TARGET_TENSORRT) -> LintReport:
         report.problems.append(f"ops TensorRT {tensorrt} does not support: {ops}")
     if report.dynamic_dims:
         dims = ", ".join(report.dynamic_dims)
-        report.problems.append(
-            f"dynamic dimensions besides {ROWS} and {PROMPT_TOKENS} (profiles span only those): {dims}"
-        )
+        spanned = f"{ROWS}, {PROMPT_TOKENS} and image sides"
+        report.problems.append(f"dynamic dimensions besides {spanned} (the profiles span only those): {dims}")
     if path.stat().st_size >= PROTOBUF_LIMIT:
         report.problems.append(f"{path.stat().st_size / 1e9:.2f} GB in one protobuf: save the weights as external data")
     return report
