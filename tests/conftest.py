@@ -110,6 +110,29 @@ def sizes_engines(tiny_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def controlnet_dirs(tmp_path_factory):
+    """Two tiny ControlNets of the tiny model's topology (random weights: residuals that change the image)."""
+    from voltacache.compile.controlnets import write_controlnet
+
+    root = tmp_path_factory.mktemp("controlnets")
+    return {name: write_controlnet(root / name, "controlnet-tiny", seed) for name, seed in (("canny", 0), ("depth", 1))}
+
+
+@pytest.fixture(scope="session")
+def controlled(tiny_dir, controlnet_dirs, tmp_path_factory):
+    """The tiny model exported with both ControlNets (fp32), built for ONNX Runtime."""
+    from voltacache.compile.build import build_engines
+    from voltacache.compile.export import export_model
+    from voltacache.compile.options import ExportOptions
+
+    root = tmp_path_factory.mktemp("controlled")
+    options = ExportOptions(precision="fp32", controlnets=tuple(controlnet_dirs.items()))
+    export_model(tiny_dir, root / "onnx", options)
+    build_engines(root / "onnx", root / "engines", backend="onnxruntime")
+    return root / "engines"
+
+
+@pytest.fixture(scope="session")
 def sdxl_tiny(tmp_path_factory):
     """SDXL's topology at tiny widths: two text encoders, size conditioning, a 3-level U-Net."""
     return tiny_family(tmp_path_factory, "sdxl-tiny")

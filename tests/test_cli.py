@@ -37,7 +37,8 @@ def test_init_tiny_writes_loadable_pipeline(tmp_path):
 def test_bad_option_is_one_line_error_exit_2(tmp_path):
     result = runner.invoke(app, ["init-tiny", str(tmp_path / "m"), "--preset", "sd3"])
     assert result.exit_code == 2
-    presets = "tiny, sd15, shapes, inpaint-tiny, sd2-tiny, sd2, sdxl-tiny, sdxl"
+    presets = "tiny, sd15, shapes, inpaint-tiny, sd2-tiny, sd2, sdxl-tiny, sdxl, controlnet-tiny, "
+    presets += "controlnet-sdxl-tiny, controlnet-sd15, shapes-controlnet"
     assert result.stderr.splitlines() == [f"error: --preset 'sd3': choose one of {presets}"]
     assert not (tmp_path / "m").exists()
 

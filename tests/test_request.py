@@ -86,7 +86,9 @@ def test_triton_round_trip(img2img):
     # left out: txt2img's image tensors and unset ones (None or no LoRAs); here no inpainting mask
     everything = {t.tensor.name for t in p.REQUEST_TENSORS}
     unset = {p.ORIGINAL_SIZE, p.CROP_TOP_LEFT, p.TARGET_SIZE, p.REFRESH_THRESHOLD, p.LORAS, p.HEIGHT, p.WIDTH}
-    assert set(tensors) == everything - ({p.MASK_IMAGE} if img2img else p.IMAGE_INPUTS | unset)
+    # ControlNet's tensors travel only with ControlNets (tests/test_controlnet.py)
+    control = {p.CONTROLNETS, p.CONTROL_IMAGE, p.CONTROL_START, p.CONTROL_END, p.CONTROL_RESIDUALS}
+    assert set(tensors) == everything - control - ({p.MASK_IMAGE} if img2img else p.IMAGE_INPUTS | unset)
     assert tensors[p.PROMPT].dtype == object and tensors[p.STEPS].dtype == np.int32
     back = Request.from_triton(tensors.get)
     sent = request if img2img else request.replace(strength=Request.strength)  # txt2img sends no strength
@@ -158,9 +160,23 @@ def test_what_scopes_a_cache_entry_is_declared_and_a_new_field_is_scoped_by_defa
         "cache_mode",
         "refresh_threshold",  # only with the adaptive schedule
         "strength",  # only with an init image
+        "control_start",  # only with ControlNets
+        "control_end",
+        "control_residuals",
     }
     assert "strength" in Request("a cat", init_image=np.zeros((8, 8, 3), np.uint8)).scoped_fields()
     eta = dataclasses.field(default=0.0, kw_only=True)
     Extended = dataclasses.make_dataclass("Extended", [("eta", float, eta)], bases=(Request,), frozen=True)
     assert Extended("a cat", eta=0.5).scoped_fields()["eta"] == ("value", 0.5)
     assert Extended("a cat", eta=0.5).description()["eta"] == 0.5
+
+
+@pytest.mark.parametrize("field, value", [("strength", 0.7), ("guidance", 7.3), ("control_end", 0.7)])
+def test_float32_fields_come_back_as_written(field, value):
+    """A float32 on the wire is read as the decimal the client wrote: strength 0.7 as 0.699999988 ran one img2img
+    step of 10 fewer served than in process (int(10 x 0.699999988) = 6)."""
+    fields = {"init_image": np.zeros((8, 8, 3), np.uint8)} if field == "strength" else {}
+    if field == "control_end":
+        fields |= {"controlnets": {"canny": 1.0}, "control_images": np.zeros((8, 8, 3), np.uint8)}
+    request = Request.of("a cat", **fields, **{field: value})
+    assert getattr(Request.from_triton(request.to_triton().get), field) == value

@@ -75,3 +75,25 @@ def test_bench_sizes_runs_on_the_tiny_model(engines_dir, sizes_engines, tmp_path
     command = [sys.executable, str(ROOT / "scripts" / "bench_sizes.py"), "--multi", str(engines_dir)]
     result = subprocess.run(command + ["--single", str(engines_dir), "--out", str(out)], capture_output=True, text=True)
     assert result.returncode == 2 and "engines of one size" in result.stderr
+
+
+@pytest.mark.slow
+def test_bench_controlnet_runs_on_the_tiny_model(tiny_dir, controlnet_dirs, controlled, engines_dir, tmp_path):
+    out = tmp_path / "controlnet.json"
+    command = [sys.executable, str(ROOT / "scripts" / "bench_controlnet.py"), "--model", str(tiny_dir)]
+    command += [
+        "--controlnet",
+        str(controlnet_dirs["canny"]),
+        "--engines",
+        str(controlled),
+        "--plain",
+        str(engines_dir),
+    ]
+    command += ["--steps", "4", "--interval", "2", "--repeats", "1", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["machine"]["cpu"] and data["seconds_per_image"]["voltacache N=2 reused"]["median_s"] > 0
+    assert data["controlnet_share"]["N=2 reused"]["controlnet_calls"] == 2
+    assert data["controlnet_share"]["N=2 fresh"]["controlnet_calls"] == 4
+    assert data["uncontrolled"]["max_level_difference"] <= 1

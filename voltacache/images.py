@@ -83,3 +83,16 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 def to_unit_range(image: np.ndarray) -> np.ndarray:
     """uint8 (height, width, 3) -> the [-1, 1] NCHW batch of one the VAE encoder takes."""
     return (image.astype(np.float32) / 255.0 * 2 - 1).transpose(2, 0, 1)[None]
+
+
+def canny(image: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
+    """A photo's Canny edges as the control image a Canny ControlNet was trained on: white edges on black, RGB
+    (OpenCV, the thresholds of diffusers' ControlNet examples)."""
+    import cv2
+
+    edges = cv2.Canny(np.ascontiguousarray(image), low, high)
+    return np.repeat(edges[..., None], 3, axis=2)
+
+
+# control image preprocessors (generate --control-preprocess): a photo in, the control image out
+PREPROCESSORS = {"none": lambda image: image, "canny": canny}

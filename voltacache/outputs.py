@@ -103,8 +103,11 @@ PIPELINE = OutputKind(
     ("preset",),
     ("model_index.json", "*/*.json", "*/*.safetensors", "*/*.txt"),
 )
+CONTROLNET = OutputKind(
+    "ControlNet folder", "voltacache_controlnet.json", ("preset",), ("config.json", "*.safetensors")
+)
 SEARCH_RESULTS = OutputKind("search results folder", "search.json", ("query", "results"), ("*.png",))
-OUTPUT_KINDS = (EXPORT, ENGINES, REPOSITORY, PIPELINE, SEARCH_RESULTS)
+OUTPUT_KINDS = (EXPORT, ENGINES, REPOSITORY, PIPELINE, CONTROLNET, SEARCH_RESULTS)
 
 
 def kind_of(folder: Path, kinds: tuple[OutputKind, ...] = OUTPUT_KINDS) -> OutputKind | None:

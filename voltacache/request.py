@@ -45,7 +45,11 @@ MAX_REFRESH_THRESHOLD = 100.0  # the summed relative change of the output; 0 ref
 # LoRAs a request names: registered in the deployment (deploy --lora), or files in process (generate --lora)
 LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_LORAS = 8  # per request
-MAX_LORA_SCALE = 10.0  # |scale|; useful values are 0-1.5
+MAX_LORA_SCALE = 10.0  # |scale|; useful values are 0-1.5 (a ControlNet's too)
+# ControlNet on DeepCache's shallow steps: the last full step's residuals, or the ControlNets run again; the
+# default is what placement adherence on the shapes ControlNet supports (docs/benchmarks.md)
+RESIDUAL_MODES = ("reuse", "fresh")
+DEFAULT_CONTROL_RESIDUALS = "reuse"
 
 
 class LoraRequest(NamedTuple):
@@ -68,6 +72,11 @@ class LoraRequest(NamedTuple):
 
     def __str__(self) -> str:
         return f"{self.name}:{float(self.scale)!r}"  # repr: the float comes back exactly
+
+
+class ControlNetRequest(LoraRequest):
+    """One ControlNet of a request: a name the engines have (export --controlnet NAME=...) and its conditioning
+    scale (diffusers' controlnet_conditioning_scale); "canny:0.8" on the wire and the command line."""
 
 
 def scoped(kind: str = "value", when: str | None = None, **kwargs):
@@ -117,6 +126,15 @@ class Request:
     target_size: tuple[int, int] | None = scoped("size_conditioning", default=None)
     # LoRAs, applied in this order: each by its file's content and scale
     loras: tuple[LoraRequest, ...] = scoped("loras", default=())
+    # ControlNets, their residuals summed (diffusers' MultiControlNetModel), each with its control image (one image
+    # serves them all), uint8 (height, width, 3) of any size, resized to the image's; active over the steps from
+    # control_start to control_end (diffusers' control_guidance_start/end); on DeepCache's shallow steps the
+    # residuals of the last full step are reused, or with control_residuals "fresh" the ControlNets run again
+    controlnets: tuple[ControlNetRequest, ...] = scoped("controlnets", default=())
+    control_images: tuple[np.ndarray, ...] = scoped("control_images", default=(), compare=False, repr=False)
+    control_start: float = scoped(default=0.0, when="controlled")
+    control_end: float = scoped(default=1.0, when="controlled")
+    control_residuals: str = scoped(default=DEFAULT_CONTROL_RESIDUALS, when="controlled")
     # the cross-request cache for this request
     cache_mode: str = unscoped(default="on")
 
@@ -124,9 +142,13 @@ class Request:
         if self.strength is None:  # decided once, where the request is made: in process and served alike
             default = INPAINT_STRENGTH if self.mask_image is not None else IMG2IMG_STRENGTH
             object.__setattr__(self, "strength", default)
-        if isinstance(self.loras, (tuple, list)):  # ("name", scale) pairs as LoraRequests; check() judges the rest
-            pairs = (LoraRequest(*p) if isinstance(p, (tuple, list)) and len(p) == 2 else p for p in self.loras)
-            object.__setattr__(self, "loras", tuple(pairs))
+        for name, kind in (("loras", LoraRequest), ("controlnets", ControlNetRequest)):
+            value = getattr(self, name)
+            if isinstance(value, (tuple, list)):  # ("name", scale) pairs as the field's type; check() judges the rest
+                pairs = (kind(*p) if isinstance(p, (tuple, list)) and len(p) == 2 else p for p in value)
+                object.__setattr__(self, name, tuple(pairs))
+        if isinstance(self.control_images, np.ndarray):  # one image for every ControlNet
+            object.__setattr__(self, "control_images", (self.control_images,))
 
     @property
     def threshold(self) -> float:
@@ -140,6 +162,14 @@ class Request:
     @property
     def inpaint(self) -> bool:
         return self.mask_image is not None
+
+    @property
+    def controlled(self) -> bool:
+        return bool(self.controlnets)
+
+    def control_image(self, i: int) -> np.ndarray:
+        """The control image of the request's i-th ControlNet."""
+        return self.control_images[i if len(self.control_images) > 1 else 0]
 
     @property
     def adaptive(self) -> bool:
@@ -157,8 +187,16 @@ class Request:
             from .images import read_image
 
             fields["init_image"] = read_image(fields["init_image"])
-        if isinstance(fields.get("loras"), dict):
-            fields["loras"] = tuple(fields["loras"].items())
+        for name in ("loras", "controlnets"):
+            if isinstance(fields.get(name), dict):
+                fields[name] = tuple(fields[name].items())
+        images = fields.get("control_images")
+        if images is not None and not isinstance(images, (tuple, list)):
+            images = (images,)
+        if images:
+            from .images import read_image
+
+            fields["control_images"] = tuple(read_image(image, "control_image") for image in images)
         if fields.get("mask_image") is not None:
             from .images import read_mask
 
@@ -181,8 +219,10 @@ class Request:
         else changed the image (images and sizes are told by what they are, not their pixels)."""
         about = {"prompt": self.prompt}
         for name, (kind, value) in self.scoped_fields().items():
-            if kind == "loras":
-                about |= {"loras": [list(pair) for pair in value]} if value else {}
+            if kind in ("loras", "controlnets"):
+                about |= {name: [list(pair) for pair in value]} if value else {}
+            elif kind == "control_images":
+                about |= {"control_images": len(value)} if value else {}
             elif kind == "image":
                 about |= {"img2img": True} if value is not None else {}
             elif kind == "mask":
@@ -262,11 +302,35 @@ class Request:
                 )
             check_image("init_image", self.init_image)
         check_loras(self.loras)
+        check_loras(self.controlnets, "controlnets")
+        self.check_control()
         if self.inpaint:
             if not self.img2img:
                 raise InvalidRequest("mask_image: inpainting repaints an init_image; give one (--init-image)")
             check_mask("mask_image", self.mask_image)
         return self
+
+    def check_control(self) -> None:
+        """The ControlNet fields: a control image for the ControlNets (one, or one each), a range within the steps."""
+        if not self.controlled:
+            if self.control_images:
+                raise InvalidRequest("control_image: name the ControlNet it steers (controlnets, --controlnet NAME)")
+            return
+        if len(self.control_images) not in (1, len(self.controlnets)):
+            raise InvalidRequest(
+                f"control_image: {len(self.control_images)} given for {len(self.controlnets)} ControlNets; give one "
+                "for all, or one each in the order of the ControlNets"
+            )
+        for image in self.control_images:
+            check_image("control_image", image)
+        check_number("control_start", self.control_start, 0.0, 1.0)
+        check_number("control_end", self.control_end, 0.0, 1.0)
+        if self.control_start >= self.control_end:
+            raise InvalidRequest(
+                f"control_start {self.control_start} / control_end {self.control_end}: the ControlNets act from "
+                "start to end, fractions of the steps with start < end (default 0 to 1)"
+            )
+        check_choice("control_residuals", self.control_residuals, RESIDUAL_MODES)
 
     def to_triton(self) -> dict[str, np.ndarray]:
         """The request as the ensembles' input tensors: what is set (None and () are left out, the server
@@ -276,6 +340,7 @@ class Request:
             for t in REQUEST_TENSORS
             if (self.img2img or not t.img2img_only)
             and (self.inpaint or not t.inpaint_only)
+            and (t.when is None or getattr(self, t.when))
             and (t.field == "seed" or not unset(getattr(self, t.field)))  # None is a seed: drawn by the server
         }
 
@@ -306,6 +371,11 @@ ORIGINAL_SIZE = "ORIGINAL_SIZE"  # SDXL's size conditioning, int32 (2,) each; ab
 CROP_TOP_LEFT = "CROP_TOP_LEFT"
 TARGET_SIZE = "TARGET_SIZE"
 LORAS = "LORAS"  # "name:scale" per LoRA registered in the deployment (deploy --lora), applied in order
+CONTROLNETS = "CONTROLNETS"  # "name:scale" per ControlNet the engines have (export --controlnet)
+CONTROL_IMAGE = "CONTROL_IMAGE"  # uint8 (images, height, width, 3): one for every ControlNet, or one each
+CONTROL_START = "CONTROL_START"
+CONTROL_END = "CONTROL_END"
+CONTROL_RESIDUALS = "CONTROL_RESIDUALS"  # reuse | fresh: DeepCache's shallow steps
 RANDOM_SEED = -1
 
 
@@ -322,12 +392,17 @@ class RequestTensor:
     img2img_only: bool = False  # carried by the img2img and inpaint ensembles only (required there)
     inpaint_only: bool = False
     optional: bool = True  # absent: the field's default
+    when: str | None = None  # a Request property: sent only where it holds (ControlNet's fields with ControlNets)
 
     def encode(self, value) -> np.ndarray:
         if self.field == "seed" and value is None:
             value = RANDOM_SEED
-        if self.field == "loras":
+        if self.field in ("loras", "controlnets"):
             return np.array([str(LoraRequest(*pair)).encode() for pair in value], dtype=object)
+        if self.field == "control_images":  # stacked: the client sends them at one size
+            if len({image.shape for image in value}) > 1:
+                raise InvalidRequest("control_image: give the control images at one size (they are resized anyway)")
+            return np.ascontiguousarray(np.stack(value), dtype=self.tensor.dtype)
         if self.tensor.dtype == "object":
             return np.array([value.encode("utf-8")], dtype=object)
         if self.tensor.shape == (1,):
@@ -337,8 +412,11 @@ class RequestTensor:
         return np.ascontiguousarray(value, dtype=self.tensor.dtype)
 
     def decode(self, array: np.ndarray):
-        if self.field == "loras":  # "name:scale" each; Request.check judges them
-            return tuple(LoraRequest.parse(self.text(v)) for v in np.asarray(array).reshape(-1))
+        if self.field in ("loras", "controlnets"):  # "name:scale" each; Request.check judges them
+            kind = LoraRequest if self.field == "loras" else ControlNetRequest
+            return tuple(kind.parse(self.text(v)) for v in np.asarray(array).reshape(-1))
+        if self.field == "control_images":  # one per ControlNet; Request.check judges each
+            return tuple(np.asarray(array)) if np.ndim(array) == 4 else (array,)
         if self.tensor.shape == (2,):  # a pair: Request.check judges its length and values
             return tuple(int(v) for v in np.asarray(array).reshape(-1))
         if self.tensor.shape != (1,):
@@ -346,6 +424,8 @@ class RequestTensor:
         value = array.reshape(-1)[0]
         if self.tensor.dtype == "object":
             return self.text(value)
+        if self.tensor.dtype == "float32":  # the shortest decimal of the float32: the number the client wrote (0.7,
+            return float(str(np.float32(value)))  # not 0.699999988, which would run one img2img step fewer)
         value = value.item()
         return None if self.field == "seed" and value == RANDOM_SEED else value
 
@@ -396,6 +476,11 @@ REQUEST_TENSORS = (
     RequestTensor("target_size", TensorSpec(TARGET_SIZE, "int32", (2,))),
     RequestTensor("refresh_threshold", scalar(REFRESH_THRESHOLD, "float32")),
     RequestTensor("loras", TensorSpec(LORAS, "object", (-1,))),
+    RequestTensor("controlnets", TensorSpec(CONTROLNETS, "object", (-1,))),
+    RequestTensor("control_images", TensorSpec(CONTROL_IMAGE, "uint8", (-1, -1, -1, 3))),
+    RequestTensor("control_start", scalar(CONTROL_START, "float32"), when="controlled"),
+    RequestTensor("control_end", scalar(CONTROL_END, "float32"), when="controlled"),
+    RequestTensor("control_residuals", scalar(CONTROL_RESIDUALS, "object"), when="controlled"),
 )
 LORA_TENSOR = next(t for t in REQUEST_TENSORS if t.field == "loras")
 IMAGE_INPUTS = {t.tensor.name for t in REQUEST_TENSORS if t.img2img_only}  # required by img2img and inpaint
@@ -403,19 +488,20 @@ MASK_INPUTS = {t.tensor.name for t in REQUEST_TENSORS if t.inpaint_only}  # requ
 OPTIONAL_INPUTS = {t.tensor.name for t in REQUEST_TENSORS if t.optional}  # only PROMPT is required
 
 
-def check_loras(loras) -> None:
-    """A request's LoRAs: at most MAX_LORAS LoraRequests, each name registered-name-shaped, once."""
+def check_loras(loras, field: str = "loras") -> None:
+    """A request's LoRAs (or ControlNets): at most MAX_LORAS (name, scale) pairs, each name name-shaped, once."""
+    one = field[:-1].replace("controlnet", "ControlNet").replace("lora", "LoRA")
     if not isinstance(loras, tuple) or len(loras) > MAX_LORAS:
-        raise InvalidRequest(f"loras: at most {MAX_LORAS} (name, scale) pairs, got {loras!r}")
+        raise InvalidRequest(f"{field}: at most {MAX_LORAS} (name, scale) pairs, got {loras!r}")
     for pair in loras:
         if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)):
-            raise InvalidRequest(f"loras: each must be (name, scale), got {pair!r}")
+            raise InvalidRequest(f"{field}: each must be (name, scale), got {pair!r}")
         if not LORA_NAME.fullmatch(pair[0]):
-            raise InvalidRequest(f"lora {pair[0]!r}: a name is letters, digits, '_', '.' or '-' (at most 64)")
-        check_number(f"lora {pair[0]} scale", pair[1], -MAX_LORA_SCALE, MAX_LORA_SCALE)
+            raise InvalidRequest(f"{field[:-1]} {pair[0]!r}: a name is letters, digits, '_', '.' or '-' (at most 64)")
+        check_number(f"{field[:-1]} {pair[0]} scale", pair[1], -MAX_LORA_SCALE, MAX_LORA_SCALE)
     names = [name for name, _ in loras]
     if len(set(names)) != len(names):
-        raise InvalidRequest(f"loras: {names} names one LoRA twice; give each once, with its scale")
+        raise InvalidRequest(f"{field}: {names} names one {one} twice; give each once, with its scale")
 
 
 def denoising_steps(steps: int, strength: float | None) -> int:

@@ -19,6 +19,7 @@ IMAGES = "IMAGES"  # uint8 (batch, height, width, 3)
 SEED_USED = "SEED_USED"
 UNET_DEEP_CALLS = "UNET_DEEP_CALLS"
 UNET_SHALLOW_CALLS = "UNET_SHALLOW_CALLS"
+CONTROLNET_CALLS = "CONTROLNET_CALLS"
 STEPS_COMPUTED = "STEPS_COMPUTED"
 CACHE_LAYER = "CACHE_LAYER"  # exact | semantic | approximate | miss | off
 SIMILARITY = "SIMILARITY"
@@ -36,6 +37,7 @@ STATS = (
     ResultTensor("seed", TensorSpec(SEED_USED, "int64", (1,))),
     ResultTensor("unet_deep_calls", TensorSpec(UNET_DEEP_CALLS, "int32", (1,))),
     ResultTensor("unet_shallow_calls", TensorSpec(UNET_SHALLOW_CALLS, "int32", (1,))),
+    ResultTensor("controlnet_calls", TensorSpec(CONTROLNET_CALLS, "int32", (1,))),
     ResultTensor("steps_computed", TensorSpec(STEPS_COMPUTED, "int32", (1,))),
     ResultTensor("cache", TensorSpec(CACHE_LAYER, "object", (1,))),
     ResultTensor("similarity", TensorSpec(SIMILARITY, "float32", (1,))),
@@ -55,6 +57,7 @@ class Result:
     seed: int
     unet_deep_calls: int = 0
     unet_shallow_calls: int = 0
+    controlnet_calls: int = 0  # one per ControlNet per step it ran on
     steps_computed: int = 0
     seconds: float = 0.0  # from the request's arrival (served: as the client waited) to its answer
     cache: str = "off"  # CACHE_LAYERS
@@ -63,7 +66,13 @@ class Result:
     def exact_hit(self) -> Result:
         """This result as an exact repeat is told: Triton's response cache answered, nothing computed."""
         return dataclasses.replace(
-            self, unet_deep_calls=0, unet_shallow_calls=0, steps_computed=0, cache="exact", similarity=1.0
+            self,
+            unet_deep_calls=0,
+            unet_shallow_calls=0,
+            controlnet_calls=0,
+            steps_computed=0,
+            cache="exact",
+            similarity=1.0,
         )
 
     def record(self) -> dict:
@@ -72,6 +81,7 @@ class Result:
             "seed": self.seed,
             "unet_deep_calls": self.unet_deep_calls,
             "unet_shallow_calls": self.unet_shallow_calls,
+            "controlnet_calls": self.controlnet_calls,
             "steps_computed": self.steps_computed,
             "seconds": round(self.seconds, 4),
             "cache": self.cache,

@@ -34,6 +34,22 @@ LATENT = "latent"
 IMAGE = "image"
 LATENT_MEAN = "latent_mean"
 LATENT_STD = "latent_std"
+# ControlNet: the control image ([0, 1] RGB at the image's size, a row per U-Net row) and the conditioning scale
+# (one per row) in; the residuals added to the U-Net's down-block skips and to its mid block's output out,
+# which the U-Nets of an export with ControlNets take as inputs (the shallow U-Net only its own layers')
+CONTROL_IMAGE = "control_image"
+CONTROL_SCALE = "control_scale"
+MID_RESIDUAL = "mid_residual"
+
+
+def is_residual(name: str) -> bool:
+    return name == MID_RESIDUAL or name.startswith("down_residual_")
+
+
+def residual_names(count: int) -> tuple[str, ...]:
+    """The names of `count` ControlNet residuals: the down blocks' skips in order, then the mid block's."""
+    return (*(f"down_residual_{i}" for i in range(count - 1)), MID_RESIDUAL) if count else ()
+
 
 # Component names.
 TEXT_ENCODER = "text_encoder"
@@ -42,6 +58,16 @@ UNET_SHALLOW = "unet_shallow"
 VAE_DECODER = "vae_decoder"
 VAE_ENCODER = "vae_encoder"
 COMPONENTS = (TEXT_ENCODER, UNET_DEEP, UNET_SHALLOW, VAE_DECODER, VAE_ENCODER)
+CONTROLNET_PREFIX = "controlnet_"  # each ControlNet of an export is a component of its own: controlnet_NAME
+
+
+def controlnet_component(name: str) -> str:
+    return CONTROLNET_PREFIX + name
+
+
+def is_controlnet(component: str) -> bool:
+    return component.startswith(CONTROLNET_PREFIX)
+
 
 # Rows of every input and output per image: the guidance pair for CLIP and the U-Nets (a timestep
 # per row too), one row for the VAE.
@@ -58,6 +84,7 @@ LATENT_SIDES, IMAGE_SIDES = ("latent_height", "latent_width"), ("image_height", 
 SPATIAL = {
     **{name: LATENT_SIDES for name in (SAMPLE, NOISE_PRED, DEEP_FEATURE, LATENT, LATENT_MEAN, LATENT_STD)},
     IMAGE: IMAGE_SIDES,
+    CONTROL_IMAGE: IMAGE_SIDES,
 }
 
 
@@ -90,7 +117,7 @@ class ComponentSpec:
 
     @property
     def rows_per_image(self) -> int:
-        return ROWS_PER_IMAGE[self.name]
+        return 2 if is_controlnet(self.name) else ROWS_PER_IMAGE[self.name]  # a ControlNet runs the guidance pair
 
     @property
     def images(self) -> int:
@@ -193,9 +220,12 @@ class Geometry:
     sample_channels: int | None = None  # None: latent_channels (manifests written before inpainting)
     # each text encoder's part of text_hidden (SDXL's two); None: manifests written before prompt weighting
     text_widths: tuple[int, ...] | None = None
+    # ControlNet residuals the U-Nets take (export --controlnet): (channels, latent pixels per residual pixel) of
+    # each down-block skip, then of the mid block's output; () for U-Nets without residual inputs
+    control_residuals: tuple[tuple[int, int], ...] = ()
 
     @classmethod
-    def from_pipeline(cls, pipe, shallow_layers: int) -> Geometry:
+    def from_pipeline(cls, pipe, shallow_layers: int, controlled: bool = False) -> Geometry:
         unet, vae = pipe.unet.config, pipe.vae.config
         encoders = [e.config for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
         text = encoders[0]
@@ -216,16 +246,29 @@ class Geometry:
             time_ids=SIZE_CONDITIONS if unet.addition_embed_type == "text_time" else 0,
             sample_channels=unet.in_channels,
             text_widths=tuple(e.hidden_size for e in encoders),
+            control_residuals=residual_layout(unet) if controlled else (),
         )
 
     @classmethod
     def from_json(cls, data: dict) -> Geometry:
-        widths = data.get("text_widths")
-        return cls(**{**data, "text_widths": tuple(widths) if widths is not None else None})
+        widths, residuals = data.get("text_widths"), data.get("control_residuals", ())
+        return cls(
+            **{
+                **data,
+                "text_widths": tuple(widths) if widths is not None else None,
+                "control_residuals": tuple(tuple(r) for r in residuals),
+            }
+        )
 
     def to_json(self) -> dict:
         data = asdict(self)
-        return {**data, "text_widths": list(self.text_widths) if self.text_widths is not None else None}
+        widths = list(self.text_widths) if self.text_widths is not None else None
+        return {**data, "text_widths": widths, "control_residuals": [list(r) for r in self.control_residuals]}
+
+    @property
+    def controlled(self) -> bool:
+        """U-Nets that take ControlNet residuals (an export with ControlNets)."""
+        return bool(self.control_residuals)
 
     @property
     def unet_channels(self) -> int:
@@ -242,11 +285,32 @@ class Geometry:
         return self.vae_scale * self.unet_scale
 
 
+def residual_layout(unet_config) -> tuple[tuple[int, int], ...]:
+    """(channels, latent pixels per residual pixel) of a U-Net's down-block skips, conv_in's first, then of its
+    mid block: what a ControlNet adds to (diffusers' down_block_additional_residuals, mid_block_additional_residual)."""
+    channels = unet_config.block_out_channels
+    layers = unet_config.layers_per_block
+    layers = layers if isinstance(layers, (list, tuple)) else [layers] * len(channels)
+    found, scale = [(channels[0], 1)], 1
+    for i, (width, n) in enumerate(zip(channels, layers)):
+        found += [(width, scale)] * n
+        if i < len(channels) - 1:  # the downsampler's output is a skip too
+            scale *= 2
+            found.append((width, scale))
+    return (*found, (channels[-1], scale))
+
+
 def component_specs(
-    g: Geometry, batch: int, height: int, width: int, sizes: tuple[tuple[int, int], ...] = ()
+    g: Geometry,
+    batch: int,
+    height: int,
+    width: int,
+    sizes: tuple[tuple[int, int], ...] = (),
+    controlnets: tuple[str, ...] = (),
 ) -> dict[str, ComponentSpec]:
     """The static specs of every component for `batch` images of height x width pixels; with `sizes`, the
-    (height, width) pixel sizes an export serves (height x width among them), recorded as latent_sizes."""
+    (height, width) pixel sizes an export serves (height x width among them), recorded as latent_sizes;
+    `controlnets`: the names of the export's ControlNets, a component each (controlnet_NAME)."""
     m = g.size_multiple
     for h, w in ((height, width), *sizes):
         if h % m or w % m or h <= 0 or w <= 0 or batch < 1:
@@ -266,19 +330,34 @@ def component_specs(
     conditions = (pooled, TensorSpec(TIME_IDS, "float32", (pair, g.time_ids))) if g.time_ids else ()
     image = TensorSpec(IMAGE, "float32", (one, 3, height, width))
     latent = TensorSpec(LATENT, "float32", (one, *latents))
+    residuals = tuple(
+        TensorSpec(name, "float32", (pair, channels, lh // scale, lw // scale))
+        for name, (channels, scale) in zip(residual_names(len(g.control_residuals)), g.control_residuals)
+    )
+    # the shallow U-Net's skips are conv_in's and its first shallow_layers - 1 layers' (compile.unet_split)
+    shallow_residuals = residuals[: g.shallow_layers]
+    control = (
+        TensorSpec(SAMPLE, "float32", (pair, g.latent_channels, lh, lw)),  # the latents alone, inpainting or not
+        timestep,
+        context,
+        *conditions,
+        TensorSpec(CONTROL_IMAGE, "float32", (pair, 3, height, width)),
+        TensorSpec(CONTROL_SCALE, "float32", (pair,)),
+    )
     specs = [
         ComponentSpec(
             TEXT_ENCODER,
             tuple(TensorSpec(name, "int32", (pair, g.text_length)) for name in TEXT_IDS[: g.text_encoders]),
             (TensorSpec(TEXT_EMBEDDINGS, "float32", context.shape), pooled),
         ),
-        ComponentSpec(UNET_DEEP, (sample, timestep, context, *conditions), (noise, deep)),
-        ComponentSpec(UNET_SHALLOW, (sample, timestep, context, deep, *conditions), (noise,)),
+        ComponentSpec(UNET_DEEP, (sample, timestep, context, *conditions, *residuals), (noise, deep)),
+        ComponentSpec(UNET_SHALLOW, (sample, timestep, context, deep, *conditions, *shallow_residuals), (noise,)),
         ComponentSpec(VAE_DECODER, (latent,), (image,)),
         ComponentSpec(
             VAE_ENCODER,
             (image,),
             (TensorSpec(LATENT_MEAN, "float32", latent.shape), TensorSpec(LATENT_STD, "float32", latent.shape)),
         ),
+        *(ComponentSpec(controlnet_component(name), control, residuals) for name in controlnets),
     ]
     return {s.name: replace(s, latent_sizes=served if s.latent_size else ()).for_images(batch) for s in specs}

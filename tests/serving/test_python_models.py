@@ -247,6 +247,7 @@ def denoised(specs, computed_ns: int, received_ns: int, seed: int = 0) -> dict:
         p.SEED_USED: np.array([7], np.int64),
         p.UNET_DEEP_CALLS: np.array([3], np.int32),
         p.UNET_SHALLOW_CALLS: np.array([6], np.int32),
+        p.CONTROLNET_CALLS: np.array([3], np.int32),
         p.STEPS_COMPUTED: np.array([9], np.int32),
         p.CACHE_LAYER: np.array([b"miss"], dtype=object),
         p.SIMILARITY: np.array([0.5], np.float32),
@@ -270,6 +271,7 @@ def test_postprocess_reports_a_response_older_than_its_request_as_exact(models, 
     out = step(models[p.POSTPROCESS], specs[p.POSTPROCESS], tensors)
     assert out[p.CACHE_LAYER][0] == b"exact" and out[p.SEED_USED][0] == 7
     assert (out[p.UNET_DEEP_CALLS][0], out[p.UNET_SHALLOW_CALLS][0], out[p.STEPS_COMPUTED][0]) == (0, 0, 0)
+    assert out[p.CONTROLNET_CALLS][0] == 0
     assert stub.metric_value("voltacache_cache_requests_total", model=p.POSTPROCESS, layer="exact") == exact + 1
 
 

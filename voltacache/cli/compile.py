@@ -28,7 +28,9 @@ def init_tiny(
         help="tiny (SD 1.5's topology, random weights, seconds per image on a CPU), shapes (tiny, trained on "
         "captioned shapes: images that follow the prompt), sd2-tiny (SD 2.x: v-prediction, OpenCLIP-style "
         "encoder), sdxl-tiny (SDXL: two text encoders, size conditioning), inpaint-tiny (SD 1.5 inpainting's "
-        "9-channel U-Net), or the full architectures with random "
+        "9-channel U-Net), controlnet-tiny / controlnet-sdxl-tiny / controlnet-sd15 (a ControlNet for tiny, "
+        "sdxl-tiny or sd15, random weights), shapes-controlnet (trained on shapes: places the shape where a mask "
+        "image puts it), or the full architectures with random "
         "weights: sd15 (~4 GB), sd2 (~5 GB), sdxl (~14 GB).",
     ),
     single_file: Path | None = typer.Option(
@@ -41,10 +43,20 @@ def init_tiny(
     ),
 ):
     """Write a Stable Diffusion pipeline (SD 1.5, SD 2.x or SDXL topology): random weights, or the shapes model."""
+    from ..compile.controlnets import PRESETS as CONTROLNET_PRESETS
+    from ..compile.controlnets import TRAINED as TRAINED_CONTROLNETS
     from ..compile.presets import PRESETS, write_pipeline
 
-    if preset not in PRESETS:
-        raise UsageError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    controlnets = (*CONTROLNET_PRESETS, *TRAINED_CONTROLNETS)
+    if preset not in PRESETS and preset not in controlnets:
+        raise UsageError(f"--preset {preset!r}: choose one of {', '.join((*PRESETS, *controlnets))}")
+    if preset in controlnets:  # a ControlNetModel folder, for export --controlnet NAME=OUT
+        from ..compile.controlnets import write_controlnet
+
+        if single_file:
+            raise UsageError("--single-file: writes pipelines only; a ControlNet preset is written as a folder")
+        print(write_controlnet(out, preset, seed, force=force))
+        return
     if not 0 <= seed <= MAX_SEED:
         raise UsageError(f"--seed {seed}: use a whole number from 0 to {MAX_SEED}")
     if single_file:
@@ -104,6 +116,11 @@ def export(
     config: Path | None = typer.Option(
         None, help="diffusers config folder for a single-file checkpoint (default SD 1.5)."
     ),
+    controlnet: list[str] = typer.Option(
+        [],
+        help="NAME=PATH: export this ControlNet (a diffusers ControlNetModel folder or a .safetensors file) as the "
+        "engine controlnet_NAME, and U-Nets that take its residuals; repeat for several.",
+    ),
     allow_pickle: bool = typer.Option(False, help="Load .ckpt/.bin/.pt checkpoints (pickle can run arbitrary code)."),
     force: bool = typer.Option(
         False,
@@ -116,9 +133,10 @@ def export(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..compile.checkpoint import check_model_path
+    from ..compile.controlnets import check_controlnet_path, parse_controlnet
     from ..compile.options import ExportOptions, parse_batch_sizes, parse_sizes
     from ..outputs import EXPORT, check_folder, refuse_overlap
-    from ..specs import COMPONENTS
+    from ..specs import COMPONENTS, controlnet_component
 
     calibration = None
     if calibration_prompts is not None or calibration_steps is not None:
@@ -138,9 +156,13 @@ def export(
         batch_sizes=parse_batch_sizes(batch_sizes) if batch_sizes is not None else None,
         max_prompt_chunks=max_prompt_chunks,
         sizes=parse_sizes(sizes) if sizes is not None else (),
+        controlnets=tuple(parse_controlnet(text) for text in controlnet),
     )
     options.check()  # before torch and the exporter are imported: a mistake is refused at once
     check_model_path(model, allow_pickle)
+    for name, path in options.controlnets:
+        check_controlnet_path(name, path, allow_pickle)
+        refuse_overlap(out, path, "--out", f"--controlnet {name}")
     refuse_overlap(out, model, "--out", "--model")
     check_folder(out, EXPORT, force=force)
 
@@ -155,7 +177,8 @@ def export(
     # The bars appear when the work starts (a refused --out or a bad checkpoint is one line on stderr),
     # on a terminal only: a log gets the report below.
     bars = Progress(*columns, console=err, disable=not err.is_terminal)
-    tasks = {c: bars.add_task(c, total=len(STAGES), stage="waiting", start=False) for c in COMPONENTS}
+    components = (*COMPONENTS, *(controlnet_component(name) for name, _ in options.controlnets))
+    tasks = {c: bars.add_task(c, total=len(STAGES), stage="waiting", start=False) for c in components}
 
     def progress(component, stage):
         # every component is traced first, then converted, checked and linted (voltacache.compile.export.STAGES)
@@ -224,7 +247,6 @@ def build(
 
     from ..outputs import ENGINES, EXPORT, check_folder, refuse_overlap
     from ..runtime.backends import BACKENDS
-    from ..specs import COMPONENTS
 
     if backend != "auto" and backend not in BACKENDS:
         raise UsageError(f"--backend {backend!r}: use auto, {', '.join(BACKENDS)}")
@@ -249,13 +271,14 @@ def build(
     # The backend and the bar appear when the work starts (a refused --out or a folder that is no export
     # is one line on stderr); off a terminal, no bar, and the backend once the build is done.
     bars = Progress(console=err, disable=not err.is_terminal)
-    task = bars.add_task("build", total=len(COMPONENTS))
+    components = list(read_manifest(onnx).components)  # the model's, then each ControlNet's
+    task = bars.add_task("build", total=len(components))
 
     def progress(component):
         if err.is_terminal and not bars.live.is_started:
             err.print(announce, soft_wrap=True)
             bars.start()
-        bars.update(task, description=component, completed=COMPONENTS.index(component))
+        bars.update(task, description=component, completed=components.index(component))
 
     try:
         manifest = build_engines(
@@ -269,7 +292,7 @@ def build(
             reason=reason,
             selection=selection,
         )
-        bars.update(task, description="done", completed=len(COMPONENTS))
+        bars.update(task, description="done", completed=len(components))
     finally:
         bars.stop()
     if not err.is_terminal:

@@ -79,11 +79,31 @@ def generate(
         help="A LoRA, applied to the engines without rebuilding them: FILE[:SCALE] in process (.safetensors, "
         "diffusers or kohya layout), NAME[:SCALE] of one the server registered (deploy --lora). Repeatable.",
     ),
+    controlnet: list[str] = typer.Option(
+        [],
+        help="A ControlNet the engines have (export --controlnet NAME=...), NAME[:SCALE] (conditioning scale, "
+        "default 1); repeat for several: their residuals are summed. Needs --control-image.",
+    ),
+    control_image: list[Path] = typer.Option(
+        [],
+        help="The ControlNets' control image (one for all, or one per --controlnet, in order); resized to the image.",
+    ),
+    control_preprocess: str = typer.Option(
+        "none", help="none (the control image as given) or canny (Canny edges of a photo, OpenCV, thresholds 100/200)."
+    ),
+    control_start: float = typer.Option(Request.control_start, help="ControlNet: the share of steps before it acts."),
+    control_end: float = typer.Option(Request.control_end, help="ControlNet: the share of steps after which it stops."),
+    control_residuals: str = typer.Option(
+        Request.control_residuals,
+        help="ControlNet with DeepCache: reuse (the last full step's residuals on shallow steps: the ControlNets run "
+        "on full steps only) or fresh (they run every step).",
+    ),
 ):
     """Generate images in process (--engines) or through Triton (--url): the same request, the same images."""
     from ..generate import Batch, Prompt, generate_in_process, generate_served, read_prompts
-    from ..images import read_image, read_mask
+    from ..images import PREPROCESSORS, read_image, read_mask
     from ..pipeline.lora import lora_options
+    from ..request import ControlNetRequest
 
     if (engines is None) == (url is None):
         raise UsageError("give exactly one of --engines DIR (in process) or --url HOST:PORT (Triton)")
@@ -104,6 +124,12 @@ def generate(
         raise UsageError("--mask-image: inpainting repaints part of an image; give it with --init-image")
     if strength is not None and init_image is None:
         raise UsageError("--strength: how much of an init image is repainted; give it with --init-image")
+    if control_image and not controlnet:
+        raise UsageError("--control-image: give it with --controlnet NAME, the ControlNet it steers")
+    if controlnet and not control_image:
+        raise UsageError("--controlnet: give the control image it follows with --control-image")
+    if control_preprocess not in PREPROCESSORS:
+        raise UsageError(f"--control-preprocess {control_preprocess!r}: choose one of {', '.join(PREPROCESSORS)}")
     lines = read_prompts(prompts) if prompts else [Prompt(0, prompt)] if prompt else []
     if not lines:
         raise UsageError("give a prompt, or --prompts FILE with at least one line")
@@ -128,6 +154,13 @@ def generate(
         refresh_threshold=refresh_threshold,
         loras=loras,
         mask_image=read_mask(mask_image, "--mask-image") if mask_image else None,
+        controlnets=tuple(ControlNetRequest.parse(text) for text in controlnet),
+        control_images=tuple(
+            PREPROCESSORS[control_preprocess](read_image(path, "--control-image")) for path in control_image
+        ),
+        control_start=control_start,
+        control_end=control_end,
+        control_residuals=control_residuals,
     ).check()  # the options once (a file's lines each with its own request)
     if engines is not None:
         from ..runtime.manifests import read_engine_manifest

@@ -29,7 +29,7 @@ from ..runtime.engines import onnx_fingerprint, onnx_stats
 from ..runtime.manifests import ENGINE_MANIFEST, EngineManifest, ExportManifest, read_manifest
 from ..runtime.runners import profile_shapes
 from ..runtime.tokenizer import TOKENIZER_DIRS
-from ..specs import COMPONENTS, TEXT_IDS, TIME_IDS, TIMESTEP, UNET_DEEP
+from ..specs import TEXT_IDS, TIME_IDS, TIMESTEP, UNET_DEEP
 
 BACKEND_OPENVINO = BACKENDS["openvino"]
 # The saved model is optimized only as far as stays portable across CPUs (layout-specific
@@ -162,7 +162,7 @@ def _build(
         if not (onnx_dir / name).is_dir():
             raise ExportError(f"{onnx_dir / name}: missing from the export; run `voltacache export` again")
     files, report = {}, {}
-    for name in COMPONENTS:
+    for name in export.components:  # the model's, then each ControlNet's
         if progress:
             progress(name)
         source = onnx_dir / export.components[name].file

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..specs import TEXT_ENCODER, UNET_DEEP, UNET_SHALLOW, VAE_DECODER, VAE_ENCODER
+from ..specs import TEXT_ENCODER, UNET_DEEP, UNET_SHALLOW, VAE_DECODER, VAE_ENCODER, controlnet_component
 from .unet_split import UNetDeep, UNetShallow
 
 
@@ -54,12 +54,41 @@ class VaeEncoder(nn.Module):
         return dist.mean, dist.std
 
 
-def torch_modules(pipe, shallow_layers: int) -> dict[str, nn.Module]:
+class ControlNet(nn.Module):
+    """(latents, timestep, context, SDXL's pooled embedding and time ids, control image in [0, 1], a conditioning
+    scale per row) -> the down-block residuals and the mid block's, scaled, as diffusers' ControlNetModel returns
+    them for one scale (it multiplies every residual by it: here each row by its own, so that requests with
+    different scales share a call)."""
+
+    def __init__(self, controlnet):
+        super().__init__()
+        self.controlnet = controlnet
+        self.conditioned = controlnet.config.addition_embed_type == "text_time"
+
+    def forward(self, sample, timestep, encoder_hidden_states, *extra):
+        *conditions, image, scale = extra
+        added = {"text_embeds": conditions[0], "time_ids": conditions[1]} if self.conditioned else None
+        down, mid = self.controlnet(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            controlnet_cond=image,
+            conditioning_scale=1.0,
+            added_cond_kwargs=added,
+            return_dict=False,
+        )
+        scale = scale[:, None, None, None]
+        return (*(r * scale for r in down), mid * scale)
+
+
+def torch_modules(pipe, shallow_layers: int, controlnets: dict | None = None) -> dict[str, nn.Module]:
+    """The module of every component; `controlnets`: {name: diffusers ControlNetModel} of an export's ControlNets."""
     modules = {
         TEXT_ENCODER: TextEncoder(pipe.text_encoder, getattr(pipe, "text_encoder_2", None)),
         UNET_DEEP: UNetDeep(pipe.unet, shallow_layers),
         UNET_SHALLOW: UNetShallow(pipe.unet, shallow_layers),
         VAE_DECODER: VaeDecoder(pipe.vae),
         VAE_ENCODER: VaeEncoder(pipe.vae),
+        **{controlnet_component(name): ControlNet(model) for name, model in (controlnets or {}).items()},
     }
     return {name: m.eval() for name, m in modules.items()}

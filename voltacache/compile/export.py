@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import inspect
 import json
 import shutil
 import tempfile
@@ -30,7 +31,6 @@ from ..pipeline.lora import LORA_COMPONENTS, export_targets
 from ..runtime.manifests import EXPORT_FORMAT, MANIFEST, ExportManifest
 from ..runtime.tokenizer import TOKENIZER_DIRS
 from ..specs import (
-    COMPONENTS,
     CONTEXT,
     DEEP_FEATURE,
     NOISE_PRED,
@@ -51,6 +51,8 @@ from ..specs import (
     ComponentSpec,
     Geometry,
     component_specs,
+    controlnet_component,
+    residual_names,
 )
 from .components import torch_modules
 from .graphs import EXTERNAL_DATA_BYTES, max_error, ort_session, release_memory, run_onnx, run_torch, save_model
@@ -210,7 +212,9 @@ def trace_component(
             input_names=spec.input_names,
             output_names=spec.output_names,
             # DYNAMIC, not a named Dim: torch.export refuses a named Dim traced at size 1 (one VAE row)
-            dynamic_shapes=tuple(dynamic_axes(name, prompt_chunks, spatial) for name in spec.input_names),
+            dynamic_shapes=signature_shaped(
+                module, [dynamic_axes(n, prompt_chunks, spatial) for n in spec.input_names]
+            ),
             verbose=False,
         )
     name_axes(program, path, prompt_chunks, spatial)
@@ -270,6 +274,16 @@ def finish_component(
     entry["tensorrt_lint"] = {"target": report.tensorrt, "ok": report.ok, "problems": report.problems}
     step("done")
     return entry, outputs
+
+
+def signature_shaped(module, axes: list) -> tuple:
+    """The inputs' dynamic axes in the structure of the module's forward: torch.export sees the inputs past its
+    named parameters (`*extra`: SDXL's conditions, ControlNet residuals) as one tuple."""
+    params = inspect.signature(module.forward).parameters.values()
+    named = sum(p.kind == p.POSITIONAL_OR_KEYWORD for p in params)
+    if not any(p.kind == p.VAR_POSITIONAL for p in params) or len(axes) == named:
+        return tuple(axes)
+    return (*axes[:named], tuple(axes[named:]))
 
 
 def dynamic_axes(name: str, prompt_chunks: int, spatial: bool = False) -> dict:
@@ -340,7 +354,12 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
         shallow = shallow_layer_count(pipe.unet, options.deepcache_branch)
     except ValueError as e:
         raise ExportError(f"--deepcache-branch: {e}") from e
-    geometry = Geometry.from_pipeline(pipe, shallow)
+    from .controlnets import load_controlnet
+
+    controlnets = {
+        name: load_controlnet(name, path, pipe.unet.config, allow_pickle) for name, path in options.controlnets
+    }
+    geometry = Geometry.from_pipeline(pipe, shallow, controlled=bool(controlnets))
     if options.precision == "int8" and geometry.time_ids:
         raise ExportError("--precision int8: calibrated for SD 1.x/2.x U-Nets only so far; export SDXL in fp16 or fp32")
     if geometry.unet_channels not in (geometry.latent_channels, 2 * geometry.latent_channels + 1):
@@ -355,11 +374,12 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
     native = pipe.unet.config.sample_size * geometry.vae_scale
     height, width = options.height or native, options.width or native
     try:
-        specs = component_specs(geometry, options.batch, height, width, options.sizes)
+        specs = component_specs(geometry, options.batch, height, width, options.sizes, tuple(controlnets))
     except ValueError as e:
         raise ExportError(str(e)) from e
     spatial = len(options.sizes) > 1
-    modules = torch_modules(pipe, shallow)
+    modules = torch_modules(pipe, shallow, controlnets)
+    components = tuple(specs)  # the model's, then one per ControlNet
     rng = np.random.default_rng(options.seed)
     # Several sizes: traced where no level of the U-Net is a single pixel (torch.export fixes a side it traces
     # at 1), then checked at every size served
@@ -368,8 +388,8 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
     others = [latent for latent in specs[UNET_DEEP].latent_sizes if latent != traced_at]
     checks = {latent: validation_feeds(modules, specs, geometry, rng, latent) for latent in others}
     graphs = dataclasses.replace(options, precision=options.graph_precision, calibration=None)
-    precisions = {name: component_precision(pipe, name, graphs.precision) for name in COMPONENTS}
-    steps = {name: functools.partial(progress, name) if progress else None for name in COMPONENTS}
+    precisions = {name: component_precision(pipe, name, graphs.precision) for name in components}
+    steps = {name: functools.partial(progress, name) if progress else None for name in components}
     model = model_facts(pipe)
     _copy_tokenizer(pipe, out_dir)
 
@@ -378,7 +398,7 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
         # 1. PyTorch: every graph traced (fp32) and every reference computed, then the PyTorch model freed
         traced, references = {}, {}
         lora_targets = {name: {} for name in LORA_COMPONENTS}
-        for name in COMPONENTS:
+        for name in components:
             final = precisions[name] == "fp32"
             traced[name] = out_dir / f"{name}.onnx" if final else Path(scratch) / name / "fp32.onnx"
             references[name] = trace_component(
@@ -395,17 +415,17 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
             )
         at_sizes = {
             name: [(check[name], run_torch(modules[name], specs[name], check[name])) for check in checks.values()]
-            for name in COMPONENTS
+            for name in components
             if specs[name].latent_size is not None
         }
-        unsplit = unsplit_outputs(modules, pipe.unet, feeds[UNET_DEEP])
+        unsplit = unsplit_outputs(modules, pipe.unet, feeds[UNET_DEEP], geometry)
         if options.precision != "int8":  # int8 calibrates on the PyTorch pipeline below
             del pipe, modules
             release_memory()
 
         # 2-4. ONNX: precision, validation against PyTorch's outputs, TensorRT lint
         entries, outputs = {}, {}
-        for name in COMPONENTS:
+        for name in components:
             out = out_dir / f"{name}.onnx"
             entries[name], outputs[name] = finish_component(
                 specs[name],
@@ -420,6 +440,8 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
             shutil.rmtree(Path(scratch) / name, ignore_errors=True)  # the fp32 trace: GBs for a U-Net
             if name in lora_targets and options.precision != "int8":  # int8: LoRA would need requantizing
                 entries[name]["lora_targets"] = lora_targets[name]
+    for name, path in options.controlnets:  # what a cache entry of a controlled image is scoped by
+        entries[controlnet_component(name)] |= {"source": str(path), "weights_fingerprint": model_fingerprint(path)}
     for name, errors in split_errors(unsplit, out_dir, feeds[UNET_DEEP], outputs[UNET_DEEP]).items():
         entries[name]["unsplit_error"] = errors
         if errors["torch"] != 0.0 or not errors["onnx"] <= TOLERANCE[graphs.precision]:
@@ -467,21 +489,26 @@ def model_facts(pipe) -> dict:
     }
 
 
-def unsplit_outputs(modules: dict, unet, feeds: dict) -> dict[str, np.ndarray]:
+def unsplit_outputs(modules: dict, unet, feeds: dict, geometry: Geometry) -> dict[str, np.ndarray]:
     """In PyTorch: the unsplit diffusers U-Net's noise prediction, and unet_deep's and unet_shallow's (fed the
     deep feature of the same step) on `feeds`: what split_errors compares."""
     inputs = [torch.from_numpy(feeds[n]) for n in (SAMPLE, TIMESTEP, CONTEXT)]
-    conditions, added = {}, {}
-    if TIME_IDS in feeds:  # SDXL's added conditions: our modules' argument names, and diffusers'
+    conditions, added = (), {}
+    if TIME_IDS in feeds:  # SDXL's added conditions: our modules' inputs, and diffusers' arguments
         pooled, time_ids = torch.from_numpy(feeds[POOLED_EMBEDDING]), torch.from_numpy(feeds[TIME_IDS])
-        conditions = {"pooled_embedding": pooled, "time_ids": time_ids}
+        conditions = (pooled, time_ids)
         added = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+    # a U-Net for ControlNets: the validation's residuals too (the shallow model takes its skips' only)
+    residuals = [torch.from_numpy(feeds[n]) for n in residual_names(len(geometry.control_residuals))]
+    if residuals:
+        added |= {"down_block_additional_residuals": residuals[:-1], "mid_block_additional_residual": residuals[-1]}
+    shallow = residuals[: modules[UNET_SHALLOW].shallow_layers]
     with torch.no_grad():
-        noise, deep = modules[UNET_DEEP](*inputs, **conditions)
+        noise, deep = modules[UNET_DEEP](*inputs, *conditions, *residuals)
         return {
             "unsplit": unet(*inputs, **added).sample.numpy(),
             UNET_DEEP: noise.numpy(),
-            UNET_SHALLOW: modules[UNET_SHALLOW](*inputs, deep, **conditions).numpy(),
+            UNET_SHALLOW: modules[UNET_SHALLOW](*inputs, deep, *conditions, *shallow).numpy(),
         }
 
 

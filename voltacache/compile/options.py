@@ -120,6 +120,9 @@ class ExportOptions:
     # several (height, width) image sizes served by one engine set, the first the default (export --sizes);
     # () for one: height x width
     sizes: tuple[tuple[int, int], ...] = ()
+    # (name, path) of each ControlNet exported beside the model (export --controlnet NAME=PATH): a component
+    # controlnet_NAME each, and U-Nets that take their residuals
+    controlnets: tuple[tuple[str, Path], ...] = ()
 
     def __post_init__(self):
         self.sizes = tuple(dict.fromkeys(tuple(size) for size in self.sizes))  # once each, in the order given
@@ -164,6 +167,17 @@ class ExportOptions:
         if not self.batch_sizes or any(n < 1 or n % self.batch for n in self.batch_sizes):
             sizes = ",".join(map(str, self.batch_sizes))
             raise UsageError(f"--batch-sizes {sizes}: use positive multiples of --batch {self.batch}, e.g. 1,2,4,8")
+        names = [name for name, _ in self.controlnets]
+        if len(set(names)) != len(names):
+            raise UsageError(
+                f"--controlnet: {', '.join(names)} names one ControlNet twice; give each a name of its own"
+            )
+        if self.controlnets and len(self.sizes) > 1:
+            raise UsageError("--controlnet with --sizes: ControlNet engines serve one image size so far; drop --sizes")
+        if self.controlnets and self.precision == "int8":
+            raise UsageError(
+                "--controlnet with --precision int8: not calibrated with residuals yet; export fp32 or fp16"
+            )
         if self.precision == "int8":
             self.calibration.check()
         elif self.calibration is not None:

@@ -12,7 +12,10 @@ DeepCache (Ma et al., CVPR 2024) patches `forward` at run time; here the split i
 `shallow_layers = n` is the block-level split (deep feature = input of `up_blocks[-1]`);
 `shallow_layers = 1` is DeepCache's branch 0 (conv_in, the last resnet/attention, conv_out).
 Written for SD 1.x/2.x and SDXL U-Nets: SDXL's added conditions (pooled text embedding and time ids,
-`addition_embed_type="text_time"`) are the last inputs of both models; no class or ControlNet embeddings.
+`addition_embed_type="text_time"`) follow the models' own inputs; no class embeddings. A U-Net exported for
+ControlNets (`residuals` > 0) takes the residuals last, as diffusers adds them: each down-block residual to its
+skip (the hidden state going down is untouched), the mid block's to its output. The shallow model's skips are
+the first `shallow_layers` of the full U-Net's, so it takes only those residuals.
 """
 
 from __future__ import annotations
@@ -58,6 +61,19 @@ def _head(unet, hidden: torch.Tensor) -> torch.Tensor:
     return unet.conv_out(unet.conv_act(unet.conv_norm_out(hidden)))
 
 
+def _inputs(unet, extra: tuple) -> tuple[tuple, tuple]:
+    """The positional inputs after the model's own: (SDXL's pooled embedding and time ids, or (None, None)),
+    then the ControlNet residuals (maybe none)."""
+    if unet.config.addition_embed_type == "text_time":
+        return tuple(extra[:2]), tuple(extra[2:])
+    return (None, None), tuple(extra)
+
+
+def _controlled(skips: list, residuals: tuple) -> list:
+    """The skips with the ControlNet's residuals added (those it has: the shallow model gets its own only)."""
+    return [skip + r for skip, r in zip(skips, residuals)] + skips[len(residuals) :] if residuals else skips
+
+
 class UNetDeep(nn.Module):
     """Full U-Net step that also returns the deep feature; equals the unsplit U-Net."""
 
@@ -66,8 +82,10 @@ class UNetDeep(nn.Module):
         self.unet = unet
         self.start = len(unet.up_blocks[-1].resnets) - shallow_layers
 
-    def forward(self, sample, timestep, encoder_hidden_states, pooled_embedding=None, time_ids=None):
+    def forward(self, sample, timestep, encoder_hidden_states, *extra):
+        """`extra`: SDXL's pooled embedding and time ids, then the ControlNet residuals (down blocks', mid's)."""
         unet, context = self.unet, encoder_hidden_states
+        (pooled_embedding, time_ids), residuals = _inputs(unet, extra)
         temb = _time_embedding(unet, sample, timestep, context, pooled_embedding, time_ids)
         hidden = unet.conv_in(sample)
         skips = [hidden]
@@ -77,7 +95,10 @@ class UNetDeep(nn.Module):
             else:
                 hidden, res = block(hidden_states=hidden, temb=temb)
             skips.extend(res)
+        skips = _controlled(skips, residuals[:-1])
         hidden = unet.mid_block(hidden, temb, encoder_hidden_states=context)
+        if residuals:
+            hidden = hidden + residuals[-1]
         for block in unet.up_blocks[:-1]:
             res, skips = tuple(skips[-len(block.resnets) :]), skips[: -len(block.resnets)]
             if getattr(block, "has_cross_attention", False):
@@ -100,8 +121,10 @@ class UNetShallow(nn.Module):
         self.unet = unet
         self.shallow_layers = shallow_layers
 
-    def forward(self, sample, timestep, encoder_hidden_states, deep_feature, pooled_embedding=None, time_ids=None):
+    def forward(self, sample, timestep, encoder_hidden_states, deep_feature, *extra):
+        """`extra`: SDXL's pooled embedding and time ids, then the ControlNet residuals of its own skips."""
         unet, context = self.unet, encoder_hidden_states
+        (pooled_embedding, time_ids), residuals = _inputs(unet, extra)
         temb = _time_embedding(unet, sample, timestep, context, pooled_embedding, time_ids)
         hidden = unet.conv_in(sample)
         skips = [hidden]
@@ -109,5 +132,6 @@ class UNetShallow(nn.Module):
         for i in range(self.shallow_layers - 1):
             hidden = _layer(first, i, hidden, temb, context)
             skips.append(hidden)
+        skips = _controlled(skips, residuals)
         layers = range(len(last.resnets) - self.shallow_layers, len(last.resnets))
         return _head(unet, _up_layers(last, deep_feature, skips, temb, context, layers))

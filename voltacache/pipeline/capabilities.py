@@ -13,6 +13,7 @@ from pathlib import Path
 from ..errors import InvalidRequest
 from ..request import SIZE_CONDITIONING, Request
 from ..runtime.tokenizer import check_prompt_length
+from ..specs import CONTROLNET_PREFIX, is_controlnet
 
 
 @dataclass
@@ -51,6 +52,11 @@ class Capabilities:
         """SD 1.5 inpainting's 9-channel U-Net, which reads a mask."""
         return self.export.geometry.inpainting
 
+    @property
+    def controlnets(self) -> list[str]:
+        """The names of the ControlNets the engines were exported with (export --controlnet NAME=...)."""
+        return [name[len(CONTROLNET_PREFIX) :] for name in self.export.components if is_controlnet(name)]
+
     def check(self, request: Request) -> None:
         """What these engines cannot do for a request (its own values are checked by `request.check()`)."""
         request.check_size(self.sizes)
@@ -64,4 +70,15 @@ class Capabilities:
         if request.cache_schedule == "calibrated":
             self.calibration.check(request.steps, request.cache_interval)
         self.loras.check(request.loras)
+        if request.controlled:
+            if not self.controlnets:
+                raise InvalidRequest(
+                    "controlnets: these engines were exported without ControlNets; export with --controlnet NAME=PATH"
+                )
+            unknown = [name for name, _ in request.controlnets if name not in self.controlnets]
+            if unknown:
+                raise InvalidRequest(
+                    f"controlnet {unknown[0]!r}: these engines have no ControlNet of that name; they have "
+                    f"{', '.join(self.controlnets)}"
+                )
         check_prompt_length(self.tokenizers, request, self.export.max_prompt_chunks)

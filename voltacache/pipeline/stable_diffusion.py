@@ -41,9 +41,12 @@ from ..specs import (
     UNET_SHALLOW,
     VAE_DECODER,
     VAE_ENCODER,
+    controlnet_component,
+    is_residual,
 )
 from .calibration import NoScheduleCalibration, load_calibration
 from .capabilities import Capabilities
+from .controlnet import Control, control_image, residual_feeds
 from .deepcache import AdaptiveSchedule, FixedSchedule, full_steps
 from .lora import RESIDENT_VARIANTS, Loras
 
@@ -56,6 +59,7 @@ class Stats:
     text_memo_hits: int = 0
     unet_deep_calls: int = 0
     unet_shallow_calls: int = 0
+    controlnet_calls: int = 0
     seconds: dict = field(default_factory=lambda: defaultdict(float))
 
     def timed(self, name, runner, feeds):
@@ -82,6 +86,7 @@ class Generation:
             seed=self.seed,
             unet_deep_calls=self.stats.unet_deep_calls,
             unet_shallow_calls=self.stats.unet_shallow_calls,
+            controlnet_calls=self.stats.controlnet_calls,
             steps_computed=self.stats.steps,
             seconds=self.seconds,
             cache=self.cache,
@@ -139,6 +144,8 @@ class Work:
     conditions: dict = field(default_factory=dict)  # the U-Net's other inputs, the same every step (SDXL's)
     runners: dict = field(default_factory=dict)  # the engines it steps on: the base ones, or its LoRAs' variant
     inpainting: Inpainting | None = None
+    control: Control | None = None  # the request's ControlNets
+    residual_inputs: dict = field(default_factory=dict)  # U-Net -> its ControlNet residual inputs (none: no ControlNet)
     captured: dict = field(default_factory=dict)
     deep: np.ndarray | None = None
     index: int = 0
@@ -166,14 +173,24 @@ class Work:
 
     def feeds(self) -> dict[str, np.ndarray]:
         """This step's U-Net rows: the guidance pair (unconditional, then conditional), a timestep per row."""
-        t = self.timesteps[self.index]
-        sample = self.scheduler.scale_model_input(torch.cat([self.latents] * 2), t)
-        if self.inpainting is not None:
-            sample = self.inpainting.unet_sample(sample)
+        t, full = self.timesteps[self.index], self.full
+        latents = self.scheduler.scale_model_input(torch.cat([self.latents] * 2), t)
+        sample = self.inpainting.unet_sample(latents) if self.inpainting is not None else latents
         sample = sample.numpy().astype(np.float32)
         timestep = np.full(len(sample), float(t), np.float32)
         feeds = {SAMPLE: sample, TIMESTEP: timestep, CONTEXT: self.embeddings, **self.conditions}
-        return feeds if self.full else {**feeds, DEEP_FEATURE: self.deep}
+        if not full:
+            feeds[DEEP_FEATURE] = self.deep
+        # engines exported with ControlNets: the request's residuals (the ControlNets read the latents alone), or
+        # zeros
+        wanted = self.residual_inputs.get(UNET_DEEP if full else UNET_SHALLOW, ())
+        if wanted:
+            given = {}
+            if self.control is not None:
+                control_sample = latents.numpy().astype(np.float32)
+                given = self.control.residuals(self.index, full, control_sample, feeds, wanted)
+            feeds |= residual_feeds(wanted, len(sample), given)
+        return feeds
 
     def advance(self, noise_pred: np.ndarray, deep_feature: np.ndarray | None = None) -> None:
         """Guidance, then the scheduler's step; keeps a refreshed deep feature and the latents the cache asks for."""
@@ -220,6 +237,11 @@ class StableDiffusion:
         self.weighting = None  # compel's prompt weighting over these engines (made when a prompt first needs it)
         self.inpainting_unet = self.capabilities.inpainting_unet  # SD 1.5 inpainting's 9-channel U-Net
         self.size_conditioned = self.capabilities.size_conditioned  # SDXL's time ids
+        # engines exported with ControlNets: the residual inputs of each U-Net (zeros for a request without any)
+        specs = export.specs()
+        self.residual_inputs = {
+            name: [t for t in specs[name].inputs if is_residual(t.name)] for name in (UNET_DEEP, UNET_SHALLOW)
+        }
 
     @classmethod
     def from_engines(
@@ -362,6 +384,11 @@ class StableDiffusion:
         schedule = self.deepcache_schedule(request, timesteps)
         stats.steps += denoising_steps(request.steps, strength) - skipped
         conditions = self.unet_conditions(request, pooled)
+        runners = self.runners_for(request)
+        control = None
+        if request.controlled:  # the ControlNets' range counts the steps from img2img's first, before the cache's
+            rows = 2 * self.batch
+            control = Control.of(request, runners, self.size(request), rows, len(timesteps), stats, skipped)
         return Work(
             request,
             embeddings,
@@ -374,8 +401,10 @@ class StableDiffusion:
             stats,
             set(capture),
             conditions,
-            runners=self.runners_for(request),
+            runners=runners,
             inpainting=inpainting,
+            control=control,
+            residual_inputs=self.residual_inputs,
         )
 
     def deepcache_schedule(self, request: Request, timesteps) -> FixedSchedule | AdaptiveSchedule:
@@ -398,9 +427,13 @@ class StableDiffusion:
             "mask": lambda _: fingerprint(self.mask(request)),
             # a LoRA's image is never another's, nor the base model's: each file's content and scale
             "loras": lambda _: [list(key) for key in self.loras.key(request.loras)],
+            # a controlled image is never another ControlNet's, scale's or control image's, nor an uncontrolled one
+            "controlnets": lambda value: [[name, scale, self.controlnet_fingerprint(name)] for name, scale in value],
+            "control_images": lambda value: [fingerprint(control_image(image, width, height, 1)) for image in value],
             "size": None,  # the image's, below (a size the engines do not serve is refused)
             "size_conditioning": None,  # effective, below
         }
+        height, width = self.size(request)
         effective = {"threshold"}  # read as the request runs, set or left to its default
         scope = {"size": list(self.size(request)), "batch": self.batch, "family": self.family}
         for name, (kind, value) in request.scoped_fields().items():
@@ -414,6 +447,10 @@ class StableDiffusion:
         if request.cache_schedule == "calibrated":
             scope["calibration"] = self.calibration.id
         return scope
+
+    def controlnet_fingerprint(self, name: str) -> str | None:
+        """The weights of the engines' ControlNet `name`, as the export recorded them."""
+        return self.export.components[controlnet_component(name)].report.get("weights_fingerprint")
 
     def generate_latents(
         self, embeddings, request: Request, image=None, stats=None, start=None, capture=frozenset(), pooled=None

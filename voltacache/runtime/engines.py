@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import RebuildNeeded, VoltacacheError
-from ..specs import COMPONENTS
 from .backends import BACKENDS
 from .cpu import cpu, has_bf16
 from .manifests import EngineManifest, ExportManifest, calibration_id, read_engine_manifest
@@ -75,14 +74,15 @@ def check_compatible(manifest: EngineManifest, engine_dir: Path) -> None:
         raise RebuildNeeded(f"{engine_dir}: the ONNX files in {onnx_dir} changed since the build; rebuild")
 
 
-def load_engines(engine_dir: Path, cuda_graph: bool = False, components=COMPONENTS, served: bool = False) -> Engines:
-    """The engines of a folder `voltacache build` wrote, checked against this runtime, one runner per component."""
+def load_engines(engine_dir: Path, cuda_graph: bool = False, components=None, served: bool = False) -> Engines:
+    """The engines of a folder `voltacache build` wrote, checked against this runtime, one runner per component
+    (`components`: those named; None: every one, the ControlNets' too)."""
     engine_dir = Path(engine_dir)
     manifest = read_engine_manifest(engine_dir)
     check_compatible(manifest, engine_dir)
     backend, specs, sizes = BACKENDS[manifest.backend], manifest.export.specs(), manifest.export.batch_sizes
     runners = {}
-    for name in components:
+    for name in manifest.files if components is None else components:
         path = engine_dir / manifest.files[name]
         if not path.is_file():
             raise VoltacacheError(f"{path}: engine file missing; rebuild with `voltacache build`")

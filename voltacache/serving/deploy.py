@@ -24,7 +24,7 @@ from ..pipeline.lora import LORA_COMPONENTS, RESIDENT_VARIANTS, Loras, read_regi
 from ..runtime.backends import BACKENDS
 from ..runtime.manifests import read_engine_manifest
 from ..runtime.runners import WEIGHTS_INSIDE
-from ..specs import COMPONENTS, TEXT_ENCODER, ComponentSpec
+from ..specs import TEXT_ENCODER, ComponentSpec
 from . import protocol as p
 
 TRITON_DTYPES = {
@@ -242,7 +242,7 @@ def _write_repository(
 ) -> None:
     export = manifest.export
     specs = p.serving_specs(export)
-    for name in COMPONENTS:
+    for name in export.components:  # the model's, then each ControlNet's
         folder, source = repo / name, engines / manifest.files[name]
         # the engines run any number of images (voltacache.runtime.runners); the text encoder, fed by the
         # ensemble one request at a time, has Triton stack concurrent requests into one call

@@ -35,6 +35,11 @@ from ..request import (  # noqa: F401
     CACHE,
     CACHE_INTERVAL,
     CACHE_SCHEDULE,
+    CONTROL_END,
+    CONTROL_IMAGE,
+    CONTROL_RESIDUALS,
+    CONTROL_START,
+    CONTROLNETS,
     CROP_TOP_LEFT,
     GUIDANCE,
     HEIGHT,
@@ -63,6 +68,7 @@ from ..request import (  # noqa: F401
 )
 from ..result import (  # noqa: F401
     CACHE_LAYER,
+    CONTROLNET_CALLS,
     IMAGES,
     SEED_USED,
     SIMILARITY,
@@ -72,7 +78,17 @@ from ..result import (  # noqa: F401
     UNET_SHALLOW_CALLS,
     images_tensor,
 )
-from ..specs import INPUT_IDS, PROMPT_AXIS, SPATIAL, TEXT_EMBEDDINGS, ComponentSpec, TensorSpec, component_specs
+from ..specs import (
+    CONTROLNET_PREFIX,
+    INPUT_IDS,
+    PROMPT_AXIS,
+    SPATIAL,
+    TEXT_EMBEDDINGS,
+    ComponentSpec,
+    TensorSpec,
+    component_specs,
+    is_controlnet,
+)
 
 # Sent to the denoiser directly (not through an ensemble): cancel a request in flight by its request id.
 # Triton 2.51 never forwards an ensemble's cancellation to the models inside it (docs/robustness.md); the
@@ -143,7 +159,8 @@ def serving_specs(export) -> dict[str, ComponentSpec]:
     """Specs of every model in the repository: the engine components, the Python models and the ensembles.
     The tokenizer writes a row per chunk of each text (runtime.tokenizer), so the tensors between it and
     the denoiser have any number of rows."""
-    engines = component_specs(export.geometry, export.batch, export.height, export.width)
+    controlnets = tuple(name[len(CONTROLNET_PREFIX) :] for name in export.components if is_controlnet(name))
+    engines = component_specs(export.geometry, export.batch, export.height, export.width, controlnets=controlnets)
     engines = {name: prompt_lengths(spec, export.max_prompt_chunks) for name, spec in engines.items()}
     several = len(export.image_sizes) > 1
     engines = {name: any_size(spec) if several else spec for name, spec in engines.items()}

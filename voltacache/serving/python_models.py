@@ -264,10 +264,11 @@ class DenoiserModel(PythonModel):
         from ..pipeline.calibration import load_calibration
         from ..pipeline.stable_diffusion import StableDiffusion
         from ..runtime.tokenizer import load_tokenizers
-        from ..specs import UNET_DEEP, UNET_SHALLOW, VAE_DECODER, VAE_ENCODER
+        from ..specs import UNET_DEEP, UNET_SHALLOW, VAE_DECODER, VAE_ENCODER, is_controlnet
 
         specs = p.serving_specs(self.export)
-        names = (TEXT_ENCODER, UNET_DEEP, UNET_SHALLOW, VAE_ENCODER, VAE_DECODER)
+        controlnets = [name for name in self.export.components if is_controlnet(name)]
+        names = (TEXT_ENCODER, UNET_DEEP, UNET_SHALLOW, VAE_ENCODER, VAE_DECODER, *controlnets)
         runners = {name: BlsRunner(specs[name]) for name in names}
         # the engines folder's calibrated DeepCache schedules, as read when the model loads
         calibration = load_calibration(self.engines, self.export.fingerprint)
@@ -490,6 +491,9 @@ class Metrics:
         )
         self.counter("voltacache_unet_shallow_calls_total", "Shallow U-Net calls (cached deep feature)").increment(
             stats.unet_shallow_calls
+        )
+        self.counter("voltacache_controlnet_calls_total", "ControlNet calls (one per ControlNet per step)").increment(
+            stats.controlnet_calls
         )
         self.counter("voltacache_steps_total", "Denoising steps computed").increment(stats.steps)
         self.counter("voltacache_step_seconds_total", "Seconds spent in denoising steps").increment(seconds)
