@@ -168,7 +168,10 @@ def deepcache_helper(pipe, interval: int):
             helper.disable()
 
     try:
-        run(lambda: pipe("probe", image=np.zeros((64, 64, 3), np.uint8), num_inference_steps=2, height=64, width=64))
+        from PIL import Image
+
+        probe = Image.new("RGB", (64, 64))
+        run(lambda: pipe("probe", image=probe, num_inference_steps=2, height=64, width=64))
     except Exception as e:  # noqa: BLE001 -- whatever the helper raises on a ControlNet pipeline is the finding
         print(f"DeepCache's helper does not run on the ControlNet pipeline: {type(e).__name__}: {e}")
         return None

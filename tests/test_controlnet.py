@@ -414,3 +414,54 @@ def test_single_file_controlnet_loads_offline_and_a_torn_one_is_refused(controln
     with pytest.raises(CheckpointError, match="--controlnet canny=.*torn.safetensors: cannot be loaded") as caught:
         load_controlnet("canny", torn, tiny_pipe.unet.config)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.slow
+def test_lora_and_controlnet_together_equal_diffusers(controlled, tiny_pipe, controlnet_dirs, lora_files):
+    """A LoRA changes the U-Nets and the text encoder, not the ControlNet: as diffusers' load_lora_weights +
+    fuse_lora on the ControlNet pipeline's U-Net and text encoder."""
+    from helpers import fused_pipeline
+
+    from voltacache.pipeline.lora import LoraFile
+    from voltacache.pipeline.stable_diffusion import StableDiffusion
+
+    sd = StableDiffusion.from_engines(controlled, loras={"style": LoraFile.open("style", lora_files["style"])})
+    fields = dict(controlnets={"canny": 0.8}, control_images=CONTROL)
+    ours = sd(PROMPT, steps=10, seed=5, scheduler="ddim", loras={"style": 0.7}, **fields)
+    fused = fused_pipeline(tiny_pipe, [(lora_files["style"], 0.7)])
+    theirs = diffusers_controlnet(fused, controlnet_dirs, ("canny",), (0.8,), [CONTROL])
+    assert levels(ours.images[0], theirs)[0] <= MAX_LEVELS
+    assert levels(ours.images[0], sd(PROMPT, steps=10, seed=5, scheduler="ddim", **fields).images[0])[0] > 5
+
+
+@pytest.mark.slow
+def test_int8_unets_take_fp32_residuals_and_stay_close(tiny_dir, controlnet_dirs, csd, tmp_path):
+    """int8 U-Nets calibrated with and without the ControlNet's residuals: a controlled image stays close to the
+    fp32 engines' (tests/test_quantize.py's bound), the residual inputs and the ControlNet stay fp32, and the
+    export's fingerprint is not the plain int8 export's."""
+    import math
+
+    from voltacache.compile.build import build_engines
+    from voltacache.compile.export import export_model
+    from voltacache.compile.options import Calibration, ExportOptions
+    from voltacache.pipeline.stable_diffusion import StableDiffusion
+    from voltacache.runtime.manifests import read_manifest
+
+    calibration = Calibration(prompts=("a red circle on a blue background", "a photo of a cat"), steps=6)
+    options = ExportOptions(
+        precision="int8", calibration=calibration, controlnets=(("canny", controlnet_dirs["canny"]),)
+    )
+    export_model(tiny_dir, tmp_path / "onnx", options)
+    manifest = read_manifest(tmp_path / "onnx")
+    assert manifest.components["controlnet_canny"].precision == "fp32"
+    assert manifest.components["unet_deep"].precision == "int8"
+    assert all(t.dtype == "float32" for t in manifest.components["unet_deep"].spec.inputs)
+    plain = ExportOptions(precision="int8", calibration=calibration).fingerprint(manifest.model_fingerprint)
+    assert manifest.fingerprint != plain
+    build_engines(tmp_path / "onnx", tmp_path / "engines", backend="onnxruntime")
+    int8 = StableDiffusion.from_engines(tmp_path / "engines")
+    fields = dict(steps=20, seed=7, scheduler="ddim", guidance=5.0, controlnets={"canny": 1.0}, control_images=CONTROL)
+    for extra in ({}, {"cache_interval": 3}):
+        a, b = int8(PROMPT, **fields, **extra), csd(PROMPT, **fields, **extra)
+        mse = ((np.asarray(a.images[0], float) - np.asarray(b.images[0], float)) ** 2).mean()
+        assert 10 * math.log10(255**2 / mse) >= 28.0  # tests/test_quantize.py's MIN_PSNR_DB

@@ -457,7 +457,7 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
         "source": str(model_path),
         **model,
         "model_fingerprint": weights,
-        "fingerprint": options.fingerprint(weights),
+        "fingerprint": options.fingerprint(calibrated_on(weights, options)),
         "precision": options.precision,
         "calibration": options.calibration.to_json() if options.calibration else None,
         "opset": options.opset,
@@ -476,6 +476,16 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
     manifest = ExportManifest.from_json(data, str(out_dir / MANIFEST))
     (out_dir / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2, default=str))
     return manifest
+
+
+def calibrated_on(weights: str, options: ExportOptions) -> str:
+    """What the images depend on besides how they were compiled: the model's weights and, for int8 U-Nets, the
+    ControlNets they were calibrated with (fp32/fp16 U-Nets with residual inputs make the plain export's
+    images for a request without ControlNet, and share its cache entries)."""
+    if options.precision != "int8" or not options.controlnets:
+        return weights
+    parts = [weights, *(model_fingerprint(path) for _, path in options.controlnets)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
 def model_facts(pipe) -> dict:

@@ -174,10 +174,6 @@ class ExportOptions:
             )
         if self.controlnets and len(self.sizes) > 1:
             raise UsageError("--controlnet with --sizes: ControlNet engines serve one image size so far; drop --sizes")
-        if self.controlnets and self.precision == "int8":
-            raise UsageError(
-                "--controlnet with --precision int8: not calibrated with residuals yet; export fp32 or fp16"
-            )
         if self.precision == "int8":
             self.calibration.check()
         elif self.calibration is not None:

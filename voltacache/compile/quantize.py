@@ -17,7 +17,9 @@ elementwise ops stay fp32. Each graph's first and last convolutions stay fp32 as
 conv_in reads the noisy latent and its conv_out writes the noise prediction; the decoder's first reads
 the latent, its last writes the image): measured on the shapes model (56 captions), 39.1 dB against
 fp32 with the U-Net's kept, 38.7 dB with them quantized, the same adherence; they are under 1% of the
-FLOPs, so keeping them costs nothing measurable (docs/benchmarks.md).
+FLOPs, so keeping them costs nothing measurable (docs/benchmarks.md). An export with ControlNets calibrates
+the U-Nets on trajectories with and without their residuals; the residual inputs stay fp32 (only Conv, MatMul
+and Gemm are quantized) and the ControlNets themselves are not quantized.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import numpy as np
 
 from ..specs import (
     CONTEXT,
+    CONTROL_IMAGE,
+    CONTROL_SCALE,
     DEEP_FEATURE,
     IMAGE,
     INPUT_IDS,
@@ -40,6 +44,8 @@ from ..specs import (
     UNET_DEEP,
     UNET_SHALLOW,
     VAE_DECODER,
+    is_controlnet,
+    is_residual,
 )
 from .options import Calibration
 
@@ -64,6 +70,11 @@ def trajectories(pipe, modules: dict, specs: dict, calibration: Calibration) -> 
     batch = deep_spec.images
     latent_shape = (batch, *deep_spec.inputs[0].shape[1:])
     deep_feeds, shallow_feeds, decoder_feeds = [], [], []
+    # an export with ControlNets: every other trajectory steered by one of them (the residuals widen the ranges
+    # of the skips' convolutions), the rest with zero residuals, as a request without ControlNet runs
+    controlnets = [name for name in specs if is_controlnet(name)]
+    residuals = [t for t in deep_spec.inputs if is_residual(t.name)]
+    shallow_residuals = {t.name for t in specs[UNET_SHALLOW].inputs if is_residual(t.name)}
     scaling = pipe.vae.config.scaling_factor
     tokenize = ClipTokenizer.from_transformers(pipe.tokenizer)
     for index, prompt in enumerate(calibration.prompts):
@@ -77,9 +88,13 @@ def trajectories(pipe, modules: dict, specs: dict, calibration: Calibration) -> 
             sample = scheduler.scale_model_input(torch.cat([latents] * 2), t)
             timestep = np.full(len(sample), float(t), np.float32)  # one per row, as the graphs take it
             feeds = {SAMPLE: sample.numpy(), TIMESTEP: timestep, CONTEXT: context}
+            steered = controlnets[(index // 2) % len(controlnets)] if controlnets and index % 2 else None
+            if residuals:
+                feeds |= control_residuals(modules, specs, steered, feeds, residuals)
             out = run_torch(modules[UNET_DEEP], deep_spec, feeds)
             deep_feeds.append(feeds)
-            shallow_feeds.append({**feeds, DEEP_FEATURE: out[DEEP_FEATURE]})
+            shallow = {k: v for k, v in feeds.items() if not is_residual(k) or k in shallow_residuals}
+            shallow_feeds.append({**shallow, DEEP_FEATURE: out[DEEP_FEATURE]})
             uncond, cond = torch.from_numpy(out[NOISE_PRED]).chunk(2)
             noise = uncond + calibration.guidance * (cond - uncond)
             step = scheduler.step(noise, t, latents, eta=0.0)
@@ -88,6 +103,35 @@ def trajectories(pipe, modules: dict, specs: dict, calibration: Calibration) -> 
                 decoder_feeds.append({LATENT: (step.pred_original_sample / scaling).numpy()})
         decoder_feeds.append({LATENT: (latents / scaling).numpy()})
     return {UNET_DEEP: deep_feeds, UNET_SHALLOW: shallow_feeds, VAE_DECODER: decoder_feeds}
+
+
+def control_residuals(modules: dict, specs: dict, controlnet: str | None, feeds: dict, residuals: list) -> dict:
+    """The U-Net's residual inputs for one calibration step: `controlnet`'s on a synthetic control image (the
+    Canny edges of a drawn scene, scale 1), or zeros."""
+    from .graphs import run_torch
+
+    rows = len(feeds[SAMPLE])
+    if controlnet is None:
+        return {t.name: np.zeros((rows, *t.shape[1:]), t.dtype) for t in residuals}
+    spec = specs[controlnet]
+    height, width = next(t.shape[2:] for t in spec.inputs if t.name == CONTROL_IMAGE)
+    image = np.repeat(calibration_control_image(height, width)[None], rows, axis=0)
+    inputs = {**feeds, CONTROL_IMAGE: image, CONTROL_SCALE: np.ones(rows, np.float32)}
+    return run_torch(modules[controlnet], spec, inputs)
+
+
+def calibration_control_image(height: int, width: int) -> np.ndarray:
+    """[0, 1] CHW: white edges on black, as a Canny ControlNet's input (a ControlNet of another kind still gets
+    residuals of the magnitude it makes)."""
+    from PIL import Image, ImageDraw
+
+    from ..images import canny
+
+    scene = Image.new("RGB", (width, height), (40, 60, 90))
+    draw = ImageDraw.Draw(scene)
+    draw.rectangle([width // 4, height // 3, width // 2, height - 4], fill=(220, 220, 210))
+    draw.ellipse([width // 2, height // 8, width - 4, height // 2], fill=(240, 200, 60))
+    return (canny(np.asarray(scene)).astype(np.float32) / 255.0).transpose(2, 0, 1)
 
 
 def outer_convolutions(model, component: str) -> dict[str, str]:
