@@ -229,28 +229,33 @@ def test_deepcache_reuses_residuals_or_runs_fresh(csd):
 
 @pytest.mark.slow
 def test_step_batching_mixes_controlled_and_plain_requests(csd):
-    """One tick's U-Net call serves a controlled and an uncontrolled request; each image is its own alone."""
-    controlled = Request.of(
-        PROMPT, steps=6, seed=1, scheduler="ddim", controlnets={"canny": 1.0}, control_images=CONTROL
-    )
-    plain = Request.of(PROMPT, steps=6, seed=1, scheduler="ddim")
-    alone = [csd(r).images[0] for r in (controlled, plain)]
+    """One tick's U-Net call serves controlled and uncontrolled requests, and one ControlNet call every request
+    that runs that ControlNet (with its own scale and image); each image is its own alone."""
+    fields = dict(steps=6, seed=1, scheduler="ddim")
+    requests = [
+        Request.of(PROMPT, **fields, controlnets={"canny": 1.0}, control_images=CONTROL),
+        Request.of(PROMPT, **fields),
+        Request.of(PROMPT, **fields, controlnets={"canny": 0.6, "depth": 0.9}, control_images=[OTHER, CONTROL]),
+    ]
+    alone = [csd(r).images[0] for r in requests]
     works = []
-    for request in (controlled, plain):
+    for request in requests:
         stats = Stats()
         embeddings, pooled = csd.encode_prompt(request, stats)
         works.append(csd.begin(request, embeddings, pooled, stats))
-    calls = []
-    deep = csd.runners["unet_deep"]
-    original = deep.infer
-    deep.infer = lambda feeds: calls.append(len(feeds["sample"])) or original(feeds)
+    calls = {name: [] for name in ("unet_deep", "controlnet_canny", "controlnet_depth")}
+    for name, log in calls.items():
+        runner = csd.runners[name]
+        runner.infer = lambda feeds, log=log, infer=runner.infer: log.append(len(feeds["sample"])) or infer(feeds)
     try:
         while not all(w.done for w in works):
             assert not csd.step([w for w in works if not w.done])
     finally:
-        del deep.infer
+        for name in calls:
+            del csd.runners[name].infer
     together = [np.asarray(g.images) for g in csd.finish(works)]
-    assert calls == [4] * 6  # both requests' guidance pairs in each call
+    assert calls == {"unet_deep": [6] * 6, "controlnet_canny": [4] * 6, "controlnet_depth": [2] * 6}
+    assert [w.stats.controlnet_calls for w in works] == [6, 0, 12]
     for image, reference in zip(together, alone):
         assert np.array_equal(image[0], np.asarray(reference))
 

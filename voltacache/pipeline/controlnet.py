@@ -10,6 +10,7 @@ them feeds zero residuals: the sum diffusers adds is then exactly the U-Net's ow
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,11 +42,10 @@ class Control:
     scales: list[float]
     active: list[bool]  # per step of the request's run
     reuse: bool
-    stats: object  # the request's pipeline Stats: ControlNet calls and seconds are counted there
     last: dict | None = field(default=None, repr=False)  # the last full step's summed residuals (None: inactive)
 
     @classmethod
-    def of(cls, request, runners: dict, size, rows: int, steps: int, stats, skipped: int = 0) -> Control:
+    def of(cls, request, runners: dict, size, rows: int, steps: int, skipped: int = 0) -> Control:
         """The request's ControlNets over `runners` (the engines), for images of `size` (height, width) and a run of
         `steps` steps after `skipped` (the approximate cache's start): the range counts from the first."""
         height, width = size
@@ -57,27 +57,60 @@ class Control:
         images = [control_image(request.control_image(i), width, height, rows) for i in range(len(engines))]
         active = active_steps(steps + skipped, request.control_start, request.control_end)[skipped:]
         scales = [float(scale) for _, scale in request.controlnets]
-        return cls(engines, images, scales, active, request.control_residuals == "reuse", stats)
+        return cls(engines, images, scales, active, request.control_residuals == "reuse")
 
-    def residuals(self, index: int, full: bool, sample: np.ndarray, feeds: dict, wanted) -> dict[str, np.ndarray]:
-        """The residuals the U-Net call of step `index` takes (`wanted`: its residual inputs' specs), the ControlNets
-        run on `sample` (the scaled latents, the guidance pair's rows) where the step needs them."""
+    def jobs(self, index: int, full: bool, sample: np.ndarray, feeds: dict) -> list[tuple[str, object, dict]]:
+        """The ControlNet calls step `index` needs, (component, runner, inputs) each, in the request's order: none on
+        an inactive step or a shallow one that reuses the last full step's residuals. `sample`: the scaled latents
+        (the guidance pair's rows); `feeds`: the U-Net's, whose timestep, context and SDXL conditions they share."""
+        if not self.active[index] or not (full or not self.reuse or self.last is None):
+            return []
+        found = []
+        for (name, runner), image, scale in zip(self.runners.items(), self.images, self.scales):
+            shared = {k: v for k, v in feeds.items() if k in runner.spec.input_names}
+            scales = np.full(len(sample), scale, np.float32)
+            found.append((name, runner, {**shared, SAMPLE: sample, CONTROL_IMAGE: image, CONTROL_SCALE: scales}))
+        return found
+
+    def residuals(self, index: int, full: bool, outputs: list[dict], wanted) -> dict[str, np.ndarray]:
+        """The residuals the U-Net call of step `index` takes (`wanted`: its residual inputs' specs), from the
+        outputs of this step's `jobs` (summed in the request's order, as diffusers sums them) or the last full
+        step's."""
         if not self.active[index]:
             return {}
-        if full or not self.reuse or self.last is None:
+        if outputs:
             summed = {}
-            for (name, runner), image, scale in zip(self.runners.items(), self.images, self.scales):
-                shared = {k: v for k, v in feeds.items() if k in runner.spec.input_names}  # timestep, context, SDXL's
-                scales = np.full(len(sample), scale, np.float32)
-                inputs = {**shared, SAMPLE: sample, CONTROL_IMAGE: image, CONTROL_SCALE: scales}
-                out = self.stats.timed(name, runner, inputs)
-                self.stats.controlnet_calls += 1
-                summed = {k: summed[k] + v if k in summed else v for k, v in out.items()}  # in diffusers' order
+            for out in outputs:
+                summed = {k: summed[k] + v if k in summed else v for k, v in out.items()}
             if full:
                 self.last = summed
         else:
             summed = self.last
         return {t.name: summed[t.name] for t in wanted}
+
+
+def run_jobs(jobs: list[list[tuple[str, object, dict]]], stats: list) -> list[list[dict]]:
+    """Every work's ControlNet jobs (`jobs[i]`, counted in `stats[i]`), one call per ControlNet runner over the
+    rows of every work that runs it: the outputs, per work in its jobs' order."""
+    from collections import defaultdict
+
+    groups = defaultdict(list)
+    for i, work_jobs in enumerate(jobs):
+        for j, (name, runner, inputs) in enumerate(work_jobs):
+            groups[id(runner)].append((i, j, name, runner, inputs))
+    outputs = [[None] * len(work_jobs) for work_jobs in jobs]
+    for group in groups.values():
+        _, _, name, runner, first = group[0]
+        started = time.perf_counter()
+        out = runner.infer({k: np.concatenate([g[4][k] for g in group]) for k in first})
+        seconds = time.perf_counter() - started
+        rows = np.cumsum([len(g[4][SAMPLE]) for g in group])[:-1]
+        parts = {k: np.split(v, rows) for k, v in out.items()}
+        for n, (i, j, *_) in enumerate(group):
+            outputs[i][j] = {k: v[n] for k, v in parts.items()}
+            stats[i].seconds[name] += seconds
+            stats[i].controlnet_calls += 1
+    return outputs
 
 
 def residual_feeds(wanted, rows: int, given: dict) -> dict[str, np.ndarray]:

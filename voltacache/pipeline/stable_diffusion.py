@@ -46,7 +46,7 @@ from ..specs import (
 )
 from .calibration import NoScheduleCalibration, load_calibration
 from .capabilities import Capabilities
-from .controlnet import Control, control_image, residual_feeds
+from .controlnet import Control, control_image, residual_feeds, run_jobs
 from .deepcache import AdaptiveSchedule, FixedSchedule, full_steps
 from .lora import RESIDENT_VARIANTS, Loras
 
@@ -149,6 +149,7 @@ class Work:
     captured: dict = field(default_factory=dict)
     deep: np.ndarray | None = None
     index: int = 0
+    step_full: bool = False  # whether the step being prepared runs the full U-Net (set by `inputs`)
     # the cross-request cache's part (set by StableDiffusion.begin)
     pooled: np.ndarray | None = None
     run_steps: int = 0
@@ -172,7 +173,13 @@ class Work:
         return due or self.deep is None
 
     def feeds(self) -> dict[str, np.ndarray]:
-        """This step's U-Net rows: the guidance pair (unconditional, then conditional), a timestep per row."""
+        """This step's U-Net rows: the guidance pair (unconditional, then conditional), a timestep per row; the
+        request's ControlNets run here, alone (`StableDiffusion.step` runs a tick's together)."""
+        feeds, jobs = self.inputs()
+        return self.with_residuals(feeds, run_jobs([jobs], [self.stats])[0])
+
+    def inputs(self) -> tuple[dict[str, np.ndarray], list]:
+        """This step's U-Net feeds but the ControlNet residuals, and the ControlNet calls they need."""
         t, full = self.timesteps[self.index], self.full
         latents = self.scheduler.scale_model_input(torch.cat([self.latents] * 2), t)
         sample = self.inpainting.unet_sample(latents) if self.inpainting is not None else latents
@@ -181,16 +188,20 @@ class Work:
         feeds = {SAMPLE: sample, TIMESTEP: timestep, CONTEXT: self.embeddings, **self.conditions}
         if not full:
             feeds[DEEP_FEATURE] = self.deep
-        # engines exported with ControlNets: the request's residuals (the ControlNets read the latents alone), or
-        # zeros
-        wanted = self.residual_inputs.get(UNET_DEEP if full else UNET_SHALLOW, ())
-        if wanted:
-            given = {}
-            if self.control is not None:
-                control_sample = latents.numpy().astype(np.float32)
-                given = self.control.residuals(self.index, full, control_sample, feeds, wanted)
-            feeds |= residual_feeds(wanted, len(sample), given)
-        return feeds
+        self.step_full = full  # asked once a step: the adaptive rule reads each
+        if self.control is None or not self.residual_inputs.get(UNET_DEEP):
+            return feeds, []
+        # the ControlNets read the latents alone, inpainting or not
+        return feeds, self.control.jobs(self.index, full, latents.numpy().astype(np.float32), feeds)
+
+    def with_residuals(self, feeds: dict, outputs: list[dict]) -> dict[str, np.ndarray]:
+        """Engines exported with ControlNets: the feeds with the request's residuals (from `outputs`, this step's
+        ControlNet calls, or the last full step's), zeros where it has none."""
+        wanted = self.residual_inputs.get(UNET_DEEP if self.step_full else UNET_SHALLOW, ())
+        if not wanted:
+            return feeds
+        given = self.control.residuals(self.index, self.step_full, outputs, wanted) if self.control else {}
+        return feeds | residual_feeds(wanted, len(feeds[SAMPLE]), given)
 
     def advance(self, noise_pred: np.ndarray, deep_feature: np.ndarray | None = None) -> None:
         """Guidance, then the scheduler's step; keeps a refreshed deep feature and the latents the cache asks for."""
@@ -388,7 +399,7 @@ class StableDiffusion:
         control = None
         if request.controlled:  # the ControlNets' range counts the steps from img2img's first, before the cache's
             rows = 2 * self.batch
-            control = Control.of(request, runners, self.size(request), rows, len(timesteps), stats, skipped)
+            control = Control.of(request, runners, self.size(request), rows, len(timesteps), skipped)
         return Work(
             request,
             embeddings,
@@ -500,7 +511,10 @@ class StableDiffusion:
     def _step(self, name: str, works: list[Work]) -> list[tuple[Work, Exception]]:
         if not works:
             return []
-        feeds = [w.feeds() for w in works]
+        # each work's inputs, then the ControlNets of the tick (one call per ControlNet over every work that runs it)
+        prepared = [w.inputs() for w in works]
+        outputs = run_jobs([jobs for _, jobs in prepared], [w.stats for w in works])
+        feeds = [w.with_residuals(f, out) for w, (f, _), out in zip(works, prepared, outputs)]
         started = time.perf_counter()
         out = works[0].runners[name].infer({k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
         seconds = time.perf_counter() - started
