@@ -16,7 +16,6 @@ import argparse
 import copy
 import json
 import math
-import platform
 import shlex
 import sys
 import time
@@ -36,6 +35,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from voltacache.benchmark import library_versions
 from voltacache.compile.clip_vocab import clip_tokenizer
 from voltacache.compile.presets import SD15_CONFIG_DIR, assemble, component_config
 from voltacache.shapes import dataset
@@ -509,19 +509,6 @@ def evaluate(model_dir: Path, out_dir: Path, guidances: list[float], steps: int)
 # ---------------------------------------------------------------- main
 
 
-def versions() -> dict:
-    import diffusers
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-    }
-
-
 def evaluation_record(args: argparse.Namespace, evaluation: dict) -> dict:
     adherence = {
         g: {split: r[split] for split in ("trained", "held_out")} for g, r in evaluation["by_guidance"].items()
@@ -610,7 +597,7 @@ def main(argv: list[str] | None = None) -> None:
         "weights_bytes_fp16": weights_bytes,
         "evaluation": evaluation_record(args, evaluation),
         "threads": args.threads,
-        "versions": versions(),
+        "versions": library_versions(),
     }
     (args.weights_dir / "TRAINING.json").write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps({k: record[k] for k in ("unet_steps", "minutes", "final_loss_mean_of_last_50")}, indent=1))

@@ -24,7 +24,6 @@ import argparse
 import copy
 import json
 import math
-import platform
 import shlex
 import sys
 import time
@@ -43,7 +42,7 @@ from diffusers import (
 from PIL import Image
 from tqdm import tqdm
 
-from voltacache.benchmark import machine
+from voltacache.benchmark import library_versions, machine
 from voltacache.compile.presets import trained_pipeline
 from voltacache.shapes import dataset, placement
 from voltacache.shapes.checker import check
@@ -302,19 +301,6 @@ def evaluate(controlnet_dir: Path, out_dir: Path, n: int, steps: int, guidance: 
 # ---------------------------------------------------------------- main
 
 
-def versions() -> dict:
-    import diffusers
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-    }
-
-
 def evaluation_record(evaluation: dict) -> dict:
     return {
         k: v if not isinstance(v, dict) else {kk: vv for kk, vv in v.items() if kk != "ious"}
@@ -376,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
         "evaluation": evaluation_record(evaluation),
         "threads": args.threads,
         "machine": machine(),  # the CPU model and its matrix flags, as every result records them
-        "versions": versions(),
+        "versions": library_versions(),
     }
     (args.weights_dir / "TRAINING.json").write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps({k: record[k] for k in ("steps", "batch", "seconds", "weights_bytes_fp16")}, indent=1))

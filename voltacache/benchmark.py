@@ -15,6 +15,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def library_versions() -> dict:
+    """The versions of what a result was computed with (imported here, not at start-up: torch is heavy)."""
+    import diffusers
+    import numpy
+    import torch
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
 def alternate(contenders: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, progress=None) -> dict:
     """Seconds of each call, per contender: `warmup` untimed rounds, then `repeats` timed ones."""
     for _ in range(warmup):

@@ -440,8 +440,10 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
             shutil.rmtree(Path(scratch) / name, ignore_errors=True)  # the fp32 trace: GBs for a U-Net
             if name in lora_targets and options.precision != "int8":  # int8: LoRA would need requantizing
                 entries[name]["lora_targets"] = lora_targets[name]
-    for name, path in options.controlnets:  # what a cache entry of a controlled image is scoped by
-        entries[controlnet_component(name)] |= {"source": str(path), "weights_fingerprint": model_fingerprint(path)}
+    # what a cache entry of a controlled image is scoped by (and, int8, what the U-Nets were calibrated with)
+    controlnet_weights = [model_fingerprint(path) for _, path in options.controlnets]
+    for (name, path), fingerprint in zip(options.controlnets, controlnet_weights):
+        entries[controlnet_component(name)] |= {"source": str(path), "weights_fingerprint": fingerprint}
     for name, errors in split_errors(unsplit, out_dir, feeds[UNET_DEEP], outputs[UNET_DEEP]).items():
         entries[name]["unsplit_error"] = errors
         if errors["torch"] != 0.0 or not errors["onnx"] <= TOLERANCE[graphs.precision]:
@@ -457,7 +459,7 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
         "source": str(model_path),
         **model,
         "model_fingerprint": weights,
-        "fingerprint": options.fingerprint(calibrated_on(weights, options)),
+        "fingerprint": options.fingerprint(calibrated_on(weights, options.precision, controlnet_weights)),
         "precision": options.precision,
         "calibration": options.calibration.to_json() if options.calibration else None,
         "opset": options.opset,
@@ -478,14 +480,13 @@ def _export(model_path: Path, out_dir: Path, options: ExportOptions, allow_pickl
     return manifest
 
 
-def calibrated_on(weights: str, options: ExportOptions) -> str:
+def calibrated_on(weights: str, precision: str, controlnet_weights: list[str]) -> str:
     """What the images depend on besides how they were compiled: the model's weights and, for int8 U-Nets, the
     ControlNets they were calibrated with (fp32/fp16 U-Nets with residual inputs make the plain export's
     images for a request without ControlNet, and share its cache entries)."""
-    if options.precision != "int8" or not options.controlnets:
+    if precision != "int8" or not controlnet_weights:
         return weights
-    parts = [weights, *(model_fingerprint(path) for _, path in options.controlnets)]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+    return hashlib.sha256("|".join([weights, *controlnet_weights]).encode()).hexdigest()
 
 
 def model_facts(pipe) -> dict:

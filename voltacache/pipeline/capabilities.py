@@ -13,7 +13,6 @@ from pathlib import Path
 from ..errors import InvalidRequest
 from ..request import SIZE_CONDITIONING, Request
 from ..runtime.tokenizer import check_prompt_length
-from ..specs import CONTROLNET_PREFIX, is_controlnet
 
 
 @dataclass
@@ -55,7 +54,7 @@ class Capabilities:
     @property
     def controlnets(self) -> list[str]:
         """The names of the ControlNets the engines were exported with (export --controlnet NAME=...)."""
-        return [name[len(CONTROLNET_PREFIX) :] for name in self.export.components if is_controlnet(name)]
+        return self.export.controlnets
 
     def check(self, request: Request) -> None:
         """What these engines cannot do for a request (its own values are checked by `request.check()`)."""

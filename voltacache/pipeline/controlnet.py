@@ -11,11 +11,11 @@ them feeds zero residuals: the sum diffusers adds is then exactly the U-Net's ow
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import InvalidRequest
 from ..images import fit_image
 from ..specs import CONTROL_IMAGE, CONTROL_SCALE, SAMPLE, controlnet_component
 
@@ -49,11 +49,8 @@ class Control:
         """The request's ControlNets over `runners` (the engines), for images of `size` (height, width) and a run of
         `steps` steps after `skipped` (the approximate cache's start): the range counts from the first."""
         height, width = size
-        engines = {}
-        for name, _ in request.controlnets:
-            if controlnet_component(name) not in runners:
-                raise InvalidRequest(f"controlnet {name!r}: these engines have no ControlNet of that name")
-            engines[controlnet_component(name)] = runners[controlnet_component(name)]
+        # names the engines have: Capabilities.check refused the others
+        engines = {controlnet_component(name): runners[controlnet_component(name)] for name, _ in request.controlnets}
         images = [control_image(request.control_image(i), width, height, rows) for i in range(len(engines))]
         active = active_steps(steps + skipped, request.control_start, request.control_end)[skipped:]
         scales = [float(scale) for _, scale in request.controlnets]
@@ -63,7 +60,8 @@ class Control:
         """The ControlNet calls step `index` needs, (component, runner, inputs) each, in the request's order: none on
         an inactive step or a shallow one that reuses the last full step's residuals. `sample`: the scaled latents
         (the guidance pair's rows); `feeds`: the U-Net's, whose timestep, context and SDXL conditions they share."""
-        if not self.active[index] or not (full or not self.reuse or self.last is None):
+        needed = full or not self.reuse or self.last is None
+        if not self.active[index] or not needed:
             return []
         found = []
         for (name, runner), image, scale in zip(self.runners.items(), self.images, self.scales):
@@ -92,8 +90,6 @@ class Control:
 def run_jobs(jobs: list[list[tuple[str, object, dict]]], stats: list) -> list[list[dict]]:
     """Every work's ControlNet jobs (`jobs[i]`, counted in `stats[i]`), one call per ControlNet runner over the
     rows of every work that runs it: the outputs, per work in its jobs' order."""
-    from collections import defaultdict
-
     groups = defaultdict(list)
     for i, work_jobs in enumerate(jobs):
         for j, (name, runner, inputs) in enumerate(work_jobs):

@@ -149,7 +149,6 @@ class Work:
     captured: dict = field(default_factory=dict)
     deep: np.ndarray | None = None
     index: int = 0
-    step_full: bool = False  # whether the step being prepared runs the full U-Net (set by `inputs`)
     # the cross-request cache's part (set by StableDiffusion.begin)
     pooled: np.ndarray | None = None
     run_steps: int = 0
@@ -188,7 +187,6 @@ class Work:
         feeds = {SAMPLE: sample, TIMESTEP: timestep, CONTEXT: self.embeddings, **self.conditions}
         if not full:
             feeds[DEEP_FEATURE] = self.deep
-        self.step_full = full  # asked once a step: the adaptive rule reads each
         if self.control is None or not self.residual_inputs.get(UNET_DEEP):
             return feeds, []
         # the ControlNets read the latents alone, inpainting or not
@@ -197,10 +195,11 @@ class Work:
     def with_residuals(self, feeds: dict, outputs: list[dict]) -> dict[str, np.ndarray]:
         """Engines exported with ControlNets: the feeds with the request's residuals (from `outputs`, this step's
         ControlNet calls, or the last full step's), zeros where it has none."""
-        wanted = self.residual_inputs.get(UNET_DEEP if self.step_full else UNET_SHALLOW, ())
+        full = DEEP_FEATURE not in feeds  # as `inputs` decided it: a shallow step reads the cached feature
+        wanted = self.residual_inputs.get(UNET_DEEP if full else UNET_SHALLOW, ())
         if not wanted:
             return feeds
-        given = self.control.residuals(self.index, self.step_full, outputs, wanted) if self.control else {}
+        given = self.control.residuals(self.index, full, outputs, wanted) if self.control else {}
         return feeds | residual_feeds(wanted, len(feeds[SAMPLE]), given)
 
     def advance(self, noise_pred: np.ndarray, deep_feature: np.ndarray | None = None) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import ExportError, RebuildNeeded, UsageError, VoltacacheError, read_json
 from ..outputs import ENGINES, EXPORT
-from ..specs import COMPONENTS, ComponentSpec, Geometry
+from ..specs import COMPONENTS, CONTROLNET_PREFIX, ComponentSpec, Geometry, is_controlnet
 
 MANIFEST = EXPORT.marker
 ENGINE_MANIFEST = ENGINES.marker
@@ -88,6 +88,11 @@ class ExportManifest:
     def specs(self) -> dict[str, ComponentSpec]:
         """The spec of every component, at the export's batch."""
         return {name: entry.spec for name, entry in self.components.items()}
+
+    @property
+    def controlnets(self) -> list[str]:
+        """The names of the ControlNets exported with the model (export --controlnet NAME=...), in order."""
+        return [name[len(CONTROLNET_PREFIX) :] for name in self.components if is_controlnet(name)]
 
     @property
     def calibration_id(self) -> str | None:

@@ -79,7 +79,6 @@ from ..result import (  # noqa: F401
     images_tensor,
 )
 from ..specs import (
-    CONTROLNET_PREFIX,
     INPUT_IDS,
     PROMPT_AXIS,
     SPATIAL,
@@ -87,7 +86,6 @@ from ..specs import (
     ComponentSpec,
     TensorSpec,
     component_specs,
-    is_controlnet,
 )
 
 # Sent to the denoiser directly (not through an ensemble): cancel a request in flight by its request id.
@@ -159,8 +157,9 @@ def serving_specs(export) -> dict[str, ComponentSpec]:
     """Specs of every model in the repository: the engine components, the Python models and the ensembles.
     The tokenizer writes a row per chunk of each text (runtime.tokenizer), so the tensors between it and
     the denoiser have any number of rows."""
-    controlnets = tuple(name[len(CONTROLNET_PREFIX) :] for name in export.components if is_controlnet(name))
-    engines = component_specs(export.geometry, export.batch, export.height, export.width, controlnets=controlnets)
+    engines = component_specs(
+        export.geometry, export.batch, export.height, export.width, controlnets=tuple(export.controlnets)
+    )
     engines = {name: prompt_lengths(spec, export.max_prompt_chunks) for name, spec in engines.items()}
     several = len(export.image_sizes) > 1
     engines = {name: any_size(spec) if several else spec for name, spec in engines.items()}
